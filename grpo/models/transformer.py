@@ -1,0 +1,369 @@
+"""Decoder-only transformer (Qwen2/2.5, Qwen3, Llama 3.x) as pure functions over a param pytree.
+
+Parameters are a plain nested dict; per-layer weights are stacked on a leading `layers` axis and
+the layers run under `lax.scan`, so compile time does not grow with depth. `logical_axes` names
+every parameter dimension; `grpo.sharding` maps those names onto a device mesh.
+
+Positions and masks come from the caller, so one `forward` serves left-padded prompts, the
+sampler's incremental decode against a KV cache, and the trainer's full-sequence recomputation.
+Slots in a sequence (and in the cache) are in temporal order: slot j may be attended from slot i
+iff j <= i and slot j holds a real token.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo.models.config import ModelConfig
+
+Params = dict
+
+_NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives uniform weights, not NaN
+
+
+@chex.dataclass
+class KVCache:
+    """Keys/values for every layer, written in place at `index` by each forward call."""
+
+    k_LxBxSxKxH: jax.Array
+    v_LxBxSxKxH: jax.Array
+    valid_BxS: jax.Array  # bool: slot holds a real (non-padding) token
+    index: jax.Array  # int32 scalar: the next slot to write
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(config.dtype)
+    return KVCache(
+        k_LxBxSxKxH=jnp.zeros(shape, dtype),
+        v_LxBxSxKxH=jnp.zeros(shape, dtype),
+        valid_BxS=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def logical_axes(config: ModelConfig) -> Params:
+    """The logical axis names of every parameter, as a pytree shaped like the params."""
+    layer = {
+        "attn_norm": ("layers", "norm"),
+        "q": ("layers", "embed", "q_heads", "head_dim"),
+        "k": ("layers", "embed", "kv_heads", "head_dim"),
+        "v": ("layers", "embed", "kv_heads", "head_dim"),
+        "o": ("layers", "q_heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "norm"),
+        "gate": ("layers", "embed", "mlp"),
+        "up": ("layers", "embed", "mlp"),
+        "down": ("layers", "mlp", "embed"),
+    }
+    if config.qkv_bias:
+        layer["q_bias"] = ("layers", "q_heads", "head_dim")
+        layer["k_bias"] = ("layers", "kv_heads", "head_dim")
+        layer["v_bias"] = ("layers", "kv_heads", "head_dim")
+    if config.qk_norm:
+        layer["q_norm"] = ("layers", "head_dim")
+        layer["k_norm"] = ("layers", "head_dim")
+    axes = {"embed": ("vocab", "embed"), "layers": layer, "final_norm": ("norm",)}
+    if not config.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The shape of every parameter, as a pytree shaped like the params."""
+    sizes = {
+        "layers": config.num_layers,
+        "embed": config.hidden_size,
+        "norm": config.hidden_size,
+        "vocab": config.vocab_size,
+        "q_heads": config.num_heads,
+        "kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "mlp": config.intermediate_size,
+    }
+    return jax.tree.map(
+        lambda names: tuple(sizes[n] for n in names),
+        logical_axes(config),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def init_params(config: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
+    """Random weights (normal(0, std); norm scales at 1), for tests and benchmarks."""
+    shapes = param_shapes(config)
+    is_shape = lambda x: isinstance(x, tuple)
+    num_leaves = len(jax.tree.leaves(shapes, is_leaf=is_shape))
+    keys = iter(jax.random.split(rng, num_leaves))
+    dtype = jnp.dtype(config.param_dtype)
+
+    def init_one(path, shape: tuple[int, ...]) -> jax.Array:
+        key = next(keys)
+        if "norm" in jax.tree_util.keystr(path):
+            return jnp.ones(shape, dtype)
+        return (std * jax.random.normal(key, shape)).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(init_one, shapes, is_leaf=is_shape)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies, with Llama 3 frequency-dependent scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    old_ctx = scaling.original_max_position_embeddings
+    low_wavelen = old_ctx / scaling.low_freq_factor
+    high_wavelen = old_ctx / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face layout), computed in fp32."""
+    angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # B,T,H/2
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxTxNxH.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def _attention_xla(q, k, v, mask_BxTxS):
+    """Grouped-query attention with fp32 scores. q: B,T,N,H; k/v: B,S,K,H."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(h)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, _NEG_INF)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", weights, v)
+    return out.reshape(b, t, n, h)
+
+
+def _attention(q, k, v, mask_BxTxS, impl: str):
+    if impl == "xla":
+        return _attention_xla(q, k, v, mask_BxTxS)
+    implementation = "cudnn" if impl == "cudnn" else None
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask_BxTxS[:, None], implementation=implementation
+    )
+
+
+def _layer(
+    config: ModelConfig,
+    inv_freq: np.ndarray,
+    x_BxTxD: jax.Array,
+    p: Params,
+    positions_BxT: jax.Array,
+    mask_BxTxS: jax.Array,
+    cache_kv: tuple[jax.Array, jax.Array] | None,
+    write_index: jax.Array,
+    attention_impl: str,
+):
+    """One pre-norm transformer block. Returns the new residual stream and this layer's k/v."""
+    dtype = jnp.dtype(config.dtype)
+    w = jax.tree.map(lambda a: a.astype(dtype), p)
+    h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
+    q = jnp.einsum("btd,dnh->btnh", h, w["q"])
+    k = jnp.einsum("btd,dkh->btkh", h, w["k"])
+    v = jnp.einsum("btd,dkh->btkh", h, w["v"])
+    if config.qkv_bias:
+        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+    if config.qk_norm:
+        q = rms_norm(q, w["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
+    q = apply_rope(q, positions_BxT, inv_freq)
+    k = apply_rope(k, positions_BxT, inv_freq)
+    if cache_kv is not None:
+        cache_k, cache_v = cache_kv
+        zero = jnp.zeros((), jnp.int32)
+        k = jax.lax.dynamic_update_slice(
+            cache_k, k.astype(cache_k.dtype), (zero, write_index, zero, zero)
+        )
+        v = jax.lax.dynamic_update_slice(
+            cache_v, v.astype(cache_v.dtype), (zero, write_index, zero, zero)
+        )
+    attn = _attention(q, k, v, mask_BxTxS, attention_impl)
+    x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn, w["o"])
+    h = rms_norm(x_BxTxD, w["mlp_norm"], config.rms_norm_eps)
+    gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum(
+        "btd,df->btf", h, w["up"]
+    )
+    x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", gated, w["down"])
+    return x_BxTxD, (k, v)
+
+
+def _remat_policy(config: ModelConfig):
+    if config.remat == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return None
+
+
+def forward(
+    params: Params,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    valid_BxT: jax.Array,
+    *,
+    config: ModelConfig,
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder; returns the final-norm hidden states (B,T,D) and the updated cache.
+
+    Without a cache the T slots attend causally among themselves. With a cache the T new tokens
+    are written at `cache.index` and attend to every earlier valid slot of the cache.
+    """
+    dtype = jnp.dtype(config.dtype)
+    inv_freq = rope_inv_freq(config)
+    x = params["embed"].astype(dtype)[tokens_BxT]
+    t = tokens_BxT.shape[1]
+    if cache is None:
+        key_valid_BxS = valid_BxT
+        query_slots = jnp.arange(t)
+        write_index = jnp.zeros((), jnp.int32)
+        attention_impl = config.attention_impl
+    else:
+        write_index = cache.index
+        key_valid_BxS = jax.lax.dynamic_update_slice(
+            cache.valid_BxS, valid_BxT, (jnp.zeros((), jnp.int32), write_index)
+        )
+        query_slots = write_index + jnp.arange(t)
+        attention_impl = "xla"  # decode attends a long masked cache; keep the exact kernel
+    key_slots = jnp.arange(key_valid_BxS.shape[1])
+    causal_TxS = key_slots[None, :] <= query_slots[:, None]
+    mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None, :]
+
+    layer_fn = functools.partial(_layer, config, inv_freq, attention_impl=attention_impl)
+    if cache is None:
+
+        def body(x, p):
+            x, _ = layer_fn(x, p, positions_BxT, mask_BxTxS, None, write_index)
+            return x, None
+
+        if config.remat != "none":
+            body = jax.checkpoint(body, policy=_remat_policy(config), prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, params["layers"])
+        new_cache = None
+    else:
+
+        def body(carry, layer_in):
+            x, k_all, v_all = carry
+            p, i = layer_in
+            x, (k, v) = layer_fn(x, p, positions_BxT, mask_BxTxS, (k_all[i], v_all[i]), write_index)
+            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k, i, 0)
+            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v, i, 0)
+            return (x, k_all, v_all), None
+
+        layer_ids = jnp.arange(config.num_layers)
+        (x, k_all, v_all), _ = jax.lax.scan(
+            body, (x, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH), (params["layers"], layer_ids)
+        )
+        new_cache = KVCache(
+            k_LxBxSxKxH=k_all, v_LxBxSxKxH=v_all, valid_BxS=key_valid_BxS, index=write_index + t
+        )
+    hidden = rms_norm(x, params["final_norm"].astype(dtype), config.rms_norm_eps)
+    return hidden, new_cache
+
+
+def unembed_matrix(params: Params, config: ModelConfig) -> jax.Array:
+    """The (D, V) output projection: the embedding's transpose when tied."""
+    if config.tie_word_embeddings:
+        return params["embed"].T
+    return params["lm_head"]
+
+
+def logits(params: Params, hidden_BxTxD: jax.Array, *, config: ModelConfig) -> jax.Array:
+    """Full-vocabulary fp32 logits. Only for short T (decode, tests): see `token_logprobs`."""
+    w = unembed_matrix(params, config).astype(hidden_BxTxD.dtype)
+    return jnp.einsum("btd,dv->btv", hidden_BxTxD, w, preferred_element_type=jnp.float32)
+
+
+def token_logprobs(
+    params: Params,
+    hidden_BxTxD: jax.Array,
+    targets_BxT: jax.Array,
+    *,
+    config: ModelConfig,
+    temperature: float = 1.0,
+    chunk: int = 128,
+) -> tuple[jax.Array, jax.Array]:
+    """log p(target) and the entropy of softmax(logits / temperature), both fp32, per position.
+
+    Works over the sequence in chunks under `jax.checkpoint`, so the (B, T, V) fp32 logits never
+    exist at once, neither forward nor backward.
+    """
+    b, t, d = hidden_BxTxD.shape
+    chunk = min(chunk, t)
+    pad = (-t) % chunk
+    hidden = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    n = hidden.shape[1] // chunk
+    hidden_NxBxCxD = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
+    targets_NxBxC = targets.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(h_BxCxD, y_BxC):
+        z = logits(params, h_BxCxD, config=config) / temperature
+        logp_all = jax.nn.log_softmax(z, axis=-1)
+        logp = jnp.take_along_axis(logp_all, y_BxC[..., None], axis=-1)[..., 0]
+        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+        return logp, entropy
+
+    logp_NxBxC, entropy_NxBxC = jax.lax.map(
+        lambda xs: one_chunk(*xs), (hidden_NxBxCxD, targets_NxBxC)
+    )
+    logp = logp_NxBxC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    entropy = entropy_NxBxC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    return logp, entropy
+
+
+def positions_from_mask(valid_BxT: jax.Array) -> jax.Array:
+    """Position ids that skip padding: 0 at each sequence's first real token."""
+    return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def completion_logprobs(
+    params: Params,
+    prompt_BxP: jax.Array,
+    prompt_valid_BxP: jax.Array,
+    completion_BxC: jax.Array,
+    completion_valid_BxC: jax.Array,
+    *,
+    config: ModelConfig,
+    temperature: float = 1.0,
+    chunk: int = 128,
+) -> tuple[jax.Array, jax.Array]:
+    """The trainer's recomputation: log-probs and entropies of each completion token (B, C).
+
+    Prompts are left-padded, completions right-padded; token c of the completion is predicted by
+    the hidden state of the slot just before it.
+    """
+    p = prompt_BxP.shape[1]
+    c = completion_BxC.shape[1]
+    tokens = jnp.concatenate([prompt_BxP, completion_BxC], axis=1)
+    valid = jnp.concatenate([prompt_valid_BxP, completion_valid_BxC], axis=1)
+    hidden, _ = forward(params, tokens, positions_from_mask(valid), valid, config=config)
+    hidden_BxCxD = jax.lax.dynamic_slice_in_dim(hidden, p - 1, c, axis=1)
+    return token_logprobs(
+        params, hidden_BxCxD, completion_BxC, config=config, temperature=temperature, chunk=chunk
+    )

@@ -1,0 +1,46 @@
+"""State that crosses jit boundaries, as chex dataclasses (built by keyword, updated with .replace).
+
+Shape suffixes name the axes: B = completions (prompts x group size), P = prompt slots
+(left-padded), C = completion slots (right-padded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+
+
+@chex.dataclass
+class Rollout:
+    """What the sampler produced: n completions per prompt, prompts repeated group-contiguously."""
+
+    prompt_tokens_BxP: jax.Array  # int32, left-padded
+    prompt_mask_BxP: jax.Array  # bool, True on real prompt tokens
+    completion_tokens_BxC: jax.Array  # int32, right-padded (pad id after the end token)
+    completion_mask_BxC: jax.Array  # bool, True up to and including the end token
+    logps_BxC: jax.Array  # fp32 log-prob of each sampled token under the sampling policy
+    lengths_B: jax.Array  # int32, number of True in completion_mask
+    truncated_B: jax.Array  # bool, hit the token budget without an end token
+
+
+@chex.dataclass
+class Batch:
+    """One update's input: a rollout plus what the reward and advantage phases added."""
+
+    prompt_tokens_BxP: jax.Array
+    prompt_mask_BxP: jax.Array
+    completion_tokens_BxC: jax.Array
+    completion_mask_BxC: jax.Array
+    old_logps_BxC: jax.Array  # the rollout's log-probs: the behaviour policy of the ratio
+    advantages_B: jax.Array  # fp32
+    ref_logps_BxC: jax.Array | None = None  # frozen reference policy; None when beta == 0
+
+
+@chex.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # typed PRNG key
