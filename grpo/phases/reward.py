@@ -1,0 +1,416 @@
+"""Reward phase: score completions on the host with plain Python.
+
+A reward function is `fn(completion, example) -> float`, where `example` is a GSM8K-format
+mapping with at least `question` and `answer` (reasoning ending in `#### N`). `score` runs a
+weighted set of them over a batch. It never raises because of one completion: a function that
+raises, returns a non-finite value or overruns its time limit scores 0 there and is counted.
+
+GSM8K correctness reads the model's final answer from explicit markers -- `<answer>...</answer>`,
+`\\boxed{...}` (nested braces allowed) and `#### ...` to the end of the line -- and, when asked,
+falls back to the last number in the text. When several explicit answers appear, the one that
+starts LAST in the text wins (the model's final word; `<answer>\\boxed{7}</answer>` reads the
+box). The winning marker decides alone: if it holds no number, the answer is wrong, even when a
+number follows it. An unclosed `<answer>` is not an answer.
+
+Inside the chosen answer the last number counts (`<answer>20 - 2 = 18</answer>` reads 18). A
+number may carry a sign (`-`, `+`, U+2212), a `$`, thousands commas (also LaTeX `1{,}000` and
+`1\\,000`), decimals, a percent sign (dropped: `25%` reads 25, as GSM8K writes percentages) and
+a simple fraction (`3/4`, `\\frac{3}{4}`). A minus directly after a letter or digit is
+subtraction, not a sign (`75-3` reads 3). Values compare numerically with a small tolerance.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+RewardFn = Callable[[str, Mapping[str, Any]], float]
+
+_logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- answer parsing
+
+_MAGNITUDE = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+# Every optional space is a single `[ ]?`: unbounded `\s*` runs would make a scan over a long
+# run of blanks quadratic, and CPython's `re` holds the GIL, so no timeout could interrupt it.
+_NUMBER_RE = re.compile(
+    rf"(?<![\w.])(?P<sign>[-+]?)(?:\$[ ]?)?(?P<sign2>[-+]?)(?P<num>{_MAGNITUDE})"
+    rf"(?:[ ]?/[ ]?(?P<den>{_MAGNITUDE}))?",
+    re.ASCII,
+)
+_LATEX_REWRITES = (
+    (re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}"), r"\1/\2"),
+    (re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}"), r"\1"),
+    (re.compile(r"\{,\}|\\,(?=\d{3})"), ","),
+    (re.compile(r"\\([$%])"), r"\1"),
+)
+_ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
+_HASHES = "####"
+_BOXED_RE = re.compile(r"\\boxed ?\{")
+_BRACE_RE = re.compile(r"[{}]")
+_REL_TOL = _ABS_TOL = 1e-6
+
+
+def _normalise(text: str) -> str:
+    text = text.replace("\u2212", "-")
+    for pattern, replacement in _LATEX_REWRITES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _last_number_match(text: str) -> re.Match[str] | None:
+    tail = collections.deque(_NUMBER_RE.finditer(text), maxlen=1)
+    return tail[0] if tail else None
+
+
+def _match_value(match: re.Match[str]) -> float | None:
+    value = float(match["num"].replace(",", ""))
+    if match["den"] is not None:
+        denominator = float(match["den"].replace(",", ""))
+        if denominator == 0:
+            return None
+        value /= denominator
+    if "-" in match["sign"] + match["sign2"]:
+        value = -value
+    return value if math.isfinite(value) else None
+
+
+def parse_number(text: str) -> float | None:
+    """The value of the last number in `text` (normalised as the module doc says), or None."""
+    match = _last_number_match(_normalise(text))
+    return None if match is None else _match_value(match)
+
+
+def _last_answer_tag(text: str) -> tuple[int, str] | None:
+    close = text.rfind(_ANSWER_CLOSE)
+    start = text.rfind(_ANSWER_OPEN, 0, max(close, 0))
+    if close == -1 or start == -1:
+        return None
+    return start, text[start + len(_ANSWER_OPEN) : close]
+
+
+def _last_hashes(text: str) -> tuple[int, str] | None:
+    start = text.rfind(_HASHES)
+    if start == -1:
+        return None
+    body = start + len(_HASHES)
+    end = text.find("\n", body)
+    return start, text[body : end if end != -1 else len(text)]
+
+
+def _last_boxed(text: str) -> tuple[int, str] | None:
+    if "\\boxed" not in text:
+        return None
+    # One pass pairs every brace, so nested and unbalanced braces cost linear time.
+    closing, open_stack = {}, []
+    for brace in _BRACE_RE.finditer(text):
+        if brace.group() == "{":
+            open_stack.append(brace.start())
+        elif open_stack:
+            closing[open_stack.pop()] = brace.start()
+    for box in reversed(list(_BOXED_RE.finditer(text))):
+        open_at = box.end() - 1
+        if open_at in closing:
+            return box.start(), text[open_at + 1 : closing[open_at]]
+    return None
+
+
+def extract_answer(completion: str, *, last_number_fallback: bool = False) -> str | None:
+    """The model's final answer text: the last explicit marker's content, else (if allowed) the
+    last number in the completion, else None."""
+    markers = (_last_answer_tag, _last_boxed, _last_hashes)
+    explicit = [found for find in markers if (found := find(completion)) is not None]
+    if explicit:
+        return max(explicit)[1].strip()  # the marker that starts last
+    if last_number_fallback:
+        match = _last_number_match(_normalise(completion))
+        return None if match is None else match.group().strip()
+    return None
+
+
+def extract_reference_answer(answer_text: str) -> str:
+    """The final answer of a GSM8K `answer` string: what follows its last `####`, commas removed."""
+    _, hashes, final = answer_text.rpartition(_HASHES)
+    final = final.strip().replace(",", "")
+    if not hashes or not final:
+        raise ValueError(f"GSM8K answer has no final '#### N': ...{answer_text[-80:]!r}")
+    return final
+
+
+def is_correct(
+    completion: str, example: Mapping[str, Any], *, last_number_fallback: bool = False
+) -> bool:
+    """Whether the completion's final answer equals the example's reference answer numerically."""
+    reference = parse_number(extract_reference_answer(example["answer"]))
+    if reference is None:
+        raise ValueError(f"GSM8K reference answer is not a number: {example['answer'][-80:]!r}")
+    predicted = extract_answer(completion, last_number_fallback=last_number_fallback)
+    value = None if predicted is None else parse_number(predicted)
+    return value is not None and math.isclose(value, reference, rel_tol=_REL_TOL, abs_tol=_ABS_TOL)
+
+
+# --------------------------------------------------------------------------- reward functions
+
+_TAGS = ("<think>", "</think>", _ANSWER_OPEN, _ANSWER_CLOSE)
+
+
+def correctness(completion: str, example: Mapping[str, Any]) -> float:
+    """1.0 when an explicit answer marker holds the reference answer, else 0.0."""
+    return float(is_correct(completion, example))
+
+
+def correctness_last_number(completion: str, example: Mapping[str, Any]) -> float:
+    """Like `correctness`, but without markers the last number in the text is the answer."""
+    return float(is_correct(completion, example, last_number_fallback=True))
+
+
+def strict_format(completion: str, example: Mapping[str, Any]) -> float:
+    """1.0 for exactly `<think>...</think>\\n<answer>...</answer>` (blanks allowed at the ends)."""
+    text = completion.strip()
+    # With each tag present once, these three checks pin the order of all four.
+    matches = (
+        all(text.count(tag) == 1 for tag in _TAGS)
+        and text.startswith("<think>")
+        and text.endswith(_ANSWER_CLOSE)
+        and f"</think>\n{_ANSWER_OPEN}" in text
+    )
+    return float(matches)
+
+
+def tag_count(completion: str, example: Mapping[str, Any]) -> float:
+    """0.25 for each of `<think>`, `</think>`, `<answer>`, `</answer>` present exactly once."""
+    return 0.25 * sum(completion.count(tag) == 1 for tag in _TAGS)
+
+
+# Custom reward functions are added here by name (tests do so with monkeypatch.setitem).
+REWARD_FUNCTIONS: dict[str, RewardFn] = {
+    "correctness": correctness,
+    "correctness_last_number": correctness_last_number,
+    "format": strict_format,
+    "tag_count": tag_count,
+}
+
+
+def get_reward_fn(name: str) -> RewardFn:
+    """The registered reward function called `name`; ValueError listing valid names otherwise."""
+    try:
+        return REWARD_FUNCTIONS[name]
+    except KeyError:
+        valid = ", ".join(sorted(REWARD_FUNCTIONS))
+        raise ValueError(f"unknown reward function {name!r}; valid: {valid}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """A weighted set of registered reward functions; the defaults are the reference run's."""
+
+    names: tuple[str, ...] = ("correctness", "format", "tag_count")
+    weights: tuple[float, ...] = (1.0, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        # gin hands over lists; tuples keep the config hashable.
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if not self.names or len(self.names) != len(self.weights):
+            raise ValueError(
+                f"RewardConfig needs one weight per reward function and at least one function; "
+                f"got names={self.names} weights={self.weights}"
+            )
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"RewardConfig names repeat: {self.names}")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"RewardConfig weights must be finite: {self.weights}")
+        for name in self.names:
+            get_reward_fn(name)
+
+
+# --------------------------------------------------------------------------- time-limited calls
+
+_POOL_SIZE = 4  # the GIL serialises pure-Python rewards; threads exist only to enforce limits
+_MAX_THREADS = 32  # workers plus threads lost to calls that never returned
+_POLL_S = 0.05
+
+
+@dataclasses.dataclass(eq=False)
+class _Call:
+    fn: RewardFn
+    completion: str
+    example: Mapping[str, Any]
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    started_at: float | None = None
+    finished: bool = False  # guarded by the pool's lock, like `abandoned`
+    abandoned: bool = False
+
+
+def _as_reward(value: Any) -> float:
+    reward = float(value)
+    if not math.isfinite(reward):
+        raise ValueError(f"reward is not finite: {reward}")
+    return reward
+
+
+class _DaemonPool:
+    """A bounded pool of daemon threads that keeps working when calls never return.
+
+    Python cannot kill a thread. A call past its limit is abandoned: its thread runs on, a
+    replacement thread takes its place while fewer than `max_threads` exist, and the stuck
+    thread exits if the call ever returns. Once every thread is stuck, calls are refused rather
+    than waited on. Daemon threads never block interpreter exit (ThreadPoolExecutor's do).
+    A call stuck inside one GIL-holding C operation (a catastrophic regex) stalls every thread
+    until it returns; no thread pool can help there, so the regexes above are linear-time.
+    """
+
+    def __init__(self, size: int, max_threads: int):
+        self._size, self._max_threads = size, max_threads
+        self._queue: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._stuck = 0
+
+    def live_workers(self) -> int:
+        with self._lock:
+            return self._threads - self._stuck
+
+    def submit(self, calls: Sequence[_Call]) -> None:
+        with self._lock:
+            self._top_up()
+        for call in calls:
+            self._queue.put(call)
+
+    def abandon(self, call: _Call) -> None:
+        with self._lock:
+            if call.finished:
+                return
+            call.abandoned = True
+            self._stuck += 1
+            self._top_up()
+
+    def _top_up(self) -> None:  # caller holds the lock
+        while self._threads - self._stuck < self._size and self._threads < self._max_threads:
+            threading.Thread(target=self._work, name="reward-worker", daemon=True).start()
+            self._threads += 1
+
+    def _work(self) -> None:
+        while True:
+            call = self._queue.get()
+            if not call.future.set_running_or_notify_cancel():
+                continue
+            call.started_at = time.monotonic()
+            try:
+                outcome: float | Exception = _as_reward(call.fn(call.completion, call.example))
+            except Exception as e:  # a bad completion or reward function must not stop the run
+                outcome = e
+            with self._lock:
+                call.finished = True
+                lost = call.abandoned
+                if lost:
+                    self._stuck -= 1
+                    self._threads -= 1
+            if isinstance(outcome, Exception):
+                call.future.set_exception(outcome)
+            else:
+                call.future.set_result(outcome)
+            if lost:
+                return
+
+
+_POOL = _DaemonPool(_POOL_SIZE, _MAX_THREADS)
+
+
+def _settle(
+    call: _Call, now: float, timeout_s: float, pool: _DaemonPool
+) -> tuple[float, str | None] | None:
+    """(reward, failure reason or None) once the call is decided; None while it may still run."""
+    if call.future.done():
+        error = call.future.exception()
+        if error is not None:
+            return 0.0, f"{type(error).__name__}: {error}"
+        return call.future.result(), None
+    if call.started_at is not None and now - call.started_at > timeout_s:
+        pool.abandon(call)
+        return 0.0, f"timed out after {timeout_s:g} s"
+    if call.started_at is None and pool.live_workers() == 0 and call.future.cancel():
+        return 0.0, "not run: every reward worker is stuck on an earlier call"
+    return None
+
+
+def _run_with_timeouts(
+    calls: Sequence[_Call], timeout_s: float, pool: _DaemonPool
+) -> list[tuple[float, str | None]]:
+    """Runs every call on the pool; each gets `timeout_s` from the moment a worker starts it."""
+    pool.submit(calls)
+    outcomes: list[tuple[float, str | None]] = [(0.0, None)] * len(calls)
+    pending = set(range(len(calls)))
+    while pending:
+        now = time.monotonic()
+        deadlines = [
+            calls[i].started_at + timeout_s for i in pending if calls[i].started_at is not None
+        ]
+        wait_s = min([d - now for d in deadlines] + [_POLL_S])
+        concurrent.futures.wait([calls[i].future for i in pending], timeout=max(wait_s, 0.0))
+        now = time.monotonic()
+        for i in list(pending):
+            outcome = _settle(calls[i], now, timeout_s, pool)
+            if outcome is not None:
+                outcomes[i] = outcome
+                pending.discard(i)
+    return outcomes
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+    total: np.ndarray  # float32 [B]: the weighted sum
+    per_function: dict[str, np.ndarray]  # name -> float32 [B], unweighted
+    failures: dict[str, int]  # name -> completions where it raised or overran (scored 0)
+
+
+def score(
+    completions: Sequence[str],
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    rewards: RewardConfig,
+    timeout_s: float = 5.0,
+) -> RewardResult:
+    """Scores completion i against examples[i] with every function in `rewards`."""
+    if len(completions) != len(examples):
+        raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    batch = len(completions)
+    calls = [
+        _Call(get_reward_fn(name), completion, example)
+        for name in rewards.names
+        for completion, example in zip(completions, examples, strict=True)
+    ]
+    outcomes = _run_with_timeouts(calls, timeout_s, _POOL)
+    total_B = np.zeros(batch, np.float32)
+    per_function, failures = {}, {}
+    for k, (name, weight) in enumerate(zip(rewards.names, rewards.weights, strict=True)):
+        chunk = outcomes[k * batch : (k + 1) * batch]
+        per_function[name] = np.array([reward for reward, _ in chunk], np.float32)
+        total_B += np.float32(weight) * per_function[name]
+        reasons = [reason for _, reason in chunk if reason is not None]
+        failures[name] = len(reasons)
+        if reasons:
+            _logger.warning(
+                "reward %r failed on %d of %d completions (scored 0); first: %s",
+                name,
+                len(reasons),
+                batch,
+                reasons[0],
+            )
+    return RewardResult(total=total_B, per_function=per_function, failures=failures)

@@ -1,0 +1,318 @@
+"""Reward phase: GSM8K answer parsing, format rewards, weighting, and failure isolation."""
+
+import time
+
+import numpy as np
+import pytest
+
+from grpo.phases import reward
+
+THINK_ANSWER = "<think>{}</think>\n<answer>{}</answer>"
+
+
+def gsm8k(final: str) -> dict[str, str]:
+    return {"question": "How many?", "answer": f"Some steps: 6 * 12 = <<6*12=72>>72\n#### {final}"}
+
+
+# (completion, reference final answer, last-number fallback, expected correctness)
+CORRECTNESS_CASES = [
+    ("#### 72", "72", False, True),
+    ("6 * 12 = 72 apples.\n#### 72\n", "72", False, True),
+    ("<answer>72</answer>", "72", False, True),
+    (THINK_ANSWER.format("6 * 12", " 72 "), "72", False, True),
+    ("So \\boxed{72}.", "72", False, True),
+    ("\\boxed{{72}}", "72", False, True),
+    ("\\boxed{\\frac{3}{4}}", "0.75", False, True),
+    ("\\boxed{\\text{72 apples}}", "72", False, True),
+    ("<answer>\\boxed{7}</answer>", "7", False, True),
+    ("The answer is 72.", "72", False, False),
+    ("The answer is 72.", "72", True, True),
+    ("I think 5, no wait, 72 apples", "72", True, True),
+    ("no answer here", "72", True, False),
+    ("", "72", True, False),
+    ("<answer>-5</answer>", "-5", False, True),
+    ("<answer>5</answer>", "-5", False, False),
+    ("<answer>\u22125</answer>", "-5", False, True),
+    ("<answer>+5</answer>", "5", False, True),
+    ("the total is 75-3", "3", True, True),
+    ("the total is 75-3", "-3", True, False),
+    ("<answer>1,234</answer>", "1234", False, True),
+    ("#### 1234567", "1,234,567", False, True),
+    ("<answer>1{,}000</answer>", "1000", False, True),
+    ("\\boxed{1\\,000}", "1000", False, True),
+    ("<answer>72.0</answer>", "72", False, True),
+    ("<answer>72.00</answer>", "72", False, True),
+    ("<answer>72</answer>", "72.0", False, True),
+    ("<answer>72.5</answer>", "72", False, False),
+    ("<answer>72</answer>", "27", False, False),
+    ("<answer>$18</answer>", "18", False, True),
+    ("<answer>-$18</answer>", "-18", False, True),
+    ("<answer>$1,000.00</answer>", "1000", False, True),
+    ("<answer>25%</answer>", "25", False, True),
+    ("\\boxed{25\\%}", "25", False, True),
+    ("<answer>3/4</answer>", "0.75", False, True),
+    ("<answer>3 / 4</answer>", "0.75", False, True),
+    ("<answer>1/0</answer>", "1", False, False),
+    ("<answer>The total is 20 - 2 = 18 dollars</answer>", "18", False, True),
+    # Two explicit answers: the one that starts last wins.
+    ("<answer>5</answer> on reflection\n#### 7", "7", False, True),
+    ("<answer>5</answer> on reflection\n#### 7", "5", False, False),
+    ("\\boxed{5} then <answer>7</answer>", "7", False, True),
+    # Explicit markers beat the last-number fallback, even when the marker holds no number.
+    ("<answer>7</answer> I used 3 steps", "7", True, True),
+    ("<answer>unknown</answer> 72", "72", True, False),
+    # Malformed tags: an unclosed <answer> is not an answer.
+    ("<answer>72", "72", False, False),
+    ("<answer>72", "72", True, True),
+    ("\\boxed{72", "72", False, False),
+]
+
+
+@pytest.mark.parametrize("completion,final,fallback,expected", CORRECTNESS_CASES)
+def test_is_correct(completion, final, fallback, expected):
+    assert reward.is_correct(completion, gsm8k(final), last_number_fallback=fallback) is expected
+
+
+@pytest.mark.parametrize(
+    "name,completion,expected",
+    [
+        ("correctness", "The answer is 72", 0.0),
+        ("correctness_last_number", "The answer is 72", 1.0),
+        ("correctness", "#### 72", 1.0),
+    ],
+)
+def test_registered_correctness_functions(name, completion, expected):
+    assert reward.get_reward_fn(name)(completion, gsm8k("72")) == expected
+
+
+@pytest.mark.parametrize(
+    "completion,fallback,expected",
+    [
+        ("reasoning\n#### $1,000 \nmore", False, "$1,000"),
+        ("<answer> 3/4 </answer>", False, "3/4"),
+        ("\\boxed{\\frac{1}{2}} and later \\boxed{x+{y}}", False, "x+{y}"),
+        ("costs -$1,234.50 today", True, "-$1,234.50"),
+        ("costs -$1,234.50 today", False, None),
+        ("<answer>12", True, "12"),
+    ],
+)
+def test_extract_answer(completion, fallback, expected):
+    assert reward.extract_answer(completion, last_number_fallback=fallback) == expected
+
+
+@pytest.mark.parametrize(
+    "answer_text,expected",
+    [("step <<1+1=2>>\n#### 72", "72"), ("#### 1,000 ", "1000"), ("a #### b\n#### -3", "-3")],
+)
+def test_extract_reference_answer(answer_text, expected):
+    assert reward.extract_reference_answer(answer_text) == expected
+
+
+@pytest.mark.parametrize("answer_text", ["no marker 72", "ends with ####  "])
+def test_extract_reference_answer_rejects_missing_final(answer_text):
+    with pytest.raises(ValueError, match="no final '#### N'"):
+        reward.extract_reference_answer(answer_text)
+
+
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        ("", 0.0),
+        ("plain text", 0.0),
+        ("<think>", 0.25),
+        ("<think>a</think>", 0.5),
+        ("<think>a</think><answer>", 0.75),
+        (THINK_ANSWER.format("a", "1"), 1.0),
+        ("<answer>1</answer>\n<think>a</think>", 1.0),  # order is the strict reward's job
+        ("<think><think>a</think>\n<answer>1</answer>", 0.75),
+        ("<think><think></think></think><answer><answer></answer></answer>", 0.0),
+    ],
+)
+def test_tag_count(completion, expected):
+    assert reward.tag_count(completion, gsm8k("1")) == expected
+
+
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        (THINK_ANSWER.format("a", "1"), 1.0),
+        ("  \n" + THINK_ANSWER.format("multi\nline", "1") + "\n\t ", 1.0),
+        ("<think>a</think> <answer>1</answer>", 0.0),
+        ("<think>a</think>\n\n<answer>1</answer>", 0.0),
+        ("<think>a</think><answer>1</answer>", 0.0),
+        (THINK_ANSWER.format("a", "1") + " trailing", 0.0),
+        ("preamble " + THINK_ANSWER.format("a", "1"), 0.0),
+        ("<answer>1</answer>\n<think>a</think>", 0.0),
+        ("<think>a<think></think>\n<answer>1</answer>", 0.0),
+        ("<think>a</think>\n<answer>1", 0.0),
+        ("<answer>1</answer>", 0.0),
+    ],
+)
+def test_strict_format(completion, expected):
+    assert reward.strict_format(completion, gsm8k("1")) == expected
+
+
+LONG_INPUTS = {
+    "prose then answer": "word " * 20_000 + "#### 72",
+    "many numbers": "1 " * 50_000,
+    "unclosed answer tags": "<answer>" * 12_500,
+    "unclosed boxes": "\\boxed{" * 14_000,
+    "blank run": "-" + " " * 100_000 + "$",
+    "open braces": "{" * 100_000,
+    "comma chains": "1," * 50_000,
+    "one huge number": "9" * 100_000,
+    "dollar signs": "$ " * 50_000,
+    "template": THINK_ANSWER.format("12,345.6 - 7/8 $9 " * 5_000, "72"),
+}
+
+
+@pytest.mark.parametrize("completion", LONG_INPUTS.values(), ids=LONG_INPUTS.keys())
+def test_long_outputs_are_fast(completion):
+    start = time.perf_counter()
+    for fn in reward.REWARD_FUNCTIONS.values():
+        fn(completion, gsm8k("72"))
+    assert time.perf_counter() - start < 0.5, "a parsing step is not linear-time"
+
+
+def test_weighted_total_matches_hand_computation():
+    completions = [
+        THINK_ANSWER.format("6*12", "72"),  # correct 1, format 1, tags 1 -> 1 + .5 + .5 = 2.0
+        "<think>x</think> <answer>72</answer>",  # correct 1, format 0, tags 1 -> 1.5
+        "<think>x\n#### 70",  # correct 0, format 0, tags .25 -> 0.125
+    ]
+    result = reward.score(completions, [gsm8k("72")] * 3, rewards=reward.RewardConfig())
+    np.testing.assert_array_equal(result.total, np.array([2.0, 1.5, 0.125], np.float32))
+    np.testing.assert_array_equal(result.per_function["format"], [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(result.per_function["tag_count"], [1.0, 1.0, 0.25])
+    assert result.total.dtype == np.float32
+    assert result.failures == {"correctness": 0, "format": 0, "tag_count": 0}
+
+
+def test_custom_weights_and_order():
+    config = reward.RewardConfig(names=["tag_count", "correctness"], weights=[-2, 3.0])
+    result = reward.score(["<think> #### 5", "#### 4"], [gsm8k("5")] * 2, rewards=config)
+    np.testing.assert_array_equal(result.total, np.array([-0.5 + 3.0, 0.0], np.float32))
+    assert list(result.per_function) == ["tag_count", "correctness"]
+
+
+def test_empty_batch():
+    result = reward.score([], [], rewards=reward.RewardConfig())
+    assert result.total.shape == (0,)
+
+
+def _boom(completion, example):
+    if "bad" in completion:
+        raise RuntimeError("boom")
+    return 1.0
+
+
+def _hang(completion, example):
+    if "hang" in completion:
+        time.sleep(1.0)
+    return 1.0
+
+
+def _not_a_number(completion, example):
+    return float("nan") if "nan" in completion else "high"
+
+
+def test_raising_reward_scores_zero_and_is_counted(monkeypatch):
+    monkeypatch.setitem(reward.REWARD_FUNCTIONS, "boom", _boom)
+    config = reward.RewardConfig(names=("correctness", "boom"), weights=(1.0, 0.5))
+    result = reward.score(["#### 72", "bad #### 72", "#### 1"], [gsm8k("72")] * 3, rewards=config)
+    np.testing.assert_array_equal(result.per_function["boom"], [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(result.per_function["correctness"], [1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(result.total, np.array([1.5, 1.0, 0.5], np.float32))
+    assert result.failures == {"correctness": 0, "boom": 1}
+
+
+def test_non_finite_or_non_numeric_reward_is_a_failure(monkeypatch):
+    monkeypatch.setitem(reward.REWARD_FUNCTIONS, "odd", _not_a_number)
+    config = reward.RewardConfig(names=("odd",), weights=(1.0,))
+    result = reward.score(["nan", "text"], [gsm8k("1")] * 2, rewards=config)
+    np.testing.assert_array_equal(result.total, [0.0, 0.0])
+    assert result.failures == {"odd": 2}
+
+
+def test_bad_reference_is_counted_not_raised():
+    result = reward.score(
+        ["#### 1"], [{"question": "q", "answer": "no marker"}], rewards=reward.RewardConfig()
+    )
+    assert result.failures["correctness"] == 1
+    assert result.per_function["tag_count"][0] == 0.0
+
+
+def test_hanging_reward_is_abandoned_while_others_score(monkeypatch):
+    monkeypatch.setitem(reward.REWARD_FUNCTIONS, "hang", _hang)
+    config = reward.RewardConfig(names=("correctness", "hang"), weights=(1.0, 1.0))
+    completions = ["hang #### 72", "#### 72", "hang #### 3", "#### 3"]
+    start = time.perf_counter()
+    result = reward.score(completions, [gsm8k("72")] * 4, rewards=config, timeout_s=0.1)
+    elapsed = time.perf_counter() - start
+    np.testing.assert_array_equal(result.per_function["hang"], [0.0, 1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(result.per_function["correctness"], [1.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(result.total, [1.0, 2.0, 0.0, 1.0])
+    assert result.failures == {"correctness": 0, "hang": 2}
+    assert elapsed < 0.7, f"score waited {elapsed:.2f} s on calls that should have been abandoned"
+
+
+def test_fully_stuck_pool_refuses_calls_instead_of_waiting():
+    pool = reward._DaemonPool(size=1, max_threads=1)
+    calls = [reward._Call(_hang, "hang", {}), reward._Call(_hang, "hang", {})]
+    start = time.perf_counter()
+    outcomes = reward._run_with_timeouts(calls, timeout_s=0.05, pool=pool)
+    assert time.perf_counter() - start < 0.5
+    assert [value for value, _ in outcomes] == [0.0, 0.0]
+    assert "timed out" in outcomes[0][1]
+    assert "stuck" in outcomes[1][1]
+
+
+def test_unknown_reward_name_lists_valid_ones():
+    expected = (
+        "unknown reward function 'corectness'; valid: correctness, correctness_last_number, "
+        "format, tag_count"
+    )
+    with pytest.raises(ValueError, match=expected):
+        reward.RewardConfig(names=("corectness",), weights=(1.0,))
+
+
+@pytest.mark.parametrize(
+    "names,weights,message",
+    [
+        (("correctness",), (1.0, 0.5), "one weight per reward function"),
+        ((), (), "at least one function"),
+        (("format", "format"), (1.0, 1.0), "names repeat"),
+        (("format",), (float("inf"),), "must be finite"),
+    ],
+)
+def test_config_validation(names, weights, message):
+    with pytest.raises(ValueError, match=message):
+        reward.RewardConfig(names=names, weights=weights)
+
+
+def test_config_defaults_are_reference_weights_and_hashable():
+    config = reward.RewardConfig()
+    assert config.names == ("correctness", "format", "tag_count")
+    assert config.weights == (1.0, 0.5, 0.5)
+    from_lists = reward.RewardConfig(names=list(config.names), weights=[1, 0.5, 0.5])
+    assert from_lists == config and hash(from_lists) == hash(config)
+
+
+@pytest.mark.parametrize(
+    "completions,examples,timeout_s,message",
+    [
+        (["a"], [], 1.0, "1 completions but 0 examples"),
+        (["a"], [gsm8k("1")], 0.0, "timeout_s must be positive"),
+    ],
+)
+def test_score_rejects_bad_arguments(completions, examples, timeout_s, message):
+    with pytest.raises(ValueError, match=message):
+        reward.score(completions, examples, rewards=reward.RewardConfig(), timeout_s=timeout_s)
+
+
+def test_reference_sized_batch_is_fast():
+    completions = [THINK_ANSWER.format("step " * 200, str(i)) for i in range(128)]
+    start = time.perf_counter()
+    result = reward.score(completions, [gsm8k("7")] * 128, rewards=reward.RewardConfig())
+    assert time.perf_counter() - start < 1.0
+    assert result.per_function["correctness"].sum() == 1.0
