@@ -1,0 +1,197 @@
+"""GSM8K-format examples (hub, local files or synthetic) and a resumable, sharded prompt stream.
+
+`load_examples` returns `[{"question": str, "answer": str}, ...]`, every answer holding `####`.
+
+`PromptStream` yields this process's share of each global batch of prompts. Order: a permutation
+of the examples drawn from `(seed, epoch)`, fresh every epoch; the last partial global batch of an
+epoch is dropped. Its position, `{"epoch": e, "index": i}` (i = examples of epoch e's permutation
+already consumed by all processes together), is all a checkpoint needs to resume exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from grpo.data import synthetic
+
+Example = dict[str, str]
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_SYNTHETIC_SIZES = {"train": 2000, "test": 500}
+
+
+def load_examples(
+    source: str,
+    split: str,
+    *,
+    num_examples: int | None = None,
+    config: str | None = "main",
+    seed: int = 0,
+    difficulty: int = 1,
+    cache_dir: str | None = None,
+) -> list[Example]:
+    """Loads `split` of `source` as validated `{"question", "answer"}` dicts.
+
+    `source` is one of:
+      - `"synthetic"`: generated problems (`seed`, `difficulty`; `num_examples` defaults to
+        2000 train / 500 test);
+      - a `.jsonl`, `.json` or `.parquet` file (holds one split; `split` is not used);
+      - a directory with `{split}.jsonl`, `{split}.json`, `{split}.parquet` or
+        `{split}-*.parquet` (the hub's shard naming);
+      - otherwise a Hugging Face hub id such as `"openai/gsm8k"` with `config` (needs network).
+    A path is recognised as local when it exists, has one of the suffixes above, or starts with
+    `/`, `.` or `~`; a missing one raises FileNotFoundError. `num_examples` keeps the first n
+    rows. `cache_dir` is the `datasets` cache (default: its own).
+    """
+    if source == "synthetic":
+        n = _SYNTHETIC_SIZES.get(split, 0) if num_examples is None else num_examples
+        return synthetic.generate_problems(n, seed=seed, split=split, difficulty=difficulty)
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix in _FORMATS or source.startswith(("/", ".", "~")):
+        file = _split_file(path, split)
+        rows = _read_file(file, cache_dir)
+        where = str(file)
+    else:
+        import datasets  # heavy; only needed on this path
+
+        rows = datasets.load_dataset(source, config, split=split, cache_dir=cache_dir).to_list()
+        where = f"{source}[{config}:{split}]"
+    return validate_examples(rows[:num_examples], where)
+
+
+def validate_examples(rows: Sequence[dict], where: str) -> list[Example]:
+    """Checks each row has string `question` and `answer` (with `####`); keeps only those keys."""
+    if not rows:
+        raise ValueError(f"{where}: no examples")
+    examples = []
+    for i, row in enumerate(rows):
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"{where}: row {i}: missing, empty or non-string {key!r}")
+        if "####" not in row["answer"]:
+            raise ValueError(f"{where}: row {i}: answer has no '#### <number>' final line")
+        examples.append({"question": row["question"], "answer": row["answer"]})
+    return examples
+
+
+def _split_file(path: Path, split: str) -> Path:
+    if path.is_file():
+        if path.suffix not in _FORMATS:
+            raise ValueError(f"{path}: unsupported file type (use {', '.join(_FORMATS)})")
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    candidates = [path / f"{split}{suffix}" for suffix in _FORMATS]
+    candidates += sorted(path.glob(f"{split}-*.parquet"))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no {split}.jsonl, {split}.json or {split}[-*].parquet")
+
+
+def _read_file(file: Path, cache_dir: str | None) -> list[dict]:
+    import datasets  # heavy; only needed on this path
+    import pyarrow
+
+    builder = _FORMATS[file.suffix]
+    try:
+        dataset = datasets.load_dataset(
+            builder, data_files=str(file), split="train", cache_dir=cache_dir
+        )
+    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as e:
+        cause = e.__cause__ or e
+        message = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ValueError(f"{file}: cannot read as {builder}: {message}") from e
+    return dataset.to_list()
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """How a prompt stream batches and shards. `batch_size` counts prompts per process."""
+
+    batch_size: int
+    seed: int = 0
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.seed < 0:
+            raise ValueError(f"need batch_size >= 1 and seed >= 0, got {self}")
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"need 0 <= process_index < process_count, got {self}")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.process_count
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of epoch `epoch`: a permutation seeded by the pair, so (s, e+1) != (s+1, e)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def check_position(position: dict, num_examples: int) -> tuple[int, int]:
+    """Validates a saved `{"epoch", "index"}` position and returns it as a tuple."""
+    epoch, index = position.get("epoch"), position.get("index")
+    if set(position) != {"epoch", "index"} or not all(
+        isinstance(v, int) and v >= 0 for v in (epoch, index)
+    ):
+        raise ValueError(f"bad stream position {position!r}: want {{'epoch': e, 'index': i}}")
+    if index > num_examples:
+        raise ValueError(f"bad stream position {position!r}: only {num_examples} examples")
+    return epoch, index
+
+
+def take_batch(
+    examples: Sequence[Example], spec: StreamSpec, position: dict
+) -> tuple[list[Example], dict]:
+    """This process's slice of the global batch at `position`, and the position after it."""
+    num_examples = len(examples)
+    if num_examples < spec.global_batch_size:
+        raise ValueError(
+            f"{num_examples} examples is fewer than one global batch ({spec.global_batch_size})"
+        )
+    epoch, index = check_position(position, num_examples)
+    if index + spec.global_batch_size > num_examples:  # drop the epoch's partial last batch
+        epoch, index = epoch + 1, 0
+    start = index + spec.process_index * spec.batch_size
+    order = epoch_order(num_examples, spec.seed, epoch)[start : start + spec.batch_size]
+    batch = [examples[i] for i in order]
+    return batch, {"epoch": epoch, "index": index + spec.global_batch_size}
+
+
+class PromptStream(Iterator[list[Example]]):
+    """Endless iterator over this process's prompt batches; `position` saves, `restore` resumes."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        position: dict | None = None,
+    ):
+        self.examples = examples
+        self.spec = StreamSpec(batch_size, seed, process_index, process_count)
+        self._position = {"epoch": 0, "index": 0}
+        if position is not None:
+            self.restore(position)
+
+    @property
+    def position(self) -> dict:
+        """Where the next batch starts; JSON-serialisable and the same on every process."""
+        return dict(self._position)
+
+    def restore(self, position: dict) -> None:
+        check_position(position, len(self.examples))
+        self._position = dict(position)
+
+    def __next__(self) -> list[Example]:
+        batch, self._position = take_batch(self.examples, self.spec, self._position)
+        return batch

@@ -1,0 +1,62 @@
+"""Questions -> prompt token ids, through the tokenizer's chat template.
+
+A tokenizer with a chat template gets `[system?, user]` messages and the assistant turn opened
+(`add_generation_prompt=True`), so the model continues as the assistant. A tokenizer without one
+(a base model) gets plain text instead: the system prompt (if any) and a blank line, then
+`"Question: <question>\\nAnswer:"`, encoded with the tokenizer's own special tokens (e.g. BOS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+# The usual GRPO GSM8K recipe: reasoning in <think>, the final number alone in <answer>.
+SYSTEM_PROMPT = (
+    "You solve math word problems. First reason step by step inside <think> </think> tags. "
+    "Then give only the final number inside <answer> </answer> tags, for example: "
+    "<think> 3 bags of 4 apples is 12 apples </think> <answer> 12 </answer>"
+)
+
+
+def build_messages(question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """Chat messages for one question: an optional system turn, then the user turn."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": question}]
+
+
+def plain_prompt(question: str, system_prompt: str | None = None) -> str:
+    """The no-chat-template prompt text."""
+    prefix = f"{system_prompt}\n\n" if system_prompt else ""
+    return f"{prefix}Question: {question}\nAnswer:"
+
+
+def encode_prompts(
+    tokenizer: Any, questions: Sequence[str], *, system_prompt: str | None = None
+) -> list[list[int]]:
+    """Token ids of each question's prompt (chat template, else the plain fallback)."""
+    if getattr(tokenizer, "chat_template", None):
+        return [
+            _as_token_ids(
+                tokenizer.apply_chat_template(
+                    build_messages(q, system_prompt), add_generation_prompt=True, tokenize=True
+                )
+            )
+            for q in questions
+        ]
+    return [_as_token_ids(tokenizer.encode(plain_prompt(q, system_prompt))) for q in questions]
+
+
+def _as_token_ids(output: Any) -> list[int]:
+    """A flat id list from what a tokenizer returned: a list, a batch of one, or (transformers
+    5) a dict / BatchEncoding holding `input_ids`."""
+    if isinstance(output, Mapping):
+        output = output["input_ids"]
+    ids = np.asarray(output)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"tokenizer returned {type(output).__name__} of shape {ids.shape}")
+    return ids.tolist()

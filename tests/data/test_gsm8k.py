@@ -1,0 +1,168 @@
+"""Loading GSM8K-format files and the resumable, sharded prompt stream."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from grpo.data.gsm8k import PromptStream, load_examples
+from grpo.data.synthetic import generate_problems
+
+ROWS = generate_problems(12, seed=0, split="train")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _write_json(path, rows):
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _write_parquet(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture
+def load(tmp_path):
+    """load_examples with a private datasets cache."""
+    return lambda source, split="train", **kw: load_examples(
+        str(source), split, cache_dir=str(tmp_path / "cache"), **kw
+    )
+
+
+@pytest.mark.parametrize(
+    "name, write",
+    [
+        ("data.jsonl", _write_jsonl),
+        ("data.json", _write_json),
+        ("data.parquet", _write_parquet),
+    ],
+)
+def test_file_round_trip(load, tmp_path, name, write):
+    extra = [{**row, "id": i} for i, row in enumerate(ROWS)]  # extra columns are dropped
+    path = tmp_path / name
+    write(path, extra)
+    assert load(path) == ROWS
+    assert load(path, num_examples=5) == ROWS[:5]
+
+
+def test_directory_picks_each_split(load, tmp_path):
+    test_rows = generate_problems(6, seed=0, split="test")
+    _write_jsonl(tmp_path / "train.jsonl", ROWS)
+    _write_parquet(tmp_path / "test-00000-of-00001.parquet", test_rows)  # the hub's shard name
+    assert load(tmp_path, "train") == ROWS
+    assert load(tmp_path, "test") == test_rows
+
+
+def test_synthetic_source():
+    assert load_examples("synthetic", "test", num_examples=7, seed=3, difficulty=2) == (
+        generate_problems(7, seed=3, split="test", difficulty=2)
+    )
+    assert len(load_examples("synthetic", "train")) == 2000
+
+
+@pytest.mark.parametrize(
+    "bad_row, problem",
+    [
+        ({"question": "How many?"}, "row 2: missing, empty or non-string 'answer'"),
+        ({"question": "How many?", "answer": "It is 4."}, "row 2: answer has no '####"),
+        ({"question": "", "answer": "#### 4"}, "row 2: missing, empty or non-string 'question'"),
+    ],
+)
+def test_bad_row_names_file_and_row(load, tmp_path, bad_row, problem):
+    path = _write_jsonl(tmp_path / "bad.jsonl", ROWS[:2] + [bad_row] + ROWS[2:4])
+    with pytest.raises(ValueError) as error:
+        load(path)
+    assert str(error.value).startswith(f"{path}: {problem}")
+    assert "\n" not in str(error.value)
+
+
+def test_unreadable_file_is_one_line_error(load, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl: cannot read as json") as error:
+        load(path)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_paths(load, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl: no such file or directory$"):
+        load(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"no test\.jsonl"):
+        load(tmp_path, "test")  # a directory without that split
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"notes\.txt: unsupported file type"):
+        load(tmp_path / "notes.txt")
+
+
+# ---- PromptStream ----
+
+EXAMPLES = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(10)]
+
+
+def _questions(batch):
+    return [e["question"] for e in batch]
+
+
+def _take(stream, n):
+    return [_questions(next(stream)) for _ in range(n)]
+
+
+def test_restore_continues_exactly():
+    # 10 examples, global batch 3: 3 batches per epoch (one example dropped), so 8 batches span
+    # three epochs and the restore point (after 4) sits inside the second epoch.
+    uninterrupted = _take(PromptStream(EXAMPLES, batch_size=3, seed=5), 8)
+    first = PromptStream(EXAMPLES, batch_size=3, seed=5)
+    head = _take(first, 4)
+    saved = json.loads(json.dumps(first.position))
+    assert saved == {"epoch": 1, "index": 3}
+    resumed = PromptStream(EXAMPLES, batch_size=3, seed=5, position=saved)
+    assert head + _take(resumed, 4) == uninterrupted
+
+    other = PromptStream(EXAMPLES, batch_size=3, seed=5)
+    other.restore(saved)
+    assert _take(other, 4) == uninterrupted[4:]
+
+
+def test_processes_split_the_global_batch_disjointly():
+    whole = PromptStream(EXAMPLES, batch_size=4, seed=1)
+    shards = [
+        PromptStream(EXAMPLES, batch_size=2, seed=1, process_index=p, process_count=2)
+        for p in (0, 1)
+    ]
+    for _ in range(6):  # three epochs of two global batches
+        global_batch = _questions(next(whole))
+        parts = [_questions(next(s)) for s in shards]
+        assert parts[0] + parts[1] == global_batch
+        assert not set(parts[0]) & set(parts[1])
+        assert shards[0].position == shards[1].position == whole.position
+
+
+def test_each_epoch_is_a_fresh_permutation():
+    examples = EXAMPLES[:8]  # divisible by the batch: every epoch covers all examples
+    batches = _take(PromptStream(examples, batch_size=4, seed=2), 6)
+    epochs = [batches[i] + batches[i + 1] for i in (0, 2, 4)]
+    for order in epochs:
+        assert sorted(order) == sorted(e["question"] for e in examples)
+    assert len({tuple(order) for order in epochs}) == 3
+    other_seed = _take(PromptStream(examples, batch_size=4, seed=3), 2)
+    assert other_seed[0] + other_seed[1] != epochs[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=6, process_count=2), "fewer than one global batch"),
+        (dict(batch_size=2, process_index=2, process_count=2), "process_index < process_count"),
+        (dict(batch_size=2, position={"epoch": 0}), "bad stream position"),
+        (dict(batch_size=2, position={"epoch": 0, "index": 11}), "only 10 examples"),
+    ],
+)
+def test_bad_stream_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        next(PromptStream(EXAMPLES, **kwargs))
