@@ -1,0 +1,141 @@
+"""Checkpoints over orbax: TrainState + data-stream position + run metadata, atomic and resumable.
+
+One checkpoint step holds three orbax items:
+  state: the TrainState pytree (step, params, optax opt_state, typed PRNG key), sharded arrays
+  data:  JSON dict, the data stream position (so a resume sees the same next batch)
+  meta:  JSON dict, free-form run facts (model name, config hash, ...)
+
+Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
+directory left by a killed save is never listed as a step; `cleanup_tmp_directories` removes it
+the next time a Checkpointer opens the directory. Every process must call `save` / `restore`
+(orbax coordinates which host writes what).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import orbax.checkpoint as ocp
+
+from grpo.types import TrainState
+
+_ITEMS = ("state", "data", "meta")
+
+
+class Restored(NamedTuple):
+    state: TrainState
+    data: dict[str, Any]
+    meta: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves every `save_interval_steps` steps, keeps the newest `max_to_keep` (None: all).
+
+    With `async_save` (orbax's default) `save` returns once device arrays are copied to host;
+    the files are written in a background thread, so the caller may donate the state buffers to
+    the next step right away. `force=True` saves regardless of the interval and blocks until the
+    checkpoint is committed (the SIGTERM path).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        save_interval_steps: int = 1,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+    ) -> None:
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        directory = os.fspath(directory)
+        # Orbax wants an absolute path; leave remote URLs (gs://...) untouched.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            # Orbax's default policy also saves the first step it sees; we want step % N == 0
+            # only (plus orbax's multi-host preemption saves).
+            save_decision_policy=policies.AnySavePolicy(
+                [
+                    policies.FixedIntervalPolicy(save_interval_steps),
+                    policies.PreemptionCheckpointingPolicy(),
+                ]
+            ),
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest step (an async save still in flight counts; on disk only committed steps
+        are listed when a Checkpointer opens the directory), or None when there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        data: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves `state` as `step` if the interval says so (or `force`); returns whether it did.
+
+        A step that is already saved is skipped, so a forced save on SIGTERM right after a
+        periodic save of the same step is harmless.
+        """
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data or {}),
+            meta=ocp.args.JsonSave(meta or {}),
+        )
+        saved = self._manager.save(step, args=args, force=force)
+        if force:
+            self._manager.wait_until_finished()
+        return saved
+
+    def restore(self, step: int | None, abstract_state: Any) -> Restored:
+        """Restores `step` (None: the latest) onto the structure, dtypes and shardings of
+        `abstract_state`: a TrainState of `jax.ShapeDtypeStruct` with `.sharding` set (from
+        `jax.eval_shape` + the trainer's shardings) or of concrete arrays. A leaf without a
+        sharding gets the one recorded at save time.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+        elif step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory} (available: {self.all_steps()})"
+            )
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        )
+        restored = self._manager.restore(step, args=args)
+        return Restored(state=restored.state, data=restored.data, meta=restored.meta)
+
+    def wait_until_finished(self) -> None:
+        """Blocks until every pending async save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

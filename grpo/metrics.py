@@ -1,0 +1,178 @@
+"""Per-step metrics: one stdout line, `<workdir>/metrics.jsonl`, TensorBoard, optional W&B.
+
+The trainer averages metrics over processes; here only the primary process writes. Metric names
+the stdout line knows (others still go to every sink): `reward_mean`, `accuracy`,
+`eval_accuracy`, `loss`, `kl`, `completion_length_mean`, `step_seconds`, `rollout_seconds`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+# (label, metric key, format spec) of the stdout line, in order; absent keys are left out.
+_LINE_FIELDS = (
+    ("reward", "reward_mean", ".2f"),
+    ("acc", "accuracy", ".2f"),
+    ("eval_acc", "eval_accuracy", ".3f"),
+    ("loss", "loss", ".4g"),
+    ("kl", "kl", ".3g"),
+    ("len", "completion_length_mean", ".0f"),
+)
+
+
+def format_step_line(step: int, total: int, metrics: Mapping[str, Any]) -> str:
+    """`step 3/100 | reward 0.42 | ... | 9.8s (rollout 7.1s)`; the launcher greps `step N/M`."""
+    parts = [f"step {step}/{total}"]
+    parts += [
+        f"{label} {float(metrics[key]):{spec}}"
+        for label, key, spec in _LINE_FIELDS
+        if key in metrics
+    ]
+    if "step_seconds" in metrics:
+        timing = f"{float(metrics['step_seconds']):.1f}s"
+        if "rollout_seconds" in metrics:
+            timing += f" (rollout {float(metrics['rollout_seconds']):.1f}s)"
+        parts.append(timing)
+    return " | ".join(parts)
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A torn last line (a kill mid-write) is dropped."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                logging.warning("%s: dropping a torn last line: %r", path, line[:80])
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON: {e}") from e
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(f"{path}: line {i + 1} has no 'step' field")
+        records.append(record)
+    return records
+
+
+def _truncate_after(path: str, resume_step: int) -> None:
+    """Drops records with step > resume_step (written after the checkpoint we resume from)."""
+    if not os.path.exists(path):
+        return
+    kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)  # atomic: a kill here leaves the old file or the new one
+
+
+def _to_scalar(key: str, value: Any) -> int | float:
+    arr = np.asarray(value)
+    if arr.shape != () or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"metric {key!r} must be a numeric scalar, got {arr.dtype}{arr.shape}")
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        return int(arr)
+    return float(arr)
+
+
+def _open_tensorboard(logdir: str, resume_step: int | None) -> Any:
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        logging.info("tensorboardX is not installed; TensorBoard logging is off")
+        return None
+    # purge_step hides events a previous attempt wrote after the checkpoint we resume from.
+    purge_step = None if resume_step is None else resume_step + 1
+    return SummaryWriter(logdir=logdir, purge_step=purge_step)
+
+
+def _open_wandb(project: str, run_name: str | None, workdir: str, config: Mapping | None) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        logging.info("wandb is not installed; W&B logging is off")
+        return None
+    return wandb.init(project=project, name=run_name, dir=workdir, config=dict(config or {}))
+
+
+class MetricsWriter:
+    """Writes one record per step to every sink; a no-op unless `is_primary`.
+
+    `resume_step`: the checkpoint step a resumed run starts from; records (and TensorBoard
+    events) after it are dropped so the resumed run does not duplicate steps. None appends.
+    `wandb_project`: enables W&B when set and `wandb` is importable.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        total_steps: int,
+        is_primary: bool = True,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        wandb_run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._total_steps = total_steps
+        self._is_primary = is_primary
+        self._jsonl = self._tensorboard = self._wandb = None
+        if not is_primary:
+            return
+        workdir = os.fspath(workdir)
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, METRICS_FILE)
+        if resume_step is not None:
+            _truncate_after(path, resume_step)
+        self._jsonl = open(path, "a")
+        if tensorboard:
+            self._tensorboard = _open_tensorboard(
+                os.path.join(workdir, TENSORBOARD_DIR), resume_step
+            )
+        if wandb_project:
+            self._wandb = _open_wandb(wandb_project, wandb_run_name, workdir, config)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Records `metrics` (numeric scalars: Python, numpy or 0-d jax arrays) for `step`."""
+        if "step" in metrics:
+            raise ValueError("metrics must not contain a 'step' key; pass the step separately")
+        if not self._is_primary:
+            return
+        scalars = {key: _to_scalar(key, value) for key, value in metrics.items()}
+        # Flushed per line so a kill loses at most the step being written.
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(key, value, global_step=step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        logging.info(format_step_line(step, self._total_steps, scalars))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._jsonl = self._tensorboard = self._wandb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,187 @@
+"""Checkpointer: exact round trip, retention, sharded restore, and crash safety of a save."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from grpo.checkpoint import Checkpointer
+from grpo.types import TrainState
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _make_state(seed: int = 0) -> TrainState:
+    """A TrainState after one adamw update, so mu/nu/count are non-trivial."""
+    k_w, k_e, k_rng = jax.random.split(jax.random.key(seed), 3)
+    params = {
+        "w_DxF": jax.random.normal(k_w, (8, 4), jnp.float32),
+        "embed_VxD": jax.random.normal(k_e, (16, 8), jnp.float32).astype(jnp.bfloat16),
+        "b_F": jnp.arange(4, dtype=jnp.float32),
+    }
+    tx = optax.adamw(1e-2, weight_decay=1e-4)
+    opt_state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.5, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return TrainState(step=jnp.int32(1), params=params, opt_state=opt_state, rng=k_rng)
+
+
+def _abstract(state: TrainState) -> TrainState:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+
+
+def _host_bytes(state: TrainState) -> list[tuple[str, bytes]]:
+    """Every leaf as (dtype, raw bytes); typed keys via their key data."""
+
+    def leaf(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return (f"key:{jax.random.key_impl(x)}", np.asarray(jax.random.key_data(x)).tobytes())
+        return (str(x.dtype), np.asarray(x).tobytes())
+
+    return [leaf(x) for x in jax.tree.leaves(state)]
+
+
+def test_round_trip_is_bitwise_exact_and_survives_donation(tmp_path):
+    state = _make_state()
+    expected = _host_bytes(state)
+    abstract = _abstract(state)
+    data = {"epoch": 2, "index": 37, "order_seed": 123}
+    meta = {"model": "tiny-qwen2", "nested": {"lr": 1e-6, "tags": ["a", "b"]}}
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        assert ckpt.save(1, state, data=data, meta=meta)
+        # The trainer donates the state to the next step right after save() returns.
+        jax.tree.map(lambda x: x.delete(), state)
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(1, abstract)
+    assert jax.tree.structure(restored.state) == jax.tree.structure(abstract)
+    assert isinstance(restored.state, TrainState)
+    assert isinstance(restored.state.opt_state[0], optax.ScaleByAdamState)
+    assert jax.dtypes.issubdtype(restored.state.rng.dtype, jax.dtypes.prng_key)
+    assert _host_bytes(restored.state) == expected
+    assert restored.data == data
+    assert restored.meta == meta
+
+
+def test_interval_max_to_keep_and_forced_save(tmp_path):
+    state = _make_state()
+    with Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2, async_save=False) as ckpt:
+        saved = [step for step in range(1, 8) if ckpt.save(step, state)]
+        assert saved == [2, 4, 6]
+        assert ckpt.all_steps() == [4, 6]
+        assert ckpt.save(7, state, force=True)
+        assert not ckpt.save(7, state, force=True)  # SIGTERM right after a save: no error
+        assert ckpt.latest_step() == 7
+    assert sorted(p for p in os.listdir(tmp_path) if p.isdigit()) == ["6", "7"]
+    with Checkpointer(tmp_path) as reopened:
+        assert reopened.all_steps() == [6, 7]
+
+
+def test_empty_directory_has_no_latest_step(tmp_path):
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() is None
+        with pytest.raises(FileNotFoundError, match="no checkpoint"):
+            ckpt.restore(None, _abstract(_make_state()))
+        with pytest.raises(FileNotFoundError, match="step 3"):
+            ckpt.restore(3, _abstract(_make_state()))
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="save_interval_steps"):
+        Checkpointer("/tmp/unused", save_interval_steps=0)
+    with pytest.raises(ValueError, match="max_to_keep"):
+        Checkpointer("/tmp/unused", max_to_keep=0)
+
+
+def test_restore_places_arrays_with_requested_shardings(tmp_path):
+    state = _make_state()  # saved from single-device arrays
+    expected = _host_bytes(state)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("dp", "fsdp", "tp"))
+    param_specs = {"w_DxF": P("fsdp", "tp"), "embed_VxD": P(("dp", "fsdp"), "tp"), "b_F": P()}
+
+    def spec_for(path, _):
+        names = [getattr(k, "key", None) for k in path]
+        return next((param_specs[n] for n in names if n in param_specs), P())
+
+    specs = jax.tree_util.tree_map_with_path(spec_for, state)
+    abstract = jax.tree.map(
+        lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
+        jax.eval_shape(lambda: state),
+        specs,
+    )
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, force=True)
+        restored = ckpt.restore(1, abstract).state
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract), strict=True):
+        assert got.sharding == want.sharding
+    mu_w = restored.opt_state[0].mu["w_DxF"]
+    assert mu_w.sharding.spec == P("fsdp", "tp")
+    assert len(mu_w.addressable_shards) == 8 and mu_w.addressable_shards[0].data.shape == (4, 2)
+    assert _host_bytes(restored) == expected
+
+
+def test_half_written_tmp_dir_is_ignored_and_cleaned(tmp_path):
+    state = _make_state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, state, data={"index": 2}, force=True)
+    junk = tmp_path / "3.orbax-checkpoint-tmp"
+    (junk / "state").mkdir(parents=True)
+    (junk / "state" / "_METADATA").write_text("{truncated")
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 2
+        restored = ckpt.restore(None, _abstract(state))
+        assert restored.data == {"index": 2}
+        assert _host_bytes(restored.state) == _host_bytes(state)
+        assert not junk.exists()
+        assert ckpt.save(3, state, force=True)
+        assert ckpt.all_steps() == [2, 3]
+
+
+_KILLED_SAVE = textwrap.dedent(
+    """
+    import os, sys
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.path import atomicity
+    from grpo.checkpoint import Checkpointer
+    from tests.test_checkpoint import _make_state
+
+    async def die(self, *args, **kwargs):  # data is on disk, the commit rename never happens
+        os._exit(17)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = die
+    ckpt = Checkpointer(sys.argv[1])
+    ckpt.save(2, _make_state(seed=9).replace(step=jnp.int32(2)), force=True)
+    """
+)
+
+
+def test_process_killed_mid_save_leaves_last_good_checkpoint(tmp_path):
+    state = _make_state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, data={"index": 1}, force=True)
+    env = dict(os.environ, PYTHONPATH=_REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_SAVE, str(tmp_path)],
+        env=env,
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    assert any(".orbax-checkpoint-tmp" in p for p in os.listdir(tmp_path))
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 1
+        restored = ckpt.restore(None, _abstract(state))
+        assert restored.data == {"index": 1}
+        assert _host_bytes(restored.state) == _host_bytes(state)
