@@ -1,0 +1,133 @@
+"""Learning-rate schedules and optimizers, by name (pure; gin registers these in configurables).
+
+Step counting follows optax: the schedule is evaluated at the number of updates applied so far,
+so update k (0-based) uses schedule(k); warmup ends at `warmup_steps` and decaying schedules
+reach `end_value` at `total_steps` (one past the last update), as Hugging Face schedulers do.
+
+Weight decay is decoupled (AdamW, Lion) or added to the gradient (Adam, SGD) and skips norm
+scales and biases, like the Hugging Face Trainer. The rule is by name, not by rank: layer
+weights are stacked on a leading `layers` axis, so norm scales are 2-D here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _cosine(peak: float, end: float, steps: int) -> optax.Schedule:
+    steps = max(steps, 1)
+
+    def schedule(count):
+        frac = jnp.minimum(count, steps) / steps
+        return end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+
+    return schedule
+
+
+# Decay after warmup: (peak, end, steps) -> schedule over the steps after warmup.
+_DECAYS: dict[str, Callable[[float, float, int], optax.Schedule]] = {
+    "warmup_cosine": _cosine,
+    "linear": lambda peak, end, steps: optax.linear_schedule(peak, end, steps),
+    "constant": lambda peak, end, steps: optax.constant_schedule(peak),  # end_value unused
+}
+
+
+def make_lr_schedule(
+    total_steps: int,
+    *,
+    type: str = "warmup_cosine",  # shadows the builtin: it is the binding name users write
+    peak_value: float = 1e-6,
+    warmup_ratio: float = 0.05,
+    warmup_steps: int | None = None,
+    init_value: float = 0.0,
+    end_value: float = 0.0,
+) -> optax.Schedule:
+    """Linear warmup from init_value to peak_value, then `type`'s decay to end_value.
+
+    type: warmup_cosine | linear | constant (stays at peak_value). warmup_steps defaults to
+    round(total_steps * warmup_ratio); set warmup_ratio=0 for no warmup.
+    """
+    if type not in _DECAYS:
+        raise ValueError(f"unknown lr schedule type {type!r}; valid: {sorted(_DECAYS)}")
+    if total_steps < 1:
+        raise ValueError(f"lr schedule needs total_steps >= 1, got {total_steps}")
+    if not 0.0 <= warmup_ratio <= 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
+    if warmup_steps is None:
+        warmup_steps = round(total_steps * warmup_ratio)
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}]")
+    warmup = optax.linear_schedule(init_value, peak_value, warmup_steps)
+    decay = _DECAYS[type](peak_value, end_value, total_steps - warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for parameters that get weight decay: everything but norm scales and biases."""
+
+    def decays(path, _) -> bool:
+        name = jax.tree_util.keystr(path)
+        return "norm" not in name and "bias" not in name
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _coupled(decay: float, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """L2 weight decay added to the gradient before `inner` (torch Adam/SGD semantics)."""
+    if not decay:
+        return inner
+    return optax.chain(optax.add_decayed_weights(decay, mask=decay_mask), inner)
+
+
+# name -> builder(learning_rate, hyper-parameters); each takes the knobs it documents below.
+_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "lion": lambda lr, h: optax.lion(
+        lr, b1=h["b1"], b2=h["b2"], weight_decay=h["weight_decay"], mask=decay_mask
+    ),
+    "adamw": lambda lr, h: optax.adamw(
+        lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=h["weight_decay"], mask=decay_mask
+    ),
+    "adam": lambda lr, h: _coupled(
+        h["weight_decay"], optax.adam(lr, b1=h["b1"], b2=h["b2"], eps=h["eps"])
+    ),
+    "sgd": lambda lr, h: _coupled(h["weight_decay"], optax.sgd(lr, momentum=h["momentum"] or None)),
+    "adafactor": lambda lr, h: optax.adafactor(
+        lr, weight_decay_rate=h["weight_decay"] or None, weight_decay_mask=decay_mask
+    ),
+}
+
+
+def make_optimizer(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    name: str = "lion",
+    clip_norm: float | None = 1.0,
+    weight_decay: float = 1e-8,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    momentum: float = 0.9,
+) -> optax.GradientTransformation:
+    """clip_by_global_norm(clip_norm) (None: no clipping), then the named optimizer.
+
+    name: lion (b1, b2, weight_decay) | adamw (b1, b2, eps, weight_decay) | adam (b1, b2, eps,
+    L2 weight_decay) | sgd (momentum, L2 weight_decay) | adafactor (weight_decay; optax's own
+    factored second moments and update clipping).
+    """
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(_OPTIMIZERS)}")
+    if clip_norm is not None and clip_norm <= 0:
+        raise ValueError(f"clip_norm must be positive or None, got {clip_norm}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    hyper = dict(b1=b1, b2=b2, eps=eps, momentum=momentum, weight_decay=weight_decay)
+    optimizer = _OPTIMIZERS[name](learning_rate, hyper)
+    if clip_norm is None:
+        return optimizer
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)

@@ -1,0 +1,305 @@
+"""The GRPO update: clipped policy-gradient loss, optional KL to a frozen reference policy, and a
+jitted optimizer step with exact micro-batch gradient accumulation.
+
+Every aggregation mode is per-token weights w_bt and one normaliser N for the whole batch:
+
+    token_mean               w = mask             N = valid tokens in the batch    (DAPO)
+    seq_mean_token_mean      w = mask / len_b     N = sequences in the batch       (original GRPO)
+    seq_mean_token_sum_norm  w = mask / L         N = sequences in the batch       (Dr. GRPO)
+
+(L = `max_completion_length`, default the completion width C.) A weight depends on its own
+sequence only and N on the whole batch, so summing the micro-batches' gradients of
+sum(w * loss) and dividing once by N gives exactly the full-batch gradient.
+
+`old_logps` are the rollout's log-probs: with several updates on one rollout
+(`num_iterations > 1`) the ratio moves away from 1 after the first update and clipping acts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from grpo.models import transformer
+from grpo.models.config import ModelConfig
+from grpo.types import Batch, TrainState
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# Token-mean diagnostics: fraction (or mean) over the valid tokens of the batch.
+TOKEN_STATS = ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static knobs of the GRPO loss (hashable: closed over by the jitted update)."""
+
+    epsilon_low: float = 0.2  # ratio clipped below at 1 - epsilon_low
+    epsilon_high: float = 0.2  # ... and above at 1 + epsilon_high (DAPO raises it, e.g. 0.28)
+    dual_clip: float | None = None  # c > 1: for A < 0 the token loss is capped at -c * A
+    beta: float = 0.0  # KL(policy || reference) weight; 0 holds no reference at all
+    aggregation: str = "token_mean"
+    temperature: float = 1.0  # the sampler's; log-probs are of softmax(logits / temperature)
+    max_completion_length: int | None = None  # Dr. GRPO's constant L; None = completion width
+    logprob_chunk: int = 128  # sequence chunk for the fp32 log-softmax (memory, not numerics)
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.epsilon_low < 0 or self.epsilon_high < 0:
+            raise ValueError(
+                f"clip epsilons must be >= 0, got low={self.epsilon_low} high={self.epsilon_high}"
+            )
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(
+                f"max_completion_length must be >= 1 (or None), got {self.max_completion_length}"
+            )
+        if self.logprob_chunk < 1:
+            raise ValueError(f"logprob_chunk must be >= 1, got {self.logprob_chunk}")
+
+
+def token_weights(mask_BxC: jax.Array, *, config: LossConfig) -> jax.Array:
+    """Each token's weight in the loss numerator (see the module docstring); 0 where masked."""
+    mask = mask_BxC.astype(jnp.float32)
+    if config.aggregation == "token_mean":
+        return mask
+    if config.aggregation == "seq_mean_token_mean":
+        return mask / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+    return mask / float(config.max_completion_length or mask_BxC.shape[1])
+
+
+def loss_normaliser(mask_BxC: jax.Array, *, config: LossConfig) -> jax.Array:
+    """N: the whole batch's valid-token count (token_mean) or sequence count (the others)."""
+    if config.aggregation == "token_mean":
+        return _token_count(mask_BxC)
+    return jnp.asarray(mask_BxC.shape[0], jnp.float32)
+
+
+def _token_count(mask_BxC: jax.Array) -> jax.Array:
+    return jnp.maximum(mask_BxC.sum(dtype=jnp.float32), 1.0)
+
+
+def _per_token(logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, *, config: LossConfig):
+    """The clipped surrogate (+ beta * k3 KL) per token, and the per-token diagnostics."""
+    adv_Bx1 = advantages_B.astype(jnp.float32)[:, None]
+    ratio_BxC = jnp.exp(logps_BxC - old_logps_BxC)
+    low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+    loss_BxC = -jnp.minimum(ratio_BxC * adv_Bx1, jnp.clip(ratio_BxC, low, high) * adv_Bx1)
+    if config.dual_clip is not None:
+        cap_Bx1 = jnp.where(adv_Bx1 < 0, -config.dual_clip * adv_Bx1, jnp.inf)
+        loss_BxC = jnp.minimum(loss_BxC, cap_Bx1)
+    kl_BxC = jnp.zeros_like(loss_BxC)
+    if config.beta > 0:
+        delta_BxC = ref_logps_BxC - logps_BxC
+        kl_BxC = jnp.exp(delta_BxC) - delta_BxC - 1.0  # k3: unbiased, always >= 0
+        loss_BxC = loss_BxC + config.beta * kl_BxC
+    stats = {
+        "kl": kl_BxC,
+        "clip_frac_low": (adv_Bx1 < 0) & (ratio_BxC < low),
+        "clip_frac_high": (adv_Bx1 > 0) & (ratio_BxC > high),
+        "ratio_mean": ratio_BxC,
+    }
+    return loss_BxC, stats
+
+
+def _check_reference(ref_logps_BxC: jax.Array | None, config: LossConfig) -> None:
+    if config.beta > 0 and ref_logps_BxC is None:
+        raise ValueError("loss beta > 0 needs reference log-probs (ref_logps_BxC is None)")
+    if config.beta == 0 and ref_logps_BxC is not None:
+        raise ValueError("reference log-probs given but loss beta == 0: drop the reference")
+
+
+def _masked_sum(x_BxC: jax.Array, mask_BxC: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(mask_BxC, x_BxC.astype(jnp.float32), 0.0))
+
+
+def _numerators(logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, *, config):
+    """Un-normalised sums over a (micro-)batch: sum(w * loss) and the TOKEN_STATS sums."""
+    _check_reference(ref_logps_BxC, config)
+    # Padding may hold any value (e.g. -inf old log-probs): zero it before exp, so neither the
+    # loss nor its gradient can pick up inf * 0.
+    clean = lambda x: None if x is None else jnp.where(mask_BxC, x.astype(jnp.float32), 0.0)
+    loss_BxC, stats = _per_token(
+        clean(logps_BxC), clean(old_logps_BxC), clean(ref_logps_BxC), advantages_B, config=config
+    )
+    sums = {name: _masked_sum(value, mask_BxC) for name, value in stats.items()}
+    sums["loss"] = jnp.sum(token_weights(mask_BxC, config=config) * loss_BxC)
+    return sums
+
+
+def _normalise(sums: dict[str, jax.Array], loss_norm: jax.Array, token_count: jax.Array):
+    return {name: v / (loss_norm if name == "loss" else token_count) for name, v in sums.items()}
+
+
+def policy_loss(
+    logps_BxC: jax.Array,
+    old_logps_BxC: jax.Array,
+    ref_logps_BxC: jax.Array | None,
+    advantages_B: jax.Array,
+    mask_BxC: jax.Array,
+    *,
+    config: LossConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The GRPO loss of one whole batch from log-probs, and its TOKEN_STATS (token means)."""
+    sums = _numerators(
+        logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, config=config
+    )
+    metrics = _normalise(sums, loss_normaliser(mask_BxC, config=config), _token_count(mask_BxC))
+    return metrics.pop("loss"), metrics
+
+
+def _split(tree: Any, num_micro_batches: int) -> Any:
+    """(B, ...) -> (M, B/M, ...), micro-batch m holding rows m, m+M, m+2M, ...
+
+    Strided rather than contiguous so that, with the batch sharded in contiguous blocks over
+    devices, every micro-batch takes rows from every device and the split moves no data.
+    """
+    m = num_micro_batches
+    return jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def _check_micro_batches(rows: int, num_micro_batches: int) -> None:
+    if num_micro_batches < 1 or rows % num_micro_batches:
+        raise ValueError(
+            f"num_micro_batches={num_micro_batches} does not divide the batch of {rows} completions"
+        )
+
+
+def _check_batch(batch: Batch, *, loss: LossConfig, num_micro_batches: int) -> None:
+    _check_micro_batches(batch.completion_mask_BxC.shape[0], num_micro_batches)
+    _check_reference(batch.ref_logps_BxC, loss)  # before any forward pass
+
+
+def compute_gradients(
+    params: Any,
+    batch: Batch,
+    *,
+    model: ModelConfig,
+    loss: LossConfig,
+    num_micro_batches: int = 1,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradient of the GRPO loss over the whole batch, accumulated over micro-batches under
+    `lax.scan`, and the metrics loss / TOKEN_STATS / entropy (fp32 scalars).
+
+    Micro-batch m holds rows m, m+M, ... (see `_split`); the sums are normalised once, by the
+    whole batch's N, so any num_micro_batches dividing B gives the same gradient.
+    """
+    _check_batch(batch, loss=loss, num_micro_batches=num_micro_batches)
+    mask_BxC = batch.completion_mask_BxC
+
+    def numerators(p, mb: Batch):
+        logps_BxC, entropy_BxC = transformer.completion_logprobs(
+            p,
+            mb.prompt_tokens_BxP,
+            mb.prompt_mask_BxP,
+            mb.completion_tokens_BxC,
+            mb.completion_mask_BxC,
+            config=model,
+            temperature=loss.temperature,
+            chunk=loss.logprob_chunk,
+        )
+        sums = _numerators(
+            logps_BxC,
+            mb.old_logps_BxC,
+            mb.ref_logps_BxC,
+            mb.advantages_B,
+            mb.completion_mask_BxC,
+            config=loss,  # micro-batches keep the width C: Dr. GRPO's default L is unchanged
+        )
+        sums["entropy"] = _masked_sum(jax.lax.stop_gradient(entropy_BxC), mb.completion_mask_BxC)
+        return sums["loss"], sums
+
+    grad_fn = jax.grad(numerators, has_aux=True)
+
+    def accumulate(carry, mb: Batch):
+        grads, sums = grad_fn(params, mb)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zero_grads = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+    zero_sums = {name: jnp.zeros((), jnp.float32) for name in ("loss", "entropy", *TOKEN_STATS)}
+    (grads, sums), _ = jax.lax.scan(
+        accumulate, (zero_grads, zero_sums), _split(batch, num_micro_batches)
+    )
+    loss_norm = loss_normaliser(mask_BxC, config=loss)
+    grads = jax.tree.map(lambda g, p: (g / loss_norm).astype(p.dtype), grads, params)
+    return grads, _normalise(sums, loss_norm, _token_count(mask_BxC))
+
+
+def make_update_fn(
+    *,
+    model: ModelConfig,
+    tx: optax.GradientTransformation,
+    loss: LossConfig,
+    num_micro_batches: int = 1,
+    lr_schedule: optax.Schedule | None = None,
+    state_sharding: TrainState | None = None,
+):
+    """A jitted `update(state, batch) -> (state, metrics)` that donates `state`.
+
+    metrics (fp32 scalars): loss, kl, entropy, clip_frac_low, clip_frac_high, ratio_mean,
+    grad_norm (before clipping), and learning_rate when `lr_schedule` is given.
+    state_sharding: the state's shardings (a TrainState of NamedShardings), pinned on the new
+    state; without it XLA may pick other layouts for the outputs (e.g. a norm scale sharded
+    like its reduce-scattered gradient), which defeats donation and drifts from step to step.
+    """
+
+    def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        grads, metrics = compute_gradients(
+            state.params, batch, model=model, loss=loss, num_micro_batches=num_micro_batches
+        )
+        metrics["grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
+        if lr_schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        )
+        if state_sharding is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, state_sharding)
+        return new_state, metrics
+
+    return jax.jit(update, donate_argnums=0)
+
+
+def make_reference_logps_fn(model: ModelConfig, loss: LossConfig, *, num_micro_batches: int = 1):
+    """A jitted `fn(ref_params, batch) -> ref_logps_BxC` (fp32), for loss.beta > 0 only.
+
+    Runs the policy's own forward and temperature on the frozen reference parameters, in
+    `num_micro_batches` sequential chunks to bound activation memory.
+    """
+    if loss.beta == 0:
+        raise ValueError("loss beta == 0 uses no reference policy: build no reference log-probs")
+
+    def ref_logps(ref_params: Any, batch: Batch) -> jax.Array:
+        rows, width = batch.completion_tokens_BxC.shape
+        _check_micro_batches(rows, num_micro_batches)
+        inputs = (
+            batch.prompt_tokens_BxP,
+            batch.prompt_mask_BxP,
+            batch.completion_tokens_BxC,
+            batch.completion_mask_BxC,
+        )
+        one = lambda xs: transformer.completion_logprobs(
+            ref_params,
+            *xs,
+            config=model,
+            temperature=loss.temperature,
+            chunk=loss.logprob_chunk,
+        )[0]
+        logps_MxbxC = jax.lax.map(one, _split(inputs, num_micro_batches))
+        # Undo the strided split: (M, B/M, C) -> (B/M, M, C) -> (B, C).
+        return logps_MxbxC.swapaxes(0, 1).reshape(rows, width)
+
+    return jax.jit(ref_logps)

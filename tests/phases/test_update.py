@@ -1,0 +1,343 @@
+"""The GRPO loss by hand, its gradient against REINFORCE, exact micro-batching, the jitted update
+(several iterations on one rollout, sharded == unsharded) and the reference log-probs."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from grpo import optim, sharding
+from grpo.models import presets
+from grpo.models import transformer as tf
+from grpo.phases import update
+from grpo.phases.update import LossConfig
+from grpo.types import Batch, TrainState
+
+# ---------------------------------------------------------------- the loss from log-probs, by hand
+# Two sequences of width 3. Sequence 0 (A = +1) has ratios (1.5, 0.5, 1.0); sequence 1 (A = -2)
+# has ratios (0.7, 1.1) and a padding slot holding garbage (inf ratio, inf reference).
+# Clipped surrogate per token, eps = 0.2, loss = -min(r A, clip(r, 0.8, 1.2) A):
+#   seq 0: r=1.5 -> -min(1.5, 1.2) = -1.2 (clipped high); r=0.5 -> -0.5; r=1.0 -> -1.0
+#   seq 1: r=0.7 -> -min(-1.4, -1.6) = 1.6 (clipped low); r=1.1 -> -min(-2.2, -2.2) = 2.2
+# Sums: seq 0 -2.7 over 3 tokens, seq 1 3.8 over 2 tokens; 5 valid tokens in all.
+RATIOS = np.array([[1.5, 0.5, 1.0], [0.7, 1.1, 1.0]])
+MASK = jnp.array([[True, True, True], [True, True, False]])
+ADVANTAGES = jnp.array([1.0, -2.0])
+LOGPS = jnp.where(MASK, jnp.log(jnp.asarray(RATIOS, jnp.float32)) - 1.0, 7.0)
+OLD_LOGPS = jnp.where(MASK, -1.0, -jnp.inf)
+# Reference offsets d = ref - logp: ln 2 at (0, 0) and -ln 2 at (1, 1). k3 = e^d - d - 1 gives
+# 1 - ln 2 and 0.5 + ln 2 - 1: together exactly 0.5, so the token-mean KL is 0.5 / 5 = 0.1.
+REF_LOGPS = jnp.where(MASK, LOGPS + jnp.array([[math.log(2), 0, 0], [0, -math.log(2), 0]]), jnp.inf)
+KL_SEQ0, KL_SEQ1 = 1 - math.log(2), math.log(2) - 0.5
+
+
+@pytest.mark.parametrize(
+    "aggregation, max_len, expected",
+    [
+        ("token_mean", None, (-2.7 + 3.8) / 5),  # 0.22
+        ("seq_mean_token_mean", None, (-2.7 / 3 + 3.8 / 2) / 2),  # 0.5
+        ("seq_mean_token_sum_norm", 4, (-2.7 / 4 + 3.8 / 4) / 2),  # 0.1375
+        ("seq_mean_token_sum_norm", None, (-2.7 / 3 + 3.8 / 3) / 2),  # L defaults to width 3
+    ],
+)
+def test_policy_loss_by_hand(aggregation, max_len, expected):
+    config = LossConfig(aggregation=aggregation, max_completion_length=max_len)
+    loss, aux = update.policy_loss(LOGPS, OLD_LOGPS, None, ADVANTAGES, MASK, config=config)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["clip_frac_low"]), 1 / 5, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["clip_frac_high"]), 1 / 5, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["ratio_mean"]), (1.5 + 0.5 + 1 + 0.7 + 1.1) / 5, rtol=1e-6)
+    assert float(aux["kl"]) == 0.0
+
+
+def test_policy_gradient_by_hand():
+    # token_mean: d loss / d logp = -r A / 5 where the ratio is not clipped, 0 where it is:
+    #   seq 0: clipped, -0.5/5, -1.0/5;  seq 1: clipped, 2.2/5 (r=1.1 ties at the clip), padding 0.
+    # Padding holds garbage (old log-prob -inf) and must neither leak NaN nor receive gradient.
+    grad = jax.grad(
+        lambda lp: update.policy_loss(lp, OLD_LOGPS, None, ADVANTAGES, MASK, config=LossConfig())[0]
+    )(LOGPS)
+    np.testing.assert_allclose(grad, [[0.0, -0.1, -0.2], [0.0, 0.44, 0.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "aggregation, expected",
+    [
+        ("token_mean", 0.22 + 0.1 * 0.5 / 5),
+        ("seq_mean_token_mean", 0.5 + 0.1 * (KL_SEQ0 / 3 + KL_SEQ1 / 2) / 2),
+        ("seq_mean_token_sum_norm", (-2.7 / 3 + 3.8 / 3) / 2 + 0.1 * (KL_SEQ0 + KL_SEQ1) / 3 / 2),
+    ],
+)
+def test_kl_term_by_hand(aggregation, expected):
+    config = LossConfig(aggregation=aggregation, beta=0.1)
+    loss, aux = update.policy_loss(LOGPS, OLD_LOGPS, REF_LOGPS, ADVANTAGES, MASK, config=config)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["kl"]), 0.1, rtol=1e-6)
+
+
+def test_dual_clip_and_asymmetric_epsilons():
+    # A = -2, ratios (3.0, 0.5): losses max(6, 2.4) = 6 and max(1, 1.6) = 1.6 (clipped low).
+    # Dual clip c = 2.5 caps the first at -c A = 5.
+    logps = jnp.log(jnp.array([[3.0, 0.5]]))
+    old, mask, adv = jnp.zeros((1, 2)), jnp.ones((1, 2), bool), jnp.array([-2.0])
+    plain, aux = update.policy_loss(logps, old, None, adv, mask, config=LossConfig())
+    capped, _ = update.policy_loss(logps, old, None, adv, mask, config=LossConfig(dual_clip=2.5))
+    np.testing.assert_allclose([float(plain), float(capped)], [3.8, 3.3], rtol=1e-6)
+    assert float(aux["clip_frac_low"]) == 0.5
+    # DAPO's clip-higher: A = +1, ratio 1.5 clips at 1 + 0.28.
+    config = LossConfig(epsilon_high=0.28)
+    high, _ = update.policy_loss(
+        jnp.log(jnp.array([[1.5]])), old[:, :1], None, jnp.array([1.0]), mask[:, :1], config=config
+    )
+    np.testing.assert_allclose(float(high), -1.28, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(aggregation="sum"), "aggregation must be one of"),
+        (dict(epsilon_low=-0.1), "clip epsilons must be >= 0"),
+        (dict(dual_clip=1.0), "dual_clip must be > 1"),
+        (dict(beta=-1.0), "beta must be >= 0"),
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(max_completion_length=0), "max_completion_length must be >= 1"),
+        (dict(logprob_chunk=0), "logprob_chunk must be >= 1"),
+    ],
+)
+def test_loss_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LossConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------ on a tiny model
+MODEL = presets.preset("tiny-qwen2", dtype="float32", remat="none")
+TEMPERATURE = 0.7
+CHUNK = 4  # < C, with a ragged last chunk: exercises the chunked log-softmax
+PROMPT_LENS = np.array([5, 3, 4, 1, 5, 2, 4, 3])
+COMPLETION_LENS = np.array([6, 3, 1, 5, 2, 6, 4, 0])
+P, C = 5, 6
+
+
+def _loss(**kwargs) -> LossConfig:
+    return LossConfig(temperature=TEMPERATURE, logprob_chunk=CHUNK, **kwargs)
+
+
+@jax.jit
+def _logps(params, batch):
+    return tf.completion_logprobs(
+        params,
+        batch.prompt_tokens_BxP,
+        batch.prompt_mask_BxP,
+        batch.completion_tokens_BxC,
+        batch.completion_mask_BxC,
+        config=MODEL,
+        temperature=TEMPERATURE,
+        chunk=CHUNK,
+    )[0]
+
+
+@functools.cache
+def _grad_fn(loss: LossConfig, num_micro_batches: int = 1):
+    return jax.jit(
+        functools.partial(
+            update.compute_gradients, model=MODEL, loss=loss, num_micro_batches=num_micro_batches
+        )
+    )
+
+
+def _init_params(seed: int):
+    """Random weights from numpy (jax.random's eager compiles cost seconds on CPU); norm scales
+    near 1, everything else N(0, 0.1^2)."""
+    rng = np.random.default_rng(seed)
+
+    def init(path, shape):
+        base = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
+        return jnp.asarray(base + 0.1 * rng.standard_normal(shape), jnp.float32)
+
+    shapes = tf.param_shapes(MODEL)
+    return jax.tree_util.tree_map_with_path(init, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _init_params(0)
+
+
+@pytest.fixture(scope="module")
+def batch(params):
+    """8 completions; old log-probs = the current policy's, ref = current + noise."""
+    rng = np.random.default_rng(1)
+    b = len(PROMPT_LENS)
+    prompt_mask = np.arange(P)[None] >= (P - PROMPT_LENS)[:, None]
+    completion_mask = np.arange(C)[None] < COMPLETION_LENS[:, None]
+    prompt = rng.integers(1, MODEL.vocab_size, (b, P), dtype=np.int32)
+    completion = rng.integers(1, MODEL.vocab_size, (b, C), dtype=np.int32)
+    zeros = jnp.zeros((b, C), jnp.float32)
+    batch = Batch(
+        prompt_tokens_BxP=jnp.where(prompt_mask, prompt, 0),
+        prompt_mask_BxP=jnp.asarray(prompt_mask),
+        completion_tokens_BxC=jnp.where(completion_mask, completion, 0),
+        completion_mask_BxC=jnp.asarray(completion_mask),
+        old_logps_BxC=zeros,
+        advantages_B=jnp.asarray(rng.standard_normal(b), jnp.float32),
+    )
+    logps = _logps(params, batch)
+    return batch.replace(old_logps_BxC=jnp.where(completion_mask, logps, 0.0))
+
+
+def _perturbed(batch, with_ref: bool):
+    """Old (and reference) log-probs off the current policy, so that clipping and KL act."""
+    rng = np.random.default_rng(2)
+    noise = lambda: jnp.asarray(0.3 * rng.standard_normal(batch.old_logps_BxC.shape), jnp.float32)
+    old = batch.old_logps_BxC + noise()
+    return batch.replace(old_logps_BxC=old, ref_logps_BxC=old + noise() if with_ref else None)
+
+
+def _assert_trees_close(a, b, atol, rtol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+
+
+def test_zero_advantages_give_zero_gradient(params, batch):
+    zero = _perturbed(batch, with_ref=False).replace(advantages_B=jnp.zeros(8))
+    grads, metrics = _grad_fn(_loss())(params, zero)
+    assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(grads))
+    assert float(metrics["clip_frac_low"]) == 0.0  # no A < 0 token
+    assert 0.0 < float(metrics["entropy"]) <= math.log(MODEL.vocab_size)
+
+
+def test_masked_tokens_have_no_effect(params, batch):
+    batch = _perturbed(batch, with_ref=False)
+    c_mask, p_mask = batch.completion_mask_BxC, batch.prompt_mask_BxP
+    garbage = batch.replace(
+        completion_tokens_BxC=jnp.where(c_mask, batch.completion_tokens_BxC, 17),
+        prompt_tokens_BxP=jnp.where(p_mask, batch.prompt_tokens_BxP, 99),
+        old_logps_BxC=jnp.where(c_mask, batch.old_logps_BxC, -jnp.inf),
+    )
+    grads, metrics = _grad_fn(_loss())(params, batch)
+    grads_g, metrics_g = _grad_fn(_loss())(params, garbage)
+    _assert_trees_close(grads_g, grads, atol=1e-7)
+    _assert_trees_close(metrics_g, metrics, atol=1e-7)
+
+
+@jax.jit
+def _reinforce_grad(params, batch, weights_BxC, normaliser):
+    """-sum_b A_b grad(sum_t w_bt logp_bt) / N, straight from the model's log-probs."""
+    objective = lambda p: jnp.sum(batch.advantages_B[:, None] * weights_BxC * _logps(p, batch))
+    return jax.tree.map(lambda g: -g / normaliser, jax.grad(objective)(params))
+
+
+@pytest.mark.parametrize(
+    "aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+)
+def test_gradient_is_reinforce_when_ratio_is_one(params, batch, aggregation):
+    mask = np.asarray(batch.completion_mask_BxC, np.float32)
+    weights, normaliser = {
+        "token_mean": (mask, mask.sum()),
+        "seq_mean_token_mean": (mask / np.maximum(mask.sum(1, keepdims=True), 1), 8.0),
+        "seq_mean_token_sum_norm": (mask / C, 8.0),
+    }[aggregation]
+    grads, metrics = _grad_fn(_loss(aggregation=aggregation))(params, batch)
+    expected = _reinforce_grad(params, batch, jnp.asarray(weights), normaliser)
+    _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["ratio_mean"]), 1.0, atol=1e-6)
+    assert float(metrics["clip_frac_low"]) == float(metrics["clip_frac_high"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+)
+def test_micro_batches_match_full_batch(params, batch, aggregation):
+    # 4 micro-batches of 2 rows; M = 2 (with the KL term) is checked in the sharded test.
+    batch = _perturbed(batch, with_ref=False)
+    loss = _loss(aggregation=aggregation)
+    grads, metrics = _grad_fn(loss)(params, batch)
+    assert float(metrics["clip_frac_low"]) > 0 and float(metrics["clip_frac_high"]) > 0
+    grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
+    _assert_trees_close(grads_4, grads, atol=1e-6)
+    _assert_trees_close(metrics_4, metrics, atol=1e-6)
+
+
+def test_batch_errors(params, batch):
+    with pytest.raises(ValueError, match="num_micro_batches=3 does not divide the batch of 8"):
+        update.compute_gradients(params, batch, model=MODEL, loss=_loss(), num_micro_batches=3)
+    with pytest.raises(ValueError, match="beta > 0 needs reference log-probs"):
+        update.compute_gradients(params, batch, model=MODEL, loss=_loss(beta=0.1))
+    with pytest.raises(ValueError, match="reference log-probs given but loss beta == 0"):
+        update.compute_gradients(params, _perturbed(batch, True), model=MODEL, loss=_loss())
+
+
+def _state(params, tx):
+    params = jax.tree.map(jnp.copy, params)  # the update donates the state
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key(0),
+    )
+
+
+def test_second_iteration_on_a_rollout_moves_the_ratio(params, batch):
+    schedule = optim.make_lr_schedule(10, type="constant", peak_value=0.02, warmup_steps=0)
+    tx = optim.make_optimizer(schedule, name="lion")
+    step = update.make_update_fn(model=MODEL, tx=tx, loss=_loss(), lr_schedule=schedule)
+    state, first = step(_state(params, tx), batch)
+    state, second = step(state, batch)  # same rollout: old_logps are still the sampler's
+    assert int(state.step) == 2
+    assert all(v.dtype == jnp.float32 and v.shape == () for v in first.values())
+    np.testing.assert_allclose(float(first["ratio_mean"]), 1.0, atol=1e-6)
+    assert float(first["clip_frac_low"]) == float(first["clip_frac_high"]) == 0.0
+    assert abs(float(second["ratio_mean"]) - 1.0) > 1e-2
+    assert float(second["clip_frac_low"]) + float(second["clip_frac_high"]) > 0
+    np.testing.assert_allclose(float(first["learning_rate"]), 0.02, rtol=1e-6)
+    # grad_norm is the norm of the raw (unclipped) gradient.
+    grads, _ = _grad_fn(_loss())(params, batch)
+    np.testing.assert_allclose(first["grad_norm"], optax.global_norm(grads), rtol=1e-5)
+
+
+def test_sharded_micro_batched_update_matches_unsharded_gradient(params, batch):
+    # (dp=2, fsdp=2, tp=2) mesh, 2 micro-batches, KL on: one SGD step must equal
+    # params - lr * (the unsharded full-batch gradient), with the same metrics.
+    batch = _perturbed(batch, with_ref=True)
+    loss = _loss(beta=0.05)
+    grads, expected = _grad_fn(loss)(params, batch)
+    assert float(expected["kl"]) > 0
+
+    mesh = sharding.make_mesh(dp=2, fsdp=2, tp=2)
+    shardings = sharding.tree_shardings(mesh, tf.logical_axes(MODEL), params)
+    tx = optax.sgd(0.5, momentum=0.9)  # first step: momentum trace = gradient
+    state = _state(jax.device_put(params, shardings), tx)
+    replicated = sharding.replicated(mesh)
+    state_sharding = state.replace(
+        step=replicated,
+        params=shardings,
+        opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state),
+        rng=replicated,
+    )
+    state = jax.device_put(state, state_sharding)
+    step = update.make_update_fn(
+        model=MODEL, tx=tx, loss=loss, num_micro_batches=2, state_sharding=state_sharding
+    )
+    got_state, got = step(state, sharding.shard_batch(mesh, jax.tree.map(np.asarray, batch)))
+
+    for leaf, expected_sharding in zip(
+        jax.tree.leaves(got_state), jax.tree.leaves(state_sharding), strict=True
+    ):
+        assert leaf.sharding.is_equivalent_to(expected_sharding, leaf.ndim)
+    expected_params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+    _assert_trees_close(got_state.params, expected_params, atol=1e-6, rtol=1e-5)
+    del got["grad_norm"]
+    _assert_trees_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_reference_logps(params, batch):
+    ref_params = _init_params(5)
+    fn = update.make_reference_logps_fn(MODEL, _loss(beta=0.1), num_micro_batches=2)
+    got = fn(ref_params, batch)
+    np.testing.assert_allclose(got, _logps(ref_params, batch), atol=1e-6)
+    with pytest.raises(ValueError, match="beta == 0 uses no reference policy"):
+        update.make_reference_logps_fn(MODEL, _loss())
