@@ -6,3 +6,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+
+# Persist XLA compiles across the in-process and subprocess runs of one test session.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/grpo-test-jax-cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")

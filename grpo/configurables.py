@@ -1,0 +1,154 @@
+"""The gin factories: the only module (with grpo/main.py) that imports gin.
+
+Each factory is registered under the name users bind, e.g. `make_optimizer.name = 'adamw'`,
+`make_lr_schedule.type = 'constant'`, `TrainConfig.num_steps = 3`. `build_experiment` calls
+them all (gin supplies their arguments) and returns a plain `train.Experiment`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+from absl import logging
+
+import gin
+from grpo import optim, sharding
+from grpo.data import gsm8k
+from grpo.models import loading, presets, transformer
+from grpo.models.config import ModelConfig
+from grpo.phases import reward, rollout, update
+from grpo.train import Experiment, TrainConfig
+
+make_optimizer = gin.external_configurable(optim.make_optimizer, "make_optimizer")
+make_lr_schedule = gin.external_configurable(optim.make_lr_schedule, "make_lr_schedule")
+make_mesh = gin.external_configurable(sharding.make_mesh, "make_mesh")
+make_loss = gin.external_configurable(update.LossConfig, "make_loss")
+make_rewards = gin.external_configurable(reward.RewardConfig, "make_rewards")
+TrainConfig = gin.external_configurable(TrainConfig, "TrainConfig")
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    config: ModelConfig
+    params: Any  # host numpy arrays
+    tokenizer: Any
+
+
+@gin.configurable
+def make_model(
+    source: str = "smollm2-135m-instruct",
+    *,
+    preset: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str = "bfloat16",
+    param_dtype: str = "float32",
+    remat: str = "dots",
+    attention_impl: str = "xla",
+    seed: int = 0,
+) -> ModelBundle:
+    """Real weights from `source` (a GGUF file, an HF folder, a hub id, or the offline
+    `smollm2-135m-instruct`), or random weights of a named `preset` shape whose vocabulary is
+    resized to the tokenizer loaded from `tokenizer` (default: `source`)."""
+    overrides = dict(
+        dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl
+    )
+    if preset is None:
+        config, params, tok = loading.load_model(source, **overrides)
+        return ModelBundle(config, params, tok)
+    tok = loading.load_tokenizer(tokenizer or source)
+    eos = tuple(i for i in (tok.eos_token_id,) if i is not None)
+    config = presets.preset(preset, vocab_size=len(tok), eos_token_ids=eos, **overrides)
+    init = jax.jit(
+        functools.partial(transformer.init_params, config)
+    )  # one compile, not one per leaf
+    params = jax.device_get(init(jax.random.key(seed)))
+    return ModelBundle(config, params, tok)
+
+
+@gin.configurable
+def make_dataset(
+    source: str = "synthetic",
+    *,
+    train_split: str = "train",
+    test_split: str = "test",
+    num_train: int | None = None,
+    num_test: int | None = None,
+    difficulty: int = 1,
+    seed: int = 0,
+) -> tuple[list[dict], list[dict]]:
+    """(train, test) GSM8K-format examples: a hub id, a local file or folder, or `synthetic`."""
+    load = lambda split, n: gsm8k.load_examples(
+        source, split, num_examples=n, seed=seed, difficulty=difficulty
+    )
+    return load(train_split, num_train), load(test_split, num_test)
+
+
+@gin.configurable
+def make_sampling(
+    *,
+    end_ids: tuple[int, ...],
+    pad_id: int,
+    max_new_tokens: int = 1024,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> rollout.SamplingConfig:
+    return rollout.SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        end_ids=end_ids,
+        pad_id=pad_id,
+    )
+
+
+def _end_and_pad_ids(bundle: ModelBundle) -> tuple[tuple[int, ...], int]:
+    """End-of-turn ids from the model config and the tokenizer (chat models end with e.g.
+    `<|im_end|>`); pad with the tokenizer's pad id, else the first end id."""
+    tok = bundle.tokenizer
+    ids = list(bundle.config.eos_token_ids)
+    for token in (tok.eos_token, "<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        token_id = tok.convert_tokens_to_ids(token) if token else None
+        if isinstance(token_id, int) and token_id != tok.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else ids[0]
+    return tuple(ids), pad
+
+
+def build_experiment() -> Experiment:
+    """Calls every factory (gin binds their arguments) and assembles the experiment."""
+    train = TrainConfig()
+    mesh = make_mesh()
+    # Optimizer first: a misspelled name fails before any model is loaded or compiled.
+    lr_schedule = make_lr_schedule(train.num_steps * train.num_iterations)
+    tx = make_optimizer(lr_schedule)
+    bundle = make_model()
+    train_examples, test_examples = make_dataset()
+    end_ids, pad_id = _end_and_pad_ids(bundle)
+    sampling = make_sampling(end_ids=end_ids, pad_id=pad_id)
+    loss = make_loss()
+    # The loss must score tokens under the distribution they were sampled from.
+    loss = dataclasses.replace(
+        loss,
+        temperature=sampling.logp_temperature,
+        max_completion_length=loss.max_completion_length or sampling.max_new_tokens,
+    )
+    logging.info("end ids %s, pad id %d", end_ids, pad_id)
+    return Experiment(
+        model=bundle.config,
+        params=bundle.params,
+        tokenizer=bundle.tokenizer,
+        train_examples=train_examples,
+        test_examples=test_examples,
+        sampling=sampling,
+        loss=loss,
+        rewards=make_rewards(),
+        tx=tx,
+        lr_schedule=lr_schedule,
+        mesh=mesh,
+        train=train,
+    )

@@ -1,0 +1,64 @@
+"""Multi-controller start-up: every process runs the same program; JAX joins them.
+
+Process 0's address, the process count and this process's id come from flags, or from the
+environment our launcher and Cloud TPU VMs set (then `jax.distributed.initialize()` finds them
+itself). After joining we check that exactly the expected number of processes is there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+# Set by launch/ for each process; Cloud TPU pods need none of them (auto-detected).
+ENV_COORDINATOR = "GRPO_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "GRPO_NUM_PROCESSES"
+ENV_PROCESS_ID = "GRPO_PROCESS_ID"
+ENV_TIMEOUT = "GRPO_INIT_TIMEOUT_S"
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int | None = None,
+) -> None:
+    """Joins the processes of a multi-process run; a no-op for a single process."""
+    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
+    num_processes = num_processes or _env_int(ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+    timeout_s = timeout_s or _env_int(ENV_TIMEOUT) or 300
+    on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+    if coordinator_address is None and not on_tpu_pod:
+        if num_processes not in (None, 1):
+            raise ValueError(
+                f"num_processes={num_processes} needs a coordinator address "
+                f"(--coordinator_address or ${ENV_COORDINATOR})"
+            )
+        return
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout_s,
+    )
+    check_process_count(num_processes)
+    logging.info("joined: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def check_process_count(expected: int | None) -> None:
+    if expected is not None and jax.process_count() != expected:
+        raise RuntimeError(
+            f"expected {expected} processes but {jax.process_count()} joined; "
+            "check every host started the same command"
+        )
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None

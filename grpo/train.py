@@ -1,0 +1,503 @@
+"""The GRPO step loop: rollout -> reward -> advantage -> update, with eval, metrics, checkpoints.
+
+Everything here is plain Python over the pure phases; gin never reaches this module. `train`
+takes a fully built `Experiment` (see grpo/configurables.py) and a workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from grpo import sharding
+from grpo.checkpoint import Checkpointer
+from grpo.data.gsm8k import PromptStream
+from grpo.data.prompts import SYSTEM_PROMPT, encode_prompts
+from grpo.metrics import MetricsWriter
+from grpo.models import transformer
+from grpo.models.config import ModelConfig
+from grpo.phases import reward as reward_phase
+from grpo.phases.advantage import group_advantages
+from grpo.phases.rollout import SamplingConfig, generate, pad_prompts, trim_completions
+from grpo.phases.update import LossConfig, make_reference_logps_fn, make_update_fn
+from grpo.types import Batch, Rollout, TrainState
+
+# bf16 dense peak FLOP/s per device, for MFU (device_kind prefix -> FLOP/s).
+PEAK_FLOPS = {
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 197e12,
+    "TPU v4": 275e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Loop knobs. Batch knobs count prompts or completions, as their names say (global)."""
+
+    num_steps: int = 100
+    prompts_per_step: int = 16
+    num_generations: int = 8  # completions per prompt: the GRPO group size
+    num_iterations: int = 1  # optimizer updates per rollout batch (old policy = the rollout's)
+    completions_per_micro_batch: int | None = None  # None: the whole step batch at once
+    advantage_scale: str = "group"  # group | batch | none
+    eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)
+    eval_examples: int | None = None  # None: the whole test split
+    eval_prompts_per_batch: int = 64
+    checkpoint_every_steps: int = 10
+    checkpoints_to_keep: int = 2
+    show_completions_every_steps: int = 10
+    system_prompt: str | None = SYSTEM_PROMPT  # None: the chat template's own default
+    prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    completion_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
+    reward_timeout_s: float = 5.0
+    seed: int = 0
+    export_dir: str | None = None  # write a transformers-loadable folder at the end
+
+    def __post_init__(self):
+        for name in ("num_steps", "prompts_per_step", "num_generations", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.advantage_scale not in ("group", "batch", "none"):
+            raise ValueError(
+                f"advantage_scale must be group|batch|none, got {self.advantage_scale}"
+            )
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    @property
+    def num_micro_batches(self) -> int:
+        per_micro = self.completions_per_micro_batch or self.completions_per_step
+        if self.completions_per_step % per_micro:
+            raise ValueError(
+                f"completions_per_micro_batch={per_micro} must divide the "
+                f"{self.completions_per_step} completions of a step"
+            )
+        return self.completions_per_step // per_micro
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What the factories build: model, data, phase configs, optimizer, mesh."""
+
+    model: ModelConfig
+    params: Any  # host (numpy) params, as loaded
+    tokenizer: Any
+    train_examples: Sequence[dict]
+    test_examples: Sequence[dict]
+    sampling: SamplingConfig
+    loss: LossConfig
+    rewards: reward_phase.RewardConfig
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule  # over optimizer steps: num_steps x num_iterations
+    mesh: Mesh
+    train: TrainConfig
+
+
+@dataclasses.dataclass
+class Runtime:
+    """The built step functions and the mutable loop state."""
+
+    state: TrainState
+    ref_params: Any
+    update_fn: Callable
+    ref_logps_fn: Callable | None
+    stream: PromptStream
+    checkpointer: Checkpointer
+    metrics: MetricsWriter
+    start_step: int
+
+
+def effective_batch_lines(exp: Experiment) -> list[str]:
+    """How many prompts, completions and tokens a step holds, globally and per unit."""
+    cfg = exp.train
+    procs = jax.process_count()
+    max_tokens = max(cfg.prompt_buckets) + exp.sampling.max_new_tokens
+    per_micro = cfg.completions_per_step // cfg.num_micro_batches
+    return [
+        f"batch per step: {cfg.prompts_per_step} prompts x {cfg.num_generations} samples = "
+        f"{cfg.completions_per_step} completions, <= {cfg.completions_per_step * max_tokens} "
+        f"tokens; {cfg.num_iterations} update(s) per step",
+        f"batch per process ({procs}): {cfg.prompts_per_step // procs} prompts, "
+        f"{cfg.completions_per_step // procs} completions",
+        f"batch per micro-batch ({cfg.num_micro_batches}): {per_micro} completions, "
+        f"<= {per_micro * max_tokens} tokens",
+    ]
+
+
+def check_batch_layout(exp: Experiment) -> None:
+    """Fails before anything compiles when the batch cannot be laid out on the mesh."""
+    cfg = exp.train
+    divisor = sharding.batch_divisor(exp.mesh)
+    per_micro = cfg.completions_per_step // cfg.num_micro_batches
+    if per_micro % divisor:
+        raise ValueError(
+            f"{per_micro} completions per micro-batch do not split over dp x fsdp = {divisor} "
+            "devices; change prompts_per_step, num_generations or completions_per_micro_batch"
+        )
+    if cfg.prompts_per_step % jax.process_count():
+        raise ValueError(
+            f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
+            f"{jax.process_count()} processes"
+        )
+
+
+def place_params(mesh: Mesh, model: ModelConfig, host_params: Any) -> Any:
+    """Host params -> global sharded arrays (every process holds the same host copy)."""
+    shardings = sharding.tree_shardings(mesh, transformer.logical_axes(model), host_params)
+    dtype = jnp.dtype(model.param_dtype)
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(
+            np.shape(x), s, lambda idx, x=x: np.asarray(x[idx]).astype(dtype)
+        ),
+        host_params,
+        shardings,
+    )
+
+
+def _onto_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Replicates over the mesh every leaf that lives on fewer devices (scalars like the step,
+    the key, optimizer counts), so one jit sees every argument on the same devices."""
+    replicated = sharding.replicated(mesh)
+    return jax.tree.map(
+        lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated),
+        tree,
+    )
+
+
+def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
+    cfg = exp.train
+    params = place_params(exp.mesh, exp.model, exp.params)
+    state = _onto_mesh(
+        TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=jax.jit(exp.tx.init)(params),
+            rng=jax.random.key(cfg.seed),
+        ),
+        exp.mesh,
+    )
+    stream = PromptStream(
+        exp.train_examples,
+        batch_size=cfg.prompts_per_step // jax.process_count(),
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    checkpointer = Checkpointer(
+        f"{workdir}/checkpoints",
+        save_interval_steps=cfg.checkpoint_every_steps or 10**9,
+        max_to_keep=cfg.checkpoints_to_keep,
+    )
+    start_step = 0
+    if checkpointer.latest_step() is not None:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        )
+        restored = checkpointer.restore(None, abstract)
+        state = restored.state
+        stream.restore(restored.data["stream"])
+        start_step = int(state.step) // cfg.num_iterations
+        logging.info("resumed from %s at step %d", checkpointer.latest_step(), start_step)
+    ref_params = None
+    if exp.loss.beta > 0:  # the frozen reference is the starting policy, not the resumed one
+        ref_params = place_params(exp.mesh, exp.model, exp.params)
+    return Runtime(
+        state=state,
+        ref_params=ref_params,
+        update_fn=make_update_fn(
+            model=exp.model,
+            tx=exp.tx,
+            loss=exp.loss,
+            num_micro_batches=cfg.num_micro_batches,
+            lr_schedule=exp.lr_schedule,
+            state_sharding=jax.tree.map(lambda x: x.sharding, state),
+        ),
+        ref_logps_fn=(
+            make_reference_logps_fn(exp.model, exp.loss, num_micro_batches=cfg.num_micro_batches)
+            if exp.loss.beta > 0
+            else None
+        ),
+        stream=stream,
+        checkpointer=checkpointer,
+        metrics=MetricsWriter(
+            workdir,
+            total_steps=cfg.num_steps,
+            is_primary=jax.process_index() == 0,
+            resume_step=start_step,
+        ),
+        start_step=start_step,
+    )
+
+
+def _all_rows(x: Any) -> np.ndarray:
+    """A global array (or process-local numpy rows) gathered whole onto every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+    return np.asarray(x)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's contiguous rows of a batch-sharded global array."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = {s.index[0].start or 0: np.asarray(s.data) for s in x.addressable_shards}
+    return np.concatenate([shards[k] for k in sorted(shards)])
+
+
+def _prompts_for(exp: Experiment, examples: Sequence[dict], repeat: int):
+    """Tokenised, left-padded prompts, each repeated `repeat` times; bucket agreed by processes."""
+    ids = encode_prompts(
+        exp.tokenizer, [e["question"] for e in examples], system_prompt=exp.train.system_prompt
+    )
+    ids = [p for p in ids for _ in range(repeat)]
+    longest = int(_all_rows(np.array([max(len(p) for p in ids)])).max())
+    buckets = [b for b in exp.train.prompt_buckets if b >= longest] or [longest]
+    return pad_prompts(ids, pad_id=exp.sampling.pad_id, buckets=buckets[:1])
+
+
+def _decode(exp: Experiment, rollout_tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    return [
+        exp.tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+        for row, m in zip(rollout_tokens, mask, strict=True)
+    ]
+
+
+def _sample(exp: Experiment, params: Any, examples: Sequence[dict], key, sampling, repeat: int):
+    """Rollout for this process's examples; returns the global Rollout and local texts."""
+    tokens, mask = _prompts_for(exp, examples, repeat)
+    prompt_tokens, prompt_mask = sharding.shard_batch(exp.mesh, (tokens, mask))
+    rollout = generate(
+        params,
+        prompt_tokens,
+        prompt_mask,
+        key,
+        model=exp.model,
+        sampling=sampling,
+        num_samples=1,
+        mesh=exp.mesh,
+    )
+    texts = _decode(
+        exp, _local_rows(rollout.completion_tokens_BxC), _local_rows(rollout.completion_mask_BxC)
+    )
+    return rollout, texts
+
+
+def _rollout_metrics(rollout: Rollout, rewards: reward_phase.RewardResult, group: int) -> dict:
+    total = _all_rows(rewards.total)
+    lengths = _all_rows(rollout.lengths_B).astype(np.float32)
+    groups = total.reshape(-1, group)
+    metrics = {
+        "reward_mean": total.mean(),
+        "reward_std": total.std(),
+        "frac_reward_zero_std": (groups.std(axis=1) == 0).mean(),
+        "completion_length_mean": lengths.mean(),
+        "completion_length_max": lengths.max(),
+        "truncation_rate": _all_rows(rollout.truncated_B).mean(),
+    }
+    for name, values in rewards.per_function.items():
+        metrics[f"reward/{name}"] = _all_rows(values).mean()
+    if "correctness" in rewards.per_function:
+        metrics["accuracy"] = metrics["reward/correctness"]
+    for name, count in rewards.failures.items():
+        metrics[f"reward_failures/{name}"] = int(_all_rows(np.array([count])).sum())
+    return metrics
+
+
+def _flops_per_token(model: ModelConfig, context: int) -> float:
+    """Training FLOPs per token: 6 x params (fwd + bwd) plus attention's QK^T and AV."""
+    attention = 12 * model.num_layers * model.num_heads * model.head_dim * context
+    return 6 * model.num_params + attention
+
+
+def _mfu(model: ModelConfig, tokens: int, context: int, seconds: float) -> float | None:
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+    if peak is None or seconds <= 0:
+        return None
+    return _flops_per_token(model, context) * tokens / seconds / (peak * jax.device_count())
+
+
+def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
+    """One GRPO step: rollout, reward, advantage, update. Returns host metrics."""
+    cfg = exp.train
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    examples = next(rt.stream)
+    key = jax.random.fold_in(rt.state.rng, step)
+    rollout, texts = _sample(exp, rt.state.params, examples, key, exp.sampling, cfg.num_generations)
+    rollout = jax.block_until_ready(trim_completions(rollout, cfg.completion_buckets))
+    timings["rollout"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    local_examples = [e for e in examples for _ in range(cfg.num_generations)]
+    rewards = reward_phase.score(
+        texts, local_examples, rewards=exp.rewards, timeout_s=cfg.reward_timeout_s
+    )
+    timings["reward"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    (rewards_B,) = sharding.shard_batch(exp.mesh, (rewards.total,))
+    advantages = group_advantages(
+        rewards_B, group_size=cfg.num_generations, scale=cfg.advantage_scale
+    )
+    batch = Batch(
+        prompt_tokens_BxP=rollout.prompt_tokens_BxP,
+        prompt_mask_BxP=rollout.prompt_mask_BxP,
+        completion_tokens_BxC=rollout.completion_tokens_BxC,
+        completion_mask_BxC=rollout.completion_mask_BxC,
+        old_logps_BxC=rollout.logps_BxC,
+        advantages_B=jax.block_until_ready(advantages),
+    )
+    if rt.ref_logps_fn is not None:
+        batch = batch.replace(ref_logps_BxC=rt.ref_logps_fn(rt.ref_params, batch))
+    timings["advantage"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    for _ in range(cfg.num_iterations):
+        rt.state, update_metrics = rt.update_fn(rt.state, batch)
+    update_metrics = jax.device_get(update_metrics)
+    timings["update"] = time.perf_counter() - tick
+
+    metrics = _rollout_metrics(rollout, rewards, cfg.num_generations)
+    metrics.update({k: float(v) for k, v in update_metrics.items()})
+    metrics.update(_throughput(exp, rollout, timings))
+    metrics.update({f"{k}_seconds": v for k, v in timings.items()})
+    if cfg.show_completions_every_steps and step % cfg.show_completions_every_steps == 0:
+        for text, value in list(zip(texts, rewards.total, strict=True))[:2]:
+            logging.info("sample (reward %.2f): %r", value, text[:400])
+    return metrics
+
+
+def _throughput(exp: Experiment, rollout: Rollout, timings: dict[str, float]) -> dict[str, float]:
+    new_tokens = float(_all_rows(rollout.lengths_B).sum())
+    rows, prompt_len = rollout.prompt_tokens_BxP.shape
+    tokens = rows * (prompt_len + rollout.completion_tokens_BxC.shape[1])
+    update_tokens = tokens * exp.train.num_iterations
+    out = {
+        "rollout_tokens_per_s": new_tokens / max(timings["rollout"], 1e-9),
+        "update_tokens_per_s": update_tokens / max(timings["update"], 1e-9),
+    }
+    mfu = _mfu(
+        exp.model,
+        update_tokens,
+        prompt_len + rollout.completion_tokens_BxC.shape[1],
+        timings["update"],
+    )
+    if mfu is not None:
+        out["mfu"] = mfu
+    return out
+
+
+def evaluate(exp: Experiment, params: Any) -> float:
+    """Greedy pass@1 accuracy on the test examples (this process's share, reduced globally)."""
+    cfg = exp.train
+    examples = list(exp.test_examples[: cfg.eval_examples])
+    procs, index = jax.process_count(), jax.process_index()
+    greedy = dataclasses.replace(exp.sampling, temperature=0.0, top_k=0, top_p=1.0)
+    per_batch = cfg.eval_prompts_per_batch
+    divisor = sharding.batch_divisor(exp.mesh)
+    per_batch = max(divisor, per_batch // divisor * divisor)
+    correct = 0
+    for start in range(0, len(examples), per_batch):
+        chunk = examples[start : start + per_batch]
+        padded = chunk + [chunk[-1]] * (per_batch - len(chunk))  # keep one compiled shape
+        mine = padded[index * per_batch // procs : (index + 1) * per_batch // procs]
+        _, texts = _sample(exp, params, mine, jax.random.key(0), greedy, 1)
+        owned = range(index * per_batch // procs, (index + 1) * per_batch // procs)
+        correct += sum(
+            reward_phase.is_correct(text, example)
+            for text, example, row in zip(texts, mine, owned, strict=True)
+            if row < len(chunk)
+        )
+    total_correct = int(_all_rows(np.array([correct])).sum())
+    return total_correct / max(len(examples), 1)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class Preempted(Exception):
+    """Raised after the SIGTERM checkpoint is on disk; the app exits with 128 + SIGTERM."""
+
+
+def _save(rt: Runtime, step: int, *, force: bool) -> float:
+    tick = time.perf_counter()
+    rt.checkpointer.save(step, rt.state, data={"stream": rt.stream.position}, force=force)
+    return time.perf_counter() - tick
+
+
+def _export(exp: Experiment, rt: Runtime, export_dir: str) -> None:
+    from grpo.models.loading import export_hf
+
+    host_params = jax.tree.map(_all_rows, rt.state.params)
+    if jax.process_index() == 0:
+        export_hf(export_dir, host_params, exp.model, exp.tokenizer)
+        logging.info("exported a Hugging Face folder to %s", export_dir)
+
+
+def train(exp: Experiment, workdir: str) -> dict[str, Any]:
+    """Runs the loop from the last checkpoint in `workdir` (or the start) to num_steps."""
+    cfg = exp.train
+    check_batch_layout(exp)
+    for line in effective_batch_lines(exp):
+        logging.info("%s", line)
+    rt = _build_runtime(exp, workdir)
+    preemption = _Preemption()
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"steps": rt.start_step}
+    try:
+        for step in range(rt.start_step + 1, cfg.num_steps + 1):
+            tick = time.perf_counter()
+            metrics = run_step(exp, rt, step)
+            last = step == cfg.num_steps
+            if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
+                eval_tick = time.perf_counter()
+                metrics["eval_accuracy"] = evaluate(exp, rt.state.params)
+                metrics["eval_seconds"] = time.perf_counter() - eval_tick
+                summary["eval_accuracy"] = metrics["eval_accuracy"]
+            metrics["checkpoint_seconds"] = _save(rt, step, force=last or preemption.requested)
+            metrics["step_seconds"] = time.perf_counter() - tick
+            rt.metrics.write(step, metrics)
+            summary.update(steps=step, reward_mean=metrics["reward_mean"])
+            if preemption.requested and not last:
+                raise Preempted(f"preempted after step {step}; checkpoint saved")
+        rt.checkpointer.wait_until_finished()
+        if cfg.export_dir:
+            _export(exp, rt, cfg.export_dir)
+    finally:
+        preemption.restore()
+        rt.checkpointer.close()
+        rt.metrics.close()
+    summary["wall_seconds"] = time.perf_counter() - started
+    return summary
