@@ -1,0 +1,168 @@
+"""Rollout throughput: new tokens/s of `grpo.phases.rollout.generate` at a fixed shape.
+
+    python -m bench.rollout --preset=qwen2.5-0.5b --batch=256 --prompt_len=128 --new_tokens=256 \
+        --hf_baseline --mem_bw_gbps=4800
+
+Weights are random for `--preset` (shapes from grpo/models/presets.py) or loaded from `--model`
+(a Hugging Face folder or a .gguf file). The only end id is the last vocabulary id, which random
+(and real) weights practically never emit, so every sequence runs the full budget; the script
+reports any that stopped early. Timings include prefill, follow a warm-up call (compilation), and
+end with `block_until_ready`. `--hf_baseline` times transformers' `generate` (PyTorch, bf16,
+random weights, same shape, `min_new_tokens=new_tokens`) in the same run.
+
+Memory-bandwidth bound: a decode step reads every parameter once (in the compute dtype) plus the
+whole preallocated KV cache (attention runs over all prompt_len + new_tokens slots, masked), so
+tokens/s <= batch * bandwidth / (param bytes + KV cache bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from grpo.models import loading, presets
+from grpo.models import transformer as tf
+from grpo.models.config import ModelConfig
+from grpo.phases import rollout
+
+flags.DEFINE_string("preset", "tiny-qwen2", "Model shape from grpo/models/presets.py (random).")
+flags.DEFINE_string("model", None, "A Hugging Face folder or .gguf file (overrides --preset).")
+flags.DEFINE_string("dtype", "bfloat16", "Activation / matmul dtype.")
+flags.DEFINE_string("param_dtype", "float32", "Dtype the params are held in (as the trainer).")
+flags.DEFINE_integer("batch", 8, "Sequences (completions) per generate call.")
+flags.DEFINE_integer("num_samples", 1, "Completions per prompt (batch / num_samples prompts).")
+flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per sequence (no padding).")
+flags.DEFINE_integer("new_tokens", 64, "New tokens per sequence.")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
+flags.DEFINE_integer("iters", 3, "Timed calls after the warm-up.")
+flags.DEFINE_bool("hf_baseline", False, "Also time transformers' generate on the same shape.")
+flags.DEFINE_float("mem_bw_gbps", None, "Device memory bandwidth, GB/s, for the roofline fraction.")
+FLAGS = flags.FLAGS
+
+
+def _model() -> tuple[ModelConfig, tf.Params]:
+    overrides = dict(dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype)
+    if FLAGS.model:
+        load = loading.load_gguf if FLAGS.model.endswith(".gguf") else loading.load_hf_folder
+        config, params = load(FLAGS.model, **overrides)
+        return config, jax.device_put(params)
+    config = presets.preset(FLAGS.preset, **overrides)
+    init = jax.jit(tf.init_params, static_argnums=0)
+    return config, init(config, jax.random.key(0))
+
+
+def _time_calls(fn, iters: int) -> tuple[float, float, object]:
+    """(first call seconds, mean seconds of the next `iters` calls, last result)."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = jax.block_until_ready(fn())
+    return first, (time.perf_counter() - start) / iters, out
+
+
+def _bytes_per_step(config: ModelConfig, batch: int, slots: int) -> int:
+    itemsize = jnp.dtype(config.dtype).itemsize
+    kv = 2 * config.num_layers * batch * slots * config.num_kv_heads * config.head_dim
+    return (config.num_params + kv) * itemsize
+
+
+def _hf_tokens_per_s(config: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> float:
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = config.to_hf()
+    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size - 1, (batch, prompt_len), device=device)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=FLAGS.temperature > 0,
+        pad_token_id=0,
+    )
+    if FLAGS.temperature > 0:
+        kwargs.update(temperature=FLAGS.temperature, top_k=0, top_p=1.0)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(ids, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    run()  # warm-up
+    start = time.perf_counter()
+    out = run()
+    seconds = time.perf_counter() - start
+    assert out.shape == (batch, prompt_len + new_tokens), out.shape
+    return batch * new_tokens / seconds
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.batch % FLAGS.num_samples:
+        raise ValueError(f"--batch={FLAGS.batch} is not a multiple of --num_samples")
+    config, params = _model()
+    prompts = FLAGS.batch // FLAGS.num_samples
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size - 1, (prompts, FLAGS.prompt_len), dtype=np.int32)
+    mask = np.ones_like(tokens, dtype=bool)
+    sampling = rollout.SamplingConfig(
+        max_new_tokens=FLAGS.new_tokens,
+        temperature=FLAGS.temperature,
+        end_ids=(config.vocab_size - 1,),
+        pad_id=0,
+    )
+
+    def call():
+        return rollout.generate(
+            params, tokens, mask, jax.random.key(1),
+            model=config, sampling=sampling, num_samples=FLAGS.num_samples,
+        )  # fmt: skip
+
+    first, seconds, out = _time_calls(call, FLAGS.iters)
+    # The loop stops early only if every row ended; count the steps it actually ran.
+    steps = int(np.max(np.asarray(out.lengths_B)))
+    new_tokens = FLAGS.batch * steps
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "model": FLAGS.model or FLAGS.preset,
+        "params": config.num_params,
+        "dtype": config.dtype,
+        "batch": FLAGS.batch,
+        "prompt_len": FLAGS.prompt_len,
+        "new_tokens": FLAGS.new_tokens,
+        "steps_run": steps,
+        "rows_ended_early": int(np.sum(~np.asarray(out.truncated_B))),
+        "compile_and_first_s": round(first, 2),
+        "seconds": round(seconds, 4),
+        "ms_per_step": round(1e3 * seconds / steps, 3),
+        "new_tokens_per_s": round(new_tokens / seconds, 1),
+    }
+    if FLAGS.mem_bw_gbps:
+        step_bytes = _bytes_per_step(config, FLAGS.batch, FLAGS.prompt_len + FLAGS.new_tokens)
+        bound = FLAGS.batch * FLAGS.mem_bw_gbps * 1e9 / step_bytes
+        result["bytes_per_step_mb"] = round(step_bytes / 1e6, 1)
+        result["bw_bound_tokens_per_s"] = round(bound, 1)
+        result["frac_of_bw_bound"] = round(new_tokens / seconds / bound, 3)
+    if FLAGS.hf_baseline:
+        hf = _hf_tokens_per_s(config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens)
+        result["hf_new_tokens_per_s"] = round(hf, 1)
+        result["speedup_vs_hf"] = round(new_tokens / seconds / hf, 2)
+    for key, value in result.items():
+        print(f"{key:>22}: {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

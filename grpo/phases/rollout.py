@@ -1,0 +1,362 @@
+"""Rollout phase: a jitted sampler (prefill + `lax.while_loop` decode) that records log-probs.
+
+`generate` repeats each left-padded prompt `num_samples` times (group-contiguous rows), prefills
+the prompts once into a preallocated KV cache, repeats the cache per sample, and decodes inside a
+single `lax.while_loop` until every row has emitted an end id or the budget is spent. Nothing
+returns to the host per token. Sampling keys are `fold_in(rng, completion_index)`, so a key fixes
+the output.
+
+Log-prob convention (what `Rollout.logps_BxC` holds, in fp32, computed from the fp32 logits of
+the same `transformer.forward` / `transformer.logits` the trainer uses):
+  - temperature T > 0: log softmax(logits / T)[token] over the FULL vocabulary, even when top-k /
+    top-p truncate the distribution the token is drawn from. This is exactly what the trainer
+    recomputes with `transformer.completion_logprobs(..., temperature=T)`.
+  - greedy (T == 0): log softmax(logits)[token], i.e. the T = 1 recomputation.
+Completion slots after the end token hold `pad_id`, are masked out and have log-prob 0; the end
+token itself is inside the mask. In fp32 the two agree to ~1e-5 (tested); in bf16 they differ by
+bf16 rounding, since incremental decode and the full-sequence pass round activations differently.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from grpo import sharding
+from grpo.models import transformer as tf
+from grpo.models.config import ModelConfig
+from grpo.types import Rollout
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How to sample completions. temperature == 0 means greedy (then top_k / top_p stay off)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k truncation
+    top_p: float = 1.0  # 1.0: no nucleus truncation
+    end_ids: tuple[int, ...]
+    pad_id: int
+
+    def __post_init__(self):
+        # Gin and callers may pass a list; keep the config hashable.
+        object.__setattr__(self, "end_ids", tuple(int(i) for i in self.end_ids))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.end_ids:
+            raise ValueError("end_ids must name at least one end-of-sequence token id")
+        if self.greedy and (self.top_k or self.top_p < 1):
+            raise ValueError(
+                f"temperature=0 is greedy: top_k={self.top_k} / top_p={self.top_p} would be ignored"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def logp_temperature(self) -> float:
+        """The temperature of the recorded log-probs (and of the trainer's recomputation)."""
+        return 1.0 if self.greedy else self.temperature
+
+
+@chex.dataclass
+class SamplingState:
+    """The decode loop's carry. Row b of every array is completion b (prompt b // num_samples)."""
+
+    step: jax.Array  # int32 scalar: the completion slot the next sampled token goes to
+    last_B: jax.Array  # int32: the most recent sampled token, fed to the next forward
+    tokens_BxC: jax.Array  # int32, pad_id where not yet sampled or after the end token
+    logps_BxC: jax.Array  # fp32
+    done_B: jax.Array  # bool: has emitted an end id
+    cache: tf.KVCache
+
+
+def generate(
+    params: tf.Params,
+    prompt_tokens_BxP: jax.Array,
+    prompt_mask_BxP: jax.Array,
+    rng: jax.Array,
+    *,
+    model: ModelConfig,
+    sampling: SamplingConfig,
+    num_samples: int,
+    mesh: Mesh | None = None,
+) -> Rollout:
+    """Samples `num_samples` completions per left-padded prompt; rows are group-contiguous.
+
+    Output B = prompts x num_samples, completion width C = sampling.max_new_tokens. With a mesh,
+    the batch-shaped loop state is constrained to the batch axes (params keep their sharding).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if np.ndim(prompt_tokens_BxP) != 2 or np.shape(prompt_tokens_BxP) != np.shape(prompt_mask_BxP):
+        raise ValueError(
+            f"prompt tokens {np.shape(prompt_tokens_BxP)} and mask {np.shape(prompt_mask_BxP)} "
+            "must be the same (batch, length) shape"
+        )
+    bad_ids = [i for i in (*sampling.end_ids, sampling.pad_id) if not 0 <= i < model.vocab_size]
+    if bad_ids:
+        raise ValueError(f"end/pad ids {bad_ids} outside the vocabulary [0, {model.vocab_size})")
+    if isinstance(prompt_mask_BxP, np.ndarray) and not prompt_mask_BxP[:, -1].all():
+        raise ValueError("prompts must be left-padded and non-empty (last mask column all True)")
+    return _generate(
+        params,
+        prompt_tokens_BxP,
+        prompt_mask_BxP,
+        rng,
+        model=model,
+        sampling=sampling,
+        num_samples=num_samples,
+        mesh=mesh,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "num_samples", "mesh"))
+def _generate(
+    params: tf.Params,
+    prompt_tokens_BxP: jax.Array,
+    prompt_mask_BxP: jax.Array,
+    rng: jax.Array,
+    *,
+    model: ModelConfig,
+    sampling: SamplingConfig,
+    num_samples: int,
+    mesh: Mesh | None,
+) -> Rollout:
+    # Cast once, not once per decode step; forward's own casts are then no-ops (same numerics).
+    params = jax.tree.map(lambda a: a.astype(model.dtype), params)
+    prompt_tokens_BxP = prompt_tokens_BxP.astype(jnp.int32)
+    prompt_mask_BxP = prompt_mask_BxP.astype(bool)
+    width = sampling.max_new_tokens
+    cache, first_logits_BxV = _prefill(
+        params, prompt_tokens_BxP, prompt_mask_BxP, model, width, num_samples, mesh
+    )
+    prompt_tokens_BxP, prompt_mask_BxP = (
+        _constrain(jnp.repeat(x, num_samples, axis=0), ("batch", None), mesh)
+        for x in (prompt_tokens_BxP, prompt_mask_BxP)
+    )
+    prompt_len_B = prompt_mask_BxP.sum(axis=1, dtype=jnp.int32)
+    batch = prompt_tokens_BxP.shape[0]
+
+    state = SamplingState(
+        step=jnp.zeros((), jnp.int32),
+        last_B=jnp.zeros((batch,), jnp.int32),
+        tokens_BxC=jnp.full((batch, width), sampling.pad_id, jnp.int32),
+        logps_BxC=jnp.zeros((batch, width), jnp.float32),
+        done_B=jnp.zeros((batch,), bool),
+        cache=cache,
+    )
+    state = _record(state, first_logits_BxV, rng, sampling, mesh)
+
+    def cond(state: SamplingState) -> jax.Array:
+        return (state.step < width) & ~jnp.all(state.done_B)
+
+    def body(state: SamplingState) -> SamplingState:
+        # The token sampled at slot step-1 sits right after the prompt's real tokens.
+        positions_Bx1 = (prompt_len_B + state.step - 1)[:, None]
+        hidden_Bx1xD, cache = tf.forward(
+            params,
+            state.last_B[:, None],
+            positions_Bx1,
+            jnp.ones((batch, 1), bool),
+            config=model,
+            cache=state.cache,
+        )
+        logits_BxV = tf.logits(params, hidden_Bx1xD, config=model)[:, 0]
+        return _record(state.replace(cache=cache), logits_BxV, rng, sampling, mesh)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return _finish(state, prompt_tokens_BxP, prompt_mask_BxP, sampling, mesh)
+
+
+def _prefill(
+    params: tf.Params,
+    prompt_tokens_BxP: jax.Array,
+    prompt_mask_BxP: jax.Array,
+    model: ModelConfig,
+    width: int,
+    num_samples: int,
+    mesh: Mesh | None,
+) -> tuple[tf.KVCache, jax.Array]:
+    """Runs each prompt once; returns the cache and next-token logits repeated per sample."""
+    num_prompts, prompt_len = prompt_tokens_BxP.shape
+    cache = _constrain_cache(tf.init_cache(model, num_prompts, prompt_len + width), mesh)
+    positions_BxP = tf.positions_from_mask(prompt_mask_BxP)
+    hidden_BxPxD, cache = tf.forward(
+        params, prompt_tokens_BxP, positions_BxP, prompt_mask_BxP, config=model, cache=cache
+    )
+    logits_BxV = tf.logits(params, hidden_BxPxD[:, -1:], config=model)[:, 0]
+    cache = cache.replace(
+        k_LxBxSxKxH=jnp.repeat(cache.k_LxBxSxKxH, num_samples, axis=1),
+        v_LxBxSxKxH=jnp.repeat(cache.v_LxBxSxKxH, num_samples, axis=1),
+        valid_BxS=jnp.repeat(cache.valid_BxS, num_samples, axis=0),
+    )
+    return cache, jnp.repeat(logits_BxV, num_samples, axis=0)
+
+
+def _record(
+    state: SamplingState,
+    logits_BxV: jax.Array,
+    rng: jax.Array,
+    sampling: SamplingConfig,
+    mesh: Mesh | None,
+) -> SamplingState:
+    """Samples slot `state.step` from the logits, writes token and log-prob, advances."""
+    token_B, logp_B = sample_tokens(logits_BxV, jax.random.fold_in(rng, state.step), sampling)
+    token_B = jnp.where(state.done_B, sampling.pad_id, token_B)
+    logp_B = jnp.where(state.done_B, 0.0, logp_B)
+    write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=state.step, axis=1)
+    new = state.replace(
+        step=state.step + 1,
+        last_B=token_B,
+        tokens_BxC=write(state.tokens_BxC, token_B[:, None]),
+        logps_BxC=write(state.logps_BxC, logp_B[:, None]),
+        done_B=state.done_B | _is_end(token_B, sampling.end_ids),
+    )
+    return _constrain_state(new, mesh)
+
+
+def sample_tokens(
+    logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row, and its fp32 log-prob under the module's convention (full vocab)."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if sampling.greedy:
+        scaled_BxV = logits_BxV
+        token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    else:
+        scaled_BxV = logits_BxV / sampling.temperature
+        token_B = _draw(scaled_BxV, key, sampling.top_k, sampling.top_p)
+    chosen_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
+    return token_B, chosen_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
+
+
+def _draw(scaled_BxV: jax.Array, key: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Categorical draw from softmax(scaled), restricted to the top-k, then the top-p nucleus."""
+    if not top_k and top_p == 1:
+        return jax.random.categorical(key, scaled_BxV, axis=-1).astype(jnp.int32)
+    k = min(top_k or scaled_BxV.shape[-1], scaled_BxV.shape[-1])
+    values_BxK, ids_BxK = jax.lax.top_k(scaled_BxV, k)  # sorted, largest first
+    if top_p < 1:
+        probs_BxK = jax.nn.softmax(values_BxK, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
+        mass_before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
+        values_BxK = jnp.where(mass_before_BxK < top_p, values_BxK, -jnp.inf)
+    choice_B = jax.random.categorical(key, values_BxK, axis=-1)
+    return jnp.take_along_axis(ids_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _is_end(tokens: jax.Array, end_ids: tuple[int, ...]) -> jax.Array:
+    return jnp.isin(tokens, jnp.asarray(end_ids, jnp.int32))
+
+
+def _finish(
+    state: SamplingState,
+    prompt_tokens_BxP: jax.Array,
+    prompt_mask_BxP: jax.Array,
+    sampling: SamplingConfig,
+    mesh: Mesh | None,
+) -> Rollout:
+    """Masks everything after each row's first end token (pad_id may itself be an end id)."""
+    width = state.tokens_BxC.shape[1]
+    is_end_BxC = _is_end(state.tokens_BxC, sampling.end_ids)
+    has_end_B = is_end_BxC.any(axis=1)
+    length_B = jnp.where(has_end_B, jnp.argmax(is_end_BxC, axis=1) + 1, width).astype(jnp.int32)
+    mask_BxC = jnp.arange(width)[None, :] < length_B[:, None]
+    rollout = Rollout(
+        prompt_tokens_BxP=prompt_tokens_BxP,
+        prompt_mask_BxP=prompt_mask_BxP,
+        completion_tokens_BxC=jnp.where(mask_BxC, state.tokens_BxC, sampling.pad_id),
+        completion_mask_BxC=mask_BxC,
+        logps_BxC=jnp.where(mask_BxC, state.logps_BxC, 0.0),
+        lengths_B=length_B,
+        truncated_B=~has_end_B,
+    )
+    return jax.tree.map(lambda x: _constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh), rollout)
+
+
+def _constrain(x: jax.Array, names: tuple[str | None, ...], mesh: Mesh | None) -> jax.Array:
+    if mesh is None:
+        return x
+    spec = sharding.logical_to_spec(names, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _constrain_cache(cache: tf.KVCache, mesh: Mesh | None) -> tf.KVCache:
+    kv_names = ("layers", "batch", None, "kv_heads", "head_dim")
+    return cache.replace(
+        k_LxBxSxKxH=_constrain(cache.k_LxBxSxKxH, kv_names, mesh),
+        v_LxBxSxKxH=_constrain(cache.v_LxBxSxKxH, kv_names, mesh),
+        valid_BxS=_constrain(cache.valid_BxS, ("batch", None), mesh),
+    )
+
+
+def _constrain_state(state: SamplingState, mesh: Mesh | None) -> SamplingState:
+    return state.replace(
+        last_B=_constrain(state.last_B, ("batch",), mesh),
+        tokens_BxC=_constrain(state.tokens_BxC, ("batch", None), mesh),
+        logps_BxC=_constrain(state.logps_BxC, ("batch", None), mesh),
+        done_B=_constrain(state.done_B, ("batch",), mesh),
+        cache=_constrain_cache(state.cache, mesh),
+    )
+
+
+def _smallest_bucket(size: int, buckets: Sequence[int], what: str) -> int:
+    ordered = sorted(buckets)
+    i = bisect.bisect_left(ordered, size)
+    if i == len(ordered):
+        raise ValueError(f"{what} of length {size} exceeds the largest bucket {ordered[-1]}")
+    return ordered[i]
+
+
+def pad_prompts(
+    ids: Sequence[Sequence[int]], *, pad_id: int, buckets: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token-id lists to the smallest bucket >= the longest, so shapes repeat."""
+    if not ids:
+        raise ValueError("pad_prompts needs at least one prompt")
+    if not buckets or min(buckets) < 1:
+        raise ValueError(f"buckets must be positive lengths, got {list(buckets)}")
+    lengths = [len(p) for p in ids]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty")
+    width = _smallest_bucket(max(lengths), buckets, "prompt")
+    tokens_BxP = np.full((len(ids), width), pad_id, np.int32)
+    mask_BxP = np.zeros((len(ids), width), np.bool_)
+    for row, prompt in enumerate(ids):
+        tokens_BxP[row, width - len(prompt) :] = prompt
+        mask_BxP[row, width - len(prompt) :] = True
+    return tokens_BxP, mask_BxP
+
+
+def trim_completions(rollout: Rollout, buckets: Sequence[int]) -> Rollout:
+    """Cuts the completion axis to the smallest bucket >= the longest completion.
+
+    The full width C always counts as a bucket (buckets above C are capped to it), so the update
+    sees at most len(buckets) + 1 completion shapes. Works on numpy and (sharded) jax arrays.
+    """
+    width = rollout.completion_tokens_BxC.shape[1]
+    longest = int(jnp.max(rollout.lengths_B))  # a global reduction: fine for multi-host arrays
+    capped = {min(b, width) for b in buckets} | {width}
+    keep = _smallest_bucket(longest, sorted(capped), "completion")
+    return rollout.replace(
+        completion_tokens_BxC=rollout.completion_tokens_BxC[:, :keep],
+        completion_mask_BxC=rollout.completion_mask_BxC[:, :keep],
+        logps_BxC=rollout.logps_BxC[:, :keep],
+    )

@@ -1,0 +1,347 @@
+"""Rollout phase: parity with transformers' greedy generate and with the trainer's log-probs,
+first-token sampling statistics, end tokens, sharding, and compile-count bucketing."""
+
+import jax
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+
+from grpo import sharding
+from grpo.models import loading, presets
+from grpo.models import transformer as tf
+from grpo.phases import rollout as ro
+from grpo.types import Rollout
+
+CONFIG = presets.preset("tiny-qwen2", dtype="float32")
+PROMPTS = [[5, 17, 3], [9, 8, 7, 6, 5, 4, 3], [42], [11, 12, 13, 14, 15]]  # mixed lengths
+BUCKETS = (8, 16)
+# One id in eight ends a sequence, so completions stop at mixed lengths; pad 0 is an end id too.
+END_IDS = tuple(range(0, CONFIG.vocab_size, 8))
+WIDTH = 8
+
+
+def _sampling(**overrides) -> ro.SamplingConfig:
+    kwargs = dict(max_new_tokens=WIDTH, end_ids=END_IDS, pad_id=0)
+    return ro.SamplingConfig(**{**kwargs, **overrides})
+
+
+GREEDY = _sampling(temperature=0.0)
+# Greedy with an end id the tiny model's greedy path never emits (checked where used).
+GREEDY_NO_END = _sampling(temperature=0.0, end_ids=(2,), pad_id=1)
+
+
+@pytest.fixture(scope="module")
+def params():
+    # std 0.3 gives peaked but not degenerate next-token distributions (top prob ~0.2-0.4).
+    return tf.init_params(CONFIG, jax.random.key(0), std=0.3)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return ro.pad_prompts(PROMPTS, pad_id=0, buckets=BUCKETS)
+
+
+def _generate(params, prompts, sampling, seed=1, num_samples=2, config=CONFIG, mesh=None):
+    tokens, mask = prompts
+    rollout = ro.generate(
+        params,
+        tokens,
+        mask,
+        jax.random.key(seed),
+        model=config,
+        sampling=sampling,
+        num_samples=num_samples,
+        mesh=mesh,
+    )
+    return jax.tree.map(np.asarray, rollout)
+
+
+_completion_logprobs = jax.jit(
+    tf.completion_logprobs, static_argnames=("config", "temperature", "chunk")
+)
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def test_pad_prompts_left_pads_to_bucket():
+    tokens, mask = ro.pad_prompts([[7, 8], [1, 2, 3, 4, 5]], pad_id=9, buckets=[8, 4])
+    np.testing.assert_array_equal(tokens, [[9, 9, 9, 9, 9, 9, 7, 8], [9, 9, 9, 1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(mask, tokens != 9)
+    assert tokens.dtype == np.int32 and mask.dtype == np.bool_
+
+
+@pytest.mark.parametrize(
+    "ids, message", [([[1] * 9], "exceeds the largest bucket 8"), ([[1], []], "prompt 1 is empty")]
+)
+def test_pad_prompts_rejects(ids, message):
+    with pytest.raises(ValueError, match=message):
+        ro.pad_prompts(ids, pad_id=0, buckets=[4, 8])
+
+
+@pytest.mark.parametrize(
+    "lengths, buckets, expected_width",
+    [([2, 5], (4, 8), 8), ([9, 1], (4, 8), 12), ([3, 4], (4, 32), 4), ([12], (16,), 12)],
+)
+def test_trim_completions_cuts_to_bucket(lengths, buckets, expected_width):
+    width = 12
+    mask = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+    tokens = np.where(mask, np.arange(1, width + 1), 0).astype(np.int32)
+    rollout = Rollout(
+        prompt_tokens_BxP=np.ones((len(lengths), 3), np.int32),
+        prompt_mask_BxP=np.ones((len(lengths), 3), bool),
+        completion_tokens_BxC=tokens,
+        completion_mask_BxC=mask,
+        logps_BxC=np.where(mask, -1.0, 0.0).astype(np.float32),
+        lengths_B=np.asarray(lengths, np.int32),
+        truncated_B=np.zeros(len(lengths), bool),
+    )
+    trimmed = ro.trim_completions(rollout, buckets)
+    assert trimmed.completion_tokens_BxC.shape == (len(lengths), expected_width)
+    np.testing.assert_array_equal(trimmed.completion_tokens_BxC, tokens[:, :expected_width])
+    np.testing.assert_array_equal(trimmed.completion_mask_BxC.sum(1), lengths)
+    np.testing.assert_array_equal(trimmed.prompt_tokens_BxP, rollout.prompt_tokens_BxP)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(end_ids=()), "end_ids must name"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(temperature=0.0, top_p=0.9), "temperature=0 is greedy"),
+    ],
+)
+def test_sampling_config_rejects(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _sampling(**overrides)
+
+
+def test_generate_rejects_out_of_vocab_end_id(params, prompts):
+    with pytest.raises(ValueError, match=r"end/pad ids \[128\] outside the vocabulary"):
+        _generate(params, prompts, _sampling(end_ids=(1, CONFIG.vocab_size)))
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [_sampling(temperature=1.0), _sampling(temperature=0.7, top_k=20, top_p=0.9)],
+    ids=["T1", "T0.7-topk-topp"],
+)
+def test_logps_equal_trainer_recomputation(params, prompts, sampling):
+    rollout = _generate(params, prompts, sampling)
+    assert len(set(rollout.lengths_B.tolist())) > 2, "want mixed completion lengths"
+    np.testing.assert_array_equal(rollout.prompt_mask_BxP.sum(1), np.repeat([3, 7, 1, 5], 2))
+    logps, _ = _completion_logprobs(
+        params,
+        rollout.prompt_tokens_BxP,
+        rollout.prompt_mask_BxP,
+        rollout.completion_tokens_BxC,
+        rollout.completion_mask_BxC,
+        config=CONFIG,
+        temperature=sampling.logp_temperature,
+    )
+    expected = np.where(rollout.completion_mask_BxC, logps, 0.0)
+    np.testing.assert_allclose(rollout.logps_BxC, expected, atol=2e-5, rtol=0)
+    assert rollout.logps_BxC.dtype == np.float32
+
+
+def test_fixed_key_reproduces_and_other_key_differs(params, prompts):
+    first = _generate(params, prompts, _sampling(), seed=1)
+    again = _generate(params, prompts, _sampling(), seed=1)
+    other = _generate(params, prompts, _sampling(), seed=2)
+    jax.tree.map(np.testing.assert_array_equal, first, again)
+    assert (first.completion_tokens_BxC != other.completion_tokens_BxC).any()
+    # Samples of one prompt draw independently.
+    assert (first.completion_tokens_BxC[0::2] != first.completion_tokens_BxC[1::2]).any()
+
+
+def test_top_k_one_is_greedy(params, prompts):
+    greedy = _generate(params, prompts, GREEDY, num_samples=1)
+    top1 = _generate(params, prompts, _sampling(temperature=1.0, top_k=1), num_samples=1)
+    jax.tree.map(np.testing.assert_array_equal, greedy, top1)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+NUM_DRAWS = 8192
+STAT_PROMPT = [3, 1, 4, 1, 5]
+
+
+def _chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic, pooling categories expected fewer than 5 times into one bin."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    keep = expected > 0
+    stat = np.sum((observed[keep] - expected[keep]) ** 2 / expected[keep])
+    return float(stat), int(keep.sum() - 1)
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The renormalised top-p distribution (smallest prefix by probability with mass >= top_p)."""
+    order = np.argsort(-probs, kind="stable")
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    kept = np.zeros_like(probs)
+    kept[order[mass_before < top_p]] = probs[order[mass_before < top_p]]
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.3, 0.8)])
+def test_first_token_frequencies_follow_softmax(params, temperature, top_p):
+    sampling = _sampling(max_new_tokens=1, temperature=temperature, top_p=top_p)
+    prompt = (np.asarray([STAT_PROMPT], np.int32), np.ones((1, len(STAT_PROMPT)), bool))
+    rollout = _generate(params, prompt, sampling, num_samples=NUM_DRAWS)
+    counts = np.bincount(rollout.completion_tokens_BxC[:, 0], minlength=CONFIG.vocab_size)
+
+    hidden, _ = tf.forward(
+        params, prompt[0], tf.positions_from_mask(prompt[1]), prompt[1], config=CONFIG
+    )
+    logits = np.asarray(tf.logits(params, hidden[:, -1:], config=CONFIG)[0, 0], np.float64)
+    tempered = scipy.special.softmax(logits / temperature)
+    expected = _nucleus(tempered, top_p)
+    # A correct sampler fails this with probability 1e-6 (Pearson's chi-square, pooled bins).
+    stat, dof = _chi_square(counts, expected)
+    assert stat < scipy.stats.chi2.isf(1e-6, dof), (stat, dof)
+    assert counts[expected == 0].sum() == 0, "sampled outside the top-p nucleus"
+    # ...and the same check rejects the untempered / untruncated distribution (the test has power).
+    baseline = scipy.special.softmax(logits) if top_p == 1 else tempered
+    wrong_stat, wrong_dof = _chi_square(counts, baseline)
+    assert wrong_stat > scipy.stats.chi2.isf(1e-6, wrong_dof), (wrong_stat, wrong_dof)
+
+
+# ----------------------------------------------------------------------------- end tokens
+
+
+def test_end_tokens_mask_pad_and_flag_truncation(params, prompts):
+    free = _generate(params, prompts, GREEDY_NO_END, num_samples=1)
+    free_tokens = free.completion_tokens_BxC
+    assert not np.isin(free_tokens, GREEDY_NO_END.end_ids).any(), "pick a never-emitted end id"
+    assert (
+        free.truncated_B.all()
+        and (free.lengths_B == WIDTH).all()
+        and free.completion_mask_BxC.all()
+    )
+
+    # Two end ids emitted mid-way by greedy decoding; pad equals one of them (as in Qwen).
+    ends = (int(free_tokens[0, 2]), int(free_tokens[3, 4]))
+    ended = _generate(
+        params, prompts, _sampling(temperature=0.0, end_ids=ends, pad_id=ends[1]), num_samples=1
+    )
+    is_end = np.isin(free_tokens, ends)
+    has_end = is_end.any(1)
+    assert has_end.any() and not has_end.all(), "want both ended and truncated rows"
+    lengths = np.where(has_end, is_end.argmax(1) + 1, WIDTH)
+    mask = np.arange(WIDTH)[None, :] < lengths[:, None]
+    np.testing.assert_array_equal(ended.lengths_B, lengths)
+    np.testing.assert_array_equal(ended.truncated_B, ~has_end)
+    np.testing.assert_array_equal(ended.completion_mask_BxC, mask)
+    np.testing.assert_array_equal(ended.completion_tokens_BxC, np.where(mask, free_tokens, ends[1]))
+    np.testing.assert_array_equal(ended.logps_BxC, np.where(mask, free.logps_BxC, 0.0))
+    assert (ended.logps_BxC[mask] < 0).all()
+
+
+# ----------------------------------------------------------------------------- sharding, shapes
+
+
+def test_sharded_generation_equals_unsharded(params, prompts):
+    expected = _generate(params, prompts, _sampling())
+    mesh = sharding.make_mesh(dp=2, fsdp=2, tp=2)
+    placed = jax.device_put(params, sharding.tree_shardings(mesh, tf.logical_axes(CONFIG), params))
+    tokens, mask = sharding.shard_batch(mesh, prompts)
+    rollout = ro.generate(
+        placed,
+        tokens,
+        mask,
+        jax.random.key(1),
+        model=CONFIG,
+        sampling=_sampling(),
+        num_samples=2,
+        mesh=mesh,
+    )
+    assert rollout.completion_tokens_BxC.sharding.spec[0] == sharding.BATCH_AXES
+    got = jax.tree.map(np.asarray, rollout)
+    np.testing.assert_array_equal(got.completion_tokens_BxC, expected.completion_tokens_BxC)
+    np.testing.assert_array_equal(got.completion_mask_BxC, expected.completion_mask_BxC)
+    np.testing.assert_allclose(got.logps_BxC, expected.logps_BxC, atol=1e-5)
+
+
+def test_prompt_lengths_in_one_bucket_compile_once(params):
+    sampling = _sampling(max_new_tokens=2)  # a shape no other test uses
+    before = ro._generate._cache_size()
+    for batch in ([[1, 2, 3], [4]], [[5] * 8, [6, 7]], [[8] * 5, [9] * 6]):
+        _generate(params, ro.pad_prompts(batch, pad_id=0, buckets=BUCKETS), sampling)
+    assert ro._generate._cache_size() == before + 1
+
+
+# ----------------------------------------------------------------------------- transformers parity
+
+
+def _hf_greedy(model, prompts, sampling: ro.SamplingConfig) -> np.ndarray:
+    """transformers' greedy generate on left-padded prompts, padded out to max_new_tokens."""
+    import torch
+
+    tokens, mask = prompts
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.from_numpy(tokens.astype(np.int64)),
+            attention_mask=torch.from_numpy(mask.astype(np.int64)),
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=False,
+            eos_token_id=list(sampling.end_ids),
+            pad_token_id=sampling.pad_id,
+        )
+    new = out[:, tokens.shape[1] :].numpy()
+    return np.pad(
+        new, ((0, 0), (0, sampling.max_new_tokens - new.shape[1])), constant_values=sampling.pad_id
+    )
+
+
+def test_greedy_matches_transformers_tiny_qwen2(prompts):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.Qwen2Config(**{**CONFIG.to_hf(), "initializer_range": 0.2})
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen2ForCausalLM(hf_config).eval()
+    state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    params = loading.params_from_hf_state_dict(state, CONFIG)  # the HF config was made from it
+    for sampling in (GREEDY_NO_END, GREEDY):
+        ours = _generate(params, prompts, sampling, num_samples=1)
+        theirs = _hf_greedy(hf_model, prompts, sampling)
+        np.testing.assert_array_equal(ours.completion_tokens_BxC, theirs)
+    assert 0 < ours.truncated_B.sum() < len(PROMPTS), "want both ended and truncated rows"
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_smollm2():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config, params = loading.load_gguf(loading.smollm2_gguf_path(), dtype="float32")
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf())).eval()
+    state = loading.hf_state_dict_from_params(params, config)
+    result = hf_model.load_state_dict(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=False
+    )
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
+    # The SmolLM2 tokenizer's ids for "The capital of France is", "1, 2, 3, 4," and
+    # "def fibonacci(n):" (hard-coded: building the tokenizer takes longer than the test).
+    ids = [
+        [504, 3575, 282, 4649, 314],
+        [33, 28, 216, 34, 28, 216, 35, 28, 216, 36, 28],
+        [1604, 3987, 46477, 24, 94, 727],
+    ]
+    prompts = ro.pad_prompts(ids, pad_id=0, buckets=(16,))
+    sampling = ro.SamplingConfig(
+        max_new_tokens=20, temperature=0.0, end_ids=config.eos_token_ids, pad_id=0
+    )
+    ours = _generate(params, prompts, sampling, num_samples=1, config=config)
+    theirs = _hf_greedy(hf_model, prompts, sampling)
+    np.testing.assert_array_equal(ours.completion_tokens_BxC, theirs)
+    assert ours.lengths_B.min() >= 16, "compare at least 16 tokens per prompt"
