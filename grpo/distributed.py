@@ -8,6 +8,8 @@ itself). After joining we check that exactly the expected number of processes is
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import jax
 from absl import logging
@@ -17,6 +19,7 @@ ENV_COORDINATOR = "GRPO_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "GRPO_NUM_PROCESSES"
 ENV_PROCESS_ID = "GRPO_PROCESS_ID"
 ENV_TIMEOUT = "GRPO_INIT_TIMEOUT_S"
+EXIT_JOIN_FAILED = 3  # exit status when the processes did not all join in time
 
 
 def initialize(
@@ -39,14 +42,26 @@ def initialize(
                 f"(--coordinator_address or ${ENV_COORDINATOR})"
             )
         return
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=timeout_s,
-    )
+    # CPU devices need gloo for cross-process collectives. Set it unconditionally: asking for the
+    # backend here would initialise it, which `initialize` forbids; TPU/GPU ignore the setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    who = f"process {process_id} of {num_processes}" if num_processes else "this process"
+    who += f" (coordinator {coordinator_address or 'auto-detected'})"
+    logging.info("joining as %s; waiting up to %d s for every process", who, timeout_s)
+    # A missing process makes JAX abort from C++ a few seconds after the timeout, with only an
+    # RPC deadline error; this watchdog exits first with a message that says what to check.
+    watchdog = threading.Timer(timeout_s + 1, _give_up, args=(who, timeout_s))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout_s,
+        )
+    finally:
+        watchdog.cancel()
     check_process_count(num_processes)
     logging.info("joined: process %d of %d", jax.process_index(), jax.process_count())
 
@@ -57,6 +72,19 @@ def check_process_count(expected: int | None) -> None:
             f"expected {expected} processes but {jax.process_count()} joined; "
             "check every host started the same command"
         )
+
+
+def _give_up(who: str, timeout_s: int) -> None:
+    logging.error(
+        "%s: the processes did not all join within %d s; check that the coordinator is "
+        "reachable and that every host runs the same command with the same --num_processes and "
+        "its own --process_id (or raise $%s)",
+        who,
+        timeout_s,
+        ENV_TIMEOUT,
+    )
+    sys.stderr.flush()
+    os._exit(EXIT_JOIN_FAILED)
 
 
 def _env_int(name: str) -> int | None:

@@ -65,6 +65,8 @@ class TrainConfig:
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
     completion_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
     reward_timeout_s: float = 5.0
+    # accuracy and eval: also accept the reply's last number when it has no explicit answer
+    answer_last_number_fallback: bool = False
     seed: int = 0
     export_dir: str | None = None  # write a transformers-loadable folder at the end
 
@@ -176,9 +178,19 @@ def _onto_mesh(tree: Any, mesh: Mesh) -> Any:
     the key, optimizer counts), so one jit sees every argument on the same devices."""
     replicated = sharding.replicated(mesh)
     return jax.tree.map(
-        lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated),
+        lambda x: x if len(x.sharding.device_set) == mesh.size else _replicate(x, replicated),
         tree,
     )
+
+
+def _replicate(x: jax.Array, replicated: jax.sharding.Sharding) -> jax.Array:
+    """device_put cannot reach other processes' devices; every process holds the same value
+    here, so each fills its own devices from its host copy (PRNG keys via their raw data)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _replicate(jax.random.key_data(x), replicated)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, replicated, lambda idx: host[idx])
 
 
 def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
@@ -301,7 +313,9 @@ def _sample(exp: Experiment, params: Any, examples: Sequence[dict], key, samplin
     return rollout, texts
 
 
-def _rollout_metrics(rollout: Rollout, rewards: reward_phase.RewardResult, group: int) -> dict:
+def _rollout_metrics(
+    rollout: Rollout, rewards: reward_phase.RewardResult, correct: np.ndarray, group: int
+) -> dict:
     total = _all_rows(rewards.total)
     lengths = _all_rows(rollout.lengths_B).astype(np.float32)
     groups = total.reshape(-1, group)
@@ -312,11 +326,10 @@ def _rollout_metrics(rollout: Rollout, rewards: reward_phase.RewardResult, group
         "completion_length_mean": lengths.mean(),
         "completion_length_max": lengths.max(),
         "truncation_rate": _all_rows(rollout.truncated_B).mean(),
+        "accuracy": _all_rows(correct).mean(),
     }
     for name, values in rewards.per_function.items():
         metrics[f"reward/{name}"] = _all_rows(values).mean()
-    if "correctness" in rewards.per_function:
-        metrics["accuracy"] = metrics["reward/correctness"]
     for name, count in rewards.failures.items():
         metrics[f"reward_failures/{name}"] = int(_all_rows(np.array([count])).sum())
     return metrics
@@ -377,7 +390,14 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     update_metrics = jax.device_get(update_metrics)
     timings["update"] = time.perf_counter() - tick
 
-    metrics = _rollout_metrics(rollout, rewards, cfg.num_generations)
+    correct = np.array(
+        [
+            reward_phase.is_correct(t, e, last_number_fallback=cfg.answer_last_number_fallback)
+            for t, e in zip(texts, local_examples, strict=True)
+        ],
+        np.float32,
+    )
+    metrics = _rollout_metrics(rollout, rewards, correct, cfg.num_generations)
     metrics.update({k: float(v) for k, v in update_metrics.items()})
     metrics.update(_throughput(exp, rollout, timings))
     metrics.update({f"{k}_seconds": v for k, v in timings.items()})
@@ -424,7 +444,9 @@ def evaluate(exp: Experiment, params: Any) -> float:
         _, texts = _sample(exp, params, mine, jax.random.key(0), greedy, 1)
         owned = range(index * per_batch // procs, (index + 1) * per_batch // procs)
         correct += sum(
-            reward_phase.is_correct(text, example)
+            reward_phase.is_correct(
+                text, example, last_number_fallback=cfg.answer_last_number_fallback
+            )
             for text, example, row in zip(texts, mine, owned, strict=True)
             if row < len(chunk)
         )
@@ -442,6 +464,13 @@ class _Preemption:
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint after this step, then exiting")
         self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any process got SIGTERM. Processes may see the signal a step apart; all must
+        save the same step and stop together, or the ones that go on wait forever for the rest."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
@@ -486,11 +515,12 @@ def train(exp: Experiment, workdir: str) -> dict[str, Any]:
                 metrics["eval_accuracy"] = evaluate(exp, rt.state.params)
                 metrics["eval_seconds"] = time.perf_counter() - eval_tick
                 summary["eval_accuracy"] = metrics["eval_accuracy"]
-            metrics["checkpoint_seconds"] = _save(rt, step, force=last or preemption.requested)
+            metrics["checkpoint_seconds"] = _save(rt, step, force=last)
             metrics["step_seconds"] = time.perf_counter() - tick
             rt.metrics.write(step, metrics)
             summary.update(steps=step, reward_mean=metrics["reward_mean"])
-            if preemption.requested and not last:
+            if not last and preemption.agreed():
+                _save(rt, step, force=True)  # skipped if the periodic save took this step
                 raise Preempted(f"preempted after step {step}; checkpoint saved")
         rt.checkpointer.wait_until_finished()
         if cfg.export_dir:

@@ -15,6 +15,25 @@ _TINY = dict(
     max_position_embeddings=512,
 )
 
+
+def _qwen25(*, hidden: int, mlp: int, layers: int, heads: int, head_dim: int) -> ModelConfig:
+    """What the small Qwen2.5 instruct models share: vocab, 2 KV heads, q/k/v bias, tied."""
+    return ModelConfig(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        eos_token_ids=(151645, 151643),
+    )
+
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny-qwen2": ModelConfig(model_type="qwen2", qkv_bias=True, rope_theta=10000.0, **_TINY),
     "tiny-qwen3": ModelConfig(model_type="qwen3", qk_norm=True, **{**_TINY, "head_dim": 16}),
@@ -31,48 +50,9 @@ PRESETS: dict[str, ModelConfig] = {
         **_TINY,
     ),
     # Shapes of the public Qwen2.5 instruct checkpoints (random weights when used by name).
-    "qwen2.5-0.5b": ModelConfig(
-        model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_layers=24,
-        num_heads=14,
-        num_kv_heads=2,
-        head_dim=64,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
-        qkv_bias=True,
-        eos_token_ids=(151645, 151643),
-    ),
-    "qwen2.5-1.5b": ModelConfig(
-        model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_layers=28,
-        num_heads=12,
-        num_kv_heads=2,
-        head_dim=128,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
-        qkv_bias=True,
-        eos_token_ids=(151645, 151643),
-    ),
-    "qwen2.5-3b": ModelConfig(
-        model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_layers=36,
-        num_heads=16,
-        num_kv_heads=2,
-        head_dim=128,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
-        qkv_bias=True,
-        eos_token_ids=(151645, 151643),
-    ),
+    "qwen2.5-0.5b": _qwen25(hidden=896, mlp=4864, layers=24, heads=14, head_dim=64),
+    "qwen2.5-1.5b": _qwen25(hidden=1536, mlp=8960, layers=28, heads=12, head_dim=128),
+    "qwen2.5-3b": _qwen25(hidden=2048, mlp=11008, layers=36, heads=16, head_dim=128),
 }
 
 

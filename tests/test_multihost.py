@@ -1,0 +1,202 @@
+"""One program on many processes, on one machine: two processes x 4 virtual CPU devices joined
+over localhost (gloo collectives) must train like one process with 8 devices, survive a
+preemption and resume, and refuse to start, quickly and clearly, when a process is missing.
+
+Every run is a subprocess of `grpo.main` with a `length` reward registered first (the tiny
+random policy never solves a problem, so correctness rewards would give no gradient).
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from grpo import distributed
+from grpo import metrics as metrics_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "gin/tests/tiny.gin")
+ENTRY = (
+    "from grpo.phases import reward\n"
+    "reward.REWARD_FUNCTIONS['length'] = lambda completion, example: len(completion) / 100.0\n"
+    "from grpo import main\n"
+    "main.run()\n"
+)
+BINDINGS = (
+    "make_rewards.names=('length',)",
+    "make_rewards.weights=(1.0,)",
+    "TrainConfig.num_steps=4",  # eval (every 2 steps in tiny.gin) runs at steps 2 and 4
+)
+NONDETERMINISTIC = ("_seconds", "_per_s", "mfu")
+RUN_TIMEOUT_S = 300  # a hang (say, one process waiting in a collective) fails instead
+# One process's metrics differ from two processes' only by float32 rounding: the cross-process
+# all-reduce sums in another order. Measured: entropy and ratio_mean 1 ulp apart (rel 1.2e-7),
+# the loss (a near-zero mean of O(1) terms that cancel) 1.9e-9 to 3.7e-9 apart; rewards,
+# grad_norm and the trained params bitwise equal. rtol is ~8 ulps; atol covers the loss.
+RTOL, ATOL = 1e-6, 1e-8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, **extra: str) -> dict[str, str]:
+    count = r"--xla_force_host_platform_device_count=\d+"
+    flags = re.sub(count, "", os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/grpo-test-jax-cache")
+    return env
+
+
+class _Run:
+    """`grpo.main` started as processes `process_ids` of `num_processes` (1: no coordinator)."""
+
+    def __init__(self, workdir, *bindings, num_processes=2, process_ids=None, env=None):
+        self.workdir = workdir
+        process_ids = range(num_processes) if process_ids is None else process_ids
+        stamp = time.time_ns()
+        self.logs = [workdir.parent / f"{workdir.name}.{stamp}.p{i}.log" for i in process_ids]
+        cmd = [sys.executable, "-c", ENTRY, f"--gin_file={TINY}", f"--workdir={workdir}"]
+        cmd += [f"--gin_bindings={b}" for b in (*BINDINGS, *bindings)]
+        if num_processes > 1:
+            cmd += [f"--coordinator_address=localhost:{_free_port()}"]
+            cmd += [f"--num_processes={num_processes}"]
+        env = env or _env(devices=8 // num_processes)
+        self.procs = []
+        try:
+            for log, i in zip(self.logs, process_ids, strict=True):
+                flag = [f"--process_id={i}"] if num_processes > 1 else []
+                with open(log, "w") as out:
+                    self.procs.append(
+                        subprocess.Popen(
+                            cmd + flag, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env
+                        )
+                    )
+        except BaseException:
+            self.kill()
+            raise
+
+    def wait(self, timeout=RUN_TIMEOUT_S) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [p.wait(max(deadline - time.monotonic(), 0.1)) for p in self.procs]
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def output(self, i: int) -> str:
+        return self.logs[i].read_text()
+
+    def tails(self) -> str:
+        return "\n".join(f"--- log {i}:\n{self.output(i)[-3000:]}" for i in range(len(self.logs)))
+
+    def rows(self) -> list[dict]:
+        return metrics_lib.read_metrics(self.workdir / "metrics.jsonl")
+
+
+def _finish(run: _Run, codes=(0,)) -> None:
+    returncodes = run.wait()
+    assert all(rc in codes for rc in returncodes), f"exit codes {returncodes}\n{run.tails()}"
+
+
+def _deterministic(rows):
+    return [{k: v for k, v in r.items() if not k.endswith(NONDETERMINISTIC)} for r in rows]
+
+
+def _params(workdir):
+    return load_file(workdir / "export" / "model.safetensors")
+
+
+def _export(workdir):
+    return f"TrainConfig.export_dir='{workdir / 'export'}'"
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """An uninterrupted 4-step run on two processes (the reference for the tests below)."""
+    workdir = tmp_path_factory.mktemp("multihost") / "two"
+    run = _Run(workdir, _export(workdir))
+    _finish(run)
+    return run
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(two_processes, tmp_path):
+    one = _Run(tmp_path / "one", _export(tmp_path / "one"), num_processes=1)
+    _finish(one)
+    assert "process 1/2, 8 devices (4 local)" in two_processes.output(1)
+    rows_one, rows_two = _deterministic(one.rows()), _deterministic(two_processes.rows())
+    assert [r["step"] for r in rows_two] == [1, 2, 3, 4]
+    assert "eval_accuracy" in rows_two[1] and "eval_accuracy" in rows_two[3]
+    assert rows_two[-1]["grad_norm"] > 0  # the runs really trained
+    for row_one, row_two in zip(rows_one, rows_two, strict=True):
+        assert row_one.keys() == row_two.keys()
+        for key, value in row_one.items():
+            np.testing.assert_allclose(
+                row_two[key], value, rtol=RTOL, atol=ATOL, err_msg=f"step {row_one['step']} {key}"
+            )
+    params_one, params_two = _params(tmp_path / "one"), _params(two_processes.workdir)
+    assert params_one.keys() == params_two.keys()
+    for name in params_one:
+        np.testing.assert_allclose(params_two[name], params_one[name], rtol=RTOL, atol=ATOL)
+    assert not (two_processes.workdir / "config.gin.tmp").exists()
+    assert "make_mesh.tp = 2" in (two_processes.workdir / "config.gin").read_text()
+
+
+@pytest.mark.slow
+def test_preempted_two_processes_resume_exactly(two_processes, tmp_path):
+    """SIGTERM reaches only process 1 (as one host's preemption notice may arrive first); both
+    processes must save the same step, exit 143 together, and resume to the same result."""
+    workdir = tmp_path / "resumed"
+    rarely = "TrainConfig.checkpoint_every_steps=10"  # so only the SIGTERM save writes step 3
+    run = _Run(workdir, rarely)
+    try:
+        while not (workdir / "metrics.jsonl").exists() or len(run.rows()) < 2:
+            assert all(p.poll() is None for p in run.procs), run.tails()
+            time.sleep(0.05)
+        run.procs[1].send_signal(signal.SIGTERM)
+        _finish(run, codes=(128 + signal.SIGTERM,))
+    finally:
+        run.kill()
+    # Process 1 sees the signal during step 3 at the latest, so both stop after step 3.
+    assert [r["step"] for r in run.rows()] == [1, 2, 3], run.tails()
+    assert "preempted after step 3" in run.output(0)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+    resumed = _Run(workdir, rarely, _export(workdir))
+    _finish(resumed)
+    assert "resumed from 3 at step 3" in resumed.output(0)
+    assert _deterministic(resumed.rows()) == _deterministic(two_processes.rows())  # bitwise
+    params_a, params_b = _params(two_processes.workdir), _params(workdir)
+    for name in params_a:
+        np.testing.assert_array_equal(params_b[name], params_a[name], err_msg=name)
+
+
+@pytest.mark.parametrize("process_id", [0, 1])  # 0 hosts the coordinator; 1 finds none
+def test_missing_process_fails_fast(tmp_path, process_id):
+    timeout_s = 3
+    env = _env(4, **{distributed.ENV_TIMEOUT: str(timeout_s)})
+    tick = time.monotonic()
+    run = _Run(tmp_path / "alone", process_ids=[process_id], env=env)
+    (returncode,) = run.wait(timeout=60)
+    elapsed = time.monotonic() - tick
+    output = run.output(0)
+    assert returncode == distributed.EXIT_JOIN_FAILED, output[-3000:]
+    who = rf"process {process_id} of 2 \(coordinator localhost:\d+\)"
+    assert re.search(f"{who}: the processes did not all join within {timeout_s} s", output)
+    assert elapsed < timeout_s + 30, elapsed  # start-up + timeout, not a hang
+    assert not (tmp_path / "alone" / "metrics.jsonl").exists()
