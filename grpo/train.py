@@ -20,7 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from grpo import sharding
+from grpo import flops, sharding
 from grpo.checkpoint import Checkpointer
 from grpo.data.gsm8k import PromptStream
 from grpo.data.prompts import SYSTEM_PROMPT, encode_prompts
@@ -32,17 +32,6 @@ from grpo.phases.advantage import group_advantages
 from grpo.phases.rollout import SamplingConfig, generate, pad_prompts, trim_completions
 from grpo.phases.update import LossConfig, make_reference_logps_fn, make_update_fn
 from grpo.types import Batch, Rollout, TrainState
-
-# bf16 dense peak FLOP/s per device, for MFU (device_kind prefix -> FLOP/s).
-PEAK_FLOPS = {
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 197e12,
-    "TPU v4": 275e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA A100": 312e12,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,20 +324,6 @@ def _rollout_metrics(
     return metrics
 
 
-def _flops_per_token(model: ModelConfig, context: int) -> float:
-    """Training FLOPs per token: 6 x params (fwd + bwd) plus attention's QK^T and AV."""
-    attention = 12 * model.num_layers * model.num_heads * model.head_dim * context
-    return 6 * model.num_params + attention
-
-
-def _mfu(model: ModelConfig, tokens: int, context: int, seconds: float) -> float | None:
-    kind = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
-    if peak is None or seconds <= 0:
-        return None
-    return _flops_per_token(model, context) * tokens / seconds / (peak * jax.device_count())
-
-
 def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     """One GRPO step: rollout, reward, advantage, update. Returns host metrics."""
     cfg = exp.train
@@ -372,14 +347,7 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     advantages = group_advantages(
         rewards_B, group_size=cfg.num_generations, scale=cfg.advantage_scale
     )
-    batch = Batch(
-        prompt_tokens_BxP=rollout.prompt_tokens_BxP,
-        prompt_mask_BxP=rollout.prompt_mask_BxP,
-        completion_tokens_BxC=rollout.completion_tokens_BxC,
-        completion_mask_BxC=rollout.completion_mask_BxC,
-        old_logps_BxC=rollout.logps_BxC,
-        advantages_B=jax.block_until_ready(advantages),
-    )
+    batch = Batch.from_rollout(rollout, jax.block_until_ready(advantages))
     if rt.ref_logps_fn is not None:
         batch = batch.replace(ref_logps_BxC=rt.ref_logps_fn(rt.ref_params, batch))
     timings["advantage"] = time.perf_counter() - tick
@@ -408,22 +376,21 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
 
 
 def _throughput(exp: Experiment, rollout: Rollout, timings: dict[str, float]) -> dict[str, float]:
-    new_tokens = float(_all_rows(rollout.lengths_B).sum())
+    """Tokens/s of both phases; MFU of the update (model FLOPs over the devices' bf16 peak)."""
     rows, prompt_len = rollout.prompt_tokens_BxP.shape
-    tokens = rows * (prompt_len + rollout.completion_tokens_BxC.shape[1])
-    update_tokens = tokens * exp.train.num_iterations
+    completion_len = rollout.completion_tokens_BxC.shape[1]
+    iterations = exp.train.num_iterations
     out = {
-        "rollout_tokens_per_s": new_tokens / max(timings["rollout"], 1e-9),
-        "update_tokens_per_s": update_tokens / max(timings["update"], 1e-9),
+        "rollout_tokens_per_s": float(_all_rows(rollout.lengths_B).sum()) / timings["rollout"],
+        "update_tokens_per_s": rows
+        * (prompt_len + completion_len)
+        * iterations
+        / timings["update"],
     }
-    mfu = _mfu(
-        exp.model,
-        update_tokens,
-        prompt_len + rollout.completion_tokens_BxC.shape[1],
-        timings["update"],
-    )
-    if mfu is not None:
-        out["mfu"] = mfu
+    peak = flops.peak_flops(jax.devices()[0].device_kind)
+    if peak is not None:
+        model_flops = flops.training_flops(exp.model, rows, prompt_len, completion_len)
+        out["mfu"] = model_flops * iterations / timings["update"] / (peak * jax.device_count())
     return out
 
 

@@ -37,6 +37,18 @@ class Batch:
     advantages_B: jax.Array  # fp32
     ref_logps_BxC: jax.Array | None = None  # frozen reference policy; None when beta == 0
 
+    @classmethod
+    def from_rollout(cls, rollout: Rollout, advantages_B: jax.Array) -> Batch:
+        """The rollout's tokens, with its log-probs as the old (behaviour) policy."""
+        return cls(
+            prompt_tokens_BxP=rollout.prompt_tokens_BxP,
+            prompt_mask_BxP=rollout.prompt_mask_BxP,
+            completion_tokens_BxC=rollout.completion_tokens_BxC,
+            completion_mask_BxC=rollout.completion_mask_BxC,
+            old_logps_BxC=rollout.logps_BxC,
+            advantages_B=advantages_B,
+        )
+
 
 @chex.dataclass
 class TrainState:

@@ -95,13 +95,8 @@ def train(learning_rate: float) -> Run:
         rewards_B = target_share(
             np.asarray(out.completion_tokens_BxC), np.asarray(out.completion_mask_BxC)
         )
-        batch = Batch(
-            prompt_tokens_BxP=out.prompt_tokens_BxP,
-            prompt_mask_BxP=out.prompt_mask_BxP,
-            completion_tokens_BxC=out.completion_tokens_BxC,
-            completion_mask_BxC=out.completion_mask_BxC,
-            old_logps_BxC=out.logps_BxC,
-            advantages_B=advantage.group_advantages(jnp.asarray(rewards_B), group_size=GROUP),
+        batch = Batch.from_rollout(
+            out, advantage.group_advantages(jnp.asarray(rewards_B), group_size=GROUP)
         )
         state, metrics = update_fn(state, batch)
         rewards.append(rewards_B.mean())

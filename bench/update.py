@@ -1,0 +1,242 @@
+"""Update throughput: tokens/s, MFU and memory of `grpo.phases.update.make_update_fn`.
+
+    python -m bench.update --preset=qwen2.5-1.5b --batch=64 --prompt_len=256 --completion_len=768 \
+        --micro_batches=8 --torch_baseline
+
+Random weights of a named shape (grpo/models/presets.py) and a random Batch with every slot valid
+(B x (P + C) tokens). The update is compiled ahead of time (its memory analysis is printed), run
+`--warmup` times, then timed over `--iters` calls that each end in `block_until_ready`. With
+`--beta > 0` the reference log-prob pass is built and timed too (the trainer runs it once per
+rollout, before the update). MFU counts model FLOPs (grpo/flops.py: 6 x matmul params per token,
+plus attention, plus the unembedding over completion slots; remat not counted) over the update's
+seconds and the device's dense bf16 peak. `--torch_baseline` times a forward + backward of the
+same-shaped transformers model (bf16 on GPU, fp32 on CPU, random weights) on the same tokens, in
+the same micro-batches, and prints the ratio. The JAX update also runs the optimizer; the PyTorch
+baseline does not, so the ratio slightly favours PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import jax
+
+from bench import common
+from grpo import flops
+from grpo.models.config import ModelConfig
+from grpo.phases import update
+from grpo.types import Batch
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_model_args(parser)
+    parser.add_argument("--batch", type=int, default=8, help="sequences (completions)")
+    parser.add_argument("--prompt_len", type=int, default=32)
+    parser.add_argument("--completion_len", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
+    parser.add_argument("--iters", type=int, default=3, help="timed calls")
+    parser.add_argument("--torch_baseline", action="store_true")
+    parser.add_argument("--torch_threads", type=int, default=None, help="CPU baseline threads")
+    parser.add_argument(
+        "--compile_only", action="store_true", help="memory analysis only: allocate, run nothing"
+    )
+    args = parser.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters}, {args.warmup}")
+    if args.micro_batches < 1 or args.batch % args.micro_batches:
+        parser.error(f"--micro_batches={args.micro_batches} does not divide --batch={args.batch}")
+    return args
+
+
+def loss_config(args: argparse.Namespace) -> update.LossConfig:
+    return update.LossConfig(beta=args.beta, logprob_chunk=args.logprob_chunk)
+
+
+def reference_logps(config: ModelConfig, loss: update.LossConfig, params, batch: Batch, args):
+    """(compile + first call seconds, mean seconds, batch with ref_logps) for beta > 0."""
+    ref_fn = update.make_reference_logps_fn(config, loss, num_micro_batches=args.micro_batches)
+    first, ref_logps = common.timed(lambda: ref_fn(params, batch))
+    seconds = [common.timed(lambda: ref_fn(params, batch))[0] for _ in range(args.iters)]
+    return first, sum(seconds) / len(seconds), batch.replace(ref_logps_BxC=ref_logps)
+
+
+def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
+    return {
+        "bench": "update",
+        "device": f"{jax.devices()[0].platform}:{common.device_kind()}",
+        "preset": args.preset,
+        "params_m": round(config.num_params / 1e6, 1),
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "completion_len": args.completion_len,
+        "tokens": args.batch * (args.prompt_len + args.completion_len),
+        "micro_batches": args.micro_batches,
+        "dtype": config.dtype,
+        "remat": config.remat,
+        "attention": config.attention_impl,
+        "optimizer": args.optimizer,
+        "beta": args.beta,
+    }
+
+
+def compile_only(args: argparse.Namespace) -> dict[str, Any]:
+    """XLA's memory analysis of the update at this shape, from abstract inputs: nothing is
+    allocated or run, so a 1.5B or 3B shape can be sized on a CPU machine."""
+    config, loss, tx = common.model_config(args), loss_config(args), common.make_tx(args.optimizer)
+    params = jax.eval_shape(lambda: common.random_params(config))
+    state = jax.eval_shape(lambda p: common.train_state(p, tx), params)
+    host_batch = common.random_batch(config, args.batch, args.prompt_len, args.completion_len)
+    if loss.beta > 0:
+        host_batch = host_batch.replace(ref_logps_BxC=host_batch.old_logps_BxC)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_batch)
+    update_fn = update.make_update_fn(
+        model=config, tx=tx, loss=loss, num_micro_batches=args.micro_batches
+    )
+    compile_s, compiled = common.timed(lambda: update_fn.lower(state, batch).compile())
+    memory = common.memory_analysis(compiled)
+    ref_params_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 1e9
+    ref_params_gb = ref_params_gb if loss.beta > 0 else 0.0
+    # Live during the update: its arguments, outputs not aliased to donated arguments, its
+    # temporaries, and the frozen reference params the trainer keeps when beta > 0.
+    estimate = sum(memory[k] for k in ("argument_gb", "output_gb", "temp_gb")) - memory["alias_gb"]
+    return {
+        **_header(args, config),
+        "compile_s": round(compile_s, 2),
+        **{f"compiled_{k}": v for k, v in memory.items()},
+        "ref_params_gb": round(ref_params_gb, 3),
+        "update_peak_estimate_gb": round(estimate + ref_params_gb, 3),
+        "model_gflops_per_token": round(
+            flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
+            / (args.batch * (args.prompt_len + args.completion_len))
+            / 1e9,
+            4,
+        ),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.compile_only:
+        return compile_only(args)
+    config = common.model_config(args)
+    loss = loss_config(args)
+    host_batch = common.random_batch(config, args.batch, args.prompt_len, args.completion_len)
+    tokens = args.batch * (args.prompt_len + args.completion_len)
+    # PyTorch first, and its memory released, before JAX initialises (and claims) the device.
+    torch_s = torch_forward_backward_s(config, host_batch, args) if args.torch_baseline else None
+    tx = common.make_tx(args.optimizer)
+    params = common.random_params(config)
+    batch = jax.device_put(host_batch)
+    result = _header(args, config)
+    if loss.beta > 0:
+        ref_first, ref_s, batch = reference_logps(config, loss, params, batch, args)
+        result["ref_compile_and_first_s"] = round(ref_first, 2)
+        result["ref_logps_s"] = round(ref_s, 4)
+        result["ref_tokens_per_s"] = round(tokens / ref_s, 1)
+    # The state owns `params` from here on (donated each step); the reference pass is done.
+    state = common.train_state(params, tx)
+    update_fn = update.make_update_fn(
+        model=config, tx=tx, loss=loss, num_micro_batches=args.micro_batches
+    )
+    compile_s, compiled = common.timed(lambda: update_fn.lower(state, batch).compile())
+    for _ in range(args.warmup):
+        state, _ = jax.block_until_ready(compiled(state, batch))
+    seconds = []
+    for i in range(args.iters):
+        with common.maybe_trace(args.profile_dir if i == args.iters - 1 else None):
+            start = time.perf_counter()
+            state, metrics = jax.block_until_ready(compiled(state, batch))
+            seconds.append(time.perf_counter() - start)
+    step_s = sum(seconds) / len(seconds)
+    model_flops = flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
+    peak = common.peak_flops_per_s(args.peak_tflops)
+    result.update(
+        compile_s=round(compile_s, 2),
+        step_s=round(step_s, 4),
+        step_s_min=round(min(seconds), 4),
+        update_tokens_per_s=round(tokens / step_s, 1),
+        model_gflops_per_token=round(model_flops / tokens / 1e9, 4),
+        achieved_tflops=round(model_flops / step_s / 1e12, 4),
+        peak_tflops="n/a" if peak is None else peak / 1e12,
+        mfu="n/a" if peak is None else round(model_flops / step_s / peak, 4),
+        peak_device_gb=common.gb(common.peak_device_bytes()),
+        **{f"compiled_{k}": v for k, v in common.memory_analysis(compiled).items()},
+        loss=float(metrics["loss"]),
+    )
+    if torch_s is not None:
+        result["torch_step_s"] = round(torch_s, 4)
+        result["torch_tokens_per_s"] = round(tokens / torch_s, 1)
+        result["jax_over_torch"] = round(torch_s / step_s, 3)
+    if args.profile_dir:
+        result["top_ops"] = common.top_ops(args.profile_dir, compiled.as_text())
+    return result
+
+
+def torch_forward_backward_s(config: ModelConfig, batch: Batch, args: argparse.Namespace) -> float:
+    """Mean seconds of a forward + backward of transformers' model of this shape on `batch`
+    (bf16 on GPU, fp32 on CPU); the model is freed before returning."""
+    import torch
+    import transformers
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    hf = config.to_hf()
+    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    with torch.device(device):  # random init on the device: seconds, not minutes, at 1.5B
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    model = model.to(dtype=dtype).train()
+    if config.remat != "none":
+        # transformers >= 5.2x renamed it; the GPU machine's older release has only the old name.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
+    seconds = _torch_step_seconds(model, batch, args, device)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def _torch_step_seconds(model, batch: Batch, args: argparse.Namespace, device: str) -> float:
+    """The policy-gradient surrogate at ratio 1 (-A x log p(completion token)) over logits of
+    the completion slots only (`logits_to_keep`), in the JAX update's strided micro-batches."""
+    import torch
+
+    prompt = torch.from_numpy(batch.prompt_tokens_BxP).long().to(device)
+    targets = torch.from_numpy(batch.completion_tokens_BxC).long().to(device)
+    ids = torch.cat([prompt, targets], dim=1)
+    advantages = torch.from_numpy(batch.advantages_B).to(device)
+    width, micro = targets.shape[1], args.micro_batches
+
+    def step() -> None:
+        for m in range(micro):
+            rows = slice(m, None, micro)
+            logits = model(input_ids=ids[rows], logits_to_keep=width + 1).logits[:, :-1]
+            logps = torch.log_softmax(logits.float(), -1).gather(-1, targets[rows, :, None])
+            loss = -(logps[..., 0] * advantages[rows, None]).sum() / targets.numel()
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(max(args.warmup, 1)):
+        step()
+    seconds = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    return sum(seconds) / len(seconds)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    result = run(parse_args(argv))
+    common.print_result(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

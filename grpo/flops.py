@@ -1,0 +1,60 @@
+"""Model FLOPs of the trainer's passes, and the peak bf16 FLOP/s of known accelerators, for MFU.
+
+Convention (PaLM appendix B; the one `grpo/train.py` reports): a matmul with N parameters costs
+2N FLOPs per token forward and 4N backward; attention adds QK^T and AV over the whole context,
+4 x layers x heads x head_dim x context per token forward (not halved for the causal mask; the
+XLA kernel computes the masked half too). Rematerialisation is not counted: this is model FLOPs
+(MFU), not hardware FLOPs.
+
+The log-prob pass runs every prompt + completion slot through the layers but computes logits
+only for the completion slots, so the unembedding counts C tokens, the layers P + C. The input
+embedding is a gather (no FLOPs); with tied embeddings its table is the unembedding.
+"""
+
+from __future__ import annotations
+
+from grpo.models.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, by `device_kind` prefix; the first match wins, so longer
+# prefixes come first ("TPU v5 lite" is a v5e, plain "TPU v5" a v5p, as jax reports them).
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p reports "TPU v5" (or "TPU v5p")
+    "TPU v4": 275e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The dense bf16 peak of one device of this kind, or None when unknown (e.g. CPU)."""
+    for prefix, flops in PEAK_BF16_FLOPS.items():
+        if device_kind.startswith(prefix):
+            return flops
+    return None
+
+
+def layer_matmul_params(model: ModelConfig) -> int:
+    """Weights of the matmuls inside the layers (q, k, v, o, gate, up, down), all layers."""
+    d, dh = model.hidden_size, model.head_dim
+    attention = d * dh * (2 * model.num_heads + 2 * model.num_kv_heads)
+    return model.num_layers * (attention + 3 * d * model.intermediate_size)
+
+
+def forward_flops(model: ModelConfig, rows: int, prompt_len: int, completion_len: int) -> float:
+    """FLOPs of one log-prob forward over `rows` sequences of prompt_len + completion_len slots."""
+    context = prompt_len + completion_len
+    layers = 2 * layer_matmul_params(model) * context
+    attention = 4 * model.num_layers * model.num_heads * model.head_dim * context * context
+    unembed = 2 * model.vocab_size * model.hidden_size * completion_len
+    return float(rows) * (layers + attention + unembed)
+
+
+def training_flops(model: ModelConfig, rows: int, prompt_len: int, completion_len: int) -> float:
+    """FLOPs of one forward + backward of the log-prob pass (backward = 2 x forward)."""
+    return 3 * forward_flops(model, rows, prompt_len, completion_len)
