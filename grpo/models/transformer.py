@@ -2,7 +2,8 @@
 
 Parameters are a plain nested dict; per-layer weights are stacked on a leading `layers` axis and
 the layers run under `lax.scan`, so compile time does not grow with depth. `logical_axes` names
-every parameter dimension; `grpo.sharding` maps those names onto a device mesh.
+every parameter dimension; `grpo.sharding` maps those names onto a device mesh. The sampler
+splits the stack once per rollout (`unstack_layers`) and `forward` then unrolls the layers.
 
 Positions and masks come from the caller, so one `forward` serves left-padded prompts, the
 sampler's incremental decode against a KV cache, and the trainer's full-sequence recomputation.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import chex
 import jax
@@ -219,6 +221,35 @@ def _remat_policy(config: ModelConfig):
     return None
 
 
+def unstack_layers(params: Params) -> Params:
+    """Params with `"layers"` split into a tuple of per-layer dicts, for `forward` to unroll.
+
+    Call it once outside a decode loop: inside `lax.while_loop`, scanning stacked weights copies
+    each layer's slice on every step, while per-layer arrays are read in place.
+    """
+    layers = params["layers"]
+    if not isinstance(layers, dict):
+        raise ValueError(f"params['layers'] is already unstacked ({type(layers).__name__})")
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    per_layer = tuple(jax.tree.map(operator.itemgetter(i), layers) for i in range(num_layers))
+    return {**params, "layers": per_layer}
+
+
+def _over_layers(body, carry, layers: Params | tuple[Params, ...]):
+    """Runs `body(carry, (layer_params, layer_index)) -> (carry, None)` over every layer.
+
+    Stacked params (a dict of [L, ...] arrays) go through `lax.scan`, so compile time does not grow
+    with depth; unstacked params (`unstack_layers`) run as an unrolled Python loop.
+    """
+    if isinstance(layers, dict):
+        num_layers = jax.tree.leaves(layers)[0].shape[0]
+        carry, _ = jax.lax.scan(body, carry, (layers, jnp.arange(num_layers)))
+        return carry
+    for i, p in enumerate(layers):
+        carry, _ = body(carry, (p, i))
+    return carry
+
+
 def forward(
     params: Params,
     tokens_BxT: jax.Array,
@@ -256,13 +287,14 @@ def forward(
     layer_fn = functools.partial(_layer, config, inv_freq, attention_impl=attention_impl)
     if cache is None:
 
-        def body(x, p):
+        def body(x, layer_in):
+            p, _ = layer_in
             x, _ = layer_fn(x, p, positions_BxT, mask_BxTxS, None, write_index)
             return x, None
 
         if config.remat != "none":
             body = jax.checkpoint(body, policy=_remat_policy(config), prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, params["layers"])
+        x = _over_layers(body, x, params["layers"])
         new_cache = None
     else:
 
@@ -274,9 +306,8 @@ def forward(
             v_all = jax.lax.dynamic_update_index_in_dim(v_all, v, i, 0)
             return (x, k_all, v_all), None
 
-        layer_ids = jnp.arange(config.num_layers)
-        (x, k_all, v_all), _ = jax.lax.scan(
-            body, (x, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH), (params["layers"], layer_ids)
+        x, k_all, v_all = _over_layers(
+            body, (x, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH), params["layers"]
         )
         new_cache = KVCache(
             k_LxBxSxKxH=k_all, v_LxBxSxKxH=v_all, valid_BxS=key_valid_BxS, index=write_index + t

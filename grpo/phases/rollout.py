@@ -140,7 +140,9 @@ def _generate(
     mesh: Mesh | None,
 ) -> Rollout:
     # Cast once, not once per decode step; forward's own casts are then no-ops (same numerics).
-    params = jax.tree.map(lambda a: a.astype(model.dtype), params)
+    # Split the layers once too (fused with the cast): the decode step then reads each layer's
+    # weights in place, where scanning the stacked weights copies every layer on every step.
+    params = tf.unstack_layers(jax.tree.map(lambda a: a.astype(model.dtype), params))
     prompt_tokens_BxP = prompt_tokens_BxP.astype(jnp.int32)
     prompt_mask_BxP = prompt_mask_BxP.astype(bool)
     width = sampling.max_new_tokens

@@ -18,7 +18,13 @@ import transformers
 
 from grpo.models.config import ModelConfig
 from grpo.models.loading import params_from_hf_state_dict
-from grpo.models.transformer import forward, init_cache, logits, positions_from_mask
+from grpo.models.transformer import (
+    forward,
+    init_cache,
+    logits,
+    positions_from_mask,
+    unstack_layers,
+)
 
 ATOL = RTOL = 1e-4
 _SMALL = dict(
@@ -151,3 +157,30 @@ def test_kv_cache_decode_equals_full_forward(case):
     full = np.asarray(_logits(params, jnp.asarray(tokens), jnp.asarray(valid), config=config))
     np.testing.assert_allclose(decoded, full[:, p - 1 :], atol=ATOL, rtol=RTOL)
     assert int(cache.index) == p + steps - 1
+
+
+def test_unstacked_layers_equal_stacked_exactly():
+    """Unrolled layers (prefill, then a decode step) match the scanned ones bit for bit."""
+    _, config, params = _reference("qwen3_qknorm_tied")
+    prompt, prompt_valid = _left_padded_batch(config.vocab_size)
+    batch, p = prompt.shape
+    positions = positions_from_mask(jnp.asarray(prompt_valid))
+
+    @jax.jit
+    def prefill_and_step(params):
+        cache = init_cache(config, batch, p + 1)
+        hidden, cache = forward(params, prompt, positions, prompt_valid, config=config, cache=cache)
+        token = jnp.argmax(logits(params, hidden[:, -1:], config=config), axis=-1)
+        step, cache = forward(
+            params, token, positions[:, -1:] + 1, jnp.ones_like(token, bool), config=config,
+            cache=cache,
+        )  # fmt: skip
+        return hidden, step, cache
+
+    unstacked = unstack_layers(params)
+    assert len(unstacked["layers"]) == config.num_layers
+    jax.tree.map(
+        np.testing.assert_array_equal, prefill_and_step(unstacked), prefill_and_step(params)
+    )
+    with pytest.raises(ValueError, match="already unstacked"):
+        unstack_layers(unstacked)
