@@ -77,11 +77,12 @@ def make_dataset(
     num_train: int | None = None,
     num_test: int | None = None,
     difficulty: int = 1,
+    templates: tuple[str, ...] | None = None,
     seed: int = 0,
 ) -> tuple[list[dict], list[dict]]:
     """(train, test) GSM8K-format examples: a hub id, a local file or folder, or `synthetic`."""
     load = lambda split, n: gsm8k.load_examples(
-        source, split, num_examples=n, seed=seed, difficulty=difficulty
+        source, split, num_examples=n, seed=seed, difficulty=difficulty, templates=templates
     )
     return load(train_split, num_train), load(test_split, num_test)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -58,6 +60,7 @@ class TrainConfig:
     answer_last_number_fallback: bool = False
     seed: int = 0
     export_dir: str | None = None  # write a transformers-loadable folder at the end
+    wandb_project: str | None = None  # log to W&B too (when `wandb` is installed)
 
     def __post_init__(self):
         for name in ("num_steps", "prompts_per_step", "num_generations", "num_iterations"):
@@ -242,6 +245,8 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
             total_steps=cfg.num_steps,
             is_primary=jax.process_index() == 0,
             resume_step=start_step,
+            wandb_project=cfg.wandb_project,
+            config=dataclasses.asdict(cfg),
         ),
         start_step=start_step,
     )
@@ -462,6 +467,12 @@ def _export(exp: Experiment, rt: Runtime, export_dir: str) -> None:
         logging.info("exported a Hugging Face folder to %s", export_dir)
 
 
+def _progress(steps: range, total: int):
+    """A progress bar on an interactive terminal (process 0); plain log lines otherwise."""
+    show = jax.process_index() == 0 and sys.stderr.isatty()
+    return tqdm.tqdm(steps, total=total, initial=steps.start - 1, disable=not show, unit="step")
+
+
 def train(exp: Experiment, workdir: str) -> dict[str, Any]:
     """Runs the loop from the last checkpoint in `workdir` (or the start) to num_steps."""
     cfg = exp.train
@@ -473,7 +484,7 @@ def train(exp: Experiment, workdir: str) -> dict[str, Any]:
     started = time.perf_counter()
     summary: dict[str, Any] = {"steps": rt.start_step}
     try:
-        for step in range(rt.start_step + 1, cfg.num_steps + 1):
+        for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
             tick = time.perf_counter()
             metrics = run_step(exp, rt, step)
             last = step == cfg.num_steps

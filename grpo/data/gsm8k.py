@@ -32,13 +32,14 @@ def load_examples(
     config: str | None = "main",
     seed: int = 0,
     difficulty: int = 1,
+    templates: Sequence[str] | None = None,
     cache_dir: str | None = None,
 ) -> list[Example]:
     """Loads `split` of `source` as validated `{"question", "answer"}` dicts.
 
     `source` is one of:
-      - `"synthetic"`: generated problems (`seed`, `difficulty`; `num_examples` defaults to
-        2000 train / 500 test);
+      - `"synthetic"`: generated problems (`seed`, `difficulty`, `templates`; `num_examples`
+        defaults to 2000 train / 500 test);
       - a `.jsonl`, `.json` or `.parquet` file (holds one split; `split` is not used);
       - a directory with `{split}.jsonl`, `{split}.json`, `{split}.parquet` or
         `{split}-*.parquet` (the hub's shard naming);
@@ -49,7 +50,9 @@ def load_examples(
     """
     if source == "synthetic":
         n = _SYNTHETIC_SIZES.get(split, 0) if num_examples is None else num_examples
-        return synthetic.generate_problems(n, seed=seed, split=split, difficulty=difficulty)
+        return synthetic.generate_problems(
+            n, seed=seed, split=split, difficulty=difficulty, templates=templates
+        )
     path = Path(source).expanduser()
     if path.exists() or path.suffix in _FORMATS or source.startswith(("/", ".", "~")):
         file = _split_file(path, split)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 SPLITS = ("train", "test")
 TEST_PERCENT = 20  # share of the question space that belongs to the test split
@@ -205,9 +205,17 @@ def split_of(question: str) -> str:
 
 
 def generate_problems(
-    n: int, *, seed: int, split: str, difficulty: int = 1
+    n: int,
+    *,
+    seed: int,
+    split: str,
+    difficulty: int = 1,
+    templates: Sequence[str] | None = None,
 ) -> list[dict[str, str]]:
-    """`n` distinct problems of `split`, deterministic from `(seed, split, difficulty)`."""
+    """`n` distinct problems of `split`, deterministic from `(seed, split, difficulty)`.
+
+    `templates` limits the kinds of problem (names from TEMPLATES; default: all of them).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if difficulty < 1:
@@ -216,7 +224,10 @@ def generate_problems(
         raise ValueError(f"n must be >= 0, got {n}")
     # A string seed is hashed with SHA-512 by `random`, so it is stable across processes.
     rng = random.Random(f"grpo-synthetic/{seed}/{split}/{difficulty}")
-    templates = list(TEMPLATES.values())
+    unknown = sorted(set(templates or ()) - set(TEMPLATES))
+    if unknown:
+        raise ValueError(f"unknown problem templates {unknown}; valid: {sorted(TEMPLATES)}")
+    makers = [TEMPLATES[name] for name in (templates or TEMPLATES)]
     seen: set[str] = set()
     examples: list[dict[str, str]] = []
     attempts = 0
@@ -224,7 +235,7 @@ def generate_problems(
         attempts += 1
         if attempts > 100 * n + 1000:
             raise ValueError(f"could not draw {n} distinct {split} problems at {difficulty=}")
-        problem = rng.choice(templates)(rng, difficulty)
+        problem = rng.choice(makers)(rng, difficulty)
         if problem.question not in seen and split_of(problem.question) == split:
             seen.add(problem.question)
             examples.append(problem.to_example())

@@ -148,3 +148,12 @@ def test_difficulty_widens_numbers_and_adds_steps():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         generate_problems(**{"n": 3, "seed": 0, **kwargs})
+
+
+def test_templates_limit_the_kinds_of_problem():
+    only_addition = synthetic.generate_problems(20, seed=0, split="train", templates=["addition"])
+    for example in only_addition:
+        steps = re.findall(r"<<([^=]+)=", example["answer"])
+        assert len(steps) == 1 and "+" in steps[0], example["answer"]
+    with pytest.raises(ValueError, match="unknown problem templates \\['division'\\]"):
+        synthetic.generate_problems(1, seed=0, split="train", templates=["division"])
