@@ -64,13 +64,14 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_quiet_orbax)
     from grpo import distributed
 
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from grpo import configurables, train
-
     started = time.perf_counter()
     try:
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        from grpo import configurables, train  # after initialize: nothing may touch devices first
+
         parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
         experiment = configurables.build_experiment()
+        train.check_batch_layout(experiment)
     except (ValueError, FileNotFoundError) as err:  # bad input: one line, before any compile
         logging.error("invalid configuration: %s", err)
         sys.exit(2)
