@@ -59,11 +59,10 @@ def make_model(
         config, params, tok = loading.load_model(source, **overrides)
         return ModelBundle(config, params, tok)
     tok = loading.load_tokenizer(tokenizer or source)
-    eos = tuple(i for i in (tok.eos_token_id,) if i is not None)
+    eos = () if tok.eos_token_id is None else (tok.eos_token_id,)
     config = presets.preset(preset, vocab_size=len(tok), eos_token_ids=eos, **overrides)
-    init = jax.jit(
-        functools.partial(transformer.init_params, config)
-    )  # one compile, not one per leaf
+    # One compile for the whole tree, not one per leaf.
+    init = jax.jit(functools.partial(transformer.init_params, config))
     params = jax.device_get(init(jax.random.key(seed)))
     return ModelBundle(config, params, tok)
 

@@ -308,10 +308,13 @@ def _sample(exp: Experiment, params: Any, examples: Sequence[dict], key, samplin
 
 
 def _rollout_metrics(
-    rollout: Rollout, rewards: reward_phase.RewardResult, correct: np.ndarray, group: int
+    rollout: Rollout,
+    lengths: np.ndarray,
+    rewards: reward_phase.RewardResult,
+    correct: np.ndarray,
+    group: int,
 ) -> dict:
     total = _all_rows(rewards.total)
-    lengths = _all_rows(rollout.lengths_B).astype(np.float32)
     groups = total.reshape(-1, group)
     metrics = {
         "reward_mean": total.mean(),
@@ -353,9 +356,13 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
         rewards_B, group_size=cfg.num_generations, scale=cfg.advantage_scale
     )
     batch = Batch.from_rollout(rollout, jax.block_until_ready(advantages))
-    if rt.ref_logps_fn is not None:
-        batch = batch.replace(ref_logps_BxC=rt.ref_logps_fn(rt.ref_params, batch))
     timings["advantage"] = time.perf_counter() - tick
+
+    if rt.ref_logps_fn is not None:
+        tick = time.perf_counter()
+        ref_logps = jax.block_until_ready(rt.ref_logps_fn(rt.ref_params, batch))
+        batch = batch.replace(ref_logps_BxC=ref_logps)
+        timings["reference"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     for _ in range(cfg.num_iterations):
@@ -370,9 +377,10 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
         ],
         np.float32,
     )
-    metrics = _rollout_metrics(rollout, rewards, correct, cfg.num_generations)
+    lengths = _all_rows(rollout.lengths_B).astype(np.float32)
+    metrics = _rollout_metrics(rollout, lengths, rewards, correct, cfg.num_generations)
     metrics.update({k: float(v) for k, v in update_metrics.items()})
-    metrics.update(_throughput(exp, rollout, timings))
+    metrics.update(_throughput(exp, rollout, lengths, timings))
     metrics.update({f"{k}_seconds": v for k, v in timings.items()})
     if cfg.show_completions_every_steps and step % cfg.show_completions_every_steps == 0:
         for text, value in list(zip(texts, rewards.total, strict=True))[:2]:
@@ -380,17 +388,17 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     return metrics
 
 
-def _throughput(exp: Experiment, rollout: Rollout, timings: dict[str, float]) -> dict[str, float]:
+def _throughput(
+    exp: Experiment, rollout: Rollout, lengths: np.ndarray, timings: dict[str, float]
+) -> dict[str, float]:
     """Tokens/s of both phases; MFU of the update (model FLOPs over the devices' bf16 peak)."""
     rows, prompt_len = rollout.prompt_tokens_BxP.shape
     completion_len = rollout.completion_tokens_BxC.shape[1]
     iterations = exp.train.num_iterations
+    update_tokens = rows * (prompt_len + completion_len) * iterations
     out = {
-        "rollout_tokens_per_s": float(_all_rows(rollout.lengths_B).sum()) / timings["rollout"],
-        "update_tokens_per_s": rows
-        * (prompt_len + completion_len)
-        * iterations
-        / timings["update"],
+        "rollout_tokens_per_s": float(lengths.sum()) / timings["rollout"],
+        "update_tokens_per_s": update_tokens / timings["update"],
     }
     peak = flops.peak_flops(jax.devices()[0].device_kind)
     if peak is not None:
@@ -412,15 +420,15 @@ def evaluate(exp: Experiment, params: Any) -> float:
     for start in range(0, len(examples), per_batch):
         chunk = examples[start : start + per_batch]
         padded = chunk + [chunk[-1]] * (per_batch - len(chunk))  # keep one compiled shape
-        mine = padded[index * per_batch // procs : (index + 1) * per_batch // procs]
-        _, texts = _sample(exp, params, mine, jax.random.key(0), greedy, 1)
         owned = range(index * per_batch // procs, (index + 1) * per_batch // procs)
+        mine = [padded[row] for row in owned]
+        _, texts = _sample(exp, params, mine, jax.random.key(0), greedy, 1)
         correct += sum(
             reward_phase.is_correct(
                 text, example, last_number_fallback=cfg.answer_last_number_fallback
             )
             for text, example, row in zip(texts, mine, owned, strict=True)
-            if row < len(chunk)
+            if row < len(chunk)  # padding rows only keep the shape
         )
     total_correct = int(_all_rows(np.array([correct])).sum())
     return total_correct / max(len(examples), 1)

@@ -148,3 +148,18 @@ def test_optimizers_train(tmp_path, length_reward, optimizer):
     assert summary["steps"] == 2
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     assert json.loads(json.dumps(rows))  # plain JSON scalars
+
+
+@pytest.mark.slow
+def test_kl_to_the_frozen_reference(tmp_path, length_reward):
+    _train_in_process(
+        tmp_path,
+        "make_loss.beta=0.04",
+        "make_optimizer.name='adamw'",
+        "TrainConfig.num_steps=2",
+        "TrainConfig.eval_every_steps=0",
+    )
+    first, second = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    assert first["kl"] == 0.0  # step 1 samples from the reference itself
+    assert second["kl"] > 0.0  # after one update the policy has moved away from it
+    assert "reference_seconds" in first
