@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup test demo lint format clean
+.PHONY: setup test demo gpu-prep lint format clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,16 @@ test: setup
 demo: setup
 	$(PY) -m grpo.main --gin_file=gin/demo.gin --workdir=$(WORKDIR)
 	$(PY) -m grpo.plot --metrics=$(WORKDIR)/metrics.jsonl --out=$(WORKDIR)/reward.png
+
+# For a device session (bench/gpu_check.py): pure-Python wheels the GPU machine lacks, and the
+# offline tokenizer as a small folder; both travel with `carry` (.whl, .gpu) and stay out of git.
+GPU_WHEELS := gin-config==0.5.0 gguf==0.19.0 tensorboardX==2.6.5
+gpu-prep: setup
+	rm -rf .whl .gpu
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	$(PY) -m bench.gpu_check --save_tokenizer=.gpu/tokenizer
 
 lint:
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
@@ -10,3 +12,10 @@ if "xla_force_host_platform_device_count" not in _flags:
 # Persist XLA compiles across the in-process and subprocess runs of one test session.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/grpo-test-jax-cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+def pytest_runtest_setup(item):
+    import jax  # only now: the environment above must be set before JAX initialises
+
+    if item.get_closest_marker("eight_devices") and jax.device_count() < 8:
+        pytest.skip(f"needs 8 devices, have {jax.device_count()}")

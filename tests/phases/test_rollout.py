@@ -251,6 +251,7 @@ def test_end_tokens_mask_pad_and_flag_truncation(params, prompts):
 # ----------------------------------------------------------------------------- sharding, shapes
 
 
+@pytest.mark.eight_devices
 def test_sharded_generation_equals_unsharded(params, prompts):
     expected = _generate(params, prompts, _sampling())
     mesh = sharding.make_mesh(dp=2, fsdp=2, tp=2)

@@ -299,6 +299,7 @@ def test_second_iteration_on_a_rollout_moves_the_ratio(params, batch):
     np.testing.assert_allclose(first["grad_norm"], optax.global_norm(grads), rtol=1e-5)
 
 
+@pytest.mark.eight_devices
 def test_sharded_micro_batched_update_matches_unsharded_gradient(params, batch):
     # (dp=2, fsdp=2, tp=2) mesh, 2 micro-batches, KL on: one SGD step must equal
     # params - lr * (the unsharded full-batch gradient), with the same metrics.
