@@ -69,9 +69,8 @@ class StepRunner:
         self.state = common.train_state(params, self.tx)
         rng = np.random.default_rng(0)
         vocab = self.config.vocab_size
-        prompts_BxP = rng.integers(0, vocab - 1, (args.prompts, args.prompt_len), np.int32)
-        # As the trainer does: each prompt repeated per completion, sampled with num_samples=1.
-        self.prompts_BxP = np.repeat(prompts_BxP, args.group, axis=0)
+        # As the trainer does on one device: each prompt prefilled once, `group` samples of it.
+        self.prompts_BxP = rng.integers(0, vocab - 1, (args.prompts, args.prompt_len), np.int32)
         self.prompt_mask_BxP = np.ones_like(self.prompts_BxP, bool)
         self.sampling = rollout_phase.SamplingConfig(
             max_new_tokens=args.new_tokens,
@@ -100,7 +99,7 @@ class StepRunner:
             jax.random.key(index),
             model=self.config,
             sampling=self.sampling,
-            num_samples=1,
+            num_samples=args.group,
         )
         rollout = jax.block_until_ready(rollout_phase.trim_completions(rollout, ()))
         texts = _as_text(np.asarray(rollout.completion_tokens_BxC), np.asarray(rollout.lengths_B))

@@ -287,8 +287,15 @@ def _decode(exp: Experiment, rollout_tokens: np.ndarray, mask: np.ndarray) -> li
     ]
 
 
-def _sample(exp: Experiment, params: Any, examples: Sequence[dict], key, sampling, repeat: int):
-    """Rollout for this process's examples; returns the global Rollout and local texts."""
+def _sample(exp: Experiment, params: Any, examples: Sequence[dict], key, sampling, samples: int):
+    """Rollout of `samples` completions per example (rows group-contiguous); returns the global
+    Rollout and this process's texts.
+
+    Each prompt is prefilled once and its cache shared by its samples when the global prompt
+    count divides over the batch axes; otherwise the prompts are repeated here, one row each.
+    """
+    prefill_once = len(examples) * jax.process_count() % sharding.batch_divisor(exp.mesh) == 0
+    repeat = 1 if prefill_once else samples
     tokens, mask = _prompts_for(exp, examples, repeat)
     prompt_tokens, prompt_mask = sharding.shard_batch(exp.mesh, (tokens, mask))
     rollout = generate(
@@ -298,7 +305,7 @@ def _sample(exp: Experiment, params: Any, examples: Sequence[dict], key, samplin
         key,
         model=exp.model,
         sampling=sampling,
-        num_samples=1,
+        num_samples=samples // repeat,
         mesh=exp.mesh,
     )
     texts = _decode(

@@ -151,14 +151,29 @@ def test_optimizers_train(tmp_path, length_reward, optimizer):
 
 
 @pytest.mark.slow
-def test_kl_to_the_frozen_reference(tmp_path, length_reward):
+def test_kl_to_the_frozen_reference_with_one_prefill_per_prompt(
+    tmp_path, length_reward, monkeypatch
+):
+    # 4 prompts divide over tiny.gin's dp x fsdp = 4 batch shards, so each prompt is prefilled
+    # once and its 4 samples share the cache. (Tests with 2 prompts cover the fallback: rows
+    # repeated on the host.)
+    calls = []
+
+    def recording_generate(params, tokens, mask, key, **kwargs):
+        calls.append((tokens.shape[0], kwargs["num_samples"]))
+        return generate(params, tokens, mask, key, **kwargs)
+
+    generate = train.generate
+    monkeypatch.setattr(train, "generate", recording_generate)
     _train_in_process(
         tmp_path,
         "make_loss.beta=0.04",
         "make_optimizer.name='adamw'",
         "TrainConfig.num_steps=2",
+        "TrainConfig.prompts_per_step=4",
         "TrainConfig.eval_every_steps=0",
     )
+    assert calls == [(4, 4), (4, 4)]
     first, second = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
     assert first["kl"] == 0.0  # step 1 samples from the reference itself
     assert second["kl"] > 0.0  # after one update the policy has moved away from it

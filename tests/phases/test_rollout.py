@@ -162,6 +162,17 @@ def test_fixed_key_reproduces_and_other_key_differs(params, prompts):
     assert (first.completion_tokens_BxC[0::2] != first.completion_tokens_BxC[1::2]).any()
 
 
+def test_shared_prefill_equals_prefilling_every_copy(params, prompts):
+    # num_samples=3 prefills each prompt once and copies its cache; the same key over the
+    # prompts repeated on the host (one prefill per row) must sample the same completions.
+    shared = _generate(params, prompts, _sampling(), num_samples=3)
+    repeated = tuple(np.repeat(x, 3, axis=0) for x in prompts)
+    per_row = _generate(params, repeated, _sampling(), num_samples=1)
+    np.testing.assert_array_equal(shared.completion_tokens_BxC, per_row.completion_tokens_BxC)
+    np.testing.assert_array_equal(shared.prompt_tokens_BxP, per_row.prompt_tokens_BxP)
+    np.testing.assert_allclose(shared.logps_BxC, per_row.logps_BxC, atol=1e-5, rtol=0)
+
+
 def test_top_k_one_is_greedy(params, prompts):
     greedy = _generate(params, prompts, GREEDY, num_samples=1)
     top1 = _generate(params, prompts, _sampling(temperature=1.0, top_k=1), num_samples=1)
