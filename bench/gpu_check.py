@@ -190,6 +190,13 @@ def save_tokenizer(path: str) -> None:
     from grpo.models import loading
 
     loading.load_tokenizer(loading.SMOLLM2_NAME).save_pretrained(path)
+    # The class name every transformers version knows (the GPU machine's is older than ours).
+    config_path = os.path.join(path, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
     print(f"tokenizer -> {path}")
 
 

@@ -68,3 +68,16 @@ def test_driver_refuses_a_missing_tokenizer_before_running_anything(tmp_path):
     with pytest.raises(SystemExit):
         gpu_check.main([f"--out={tmp_path}", f"--tokenizer={tmp_path / 'none'}"])
     assert not (tmp_path / "gpu_check.jsonl").exists()
+
+
+def test_saved_tokenizer_loads_and_matches_the_offline_one(tmp_path):
+    from grpo.models import loading
+
+    gpu_check.save_tokenizer(str(tmp_path))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    saved, original = (loading.load_tokenizer(p) for p in (str(tmp_path), loading.SMOLLM2_NAME))
+    messages = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many?"}]
+    encode = lambda tok: tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert encode(saved) == encode(original)
+    assert (len(saved), saved.eos_token_id) == (len(original), original.eos_token_id)
