@@ -33,6 +33,9 @@ BINDINGS = (
     "make_rewards.names=('length',)",
     "make_rewards.weights=(1.0,)",
     "TrainConfig.num_steps=4",  # eval (every 2 steps in tiny.gin) runs at steps 2 and 4
+    # 4 prompts divide over dp x fsdp = 4, so each is prefilled once for its group, with the
+    # prompt rows split across the processes.
+    "TrainConfig.prompts_per_step=4",
 )
 NONDETERMINISTIC = ("_seconds", "_per_s", "mfu")
 RUN_TIMEOUT_S = 300  # a hang (say, one process waiting in a collective) fails instead
