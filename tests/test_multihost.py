@@ -41,9 +41,10 @@ NONDETERMINISTIC = ("_seconds", "_per_s", "mfu")
 RUN_TIMEOUT_S = 300  # a hang (say, one process waiting in a collective) fails instead
 # One process's metrics differ from two processes' only by float32 rounding: the cross-process
 # all-reduce sums in another order. Measured: entropy and ratio_mean 1 ulp apart (rel 1.2e-7),
-# the loss (a near-zero mean of O(1) terms that cancel) 1.9e-9 to 3.7e-9 apart; rewards,
-# grad_norm and the trained params bitwise equal. rtol is ~8 ulps; atol covers the loss.
-RTOL, ATOL = 1e-6, 1e-8
+# the loss (a near-zero mean of O(1) terms that cancel, |loss| ~ 2e-7) up to 1.5e-8 apart
+# (16 completions x 16 tokens per step); rewards, grad_norm and the trained params bitwise
+# equal. rtol is ~8 ulps; atol (~3x the loss's measured gap) covers the loss.
+RTOL, ATOL = 1e-6, 5e-8
 
 
 def _free_port() -> int:
