@@ -72,7 +72,8 @@ def checks(tokenizer: str) -> list[Check]:
             1,
             150,
             ("bench.rollout", "--preset=qwen2.5-0.5b", "--batch=256", "--prompt_len=128")
-            + ("--new_tokens=256", "--hf_baseline", "--mem_bw_gbps=4800"),
+            + ("--new_tokens=256", "--hf_baseline", "--mem_bw_gbps=4800")
+            + ("--profile_dir=/tmp/gpu_check_rollout_trace",),
             ("bench.rollout", "--preset=tiny-qwen2", "--batch=8", "--prompt_len=16")
             + ("--new_tokens=16", "--iters=1", "--hf_baseline"),
         ),

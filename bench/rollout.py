@@ -8,7 +8,9 @@ Weights are random for `--preset` (shapes from grpo/models/presets.py) or loaded
 (and real) weights practically never emit, so every sequence runs the full budget; the script
 reports any that stopped early. Timings include prefill, follow a warm-up call (compilation), and
 end with `block_until_ready`. `--hf_baseline` times transformers' `generate` (PyTorch, bf16,
-random weights, same shape, `min_new_tokens=new_tokens`) in the same run.
+random weights, same shape, `min_new_tokens=new_tokens`) in the same run. `--profile_dir` traces
+one more call and prints its costliest XLA ops with the jax op each came from (where a decode
+step's time goes: layer weights, attention over the cache, sampling over the vocabulary).
 
 Memory-bandwidth bound: a decode step reads every parameter once (in the compute dtype) plus the
 whole preallocated KV cache (attention runs over all prompt_len + new_tokens slots, masked), so
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from bench import common
 from grpo.models import loading, presets
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
@@ -42,6 +45,7 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_integer("iters", 3, "Timed calls after the warm-up.")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers' generate on the same shape.")
 flags.DEFINE_float("mem_bw_gbps", None, "Device memory bandwidth, GB/s, for the roofline fraction.")
+flags.DEFINE_string("profile_dir", None, "Trace one more call here; print the top ops.")
 FLAGS = flags.FLAGS
 
 
@@ -155,6 +159,15 @@ def main(argv: list[str]) -> None:
         result["bytes_per_step_mb"] = round(step_bytes / 1e6, 1)
         result["bw_bound_tokens_per_s"] = round(bound, 1)
         result["frac_of_bw_bound"] = round(new_tokens / seconds / bound, 3)
+    if FLAGS.profile_dir:
+        with common.maybe_trace(FLAGS.profile_dir):
+            jax.block_until_ready(call())
+        # The traced executable's HLO (from the compilation cache), to name each op's jax source.
+        compiled = rollout._generate.lower(
+            params, tokens, mask, jax.random.key(1),
+            model=config, sampling=sampling, num_samples=FLAGS.num_samples, mesh=None,
+        ).compile()  # fmt: skip
+        result["top_ops"] = common.top_ops(FLAGS.profile_dir, compiled.as_text())
     if FLAGS.hf_baseline:
         hf = _hf_tokens_per_s(config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens)
         result["hf_new_tokens_per_s"] = round(hf, 1)

@@ -4,6 +4,7 @@ The update and step benches share one shape (4 completions x (8 + 8) tokens), so
 compiles once per session (the persistent compilation cache in conftest).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -41,10 +42,14 @@ def test_step_bench_times_every_phase_with_reference():
     assert result["update_mfu"] == "n/a"  # no peak known for CPU
 
 
-def test_rollout_bench_runs():
+def test_rollout_bench_runs_and_profiles(tmp_path):
     # absl flags: bench.rollout and bench.forward define the same flag names, so run it alone.
     cmd = [sys.executable, "-m", "bench.rollout", "--preset=tiny-qwen2", "--batch=2"]
-    cmd += ["--prompt_len=4", "--new_tokens=4", "--iters=1"]
+    cmd += ["--prompt_len=4", "--new_tokens=4", "--iters=1", f"--profile_dir={tmp_path}"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "new_tokens_per_s" in out.stdout
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["new_tokens_per_s"] > 0
+    assert result["top_ops"] and all(op["ms"] >= 0 for op in result["top_ops"])
+    # The decode loop's ops are named after their jax source (so a profile says what is slow).
+    assert any("while" in op["from"] for op in result["top_ops"]), result["top_ops"]
