@@ -75,7 +75,8 @@ def checks(tokenizer: str) -> list[Check]:
             + ("--new_tokens=256", "--hf_baseline", "--mem_bw_gbps=4800")
             + ("--profile_dir=/tmp/gpu_check_rollout_trace",),
             ("bench.rollout", "--preset=tiny-qwen2", "--batch=8", "--prompt_len=16")
-            + ("--new_tokens=16", "--iters=1", "--hf_baseline"),
+            + ("--new_tokens=16", "--iters=1", "--hf_baseline")
+            + ("--profile_dir=/tmp/gpu_check_rollout_trace",),
         ),
         Check(
             "update_xla",
