@@ -18,12 +18,13 @@ class Failure(enum.Enum):
     CAPACITY = "capacity"
     QUOTA = "quota"
     RESERVATION = "reservation"
+    UNAVAILABLE = "unavailable"  # the zone does not offer this accelerator type
     PERMISSION = "permission"
     OTHER = "other"
 
 
 # Another zone may answer differently for these; the rest would fail the same way everywhere.
-RETRYABLE = frozenset({Failure.CAPACITY, Failure.QUOTA, Failure.RESERVATION})
+RETRYABLE = frozenset({Failure.CAPACITY, Failure.QUOTA, Failure.RESERVATION, Failure.UNAVAILABLE})
 
 # First match wins. Quota and reservation errors often also say RESOURCE_EXHAUSTED or
 # "capacity", so they are tested before capacity.
@@ -37,6 +38,13 @@ _FAILURE_PATTERNS = (
         Failure.CAPACITY,
         r"no more capacity|insufficient capacity|out of capacity|resource_exhausted|stockout"
         r"|resource_pool_exhausted|not enough resources",
+    ),
+    (
+        # As the TPU API words it ("the accelerator v4-128 was not found in zone ...") and the
+        # compute API ("acceleratorTypes/v6e-8' was not found").
+        Failure.UNAVAILABLE,
+        r"accelerator \S+ (was )?not found in zone|acceleratortypes/[^\s']+'? was not found"
+        r"|accelerator type \S+ is not (available|supported|offered) in",
     ),
     (
         Failure.PERMISSION,

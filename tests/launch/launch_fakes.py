@@ -31,6 +31,10 @@ ERRORS = {
         "ERROR: (gcloud.compute.tpus.tpu-vm.create) NOT_FOUND: Reservation not found: "
         "projects/demo/zones/{zone}/reservations/tpu-res"
     ),
+    "unavailable": (
+        "ERROR: (gcloud.compute.tpus.tpu-vm.create) Cloud TPU received a bad request. the "
+        "accelerator v6e-8 was not found in zone {zone} [EID: 0x945e]"
+    ),
     "permission": (
         "ERROR: (gcloud.compute.tpus.tpu-vm.create) PERMISSION_DENIED: Permission "
         "'tpu.nodes.create' denied on 'projects/demo/locations/{zone}/nodes/{name}'"

@@ -28,6 +28,12 @@ def create_call(zone: str) -> list[str]:
          "reservation"),
         ("ERROR: (gcloud.compute.tpus.tpu-vm.create) User [me@x.com] does not have permission "
          "to access projects instance [demo]", "permission"),
+        ("Cloud TPU received a bad request. the accelerator v4-128 was not found in zone "
+         "us-central2-b [EID: 0x945e]", "unavailable"),
+        ("Could not fetch resource: - The resource 'projects/p/zones/us-west1-b/acceleratorTypes/"
+         "v6e-8' was not found", "unavailable"),
+        ("INVALID_ARGUMENT: Accelerator type v6e-8 is not available in zone us-central1-a",
+         "unavailable"),
         ("ERROR: (gcloud.compute.tpus.tpu-vm.create) INVALID_ARGUMENT: Invalid runtime version",
          "other"),
         ("", "other"),
@@ -38,7 +44,9 @@ def test_classify(text, failure):
 
 
 def test_retryable_classes():
-    assert gcloud.RETRYABLE == {Failure.CAPACITY, Failure.QUOTA, Failure.RESERVATION}
+    assert gcloud.RETRYABLE == {
+        Failure.CAPACITY, Failure.QUOTA, Failure.RESERVATION, Failure.UNAVAILABLE
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -84,18 +92,21 @@ def test_worker_count():
 
 
 def test_fallback_moves_past_retryable_zones(fake_cloud):
-    fake_cloud.scenario(zones={"a": "capacity", "b": "quota", "c": "reservation"})
-    zone, attempts = gcloud.create_with_fallback(Runner(), VM, ["a", "b", "c", "d", "e"])
-    assert zone == "d"
-    assert fake_cloud.calls() == [create_call(z) for z in "abcd"]
+    fake_cloud.scenario(
+        zones={"a": "capacity", "b": "quota", "c": "reservation", "d": "unavailable"}
+    )
+    zone, attempts = gcloud.create_with_fallback(Runner(), VM, ["a", "b", "c", "d", "e", "f"])
+    assert zone == "e"
+    assert fake_cloud.calls() == [create_call(z) for z in "abcde"]
     assert [(a.zone, a.failure) for a in attempts] == [
-        ("a", Failure.CAPACITY), ("b", Failure.QUOTA), ("c", Failure.RESERVATION), ("d", None)
+        ("a", Failure.CAPACITY), ("b", Failure.QUOTA), ("c", Failure.RESERVATION),
+        ("d", Failure.UNAVAILABLE), ("e", None),
     ]  # fmt: skip
     assert attempts[1].message == (
         "RESOURCE_EXHAUSTED: Quota 'TPUV6E_SPOT_PER_PROJECT_PER_ZONE' exceeded. "
         "Limit: 0.0 in zone b."
     )
-    assert fake_cloud.vms() == ["d/grpo-val"]
+    assert fake_cloud.vms() == ["e/grpo-val"]
 
 
 @pytest.mark.parametrize("failure", ["permission", "other"])
