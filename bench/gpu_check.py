@@ -43,6 +43,7 @@ class Check:
     budget_s: int
     argv: tuple[str, ...]  # after `python -m`; the full-size shape
     tiny_argv: tuple[str, ...]  # the same check on tiny shapes, to rehearse on CPU
+    env: tuple[tuple[str, str], ...] = ()  # added to the environment of this check only
 
 
 def _smoke(optimizer: str, tokenizer: str, preset: str) -> tuple[str, ...]:
@@ -120,9 +121,11 @@ def checks(tokenizer: str) -> list[Check]:
             "tests",
             2,
             150,
-            ("pytest", "-q", "-x", "tests/models/test_parity.py")
-            + ("tests/models/test_mixed_precision.py", "tests/phases/test_rollout.py"),
+            ("pytest", "-q", "tests/models/test_parity.py", "tests/models/test_mixed_precision.py")
+            + ("tests/phases/test_rollout.py", "-k", "not smollm2"),  # its GGUF is not carried
             ("pytest", "-q", "-x", "tests/models/test_mixed_precision.py"),
+            # fp32 parity tolerances assume fp32 matmuls; JAX on a GPU defaults to TF32.
+            env=(("JAX_DEFAULT_MATMUL_PRECISION", "highest"),),
         ),
     ]
 
@@ -147,7 +150,7 @@ def run_check(check: Check, argv: tuple[str, ...], timeout_s: float, env: dict) 
         proc = subprocess.run(
             [sys.executable, "-m", *argv],
             cwd=ROOT,
-            env=env,
+            env={**env, **dict(check.env)},
             capture_output=True,
             text=True,
             timeout=timeout_s,
