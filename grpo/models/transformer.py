@@ -204,11 +204,12 @@ def _layer(
     p: Params,
     positions_BxT: jax.Array,
     mask_BxTxS: jax.Array,
-    cache_kv: tuple[jax.Array, jax.Array] | None,
+    cache_kv: tuple[jax.Array, jax.Array, jax.Array | int] | None,
     write_index: jax.Array,
     attention_impl: str,
 ):
-    """One pre-norm transformer block. Returns the new residual stream and this layer's k/v."""
+    """One pre-norm transformer block. Returns the new residual stream and, given
+    `cache_kv = (k_all, v_all, layer_index)`, the stacked cache with this call's k/v written."""
     dtype = jnp.dtype(config.dtype)
     w = jax.tree.map(lambda a: a.astype(dtype), p)
     h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
@@ -222,15 +223,18 @@ def _layer(
         k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
     q = apply_rope(q, positions_BxT, inv_freq)
     k = apply_rope(k, positions_BxT, inv_freq)
+    new_cache_kv = None
     if cache_kv is not None:
-        cache_k, cache_v = cache_kv
+        k_all, v_all, layer_index = cache_kv
+        # Write only the new slots into the stack and attend to the layer's slice of it in place.
+        # Updating a per-layer copy and writing it back moved the whole cache ~5 times per decode
+        # step in the GPU compile (BUILD_NOTES: rollout, KV cache traffic).
         zero = jnp.zeros((), jnp.int32)
-        k = jax.lax.dynamic_update_slice(
-            cache_k, k.astype(cache_k.dtype), (zero, write_index, zero, zero)
-        )
-        v = jax.lax.dynamic_update_slice(
-            cache_v, v.astype(cache_v.dtype), (zero, write_index, zero, zero)
-        )
+        start = (layer_index, zero, write_index, zero, zero)
+        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+        k, v = k_all[layer_index], v_all[layer_index]
+        new_cache_kv = (k_all, v_all)
     attn = _attention(q, k, v, mask_BxTxS, attention_impl)
     x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn, w["o"])
     h = rms_norm(x_BxTxD, w["mlp_norm"], config.rms_norm_eps)
@@ -238,7 +242,7 @@ def _layer(
         "btd,df->btf", h, w["up"]
     )
     x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", gated, w["down"])
-    return x_BxTxD, (k, v)
+    return x_BxTxD, new_cache_kv
 
 
 def _remat_policy(config: ModelConfig):
@@ -327,9 +331,9 @@ def forward(
         def body(carry, layer_in):
             x, k_all, v_all = carry
             p, i = layer_in
-            x, (k, v) = layer_fn(x, p, positions_BxT, mask_BxTxS, (k_all[i], v_all[i]), write_index)
-            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k, i, 0)
-            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v, i, 0)
+            x, (k_all, v_all) = layer_fn(
+                x, p, positions_BxT, mask_BxTxS, (k_all, v_all, i), write_index
+            )
             return (x, k_all, v_all), None
 
         x, k_all, v_all = _over_layers(

@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxpr_utils import all_eqns
 
 from grpo.models import transformer as tf
 from grpo.models.presets import preset
@@ -37,16 +38,11 @@ def _vjp(fn, a, b, g):
 
 def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
     """Operand dtypes of every dot_general in a jaxpr, nested jaxprs included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, list | tuple) else (param,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    found.extend(_dot_operand_dtypes(sub))
-    return found
+    return [
+        tuple(str(v.aval.dtype) for v in eqn.invars)
+        for eqn in all_eqns(jaxpr)
+        if eqn.primitive.name == "dot_general"
+    ]
 
 
 def test_fp32_inputs_give_exactly_plain_autodiff():
