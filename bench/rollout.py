@@ -19,7 +19,6 @@ tokens/s <= batch * bandwidth / (param bytes + KV cache bytes).
 
 from __future__ import annotations
 
-import json
 import time
 
 import jax
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench import common
+from bench import common, gpu_target
 from grpo.models import loading, presets
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
@@ -46,6 +45,10 @@ flags.DEFINE_integer("iters", 3, "Timed calls after the warm-up.")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers' generate on the same shape.")
 flags.DEFINE_float("mem_bw_gbps", None, "Device memory bandwidth, GB/s, for the roofline fraction.")
 flags.DEFINE_string("profile_dir", None, "Trace one more call here; print the top ops.")
+flags.DEFINE_enum(
+    "gpu_target", None, sorted(gpu_target.TARGETS),
+    "Compile only, for this GPU (no GPU needed; bench/gpu_target.py): memory and decode bytes.",
+)  # fmt: skip
 FLAGS = flags.FLAGS
 
 
@@ -58,6 +61,57 @@ def _model() -> tuple[ModelConfig, tf.Params]:
     config = presets.preset(FLAGS.preset, **overrides)
     init = jax.jit(tf.init_params, static_argnums=0)
     return config, init(config, jax.random.key(0))
+
+
+def _sampling(config: ModelConfig) -> rollout.SamplingConfig:
+    # The last vocabulary id ends a sequence: random weights practically never sample it.
+    return rollout.SamplingConfig(
+        max_new_tokens=FLAGS.new_tokens,
+        temperature=FLAGS.temperature,
+        end_ids=(config.vocab_size - 1,),
+        pad_id=0,
+    )
+
+
+def _compile_for_gpu_target() -> dict:
+    """--gpu_target: XLA's memory analysis of `generate` and the bytes one decode step moves."""
+    if FLAGS.model:
+        raise app.UsageError("--gpu_target compiles a --preset shape; drop --model")
+    target = gpu_target.TARGETS[FLAGS.gpu_target]
+    on = gpu_target.device(FLAGS.gpu_target)
+    config = presets.preset(FLAGS.preset, dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype)
+    params = jax.eval_shape(lambda: tf.init_params(config, jax.random.key(0)))
+    prompts = (FLAGS.batch // FLAGS.num_samples, FLAGS.prompt_len)
+    inputs = (
+        params,
+        jax.ShapeDtypeStruct(prompts, jnp.int32),
+        jax.ShapeDtypeStruct(prompts, jnp.bool_),
+        jax.eval_shape(lambda: jax.random.key(1)),
+    )
+    start = time.perf_counter()
+    compiled = rollout._generate.lower(
+        *gpu_target.abstract(inputs, on),
+        model=config, sampling=_sampling(config), num_samples=FLAGS.num_samples, mesh=None,
+    ).compile()  # fmt: skip
+    compile_s = time.perf_counter() - start
+    traffic = gpu_target.loop_traffic(compiled.as_text())
+    ideal = _bytes_per_step(config, FLAGS.batch, FLAGS.prompt_len + FLAGS.new_tokens)
+    return {
+        "device": f"{target.description} (compile only)",
+        "model": FLAGS.preset,
+        "dtype": config.dtype,
+        "batch": FLAGS.batch,
+        "prompt_len": FLAGS.prompt_len,
+        "new_tokens": FLAGS.new_tokens,
+        "compile_s": round(compile_s, 2),
+        **{f"compiled_{k}": v for k, v in common.memory_analysis(compiled).items()},
+        "decode_step_mb": round(traffic["bytes"] / 1e6, 1),
+        "weights_and_cache_mb": round(ideal / 1e6, 1),
+        "bw_bound_tokens_per_s": round(
+            FLAGS.batch * target.bandwidth_bytes_per_s / traffic["bytes"]
+        ),
+        "decode_step_top": traffic["top"],
+    }
 
 
 def _time_calls(fn, iters: int) -> tuple[float, float, object]:
@@ -116,17 +170,15 @@ def main(argv: list[str]) -> None:
     del argv
     if FLAGS.batch % FLAGS.num_samples:
         raise ValueError(f"--batch={FLAGS.batch} is not a multiple of --num_samples")
+    if FLAGS.gpu_target:
+        common.print_result(_compile_for_gpu_target())
+        return
     config, params = _model()
     prompts = FLAGS.batch // FLAGS.num_samples
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size - 1, (prompts, FLAGS.prompt_len), dtype=np.int32)
     mask = np.ones_like(tokens, dtype=bool)
-    sampling = rollout.SamplingConfig(
-        max_new_tokens=FLAGS.new_tokens,
-        temperature=FLAGS.temperature,
-        end_ids=(config.vocab_size - 1,),
-        pad_id=0,
-    )
+    sampling = _sampling(config)
 
     def call():
         return rollout.generate(
@@ -172,9 +224,7 @@ def main(argv: list[str]) -> None:
         hf = _hf_tokens_per_s(config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens)
         result["hf_new_tokens_per_s"] = round(hf, 1)
         result["speedup_vs_hf"] = round(new_tokens / seconds / hf, 2)
-    for key, value in result.items():
-        print(f"{key:>22}: {value}")
-    print(json.dumps(result))
+    common.print_result(result)
 
 
 if __name__ == "__main__":

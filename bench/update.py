@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from bench import common
+from bench import common, gpu_target
 from grpo import flops
 from grpo.models.config import ModelConfig
 from grpo.phases import update
@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--torch_threads", type=int, default=None, help="CPU baseline threads")
     parser.add_argument(
         "--compile_only", action="store_true", help="memory analysis only: allocate, run nothing"
+    )
+    parser.add_argument(
+        "--gpu_target",
+        choices=sorted(gpu_target.TARGETS),
+        help="--compile_only for this GPU, on any machine (bench/gpu_target.py)",
     )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
@@ -84,7 +89,9 @@ def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
 
 def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     """XLA's memory analysis of the update at this shape, from abstract inputs: nothing is
-    allocated or run, so a 1.5B or 3B shape can be sized on a CPU machine."""
+    allocated or run, so a 1.5B or 3B shape can be sized on a CPU machine. With --gpu_target,
+    XLA's GPU compiler sizes it for that GPU."""
+    on = gpu_target.device(args.gpu_target) if args.gpu_target else None
     config, loss, tx = common.model_config(args), loss_config(args), common.make_tx(args.optimizer)
     params = jax.eval_shape(lambda: common.random_params(config))
     state = jax.eval_shape(lambda p: common.train_state(p, tx), params)
@@ -92,6 +99,8 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     if loss.beta > 0:
         host_batch = host_batch.replace(ref_logps_BxC=host_batch.old_logps_BxC)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_batch)
+    if on is not None:
+        state, batch = gpu_target.abstract((state, batch), on)
     update_fn = update.make_update_fn(
         model=config, tx=tx, loss=loss, num_micro_batches=args.micro_batches
     )
@@ -102,8 +111,11 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     # Live during the update: its arguments, outputs not aliased to donated arguments, its
     # temporaries, and the frozen reference params the trainer keeps when beta > 0.
     estimate = sum(memory[k] for k in ("argument_gb", "output_gb", "temp_gb")) - memory["alias_gb"]
+    header = _header(args, config)
+    if args.gpu_target:
+        header["device"] = f"{gpu_target.TARGETS[args.gpu_target].description} (compile only)"
     return {
-        **_header(args, config),
+        **header,
         "compile_s": round(compile_s, 2),
         **{f"compiled_{k}": v for k, v in memory.items()},
         "ref_params_gb": round(ref_params_gb, 3),
@@ -118,7 +130,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.compile_only:
+    if args.compile_only or args.gpu_target:
         return compile_only(args)
     config = common.model_config(args)
     loss = loss_config(args)

@@ -1,0 +1,221 @@
+"""XLA's GPU compiler on a machine without a GPU: compile for an H100 / H200, read what it built.
+
+`bench.rollout --gpu_target=h200` and `bench.update --gpu_target=h200` compile for the named GPU
+from abstract inputs and print XLA's memory analysis and, for the rollout, the bytes one decode
+step moves according to the optimized HLO. Nothing runs and kernels are not autotuned: read it
+for memory and for what XLA fuses and copies, and time things on a real GPU.
+
+Needs only the CUDA PJRT plugin that matches the installed jaxlib (`make gpu-target-deps`
+puts it in `.cuda-plugin/`), no CUDA library, driver or device. It stays outside the virtualenv
+because JAX starts every installed plugin: on a machine without CUDA each process would try, fail
+and print a traceback. `device()` puts it on the path before JAX starts its backends.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+import sys
+from typing import Any
+
+import jax
+
+PLUGIN_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cuda-plugin"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    description: str
+    memory_bytes: int
+    bandwidth_bytes_per_s: float  # the data-sheet HBM bandwidth
+
+
+# Hopper (sm_90, 132 SMs); only memory size and bandwidth differ between the two.
+TARGETS = {
+    "h100": GpuTarget("NVIDIA H100 80GB HBM3", 84_929_347_584, 3.35e12),
+    "h200": GpuTarget("NVIDIA H200", 150_754_820_096, 4.8e12),
+}
+
+_HOPPER_CONFIG = """gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {memory}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+runtime_version {{ major: 12 minor: 8 patch: 0 }}
+dnn_version_info {{ major: 9 minor: 7 }}
+platform_name: "CUDA"
+device_description_str: "{description}"
+"""
+
+
+def target_config(name: str) -> str:
+    """The GpuTargetConfig text proto XLA compiles against (no device is queried)."""
+    target = TARGETS[name]
+    return _HOPPER_CONFIG.format(
+        bandwidth=int(target.bandwidth_bytes_per_s),
+        memory=target.memory_bytes,
+        description=target.description,
+    )
+
+
+def device(name: str) -> jax.Device:
+    """A compile-only device of GPU `name`. Call it before anything starts a JAX backend."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown GPU target {name!r}; known: {sorted(TARGETS)}")
+    if not os.path.isdir(os.path.join(PLUGIN_DIR, "jax_plugins")):
+        raise SystemExit(
+            f"--gpu_target needs the CUDA plugin in {PLUGIN_DIR}: make gpu-target-deps"
+        )
+    sys.path.insert(0, PLUGIN_DIR)
+    jax.config.update("jax_platforms", "cpu")  # run nothing on a GPU: there is none
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            "compile_only", "cuda", target_config=target_config(name), topology="1x1x1"
+        )
+    except NotImplementedError as e:
+        raise SystemExit(
+            f"--gpu_target: JAX started before the CUDA plugin was on the path ({e})"
+        ) from e
+    return topology.devices[0]
+
+
+def abstract(tree: Any, on: jax.Device) -> Any:
+    """Shape/dtype stand-ins of every array in `tree`, placed on device `on`."""
+    sharding = jax.sharding.SingleDeviceSharding(on)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+# --- bytes moved per iteration of a loop, from optimized HLO text ---------------------------
+
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_ITEMSIZE.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8})
+_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"(ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*)")
+_HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_PARTIAL_READS = {"slice", "dynamic-slice", "gather"}  # read only as much as they output
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    name: str
+    shape: str
+    op: str
+    rest: str  # operands and attributes
+    root: bool
+
+    @property
+    def operands(self) -> list[str]:
+        return re.findall(r"%([\w.\-]+)", self.rest.split("), ")[0])
+
+
+def array_bytes(shape_text: str) -> int:
+    """Bytes of every array in an HLO shape (a tuple counts each element)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        count = 1
+        for dim in filter(None, dims.split(",")):
+            count *= int(dim)
+        total += count * _ITEMSIZE[dtype]
+    return total
+
+
+def _computations(hlo_text: str) -> dict[str, list[_Instruction]]:
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+        elif line == "}":
+            current = None
+        elif current is not None:
+            match = _INSTRUCTION.match(line.strip())
+            if match:
+                root, name, shape, op, rest = match.groups()
+                current.append(_Instruction(name, shape, op, rest, root=bool(root)))
+    return computations
+
+
+def _fusion_bytes(body: list[_Instruction]) -> int:
+    """Bytes a fusion reads and writes: a parameter only sliced or gathered from counts what is
+    read of it, a buffer updated in place (dynamic-update-slice, possibly through bitcasts) only
+    the update."""
+    by_name = {i.name: i for i in body}
+    users = collections.defaultdict(list)
+    for instruction in body:
+        for operand in instruction.operands:
+            users[operand].append(instruction)
+
+    def updated_in_place(name: str) -> bool:
+        uses = users[name]
+        return bool(uses) and all(
+            updated_in_place(u.name) if u.op == "bitcast"
+            else u.op == "dynamic-update-slice" and u.operands[0] == name
+            for u in uses
+        )  # fmt: skip
+
+    total = 0
+    for param in (i for i in body if i.op == "parameter"):
+        uses = users[param.name]
+        if uses and all(u.op in _PARTIAL_READS and u.operands[0] == param.name for u in uses):
+            total += sum(array_bytes(u.shape) for u in uses)
+        elif not updated_in_place(param.name):
+            total += array_bytes(param.shape)
+    root = next(i for i in body if i.root)
+    outputs = [by_name[o] for o in root.operands] if root.op == "tuple" else [root]
+    for out in outputs:
+        written = by_name[out.operands[1]] if out.op == "dynamic-update-slice" else out
+        total += array_bytes(written.shape)
+    return total
+
+
+def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
+    """Bytes one iteration of the largest while loop's body reads and writes.
+
+    An estimate from the optimized HLO: each fusion reads its parameters and writes its outputs
+    once (slices and in-place updates count only what they touch); other ops read and write
+    their result; caches are ignored, so it is the DRAM traffic of an unfused-across-kernels run.
+    `top`: the fusions that move the most, grouped by kind and the jax op they came from.
+    """
+    computations = _computations(hlo_text)
+    bodies = re.findall(r"\bwhile\(.*?body=%([\w.\-]+)", hlo_text)
+    if not bodies:
+        raise ValueError("no while loop in this HLO")
+    body = max(set(bodies), key=lambda name: len(computations[name]))
+    per_kind: dict[str, int] = collections.Counter()
+    for instruction in computations[body]:
+        if instruction.op in _NO_TRAFFIC:
+            continue
+        called = re.search(r"calls=%([\w.\-]+)", instruction.rest)
+        if instruction.op == "fusion" and called:
+            moved = _fusion_bytes(computations[called.group(1)])
+        else:
+            moved = 2 * array_bytes(instruction.shape)
+        source = re.search(r'op_name="[^"]*?([^/"]+)"', instruction.rest)
+        kind = re.sub(r"[.\d]+$", "", instruction.name)
+        per_kind[f"{kind} <- {source.group(1) if source else '?'}"] += moved
+    return {
+        "bytes": sum(per_kind.values()),
+        "top": [{"mb": round(b / 1e6, 1), "what": k} for k, b in per_kind.most_common(top)],
+    }

@@ -1,0 +1,87 @@
+"""bench/gpu_target.py: the decode-step byte count from optimized HLO, and compiling the rollout
+and the update for an H200 with no GPU present (needs `make gpu-target-deps`, else skipped)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bench import gpu_target
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS, WIDTH = 1024, 1024  # a 4 MB fp32 buffer, updated one 4 KB row per iteration
+
+
+def _loop_hlo(read_whole_buffer: bool) -> str:
+    def run(buf_RxW, x_W):
+        def body(carry):
+            i, total, buf_RxW = carry
+            buf_RxW = jax.lax.dynamic_update_slice(buf_RxW, (x_W * i)[None], (i, 0))
+            if read_whole_buffer:
+                total = total + buf_RxW.sum()
+            return i + 1, total, buf_RxW
+
+        return jax.lax.while_loop(lambda c: c[0] < 8, body, (0, 0.0, buf_RxW))
+
+    buf, x = jnp.zeros((ROWS, WIDTH)), jnp.ones(WIDTH)
+    return jax.jit(run).lower(buf, x).compile().as_text()
+
+
+def test_an_in_place_update_counts_only_the_row_it_touches():
+    moved = gpu_target.loop_traffic(_loop_hlo(read_whole_buffer=False))["bytes"]
+    row = 4 * WIDTH
+    assert 2 * row <= moved < 4 * row  # read x, write one row (+ a few scalars)
+
+
+def test_reading_the_whole_buffer_counts_all_of_it():
+    moved = gpu_target.loop_traffic(_loop_hlo(read_whole_buffer=True))["bytes"]
+    assert 4 * ROWS * WIDTH <= moved < 4 * ROWS * WIDTH + 16 * WIDTH
+
+
+def test_unknown_target_is_named():
+    with pytest.raises(ValueError, match="unknown GPU target 'a100'"):
+        gpu_target.device("a100")
+
+
+def _bench(module: str, *flags: str) -> dict:
+    cmd = [sys.executable, "-m", f"bench.{module}", "--gpu_target=h200", *flags]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+needs_plugin = pytest.mark.skipif(
+    not os.path.isdir(os.path.join(gpu_target.PLUGIN_DIR, "jax_plugins")),
+    reason="no CUDA plugin in .cuda-plugin/ (make gpu-target-deps)",
+)
+
+
+@needs_plugin
+def test_rollout_compiles_for_h200_and_decode_reads_the_cache_once():
+    result = _bench(
+        "rollout", "--preset=tiny-qwen2", "--batch=64", "--prompt_len=192", "--new_tokens=64"
+    )
+    assert result["device"] == "NVIDIA H200 (compile only)"
+    assert result["compiled_temp_gb"] > 0
+    # The cache dominates this shape. Writing each layer's cache back whole made a step move
+    # 5.8x the weights + cache; reading it once (plus logits, softmax, norms) is 2.5x.
+    assert result["decode_step_mb"] < 3.5 * result["weights_and_cache_mb"], result
+
+
+@needs_plugin
+def test_update_compiles_for_h200_with_a_memory_estimate():
+    # A real size (GB are rounded to 3 places), at a short sequence so it compiles in seconds.
+    result = _bench(
+        "update", "--preset=qwen2.5-0.5b", "--batch=2", "--prompt_len=8", "--completion_len=8",
+        "--beta=0.1",
+    )  # fmt: skip
+    assert result["device"] == "NVIDIA H200 (compile only)"
+    params_gb = 4 * result["params_m"] / 1e3  # fp32
+    assert result["ref_params_gb"] == pytest.approx(params_gb, rel=0.01)
+    # The state (params + Lion's momentum) is the argument; the reference params come on top.
+    assert result["compiled_argument_gb"] >= 2 * params_gb
+    assert result["update_peak_estimate_gb"] >= 3 * params_gb
