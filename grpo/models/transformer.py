@@ -3,7 +3,8 @@
 Parameters are a plain nested dict; per-layer weights are stacked on a leading `layers` axis and
 the layers run under `lax.scan`, so compile time does not grow with depth. `logical_axes` names
 every parameter dimension; `grpo.sharding` maps those names onto a device mesh. The sampler
-splits the stack once per rollout (`unstack_layers`) and `forward` then unrolls the layers.
+splits the stack once per rollout (`unstack_layers`) and `forward` then unrolls the layers, each
+with its own KV cache buffer.
 
 Positions and masks come from the caller, so one `forward` serves left-padded prompts, the
 sampler's incremental decode against a KV cache, and the trainer's full-sequence recomputation.
@@ -31,20 +32,25 @@ _NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives uniform 
 
 @chex.dataclass
 class KVCache:
-    """Keys/values for every layer, written in place at `index` by each forward call."""
+    """Keys/values, one buffer per layer, written in place at `index` by each forward call.
 
-    k_LxBxSxKxH: jax.Array
-    v_LxBxSxKxH: jax.Array
+    Per-layer buffers rather than one stacked [L, ...] array: a decode step writes its new slots
+    into, and attends over, each layer's buffer directly. Slicing layers out of a stack made XLA's
+    GPU compile copy whole layers every step (BUILD_NOTES: KV cache traffic).
+    """
+
+    k_layers: tuple[jax.Array, ...]  # per layer: B x S x K x H
+    v_layers: tuple[jax.Array, ...]
     valid_BxS: jax.Array  # bool: slot holds a real (non-padding) token
     index: jax.Array  # int32 scalar: the next slot to write
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    dtype = jnp.dtype(config.dtype)
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
     return KVCache(
-        k_LxBxSxKxH=jnp.zeros(shape, dtype),
-        v_LxBxSxKxH=jnp.zeros(shape, dtype),
+        k_layers=zeros(),
+        v_layers=zeros(),
         valid_BxS=jnp.zeros((batch, max_len), bool),
         index=jnp.zeros((), jnp.int32),
     )
@@ -204,12 +210,12 @@ def _layer(
     p: Params,
     positions_BxT: jax.Array,
     mask_BxTxS: jax.Array,
-    cache_kv: tuple[jax.Array, jax.Array, jax.Array | int] | None,
+    cache_kv: tuple[jax.Array, jax.Array] | None,
     write_index: jax.Array,
     attention_impl: str,
 ):
-    """One pre-norm transformer block. Returns the new residual stream and, given
-    `cache_kv = (k_all, v_all, layer_index)`, the stacked cache with this call's k/v written."""
+    """One pre-norm transformer block. Returns the new residual stream and this layer's k/v:
+    given this layer's cache buffers, the buffers with the new slots written in place."""
     dtype = jnp.dtype(config.dtype)
     w = jax.tree.map(lambda a: a.astype(dtype), p)
     h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
@@ -223,18 +229,15 @@ def _layer(
         k = rms_norm(k, w["k_norm"], config.rms_norm_eps)
     q = apply_rope(q, positions_BxT, inv_freq)
     k = apply_rope(k, positions_BxT, inv_freq)
-    new_cache_kv = None
     if cache_kv is not None:
-        k_all, v_all, layer_index = cache_kv
-        # Write only the new slots into the stack and attend to the layer's slice of it in place.
-        # Updating a per-layer copy and writing it back moved the whole cache ~5 times per decode
-        # step in the GPU compile (BUILD_NOTES: rollout, KV cache traffic).
+        cache_k, cache_v = cache_kv
         zero = jnp.zeros((), jnp.int32)
-        start = (layer_index, zero, write_index, zero, zero)
-        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
-        k, v = k_all[layer_index], v_all[layer_index]
-        new_cache_kv = (k_all, v_all)
+        k = jax.lax.dynamic_update_slice(
+            cache_k, k.astype(cache_k.dtype), (zero, write_index, zero, zero)
+        )
+        v = jax.lax.dynamic_update_slice(
+            cache_v, v.astype(cache_v.dtype), (zero, write_index, zero, zero)
+        )
     attn = _attention(q, k, v, mask_BxTxS, attention_impl)
     x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn, w["o"])
     h = rms_norm(x_BxTxD, w["mlp_norm"], config.rms_norm_eps)
@@ -242,7 +245,7 @@ def _layer(
         "btd,df->btf", h, w["up"]
     )
     x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", gated, w["down"])
-    return x_BxTxD, new_cache_kv
+    return x_BxTxD, (k, v)
 
 
 def _remat_policy(config: ModelConfig):
@@ -292,7 +295,8 @@ def forward(
     """Runs the decoder; returns the final-norm hidden states (B,T,D) and the updated cache.
 
     Without a cache the T slots attend causally among themselves. With a cache the T new tokens
-    are written at `cache.index` and attend to every earlier valid slot of the cache.
+    are written at `cache.index` and attend to every earlier valid slot of the cache; the layers
+    then run unrolled over per-layer params (`unstack_layers`, once, outside any decode loop).
     """
     dtype = jnp.dtype(config.dtype)
     inv_freq = rope_inv_freq(config)
@@ -327,20 +331,18 @@ def forward(
         x = _over_layers(body, x, params["layers"])
         new_cache = None
     else:
-
-        def body(carry, layer_in):
-            x, k_all, v_all = carry
-            p, i = layer_in
-            x, (k_all, v_all) = layer_fn(
-                x, p, positions_BxT, mask_BxTxS, (k_all, v_all, i), write_index
-            )
-            return (x, k_all, v_all), None
-
-        x, k_all, v_all = _over_layers(
-            body, (x, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH), params["layers"]
-        )
+        if isinstance(params["layers"], dict):
+            raise ValueError("forward with a cache needs per-layer params: unstack_layers(params)")
+        k_layers, v_layers = [], []
+        for p, *layer_cache in zip(params["layers"], cache.k_layers, cache.v_layers, strict=True):
+            x, (k, v) = layer_fn(x, p, positions_BxT, mask_BxTxS, layer_cache, write_index)
+            k_layers.append(k)
+            v_layers.append(v)
         new_cache = KVCache(
-            k_LxBxSxKxH=k_all, v_LxBxSxKxH=v_all, valid_BxS=key_valid_BxS, index=write_index + t
+            k_layers=tuple(k_layers),
+            v_layers=tuple(v_layers),
+            valid_BxS=key_valid_BxS,
+            index=write_index + t,
         )
     hidden = rms_norm(x, params["final_norm"].astype(dtype), config.rms_norm_eps)
     return hidden, new_cache

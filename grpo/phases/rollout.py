@@ -204,10 +204,11 @@ def _prefill(
         params, prompt_tokens_BxP, positions_BxP, prompt_mask_BxP, config=model, cache=cache
     )
     logits_BxV = tf.logits(params, hidden_BxPxD[:, -1:], config=model)[:, 0]
+    per_sample = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
     cache = cache.replace(
-        k_LxBxSxKxH=jnp.repeat(cache.k_LxBxSxKxH, num_samples, axis=1),
-        v_LxBxSxKxH=jnp.repeat(cache.v_LxBxSxKxH, num_samples, axis=1),
-        valid_BxS=jnp.repeat(cache.valid_BxS, num_samples, axis=0),
+        k_layers=tuple(map(per_sample, cache.k_layers)),
+        v_layers=tuple(map(per_sample, cache.v_layers)),
+        valid_BxS=per_sample(cache.valid_BxS),
     )
     return cache, jnp.repeat(logits_BxV, num_samples, axis=0)
 
@@ -301,10 +302,11 @@ def _constrain(x: jax.Array, names: tuple[str | None, ...], mesh: Mesh | None) -
 
 
 def _constrain_cache(cache: tf.KVCache, mesh: Mesh | None) -> tf.KVCache:
-    kv_names = ("layers", "batch", None, "kv_heads", "head_dim")
+    kv_names = ("batch", None, "kv_heads", "head_dim")
+    layer_kv = functools.partial(_constrain, names=kv_names, mesh=mesh)
     return cache.replace(
-        k_LxBxSxKxH=_constrain(cache.k_LxBxSxKxH, kv_names, mesh),
-        v_LxBxSxKxH=_constrain(cache.v_LxBxSxKxH, kv_names, mesh),
+        k_layers=tuple(map(layer_kv, cache.k_layers)),
+        v_layers=tuple(map(layer_kv, cache.v_layers)),
         valid_BxS=_constrain(cache.valid_BxS, ("batch", None), mesh),
     )
 

@@ -142,6 +142,7 @@ def test_kv_cache_decode_equals_full_forward(case):
 
     cache = init_cache(config, batch, p + steps)
     positions = positions_from_mask(jnp.asarray(prompt_valid))
+    full_params, params = params, unstack_layers(params)  # as the sampler runs a cache
     next_logits, cache = step(params, prompt, positions, prompt_valid, cache)
     decoded_logits, generated = [next_logits], []
     for _ in range(steps - 1):
@@ -154,33 +155,26 @@ def test_kv_cache_decode_equals_full_forward(case):
 
     tokens = np.concatenate([prompt, *map(np.asarray, generated)], axis=1)
     valid = np.concatenate([prompt_valid, np.ones((batch, steps - 1), bool)], axis=1)
-    full = np.asarray(_logits(params, jnp.asarray(tokens), jnp.asarray(valid), config=config))
+    full = np.asarray(_logits(full_params, jnp.asarray(tokens), jnp.asarray(valid), config=config))
     np.testing.assert_allclose(decoded, full[:, p - 1 :], atol=ATOL, rtol=RTOL)
     assert int(cache.index) == p + steps - 1
 
 
 def test_unstacked_layers_equal_stacked_exactly():
-    """Unrolled layers (prefill, then a decode step) match the scanned ones bit for bit."""
+    """Unrolled layers match the scanned ones bit for bit (the trainer's full-sequence pass)."""
     _, config, params = _reference("qwen3_qknorm_tied")
     prompt, prompt_valid = _left_padded_batch(config.vocab_size)
-    batch, p = prompt.shape
     positions = positions_from_mask(jnp.asarray(prompt_valid))
 
     @jax.jit
-    def prefill_and_step(params):
-        cache = init_cache(config, batch, p + 1)
-        hidden, cache = forward(params, prompt, positions, prompt_valid, config=config, cache=cache)
-        token = jnp.argmax(logits(params, hidden[:, -1:], config=config), axis=-1)
-        step, cache = forward(
-            params, token, positions[:, -1:] + 1, jnp.ones_like(token, bool), config=config,
-            cache=cache,
-        )  # fmt: skip
-        return hidden, step, cache
+    def full_pass(params):
+        return forward(params, prompt, positions, prompt_valid, config=config)[0]
 
     unstacked = unstack_layers(params)
     assert len(unstacked["layers"]) == config.num_layers
-    jax.tree.map(
-        np.testing.assert_array_equal, prefill_and_step(unstacked), prefill_and_step(params)
-    )
+    np.testing.assert_array_equal(full_pass(unstacked), full_pass(params))
+    cache = init_cache(config, *prompt.shape)
+    with pytest.raises(ValueError, match="needs per-layer params"):
+        forward(params, prompt, positions, prompt_valid, config=config, cache=cache)
     with pytest.raises(ValueError, match="already unstacked"):
         unstack_layers(unstacked)

@@ -17,7 +17,7 @@ import transformers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from grpo.models import loading
-from grpo.models.transformer import forward, init_cache, logits
+from grpo.models.transformer import forward, init_cache, logits, unstack_layers
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +59,7 @@ def _greedy(params, config, prompt: list[int], new_tokens: int) -> list[int]:
         return jnp.argmax(logits(params, hidden[:, -1:], config=config), axis=-1), cache
 
     p = len(prompt)
+    params = unstack_layers(params)
     cache = init_cache(config, 1, p + new_tokens)
     token, cache = step(params, jnp.asarray([prompt]), jnp.arange(p)[None], cache)
     tokens = [token]
