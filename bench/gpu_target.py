@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -31,7 +32,8 @@ PLUGIN_DIR = os.path.join(
 class GpuTarget:
     description: str
     memory_bytes: int
-    bandwidth_bytes_per_s: float  # the data-sheet HBM bandwidth
+    bandwidth_bytes_per_s: float  # data sheet: HBM bandwidth
+    bf16_flops_per_s: float = 989e12  # data sheet: dense bf16 tensor-core peak (SXM)
 
 
 # Hopper (sm_90, 132 SMs); only memory size and bandwidth differ between the two.
@@ -190,6 +192,46 @@ def _fusion_bytes(body: list[_Instruction]) -> int:
     return total
 
 
+def _dot_flops(body: list[_Instruction]) -> int:
+    """2 x output elements x contracted size, summed over the dots of a fused computation."""
+    shapes = {i.name: _dims(i.shape) for i in body}
+    total = 0
+    for dot in (i for i in body if i.op == "dot"):
+        contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.rest).group(1)
+        lhs = shapes[dot.operands[0]]
+        total += (
+            2
+            * math.prod(_dims(dot.shape))
+            * math.prod(lhs[int(d)] for d in filter(None, contracted.split(",")))
+        )
+    return total
+
+
+def _dims(shape_text: str) -> list[int]:
+    return [int(d) for d in filter(None, _ARRAY.search(shape_text).group(2).split(","))]
+
+
+def _cost(instruction: _Instruction, computations) -> tuple[int, int]:
+    """(bytes moved, matmul FLOPs) of one top-level instruction."""
+    called = re.search(r"calls=%([\w.\-]+)", instruction.rest)
+    if instruction.op == "fusion" and called:
+        body = computations[called.group(1)]
+        return _fusion_bytes(body), _dot_flops(body)
+    return 2 * array_bytes(instruction.shape), 0
+
+
+def _label(instruction: _Instruction) -> str:
+    """Fusion kind and the jax op it came from, e.g. `gemm_fusion_dot <- dot_general`."""
+    source = re.search(r'op_name="[^"]*?([^/"]+)"', instruction.rest)
+    kind = re.sub(r"[.\d]+$", "", instruction.name)
+    return f"{kind} <- {source.group(1) if source else '?'}"
+
+
+def _top(per_label: dict[str, float], top: int, unit: str, scale: float) -> list[dict]:
+    ranked = sorted(per_label.items(), key=lambda kv: -kv[1])[:top]
+    return [{unit: round(value * scale, 1), "what": label} for label, value in ranked]
+
+
 def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
     """Bytes one iteration of the largest while loop's body reads and writes.
 
@@ -203,19 +245,44 @@ def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
     if not bodies:
         raise ValueError("no while loop in this HLO")
     body = max(set(bodies), key=lambda name: len(computations[name]))
-    per_kind: dict[str, int] = collections.Counter()
+    per_label: dict[str, float] = collections.Counter()
     for instruction in computations[body]:
-        if instruction.op in _NO_TRAFFIC:
-            continue
-        called = re.search(r"calls=%([\w.\-]+)", instruction.rest)
-        if instruction.op == "fusion" and called:
-            moved = _fusion_bytes(computations[called.group(1)])
-        else:
-            moved = 2 * array_bytes(instruction.shape)
-        source = re.search(r'op_name="[^"]*?([^/"]+)"', instruction.rest)
-        kind = re.sub(r"[.\d]+$", "", instruction.name)
-        per_kind[f"{kind} <- {source.group(1) if source else '?'}"] += moved
+        if instruction.op not in _NO_TRAFFIC:
+            per_label[_label(instruction)] += _cost(instruction, computations)[0]
+    return {"bytes": sum(per_label.values()), "top": _top(per_label, top, "mb", 1e-6)}
+
+
+def roofline(hlo_text: str, target: GpuTarget, top: int = 12) -> dict[str, Any]:
+    """A lower bound on a program's GPU time: every op at the device's peak rate.
+
+    Each top-level op of the optimized HLO (loops counted by XLA's known trip count) takes
+    max(matmul FLOPs / peak bf16 FLOP/s, bytes moved / bandwidth) with `loop_traffic`'s byte
+    count; launches, tails and imperfect kernels are ignored, so real time is longer. Splits the
+    bound into matmul fusions and everything else, with the ops that take longest.
+    """
+    computations = _computations(hlo_text)
+    per_label: dict[str, float] = collections.Counter()
+    totals = collections.Counter()
+
+    def visit(name: str, repeats: int) -> None:
+        for instruction in computations[name]:
+            if instruction.op == "while":
+                body = re.search(r"body=%([\w.\-]+)", instruction.rest).group(1)
+                trips = re.search(r'known_trip_count":\{"n":"(\d+)"', instruction.rest)
+                if trips is None:
+                    raise ValueError(f"{instruction.name}: no known trip count")
+                visit(body, repeats * int(trips.group(1)))
+            elif instruction.op not in _NO_TRAFFIC:
+                moved, flops = _cost(instruction, computations)
+                seconds = max(flops / target.bf16_flops_per_s, moved / target.bandwidth_bytes_per_s)
+                per_label[_label(instruction)] += repeats * seconds
+                totals["matmul_s" if flops else "other_s"] += repeats * seconds
+                totals["flops"] += repeats * flops
+                totals["bytes"] += repeats * moved
+
+    visit(re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1), 1)
     return {
-        "bytes": sum(per_kind.values()),
-        "top": [{"mb": round(b / 1e6, 1), "what": k} for k, b in per_kind.most_common(top)],
+        "seconds": totals["matmul_s"] + totals["other_s"],
+        **{key: totals[key] for key in ("matmul_s", "other_s", "flops", "bytes")},
+        "top": _top(per_label, top, "ms", 1e3),
     }

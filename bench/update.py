@@ -114,6 +114,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     header = _header(args, config)
     if args.gpu_target:
         header["device"] = f"{gpu_target.TARGETS[args.gpu_target].description} (compile only)"
+    model_flops = flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
     return {
         **header,
         "compile_s": round(compile_s, 2),
@@ -121,11 +122,24 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
         "ref_params_gb": round(ref_params_gb, 3),
         "update_peak_estimate_gb": round(estimate + ref_params_gb, 3),
         "model_gflops_per_token": round(
-            flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
-            / (args.batch * (args.prompt_len + args.completion_len))
-            / 1e9,
-            4,
+            model_flops / (args.batch * (args.prompt_len + args.completion_len)) / 1e9, 4
         ),
+        **(_roofline(compiled, args.gpu_target, model_flops) if args.gpu_target else {}),
+    }
+
+
+def _roofline(compiled, target_name: str, model_flops: float) -> dict[str, Any]:
+    """The update's time if every op ran at the GPU's peak (bench/gpu_target.py), and the MFU
+    that bound allows: real MFU is lower."""
+    target = gpu_target.TARGETS[target_name]
+    bound = gpu_target.roofline(compiled.as_text(), target)
+    return {
+        "roofline_s": round(bound["seconds"], 4),
+        "roofline_matmul_s": round(bound["matmul_s"], 4),
+        "roofline_other_s": round(bound["other_s"], 4),
+        "hlo_tflops": round(bound["flops"] / 1e12, 2),
+        "roofline_mfu": round(model_flops / bound["seconds"] / target.bf16_flops_per_s, 3),
+        "roofline_top": bound["top"],
     }
 
 

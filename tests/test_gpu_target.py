@@ -42,6 +42,21 @@ def test_reading_the_whole_buffer_counts_all_of_it():
     assert 4 * ROWS * WIDTH <= moved < 4 * ROWS * WIDTH + 16 * WIDTH
 
 
+def test_roofline_counts_matmul_flops_exactly_and_loops_by_trip_count():
+    def run(a, b):
+        return jax.lax.fori_loop(0, 8, lambda i, x: jnp.tanh(x @ b), a)
+
+    n = 256
+    hlo = jax.jit(run).lower(jnp.ones((n, n)), jnp.ones((n, n))).compile().as_text()
+    target = gpu_target.TARGETS["h200"]
+    bound = gpu_target.roofline(hlo, target)
+    assert bound["flops"] == 8 * 2 * n**3
+    # Each trip: the matmul reads two 256 KB matrices and writes one; tanh reads and writes one.
+    assert bound["bytes"] >= 8 * 5 * 4 * n * n
+    assert bound["matmul_s"] == pytest.approx(8 * 3 * 4 * n * n / target.bandwidth_bytes_per_s)
+    assert bound["seconds"] == pytest.approx(bound["matmul_s"] + bound["other_s"])
+
+
 def test_unknown_target_is_named():
     with pytest.raises(ValueError, match="unknown GPU target 'a100'"):
         gpu_target.device("a100")
@@ -85,3 +100,10 @@ def test_update_compiles_for_h200_with_a_memory_estimate():
     # The state (params + Lion's momentum) is the argument; the reference params come on top.
     assert result["compiled_argument_gb"] >= 2 * params_gb
     assert result["update_peak_estimate_gb"] >= 3 * params_gb
+    # The roofline: XLA's matmuls do at least the model's FLOPs, and the MFU bound is a fraction.
+    model_tflops = result["model_gflops_per_token"] * result["tokens"] / 1e3
+    assert result["hlo_tflops"] >= model_tflops * 0.99
+    assert result["roofline_s"] == pytest.approx(
+        result["roofline_matmul_s"] + result["roofline_other_s"], abs=2e-4
+    )
+    assert 0 < result["roofline_mfu"] < 1 and result["roofline_top"]
