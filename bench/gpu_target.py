@@ -233,23 +233,27 @@ def _top(per_label: dict[str, float], top: int, unit: str, scale: float) -> list
 
 
 def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
-    """Bytes one iteration of the largest while loop's body reads and writes.
+    """Bytes one iteration of each while loop of the entry computation reads and writes.
 
     An estimate from the optimized HLO: each fusion reads its parameters and writes its outputs
     once (slices and in-place updates count only what they touch); other ops read and write
     their result; caches are ignored, so it is the DRAM traffic of an unfused-across-kernels run.
-    `top`: the fusions that move the most, grouped by kind and the jax op they came from.
+    Returns `per_loop` (bytes, in program order) and `top`: the fusions of the last loop that
+    move the most, grouped by kind and the jax op they came from.
     """
     computations = _computations(hlo_text)
-    bodies = re.findall(r"\bwhile\(.*?body=%([\w.\-]+)", hlo_text)
+    entry = computations[re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1)]
+    bodies = [re.search(r"body=%([\w.\-]+)", i.rest).group(1) for i in entry if i.op == "while"]
     if not bodies:
-        raise ValueError("no while loop in this HLO")
-    body = max(set(bodies), key=lambda name: len(computations[name]))
-    per_label: dict[str, float] = collections.Counter()
-    for instruction in computations[body]:
-        if instruction.op not in _NO_TRAFFIC:
-            per_label[_label(instruction)] += _cost(instruction, computations)[0]
-    return {"bytes": sum(per_label.values()), "top": _top(per_label, top, "mb", 1e-6)}
+        raise ValueError("no while loop in the entry computation")
+    per_loop = []
+    for body in bodies:
+        per_label: dict[str, float] = collections.Counter()
+        for instruction in computations[body]:
+            if instruction.op not in _NO_TRAFFIC:
+                per_label[_label(instruction)] += _cost(instruction, computations)[0]
+        per_loop.append(sum(per_label.values()))
+    return {"per_loop": per_loop, "top": _top(per_label, top, "mb", 1e-6)}
 
 
 def roofline(hlo_text: str, target: GpuTarget, top: int = 12) -> dict[str, Any]:

@@ -41,6 +41,7 @@ flags.DEFINE_integer("num_samples", 1, "Completions per prompt (batch / num_samp
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per sequence (no padding).")
 flags.DEFINE_integer("new_tokens", 64, "New tokens per sequence.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
+flags.DEFINE_integer("decode_segments", 1, "Decode loops, each attending to a longer cache prefix.")
 flags.DEFINE_integer("iters", 3, "Timed calls after the warm-up.")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers' generate on the same shape.")
 flags.DEFINE_float("mem_bw_gbps", None, "Device memory bandwidth, GB/s, for the roofline fraction.")
@@ -70,6 +71,7 @@ def _sampling(config: ModelConfig) -> rollout.SamplingConfig:
         temperature=FLAGS.temperature,
         end_ids=(config.vocab_size - 1,),
         pad_id=0,
+        decode_segments=FLAGS.decode_segments,
     )
 
 
@@ -95,6 +97,12 @@ def _compile_for_gpu_target() -> dict:
     ).compile()  # fmt: skip
     compile_s = time.perf_counter() - start
     traffic = gpu_target.loop_traffic(compiled.as_text())
+    # Decode segments run one loop each; weigh each loop's bytes by the steps it runs.
+    ends = rollout.segment_ends(FLAGS.new_tokens, FLAGS.decode_segments)
+    steps = np.diff([1, *ends])
+    if len(traffic["per_loop"]) != len(ends):
+        raise RuntimeError(f"{len(traffic['per_loop'])} loops compiled for {len(ends)} segments")
+    step_bytes = float(np.dot(traffic["per_loop"], steps) / steps.sum())
     ideal = _bytes_per_step(config, FLAGS.batch, FLAGS.prompt_len + FLAGS.new_tokens)
     return {
         "device": f"{target.description} (compile only)",
@@ -105,11 +113,11 @@ def _compile_for_gpu_target() -> dict:
         "new_tokens": FLAGS.new_tokens,
         "compile_s": round(compile_s, 2),
         **{f"compiled_{k}": v for k, v in common.memory_analysis(compiled).items()},
-        "decode_step_mb": round(traffic["bytes"] / 1e6, 1),
+        "decode_segments": FLAGS.decode_segments,
+        "decode_step_mb": round(step_bytes / 1e6, 1),
+        "per_segment_mb": [round(b / 1e6, 1) for b in traffic["per_loop"]],
         "weights_and_cache_mb": round(ideal / 1e6, 1),
-        "bw_bound_tokens_per_s": round(
-            FLAGS.batch * target.bandwidth_bytes_per_s / traffic["bytes"]
-        ),
+        "bw_bound_tokens_per_s": round(FLAGS.batch * target.bandwidth_bytes_per_s / step_bytes),
         "decode_step_top": traffic["top"],
     }
 

@@ -95,6 +95,7 @@ def make_sampling(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    decode_segments: int = 1,
 ) -> rollout.SamplingConfig:
     return rollout.SamplingConfig(
         max_new_tokens=max_new_tokens,
@@ -103,6 +104,7 @@ def make_sampling(
         top_p=top_p,
         end_ids=end_ids,
         pad_id=pad_id,
+        decode_segments=decode_segments,
     )
 
 

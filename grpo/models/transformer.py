@@ -213,6 +213,7 @@ def _layer(
     cache_kv: tuple[jax.Array, jax.Array] | None,
     write_index: jax.Array,
     attention_impl: str,
+    attend_len: int | None = None,
 ):
     """One pre-norm transformer block. Returns the new residual stream and this layer's k/v:
     given this layer's cache buffers, the buffers with the new slots written in place."""
@@ -238,7 +239,7 @@ def _layer(
         v = jax.lax.dynamic_update_slice(
             cache_v, v.astype(cache_v.dtype), (zero, write_index, zero, zero)
         )
-    attn = _attention(q, k, v, mask_BxTxS, attention_impl)
+    attn = _attention(q, k[:, :attend_len], v[:, :attend_len], mask_BxTxS, attention_impl)
     x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn, w["o"])
     h = rms_norm(x_BxTxD, w["mlp_norm"], config.rms_norm_eps)
     gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum(
@@ -291,12 +292,15 @@ def forward(
     *,
     config: ModelConfig,
     cache: KVCache | None = None,
+    attend_len: int | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder; returns the final-norm hidden states (B,T,D) and the updated cache.
 
     Without a cache the T slots attend causally among themselves. With a cache the T new tokens
     are written at `cache.index` and attend to every earlier valid slot of the cache; the layers
     then run unrolled over per-layer params (`unstack_layers`, once, outside any decode loop).
+    `attend_len` (static) limits attention to the first slots of the cache, which must hold
+    every slot written so far (the sampler's decode segments).
     """
     dtype = jnp.dtype(config.dtype)
     inv_freq = rope_inv_freq(config)
@@ -314,9 +318,10 @@ def forward(
         )
         query_slots = write_index + jnp.arange(t)
         attention_impl = "xla"  # decode attends a long masked cache; keep the exact kernel
-    key_slots = jnp.arange(key_valid_BxS.shape[1])
+    attend_len = attend_len or key_valid_BxS.shape[1]
+    key_slots = jnp.arange(attend_len)
     causal_TxS = key_slots[None, :] <= query_slots[:, None]
-    mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None, :]
+    mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None, :attend_len]
 
     layer_fn = functools.partial(_layer, config, inv_freq, attention_impl=attention_impl)
     if cache is None:
@@ -335,7 +340,9 @@ def forward(
             raise ValueError("forward with a cache needs per-layer params: unstack_layers(params)")
         k_layers, v_layers = [], []
         for p, *layer_cache in zip(params["layers"], cache.k_layers, cache.v_layers, strict=True):
-            x, (k, v) = layer_fn(x, p, positions_BxT, mask_BxTxS, layer_cache, write_index)
+            x, (k, v) = layer_fn(
+                x, p, positions_BxT, mask_BxTxS, layer_cache, write_index, attend_len=attend_len
+            )
             k_layers.append(k)
             v_layers.append(v)
         new_cache = KVCache(

@@ -1,8 +1,9 @@
 """Rollout phase: a jitted sampler (prefill + `lax.while_loop` decode) that records log-probs.
 
 `generate` repeats each left-padded prompt `num_samples` times (group-contiguous rows), prefills
-the prompts once into a preallocated KV cache, repeats the cache per sample, and decodes inside a
-single `lax.while_loop` until every row has emitted an end id or the budget is spent. Nothing
+the prompts once into a preallocated KV cache, repeats the cache per sample, and decodes inside
+`lax.while_loop`s (one, or one per `decode_segments`) until every row has emitted an end id or
+the budget is spent. Nothing
 returns to the host per token. Sampling keys are `fold_in(rng, completion_index)`, so a key fixes
 the output.
 
@@ -38,7 +39,13 @@ from grpo.types import Rollout
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-    """How to sample completions. temperature == 0 means greedy (then top_k / top_p stay off)."""
+    """How to sample completions. temperature == 0 means greedy (then top_k / top_p stay off).
+
+    decode_segments: split the decode loop into this many loops over near-equal parts of the
+    completion, each attending only to the cache slots filled by its end (one compile of the
+    decode step per segment). Fewer cache bytes per step for long completions; off (1) by
+    default until measured on a GPU (BUILD_NOTES: segmented decode).
+    """
 
     max_new_tokens: int
     temperature: float = 1.0
@@ -46,6 +53,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0: no nucleus truncation
     end_ids: tuple[int, ...]
     pad_id: int
+    decode_segments: int = 1
 
     def __post_init__(self):
         # Gin and callers may pass a list; keep the config hashable.
@@ -56,6 +64,8 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.decode_segments < 1:
+            raise ValueError(f"decode_segments must be >= 1, got {self.decode_segments}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.end_ids:
@@ -154,6 +164,7 @@ def _generate(
         for x in (prompt_tokens_BxP, prompt_mask_BxP)
     )
     prompt_len_B = prompt_mask_BxP.sum(axis=1, dtype=jnp.int32)
+    prompt_len = prompt_mask_BxP.shape[1]
     batch = prompt_tokens_BxP.shape[0]
 
     state = SamplingState(
@@ -166,10 +177,7 @@ def _generate(
     )
     state = _record(state, first_logits_BxV, rng, sampling, mesh)
 
-    def cond(state: SamplingState) -> jax.Array:
-        return (state.step < width) & ~jnp.all(state.done_B)
-
-    def body(state: SamplingState) -> SamplingState:
+    def decode_step(state: SamplingState, attend_len: int) -> SamplingState:
         # The token sampled at slot step-1 sits right after the prompt's real tokens.
         positions_Bx1 = (prompt_len_B + state.step - 1)[:, None]
         hidden_Bx1xD, cache = tf.forward(
@@ -179,12 +187,23 @@ def _generate(
             jnp.ones((batch, 1), bool),
             config=model,
             cache=state.cache,
+            attend_len=attend_len,
         )
         logits_BxV = tf.logits(params, hidden_Bx1xD, config=model)[:, 0]
         return _record(state.replace(cache=cache), logits_BxV, rng, sampling, mesh)
 
-    state = jax.lax.while_loop(cond, body, state)
+    # One loop per segment, attending to the cache slots filled by the segment's end.
+    for end in segment_ends(width, sampling.decode_segments):
+        not_done = lambda state, end=end: (state.step < end) & ~jnp.all(state.done_B)
+        step = functools.partial(decode_step, attend_len=prompt_len + end)
+        state = jax.lax.while_loop(not_done, step, state)
     return _finish(state, prompt_tokens_BxP, prompt_mask_BxP, sampling, mesh)
+
+
+def segment_ends(width: int, segments: int) -> list[int]:
+    """Where each decode segment stops: `segments` near-equal parts of the completion width."""
+    segments = min(segments, width)
+    return [-(-width * (j + 1) // segments) for j in range(segments)]
 
 
 def _prefill(

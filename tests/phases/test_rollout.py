@@ -114,6 +114,7 @@ def test_trim_completions_cuts_to_bucket(lengths, buckets, expected_width):
         (dict(end_ids=()), "end_ids must name"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
         (dict(temperature=0.0, top_p=0.9), "temperature=0 is greedy"),
+        (dict(decode_segments=0), "decode_segments must be >= 1"),
     ],
 )
 def test_sampling_config_rejects(overrides, message):
@@ -171,6 +172,33 @@ def test_shared_prefill_equals_prefilling_every_copy(params, prompts):
     np.testing.assert_array_equal(shared.completion_tokens_BxC, per_row.completion_tokens_BxC)
     np.testing.assert_array_equal(shared.prompt_tokens_BxP, per_row.prompt_tokens_BxP)
     np.testing.assert_allclose(shared.logps_BxC, per_row.logps_BxC, atol=1e-5, rtol=0)
+
+
+def test_decode_segments_sample_the_same_completions(params, prompts):
+    # Three loops, each attending to a longer prefix of the cache (the slots filled so far):
+    # masked-out slots had weight 0, so the same key gives the same completions (log-probs to
+    # float rounding: softmax sums over fewer terms).
+    segmented = _sampling(decode_segments=3)
+    assert ro.segment_ends(WIDTH, 3) == [3, 6, 8]
+    tokens, mask = prompts
+    jaxpr = jax.make_jaxpr(
+        lambda p: ro._generate(
+            p,
+            tokens,
+            mask,
+            jax.random.key(1),
+            model=CONFIG,
+            sampling=segmented,
+            num_samples=2,
+            mesh=None,
+        )  # fmt: skip
+    )(params)
+    assert str(jaxpr).count(" while[") == 3
+    split = _generate(params, prompts, segmented)
+    whole = _generate(params, prompts, _sampling())
+    assert len(set(whole.lengths_B.tolist())) > 2, "want completions ending in every segment"
+    np.testing.assert_array_equal(split.completion_tokens_BxC, whole.completion_tokens_BxC)
+    np.testing.assert_allclose(split.logps_BxC, whole.logps_BxC, atol=1e-5, rtol=0)  # ulps
 
 
 def test_top_k_one_is_greedy(params, prompts):
