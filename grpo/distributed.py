@@ -19,6 +19,9 @@ ENV_COORDINATOR = "GRPO_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "GRPO_NUM_PROCESSES"
 ENV_PROCESS_ID = "GRPO_PROCESS_ID"
 ENV_TIMEOUT = "GRPO_INIT_TIMEOUT_S"
+# How long the survivors wait on a process that stopped answering (crashed, killed, host lost)
+# before they abort too; JAX's default is 100 s.
+ENV_HEARTBEAT = "GRPO_HEARTBEAT_TIMEOUT_S"
 EXIT_JOIN_FAILED = 3  # exit status when the processes did not all join in time
 
 
@@ -28,12 +31,14 @@ def initialize(
     process_id: int | None = None,
     *,
     timeout_s: int | None = None,
+    heartbeat_s: int | None = None,
 ) -> None:
     """Joins the processes of a multi-process run; a no-op for a single process."""
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
     num_processes = num_processes or _env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
     timeout_s = timeout_s or _env_int(ENV_TIMEOUT) or 300
+    heartbeat_s = heartbeat_s or _env_int(ENV_HEARTBEAT) or 100
     on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
     if coordinator_address is None and not on_tpu_pod:
         if num_processes not in (None, 1):
@@ -59,6 +64,7 @@ def initialize(
             num_processes=num_processes,
             process_id=process_id,
             initialization_timeout=timeout_s,
+            heartbeat_timeout_seconds=heartbeat_s,
         )
     finally:
         watchdog.cancel()
