@@ -307,6 +307,8 @@ def forward(
     x = params["embed"].astype(dtype)[tokens_BxT]
     t = tokens_BxT.shape[1]
     if cache is None:
+        if attend_len is not None:
+            raise ValueError("attend_len limits attention over a cache; pass one")
         key_valid_BxS = valid_BxT
         query_slots = jnp.arange(t)
         write_index = jnp.zeros((), jnp.int32)

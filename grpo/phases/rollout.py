@@ -3,9 +3,8 @@
 `generate` repeats each left-padded prompt `num_samples` times (group-contiguous rows), prefills
 the prompts once into a preallocated KV cache, repeats the cache per sample, and decodes inside
 `lax.while_loop`s (one, or one per `decode_segments`) until every row has emitted an end id or
-the budget is spent. Nothing
-returns to the host per token. Sampling keys are `fold_in(rng, completion_index)`, so a key fixes
-the output.
+the budget is spent. Nothing returns to the host per token. Sampling keys are
+`fold_in(rng, completion_index)`, so a key fixes the output.
 
 Log-prob convention (what `Rollout.logps_BxC` holds, in fp32, computed from the fp32 logits of
 the same `transformer.forward` / `transformer.logits` the trainer uses):
