@@ -35,6 +35,11 @@ class GpuTarget:
     bandwidth_bytes_per_s: float  # data sheet: HBM bandwidth
     bf16_flops_per_s: float = 989e12  # data sheet: dense bf16 tensor-core peak (SXM)
 
+    @property
+    def compile_only_label(self) -> str:
+        """How results compiled for this target name their device: nothing ran on it."""
+        return f"{self.description} (compile only)"
+
 
 # Hopper (sm_90, 132 SMs); only memory size and bandwidth differ between the two.
 TARGETS = {

@@ -75,6 +75,14 @@ def _sampling(config: ModelConfig) -> rollout.SamplingConfig:
     )
 
 
+def _compile(config: ModelConfig, params, tokens, mask, key):
+    """The compiled `generate` of this bench's flags (arrays or abstract stand-ins)."""
+    return rollout._generate.lower(
+        params, tokens, mask, key,
+        model=config, sampling=_sampling(config), num_samples=FLAGS.num_samples, mesh=None,
+    ).compile()  # fmt: skip
+
+
 def _compile_for_gpu_target() -> dict:
     """--gpu_target: XLA's memory analysis of `generate` and the bytes one decode step moves."""
     if FLAGS.model:
@@ -91,10 +99,7 @@ def _compile_for_gpu_target() -> dict:
         jax.eval_shape(lambda: jax.random.key(1)),
     )
     start = time.perf_counter()
-    compiled = rollout._generate.lower(
-        *gpu_target.abstract(inputs, on),
-        model=config, sampling=_sampling(config), num_samples=FLAGS.num_samples, mesh=None,
-    ).compile()  # fmt: skip
+    compiled = _compile(config, *gpu_target.abstract(inputs, on))
     compile_s = time.perf_counter() - start
     traffic = gpu_target.loop_traffic(compiled.as_text())
     # Decode segments run one loop each; weigh each loop's bytes by the steps it runs.
@@ -105,7 +110,7 @@ def _compile_for_gpu_target() -> dict:
     step_bytes = float(np.dot(traffic["per_loop"], steps) / steps.sum())
     ideal = _bytes_per_step(config, FLAGS.batch, FLAGS.prompt_len + FLAGS.new_tokens)
     return {
-        "device": f"{target.description} (compile only)",
+        "device": target.compile_only_label,
         "model": FLAGS.preset,
         "dtype": config.dtype,
         "batch": FLAGS.batch,
@@ -223,10 +228,7 @@ def main(argv: list[str]) -> None:
         with common.maybe_trace(FLAGS.profile_dir):
             jax.block_until_ready(call())
         # The traced executable's HLO (from the compilation cache), to name each op's jax source.
-        compiled = rollout._generate.lower(
-            params, tokens, mask, jax.random.key(1),
-            model=config, sampling=sampling, num_samples=FLAGS.num_samples, mesh=None,
-        ).compile()  # fmt: skip
+        compiled = _compile(config, params, tokens, mask, jax.random.key(1))
         result["top_ops"] = common.top_ops(FLAGS.profile_dir, compiled.as_text())
     if FLAGS.hf_baseline:
         hf = _hf_tokens_per_s(config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens)

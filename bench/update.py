@@ -113,7 +113,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     estimate = sum(memory[k] for k in ("argument_gb", "output_gb", "temp_gb")) - memory["alias_gb"]
     header = _header(args, config)
     if args.gpu_target:
-        header["device"] = f"{gpu_target.TARGETS[args.gpu_target].description} (compile only)"
+        header["device"] = gpu_target.TARGETS[args.gpu_target].compile_only_label
     model_flops = flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
     return {
         **header,
