@@ -61,7 +61,7 @@ def train_state(params: tf.Params, tx, seed: int = 0) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=jax.jit(tx.init)(params),
+        opt_state=optim.init_opt_state(tx, params),
         rng=jax.random.key(seed),
     )
 

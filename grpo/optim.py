@@ -18,6 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+
+from grpo import sharding
 
 
 def _cosine(peak: float, end: float, steps: int) -> optax.Schedule:
@@ -131,3 +134,32 @@ def make_optimizer(
     if clip_norm is None:
         return optimizer
     return optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
+    """`tx.init(params)`, laid out by `opt_state_shardings`."""
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params))(params)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
+    """Shardings for `tx.init(params)`: every param-shaped leaf (momenta, second moments) like
+    its param, the rest (counts, adafactor's factored moments) replicated over the params' mesh;
+    None (let jit decide) for params on no mesh. `params` may be abstract (ShapeDtypeStructs).
+
+    A plain `jax.jit(tx.init)` leaves its zeros on one device (they depend on no input), and
+    replicating them from there puts a whole copy of every momentum on each device.
+    """
+    shardings = jax.tree.map(lambda p: p.sharding, params)
+    meshes = {s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, NamedSharding)}
+    if not meshes:
+        return None
+    (mesh,) = meshes
+    replicated = sharding.replicated(mesh)
+    return optax.tree_map_params(
+        tx,
+        lambda leaf, param, sharding: sharding if leaf.shape == param.shape else replicated,
+        jax.eval_shape(tx.init, params),
+        params,
+        shardings,
+        transform_non_params=lambda _: replicated,
+    )

@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from grpo import flops, sharding
+from grpo import flops, optim, sharding
 from grpo.checkpoint import Checkpointer
 from grpo.data.gsm8k import PromptStream
 from grpo.data.prompts import SYSTEM_PROMPT, encode_prompts
@@ -192,7 +192,7 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
         TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=jax.jit(exp.tx.init)(params),
+            opt_state=optim.init_opt_state(exp.tx, params),
             rng=jax.random.key(cfg.seed),
         ),
         exp.mesh,

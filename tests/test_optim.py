@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 import gin
-from grpo import configurables, optim
+from grpo import configurables, optim, sharding
 
 NAMES = ["lion", "adamw", "adam", "sgd", "adafactor"]
 
@@ -135,3 +136,25 @@ def test_gin_binding_changes_the_optimizer(clean_gin):
 def test_gin_rejects_unknown_binding(clean_gin):
     with pytest.raises(ValueError, match="doesn't have a parameter named 'nmae'"):
         gin.parse_config("make_optimizer.nmae = 'adamw'")
+
+
+@pytest.mark.eight_devices
+@pytest.mark.parametrize("name", NAMES)
+def test_optimizer_state_is_sharded_like_the_params(name):
+    mesh = sharding.make_mesh(dp=1, fsdp=-1, tp=1)
+    by_fsdp = NamedSharding(mesh, PartitionSpec("fsdp"))
+    params = {
+        "w": jax.device_put(jnp.ones((16, 4)), by_fsdp),
+        "b": jax.device_put(jnp.ones(3), NamedSharding(mesh, PartitionSpec())),
+    }
+    tx = optim.make_optimizer(1e-3, name=name)
+    state = optim.init_opt_state(tx, params)
+    leaves = jax.tree.leaves(state)
+    # No leaf left on one device (a plain jit(tx.init) left all of them on device 0).
+    assert all(len(x.sharding.device_set) == 8 for x in leaves)
+    momenta = [x for x in leaves if x.shape == (16, 4)]
+    assert momenta or name == "sgd"  # sgd at momentum 0.9 keeps a trace; adafactor factors
+    for x in momenta:
+        assert x.sharding.is_equivalent_to(by_fsdp, 2), (name, x.sharding)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
