@@ -21,7 +21,7 @@ import numpy as np
 from grpo import flops, optim
 from grpo.models import presets
 from grpo.models import transformer as tf
-from grpo.models.config import ModelConfig
+from grpo.models.config import ATTENTION_IMPLS, ModelConfig
 from grpo.types import Batch, TrainState
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
@@ -33,7 +33,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activations")
     parser.add_argument("--param_dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--remat", default="dots", choices=("none", "full", "dots"))
-    parser.add_argument("--attention", default="xla", choices=("xla", "cudnn", "auto"))
+    parser.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS)
     parser.add_argument("--optimizer", default="lion", help="a grpo.optim.make_optimizer name")
     parser.add_argument("--micro_batches", type=int, default=1)
     parser.add_argument("--beta", type=float, default=0.0, help="> 0 adds the reference pass")

@@ -499,22 +499,24 @@ def train(exp: Experiment, workdir: str) -> dict[str, Any]:
     started = time.perf_counter()
     summary: dict[str, Any] = {"steps": rt.start_step}
     try:
-        for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
-            tick = time.perf_counter()
-            metrics = run_step(exp, rt, step)
-            last = step == cfg.num_steps
-            if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
-                eval_tick = time.perf_counter()
-                metrics["eval_accuracy"] = evaluate(exp, rt.state.params)
-                metrics["eval_seconds"] = time.perf_counter() - eval_tick
-                summary["eval_accuracy"] = metrics["eval_accuracy"]
-            metrics["checkpoint_seconds"] = _save(rt, step, force=last)
-            metrics["step_seconds"] = time.perf_counter() - tick
-            rt.metrics.write(step, metrics)
-            summary.update(steps=step, reward_mean=metrics["reward_mean"])
-            if not last and preemption.agreed():
-                _save(rt, step, force=True)  # skipped if the periodic save took this step
-                raise Preempted(f"preempted after step {step}; checkpoint saved")
+        # The context mesh: kernels run per shard in a shard_map (splash attention) read it.
+        with jax.set_mesh(exp.mesh):
+            for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
+                tick = time.perf_counter()
+                metrics = run_step(exp, rt, step)
+                last = step == cfg.num_steps
+                if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
+                    eval_tick = time.perf_counter()
+                    metrics["eval_accuracy"] = evaluate(exp, rt.state.params)
+                    metrics["eval_seconds"] = time.perf_counter() - eval_tick
+                    summary["eval_accuracy"] = metrics["eval_accuracy"]
+                metrics["checkpoint_seconds"] = _save(rt, step, force=last)
+                metrics["step_seconds"] = time.perf_counter() - tick
+                rt.metrics.write(step, metrics)
+                summary.update(steps=step, reward_mean=metrics["reward_mean"])
+                if not last and preemption.agreed():
+                    _save(rt, step, force=True)  # skipped if the periodic save took this step
+                    raise Preempted(f"preempted after step {step}; checkpoint saved")
         rt.checkpointer.wait_until_finished()
         if cfg.export_dir:
             _export(exp, rt, cfg.export_dir)

@@ -12,6 +12,8 @@ SUPPORTED_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
 }
 
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
+
 
 @dataclasses.dataclass(frozen=True)
 class Llama3RopeScaling:
@@ -44,8 +46,10 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     dtype: str = "bfloat16"  # activations / matmul inputs
     param_dtype: str = "float32"
-    # "xla": explicit einsum attention (reference, used for decoding); "cudnn" / "auto":
-    # jax.nn.dot_product_attention for prefill and training.
+    # Attention of the trainer's full-sequence forward (decoding always uses "xla"): "xla",
+    # our einsum attention (the reference); "cudnn": cuDNN's fused kernel (GPU) through
+    # jax.nn.dot_product_attention; "splash": the Pallas splash kernel (TPU; models/splash.py);
+    # "auto": splash on a TPU, else xla.
     attention_impl: str = "xla"
     # Rematerialise each layer in the backward pass ("none" | "full" | "dots").
     remat: str = "dots"
@@ -62,8 +66,11 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        if self.attention_impl not in ("xla", "cudnn", "auto"):
-            raise ValueError(f"attention_impl must be xla|cudnn|auto, got {self.attention_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {'|'.join(ATTENTION_IMPLS)}, "
+                f"got {self.attention_impl!r}"
+            )
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
 

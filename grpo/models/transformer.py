@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grpo.models import splash
 from grpo.models.config import ModelConfig
 
 Params = dict
@@ -194,13 +195,16 @@ def _attention_xla(q, k, v, mask_BxTxS):
     return out.reshape(b, t, n, h)
 
 
-def _attention(q, k, v, mask_BxTxS, impl: str):
+def _attention(q, k, v, *, mask_BxTxS, valid_BxT, impl: str):
+    """`mask_BxTxS` is causal & valid keys; splash, self-attention only, rebuilds it from
+    `valid_BxT` (the valid slots of the T = S sequence)."""
+    if impl == "auto":  # cuDNN stays opt-in until timed on a GPU (BUILD_NOTES)
+        impl = "splash" if splash.target_platform() == "tpu" else "xla"
     if impl == "xla":
         return _attention_xla(q, k, v, mask_BxTxS)
-    implementation = "cudnn" if impl == "cudnn" else None
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask_BxTxS[:, None], implementation=implementation
-    )
+    if impl == "splash":
+        return splash.attention(q, k, v, valid_BxT)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask_BxTxS[:, None], implementation="cudnn")
 
 
 def _layer(
@@ -209,14 +213,14 @@ def _layer(
     x_BxTxD: jax.Array,
     p: Params,
     positions_BxT: jax.Array,
-    mask_BxTxS: jax.Array,
+    attend,
     cache_kv: tuple[jax.Array, jax.Array] | None,
     write_index: jax.Array,
-    attention_impl: str,
     attend_len: int | None = None,
 ):
     """One pre-norm transformer block. Returns the new residual stream and this layer's k/v:
-    given this layer's cache buffers, the buffers with the new slots written in place."""
+    given this layer's cache buffers, the buffers with the new slots written in place.
+    `attend(q, k, v)` is the attention with its mask bound."""
     dtype = jnp.dtype(config.dtype)
     w = jax.tree.map(lambda a: a.astype(dtype), p)
     h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
@@ -239,7 +243,7 @@ def _layer(
         v = jax.lax.dynamic_update_slice(
             cache_v, v.astype(cache_v.dtype), (zero, write_index, zero, zero)
         )
-    attn = _attention(q, k[:, :attend_len], v[:, :attend_len], mask_BxTxS, attention_impl)
+    attn = attend(q, k[:, :attend_len], v[:, :attend_len])
     x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn, w["o"])
     h = rms_norm(x_BxTxD, w["mlp_norm"], config.rms_norm_eps)
     gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum(
@@ -325,12 +329,15 @@ def forward(
     causal_TxS = key_slots[None, :] <= query_slots[:, None]
     mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None, :attend_len]
 
-    layer_fn = functools.partial(_layer, config, inv_freq, attention_impl=attention_impl)
+    attend = functools.partial(
+        _attention, mask_BxTxS=mask_BxTxS, valid_BxT=valid_BxT, impl=attention_impl
+    )
+    layer_fn = functools.partial(_layer, config, inv_freq)
     if cache is None:
 
         def body(x, layer_in):
             p, _ = layer_in
-            x, _ = layer_fn(x, p, positions_BxT, mask_BxTxS, None, write_index)
+            x, _ = layer_fn(x, p, positions_BxT, attend, None, write_index)
             return x, None
 
         if config.remat != "none":
@@ -343,7 +350,7 @@ def forward(
         k_layers, v_layers = [], []
         for p, *layer_cache in zip(params["layers"], cache.k_layers, cache.v_layers, strict=True):
             x, (k, v) = layer_fn(
-                x, p, positions_BxT, mask_BxTxS, layer_cache, write_index, attend_len=attend_len
+                x, p, positions_BxT, attend, layer_cache, write_index, attend_len=attend_len
             )
             k_layers.append(k)
             v_layers.append(v)
