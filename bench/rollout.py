@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench import common, gpu_target
+from bench import common, gpu_target, tpu_target
+from grpo import sharding
 from grpo.models import loading, presets
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
@@ -49,6 +50,10 @@ flags.DEFINE_string("profile_dir", None, "Trace one more call here; print the to
 flags.DEFINE_enum(
     "gpu_target", None, sorted(gpu_target.TARGETS),
     "Compile only, for this GPU (no GPU needed; bench/gpu_target.py): memory and decode bytes.",
+)  # fmt: skip
+flags.DEFINE_enum(
+    "tpu_target", None, sorted(tpu_target.TARGETS),
+    "Compile only, for this TPU slice, fsdp over its chips (bench/tpu_target.py): memory.",
 )  # fmt: skip
 FLAGS = flags.FLAGS
 
@@ -75,12 +80,60 @@ def _sampling(config: ModelConfig) -> rollout.SamplingConfig:
     )
 
 
-def _compile(config: ModelConfig, params, tokens, mask, key):
-    """The compiled `generate` of this bench's flags (arrays or abstract stand-ins)."""
+def _lower(config: ModelConfig, params, tokens, mask, key, mesh=None):
+    """The lowered `generate` of this bench's flags (arrays or abstract stand-ins)."""
     return rollout._generate.lower(
         params, tokens, mask, key,
-        model=config, sampling=_sampling(config), num_samples=FLAGS.num_samples, mesh=None,
-    ).compile()  # fmt: skip
+        model=config, sampling=_sampling(config), num_samples=FLAGS.num_samples, mesh=mesh,
+    )  # fmt: skip
+
+
+def _compile(config: ModelConfig, params, tokens, mask, key):
+    return _lower(config, params, tokens, mask, key).compile()
+
+
+def _abstract_inputs(config: ModelConfig):
+    """Abstract params, prompt tokens, prompt mask and key of this bench's shape."""
+    params = jax.eval_shape(lambda: tf.init_params(config, jax.random.key(0)))
+    prompts = (FLAGS.batch // FLAGS.num_samples, FLAGS.prompt_len)
+    return (
+        params,
+        jax.ShapeDtypeStruct(prompts, jnp.int32),
+        jax.ShapeDtypeStruct(prompts, jnp.bool_),
+        jax.eval_shape(lambda: jax.random.key(1)),
+    )
+
+
+def _compile_for_tpu_target() -> dict:
+    """--tpu_target: XLA's per-chip memory analysis of `generate`, sharded as the trainer runs
+    it (params fsdp, rows over the batch axes)."""
+    if FLAGS.model:
+        raise app.UsageError("--tpu_target compiles a --preset shape; drop --model")
+    mesh = tpu_target.mesh(FLAGS.tpu_target)
+    config = presets.preset(FLAGS.preset, dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype)
+    params, tokens, mask, key = _abstract_inputs(config)
+    params, (tokens, mask) = tpu_target.on_mesh(mesh, config, params, (tokens, mask))
+    key = tpu_target.place(key, sharding.replicated(mesh))
+    header = {
+        "device": tpu_target.TARGETS[FLAGS.tpu_target].compile_only_label,
+        "model": FLAGS.preset,
+        "batch": FLAGS.batch,
+        "prompt_len": FLAGS.prompt_len,
+        "new_tokens": FLAGS.new_tokens,
+    }
+    lower = lambda: _lower(config, params, tokens, mask, key, mesh)
+    compile_s, (compiled, refused) = common.timed(lambda: tpu_target.compile_for(mesh, lower))
+    if compiled is None:
+        return {**header, **refused}
+    memory = common.memory_analysis(compiled)
+    peak_gb = memory["argument_gb"] + memory["output_gb"] + memory["temp_gb"]
+    return {
+        **header,
+        "compile_s": round(compile_s, 2),
+        "mesh": dict(mesh.shape),  # GB are per chip
+        **{f"compiled_{k}": v for k, v in memory.items()},
+        **tpu_target.fit(FLAGS.tpu_target, compiled, peak_gb),
+    }
 
 
 def _compile_for_gpu_target() -> dict:
@@ -90,16 +143,8 @@ def _compile_for_gpu_target() -> dict:
     target = gpu_target.TARGETS[FLAGS.gpu_target]
     on = gpu_target.device(FLAGS.gpu_target)
     config = presets.preset(FLAGS.preset, dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype)
-    params = jax.eval_shape(lambda: tf.init_params(config, jax.random.key(0)))
-    prompts = (FLAGS.batch // FLAGS.num_samples, FLAGS.prompt_len)
-    inputs = (
-        params,
-        jax.ShapeDtypeStruct(prompts, jnp.int32),
-        jax.ShapeDtypeStruct(prompts, jnp.bool_),
-        jax.eval_shape(lambda: jax.random.key(1)),
-    )
     start = time.perf_counter()
-    compiled = _compile(config, *gpu_target.abstract(inputs, on))
+    compiled = _compile(config, *gpu_target.abstract(_abstract_inputs(config), on))
     compile_s = time.perf_counter() - start
     traffic = gpu_target.loop_traffic(compiled.as_text())
     # Decode segments run one loop each; weigh each loop's bytes by the steps it runs.
@@ -183,8 +228,13 @@ def main(argv: list[str]) -> None:
     del argv
     if FLAGS.batch % FLAGS.num_samples:
         raise ValueError(f"--batch={FLAGS.batch} is not a multiple of --num_samples")
-    if FLAGS.gpu_target:
-        common.print_result(_compile_for_gpu_target())
+    if FLAGS.gpu_target and FLAGS.tpu_target:
+        raise app.UsageError("--gpu_target or --tpu_target, not both")
+    if FLAGS.gpu_target or FLAGS.tpu_target:
+        compile_for_target = (
+            _compile_for_gpu_target if FLAGS.gpu_target else _compile_for_tpu_target
+        )
+        common.print_result(compile_for_target())
         return
     config, params = _model()
     prompts = FLAGS.batch // FLAGS.num_samples

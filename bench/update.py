@@ -18,16 +18,18 @@ baseline does not, so the ratio slightly favours PyTorch.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from bench import common, gpu_target
-from grpo import flops
+from bench import common, gpu_target, tpu_target
+from grpo import flops, optim, sharding
 from grpo.models.config import ModelConfig
 from grpo.phases import update
-from grpo.types import Batch
+from grpo.types import Batch, TrainState
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,10 +45,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile_only", action="store_true", help="memory analysis only: allocate, run nothing"
     )
-    parser.add_argument(
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
         "--gpu_target",
         choices=sorted(gpu_target.TARGETS),
         help="--compile_only for this GPU, on any machine (bench/gpu_target.py)",
+    )
+    target.add_argument(
+        "--tpu_target",
+        choices=sorted(tpu_target.TARGETS),
+        help="--compile_only for this TPU slice, fsdp over its chips (bench/tpu_target.py)",
     )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
@@ -90,34 +98,44 @@ def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
 def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     """XLA's memory analysis of the update at this shape, from abstract inputs: nothing is
     allocated or run, so a 1.5B or 3B shape can be sized on a CPU machine. With --gpu_target,
-    XLA's GPU compiler sizes it for that GPU."""
+    XLA's GPU compiler sizes it for that GPU; with --tpu_target, for each chip of that slice."""
     on = gpu_target.device(args.gpu_target) if args.gpu_target else None
+    mesh = tpu_target.mesh(args.tpu_target) if args.tpu_target else None
     config, loss, tx = common.model_config(args), loss_config(args), common.make_tx(args.optimizer)
     params = jax.eval_shape(lambda: common.random_params(config))
-    state = jax.eval_shape(lambda p: common.train_state(p, tx), params)
     host_batch = common.random_batch(config, args.batch, args.prompt_len, args.completion_len)
     if loss.beta > 0:
         host_batch = host_batch.replace(ref_logps_BxC=host_batch.old_logps_BxC)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_batch)
     if on is not None:
-        state, batch = gpu_target.abstract((state, batch), on)
+        params, batch = gpu_target.abstract((params, batch), on)
+    if mesh is not None:
+        params, batch = tpu_target.on_mesh(mesh, config, params, batch)
+    state = _abstract_state(params, tx)
     update_fn = update.make_update_fn(
         model=config, tx=tx, loss=loss, num_micro_batches=args.micro_batches
     )
-    compile_s, compiled = common.timed(lambda: update_fn.lower(state, batch).compile())
+    header = _header(args, config)
+    target = gpu_target.TARGETS.get(args.gpu_target) or tpu_target.TARGETS.get(args.tpu_target)
+    if target is not None:
+        header["device"] = target.compile_only_label
+    lower = lambda: update_fn.lower(state, batch)
+    if mesh is None:
+        compile_s, compiled = common.timed(lambda: lower().compile())
+    else:
+        compile_s, (compiled, refused) = common.timed(lambda: tpu_target.compile_for(mesh, lower))
+        if compiled is None:
+            return {**header, **refused}
     memory = common.memory_analysis(compiled)
-    ref_params_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 1e9
-    ref_params_gb = ref_params_gb if loss.beta > 0 else 0.0
+    ref_params_gb = _gb_per_device(params) if loss.beta > 0 else 0.0  # sharded like params
     # Live during the update: its arguments, outputs not aliased to donated arguments, its
     # temporaries, and the frozen reference params the trainer keeps when beta > 0.
     estimate = sum(memory[k] for k in ("argument_gb", "output_gb", "temp_gb")) - memory["alias_gb"]
-    header = _header(args, config)
-    if args.gpu_target:
-        header["device"] = gpu_target.TARGETS[args.gpu_target].compile_only_label
     model_flops = flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
     return {
         **header,
         "compile_s": round(compile_s, 2),
+        **({"mesh": dict(mesh.shape)} if mesh is not None else {}),  # then GB are per chip
         **{f"compiled_{k}": v for k, v in memory.items()},
         "ref_params_gb": round(ref_params_gb, 3),
         "update_peak_estimate_gb": round(estimate + ref_params_gb, 3),
@@ -125,7 +143,34 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
             model_flops / (args.batch * (args.prompt_len + args.completion_len)) / 1e9, 4
         ),
         **(_roofline(compiled, args.gpu_target, model_flops) if args.gpu_target else {}),
+        **(tpu_target.fit(args.tpu_target, compiled, estimate + ref_params_gb) if mesh else {}),
     }
+
+
+def _gb_per_device(tree) -> float:
+    """GB of abstract arrays held by one device (all of an array without a sharding)."""
+    shard = lambda x: x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    return sum(math.prod(shard(x)) * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e9
+
+
+def _abstract_state(params, tx) -> TrainState:
+    """The TrainState of abstract `params`: the optimizer state laid out as the trainer's
+    (grpo.optim.init_opt_state), scalars replicated."""
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+        rng=jax.eval_shape(lambda: jax.random.key(0)),
+    )
+    opt_shardings = optim.opt_state_shardings(tx, params)
+    if opt_shardings is None:
+        return state
+    replicated = sharding.replicated(next(iter(jax.tree.leaves(opt_shardings))).mesh)
+    return state.replace(
+        opt_state=tpu_target.place(state.opt_state, opt_shardings),
+        step=tpu_target.place(state.step, replicated),
+        rng=tpu_target.place(state.rng, replicated),
+    )
 
 
 def _roofline(compiled, target_name: str, model_flops: float) -> dict[str, Any]:
@@ -144,7 +189,7 @@ def _roofline(compiled, target_name: str, model_flops: float) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.compile_only or args.gpu_target:
+    if args.compile_only or args.gpu_target or args.tpu_target:
         return compile_only(args)
     config = common.model_config(args)
     loss = loss_config(args)
