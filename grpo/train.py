@@ -44,7 +44,9 @@ class TrainConfig:
     prompts_per_step: int = 16
     num_generations: int = 8  # completions per prompt: the GRPO group size
     num_iterations: int = 1  # optimizer updates per rollout batch (old policy = the rollout's)
-    completions_per_micro_batch: int | None = None  # None: the whole step batch at once
+    # At most this many completions per forward/backward pass (gradient accumulation over the
+    # step's micro-batches; memory); None: the whole step batch at once.
+    completions_per_micro_batch: int | None = None
     advantage_scale: str = "group"  # group | batch | none
     eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)
     eval_examples: int | None = None  # None: the whole test split
@@ -77,7 +79,10 @@ class TrainConfig:
 
     @property
     def num_micro_batches(self) -> int:
-        per_micro = self.completions_per_micro_batch or self.completions_per_step
+        per_micro = min(
+            self.completions_per_micro_batch or self.completions_per_step,
+            self.completions_per_step,
+        )
         if self.completions_per_step % per_micro:
             raise ValueError(
                 f"completions_per_micro_batch={per_micro} must divide the "

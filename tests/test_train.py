@@ -75,6 +75,21 @@ def test_bad_bindings_fail_fast(tmp_path, binding, message):
     assert "Compiling" not in result.stderr and not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    "prompts, per_micro, micro_batches",
+    [(16, 16, 8), (16, None, 1), (1, 16, 1)],  # gsm8k.gin's cap; no cap; its smoke run (8 < 16)
+)
+def test_completions_per_micro_batch_caps_a_pass(prompts, per_micro, micro_batches):
+    config = train.TrainConfig(prompts_per_step=prompts, completions_per_micro_batch=per_micro)
+    assert config.num_micro_batches == micro_batches
+
+
+def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
+    config = train.TrainConfig(prompts_per_step=3, completions_per_micro_batch=16)
+    with pytest.raises(ValueError, match="completions_per_micro_batch=16 must divide the 24"):
+        _ = config.num_micro_batches
+
+
 def _length_reward(completion, example):
     """Varies across random completions, so even a tiny random policy gets a gradient."""
     return len(completion) / 100.0
