@@ -62,13 +62,24 @@ def _smoke(optimizer: str, tokenizer: str, preset: str) -> tuple[str, ...]:
 
 
 def checks(tokenizer: str) -> list[Check]:
-    """The plan, in priority order within each part (part 1: the three targets)."""
+    """The plan, in priority order within each part. Part 1: the smoke run (the validation
+    the issue asks for, and the quickest sign that the trainer works on this GPU at all), the
+    rollout and MFU targets; part 2: the memory target (XLA's GPU compile already estimates it
+    here), the adamw smoke run, cuDNN attention, the GPU tests. A call that starts a machine
+    spends a minute or more of the session's 15 before part 1 begins."""
     update_1p5b = ("bench.update", "--preset=qwen2.5-1.5b", "--batch=64", "--prompt_len=256")
     # 4 micro-batches: the best H200 roofline that fits (BUILD_NOTES: update shape choices).
     update_1p5b += ("--completion_len=768", "--micro_batches=4", "--iters=2")
     update_tiny = ("bench.update", "--preset=tiny-qwen2", "--batch=8", "--prompt_len=16")
     update_tiny += ("--completion_len=16", "--micro_batches=2", "--iters=1")
     return [
+        Check(
+            "smoke_lion",
+            1,
+            150,
+            _smoke("lion", tokenizer, SMOKE_PRESET),
+            _smoke("lion", tokenizer, "tiny-qwen2"),
+        ),
         Check(
             "rollout",
             1,
@@ -89,20 +100,13 @@ def checks(tokenizer: str) -> list[Check]:
         ),
         Check(
             "step_memory",
-            1,
+            2,
             220,
             ("bench.step", "--preset=qwen2.5-1.5b", "--prompts=16", "--group=8")
             + ("--prompt_len=256", "--new_tokens=1024", "--micro_batches=16", "--beta=0.04")
             + ("--steps=1",),  # the trainer's default attention (xla): its memory is the target
             ("bench.step", "--preset=tiny-qwen2", "--prompts=2", "--group=4", "--prompt_len=16")
             + ("--new_tokens=16", "--micro_batches=2", "--beta=0.04", "--steps=1"),
-        ),
-        Check(
-            "smoke_lion",
-            2,
-            150,
-            _smoke("lion", tokenizer, SMOKE_PRESET),
-            _smoke("lion", tokenizer, "tiny-qwen2"),
         ),
         Check(
             "smoke_adamw",
@@ -121,7 +125,7 @@ def checks(tokenizer: str) -> list[Check]:
         Check(
             "tests",
             2,
-            150,
+            90,
             ("pytest", "-q", "tests/models/test_parity.py", "tests/models/test_mixed_precision.py")
             + ("tests/phases/test_rollout.py", "-k", "not smollm2"),  # its GGUF is not carried
             ("pytest", "-q", "tests/models/test_mixed_precision.py"),
