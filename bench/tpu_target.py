@@ -48,10 +48,10 @@ TARGETS = {
 }
 
 
-def mesh(name: str) -> Mesh:
-    """The trainer's mesh (fsdp over every chip, as gin/gsm8k.gin) on TPU slice `name`, compile
-    only. Call it before anything starts a JAX backend."""
-    return sharding.make_mesh(dp=1, fsdp=-1, tp=1, devices=_devices(name))
+def mesh(name: str, dp: int = 1, fsdp: int = -1, tp: int = 1) -> Mesh:
+    """A (dp, fsdp, tp) mesh of TPU slice `name`'s chips, compile only; by default the trainer's
+    (fsdp over every chip, as gin/gsm8k.gin). Call it before anything starts a JAX backend."""
+    return sharding.make_mesh(dp=dp, fsdp=fsdp, tp=tp, devices=_devices(name))
 
 
 def on_mesh(on: Mesh, config: ModelConfig, params: Any, batch: Any) -> tuple[Any, Any]:

@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(tpu_target.TARGETS),
         help="--compile_only for this TPU slice, fsdp over its chips (bench/tpu_target.py)",
     )
+    parser.add_argument(
+        "--tpu_mesh",
+        default="1,-1,1",
+        help="dp,fsdp,tp of the --tpu_target mesh (-1: the remaining chips)",
+    )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters}, {args.warmup}")
@@ -100,7 +105,10 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     allocated or run, so a 1.5B or 3B shape can be sized on a CPU machine. With --gpu_target,
     XLA's GPU compiler sizes it for that GPU; with --tpu_target, for each chip of that slice."""
     on = gpu_target.device(args.gpu_target) if args.gpu_target else None
-    mesh = tpu_target.mesh(args.tpu_target) if args.tpu_target else None
+    mesh = None
+    if args.tpu_target:
+        dp, fsdp, tp = (int(n) for n in args.tpu_mesh.split(","))
+        mesh = tpu_target.mesh(args.tpu_target, dp=dp, fsdp=fsdp, tp=tp)
     config, loss, tx = common.model_config(args), loss_config(args), common.make_tx(args.optimizer)
     params = jax.eval_shape(lambda: common.random_params(config))
     host_batch = common.random_batch(config, args.batch, args.prompt_len, args.completion_len)

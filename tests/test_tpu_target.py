@@ -44,6 +44,15 @@ def test_update_with_auto_attention_compiles_splash_for_every_chip_of_a_v6e_8():
 
 
 @needs_libtpu
+def test_splash_compiles_per_shard_with_heads_split_over_tp():
+    # tiny-qwen2's 4 query / 2 kv heads split over tp=2: each shard's kernel gets 2 + 1 heads.
+    shape = ("--preset=tiny-qwen2", "--batch=16", "--prompt_len=64", "--completion_len=64")
+    result = _bench("update", *shape, "--attention=splash", "--tpu_mesh=2,2,2")
+    assert result["mesh"] == {"dp": 2, "fsdp": 2, "tp": 2}
+    assert result["fits"] is True and result["mosaic_kernels"] >= 3
+
+
+@needs_libtpu
 def test_a_program_too_big_for_a_chip_is_reported_not_raised():
     # 0.5B, 64 rows x 2048 slots of fp32 scores in one micro-batch: far over 32 GB per chip.
     shape = ("--preset=qwen2.5-0.5b", "--batch=64", "--prompt_len=1024", "--completion_len=1024")
