@@ -243,22 +243,29 @@ def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
     An estimate from the optimized HLO: each fusion reads its parameters and writes its outputs
     once (slices and in-place updates count only what they touch); other ops read and write
     their result; caches are ignored, so it is the DRAM traffic of an unfused-across-kernels run.
-    Returns `per_loop` (bytes, in program order) and `top`: the fusions of the last loop that
-    move the most, grouped by kind and the jax op they came from.
+    Returns `per_loop` (bytes, in program order), `kernels_per_loop` (the kernels one iteration
+    launches: each op that moves data; at a few microseconds per launch, the floor under a step
+    that runs without CUDA graphs) and `top`: the fusions of the last loop that move the most,
+    grouped by kind and the jax op they came from.
     """
     computations = _computations(hlo_text)
     entry = computations[re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1)]
     bodies = [re.search(r"body=%([\w.\-]+)", i.rest).group(1) for i in entry if i.op == "while"]
     if not bodies:
         raise ValueError("no while loop in the entry computation")
-    per_loop = []
+    per_loop, kernels_per_loop = [], []
     for body in bodies:
         per_label: dict[str, float] = collections.Counter()
-        for instruction in computations[body]:
-            if instruction.op not in _NO_TRAFFIC:
-                per_label[_label(instruction)] += _cost(instruction, computations)[0]
+        kernels = [i for i in computations[body] if i.op not in _NO_TRAFFIC]
+        for instruction in kernels:
+            per_label[_label(instruction)] += _cost(instruction, computations)[0]
         per_loop.append(sum(per_label.values()))
-    return {"per_loop": per_loop, "top": _top(per_label, top, "mb", 1e-6)}
+        kernels_per_loop.append(len(kernels))
+    return {
+        "per_loop": per_loop,
+        "kernels_per_loop": kernels_per_loop,
+        "top": _top(per_label, top, "mb", 1e-6),
+    }
 
 
 def roofline(hlo_text: str, target: GpuTarget, top: int = 12) -> dict[str, Any]:

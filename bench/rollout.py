@@ -166,6 +166,7 @@ def _compile_for_gpu_target() -> dict:
         "decode_segments": FLAGS.decode_segments,
         "decode_step_mb": round(step_bytes / 1e6, 1),
         "per_segment_mb": [round(b / 1e6, 1) for b in traffic["per_loop"]],
+        "decode_step_kernels": traffic["kernels_per_loop"],  # per segment
         "weights_and_cache_mb": round(ideal / 1e6, 1),
         "bw_bound_tokens_per_s": round(FLAGS.batch * target.bandwidth_bytes_per_s / step_bytes),
         "decode_step_top": traffic["top"],

@@ -32,9 +32,12 @@ def _loop_hlo(read_whole_buffer: bool) -> str:
 
 
 def test_an_in_place_update_counts_only_the_row_it_touches():
-    (moved,) = gpu_target.loop_traffic(_loop_hlo(read_whole_buffer=False))["per_loop"]
+    traffic = gpu_target.loop_traffic(_loop_hlo(read_whole_buffer=False))
+    (moved,) = traffic["per_loop"]
     row = 4 * WIDTH
     assert 2 * row <= moved < 4 * row  # read x, write one row (+ a few scalars)
+    # The body's kernels (XLA:CPU): the row update, the counter's add and a copy of it.
+    assert traffic["kernels_per_loop"] == [3]
 
 
 def test_reading_the_whole_buffer_counts_all_of_it():
