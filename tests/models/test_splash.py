@@ -16,7 +16,7 @@ from grpo.models import presets, splash
 from grpo.models import transformer as tf
 
 
-def _valid(batch: int, t: int, left_pad: list[int], ends: list[int]) -> jax.Array:
+def _valid(t: int, left_pad: list[int], ends: list[int]) -> jax.Array:
     """Left-padded prompts; slots from `ends` on are padding after the completion."""
     slots = np.arange(t)[None, :]
     return jnp.asarray((slots >= np.array(left_pad)[:, None]) & (slots < np.array(ends)[:, None]))
@@ -38,7 +38,7 @@ def test_attention_and_gradients_match_einsum_attention(t, heads, kv_heads):
     rng = np.random.default_rng(t)
     q = jnp.asarray(rng.normal(size=(2, t, heads, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, t, kv_heads, 16)), jnp.float32) for _ in range(2))
-    valid = _valid(2, t, left_pad=[t // 3, 0], ends=[t, t - 5])
+    valid = _valid(t, left_pad=[t // 3, 0], ends=[t, t - 5])
     mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
 
     ours = lambda q, k, v: _masked_loss(splash.attention(q, k, v, valid), valid)
@@ -57,7 +57,7 @@ def _forward_loss(config, params, tokens, positions, valid):
 
 def _tiny_batch(config):
     tokens = jax.random.randint(jax.random.key(1), (8, 40), 0, config.vocab_size)
-    valid = _valid(8, 40, left_pad=[0, 3, 9, 1, 0, 20, 2, 5], ends=[40, 33, 40, 12, 40, 40, 39, 30])
+    valid = _valid(40, left_pad=[0, 3, 9, 1, 0, 20, 2, 5], ends=[40, 33, 40, 12, 40, 40, 39, 30])
     return tokens, tf.positions_from_mask(valid), valid
 
 
