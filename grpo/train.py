@@ -495,7 +495,6 @@ def _progress(steps: range, total: int):
 
 def train(exp: Experiment, workdir: str) -> dict[str, Any]:
     """Runs the loop from the last checkpoint in `workdir` (or the start) to num_steps."""
-    cfg = exp.train
     check_batch_layout(exp)
     for line in effective_batch_lines(exp):
         logging.info("%s", line)
@@ -506,28 +505,35 @@ def train(exp: Experiment, workdir: str) -> dict[str, Any]:
     try:
         # The context mesh: kernels run per shard in a shard_map (splash attention) read it.
         with jax.set_mesh(exp.mesh):
-            for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
-                tick = time.perf_counter()
-                metrics = run_step(exp, rt, step)
-                last = step == cfg.num_steps
-                if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
-                    eval_tick = time.perf_counter()
-                    metrics["eval_accuracy"] = evaluate(exp, rt.state.params)
-                    metrics["eval_seconds"] = time.perf_counter() - eval_tick
-                    summary["eval_accuracy"] = metrics["eval_accuracy"]
-                metrics["checkpoint_seconds"] = _save(rt, step, force=last)
-                metrics["step_seconds"] = time.perf_counter() - tick
-                rt.metrics.write(step, metrics)
-                summary.update(steps=step, reward_mean=metrics["reward_mean"])
-                if not last and preemption.agreed():
-                    _save(rt, step, force=True)  # skipped if the periodic save took this step
-                    raise Preempted(f"preempted after step {step}; checkpoint saved")
+            _run_steps(exp, rt, preemption, summary)
         rt.checkpointer.wait_until_finished()
-        if cfg.export_dir:
-            _export(exp, rt, cfg.export_dir)
+        if exp.train.export_dir:
+            _export(exp, rt, exp.train.export_dir)
     finally:
         preemption.restore()
         rt.checkpointer.close()
         rt.metrics.close()
     summary["wall_seconds"] = time.perf_counter() - started
     return summary
+
+
+def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: dict) -> None:
+    """Steps from the resumed one to the last: eval, checkpoint and metrics after each; updates
+    `summary`; raises Preempted after saving when a SIGTERM was agreed on."""
+    cfg = exp.train
+    for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
+        tick = time.perf_counter()
+        metrics = run_step(exp, rt, step)
+        last = step == cfg.num_steps
+        if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
+            eval_tick = time.perf_counter()
+            metrics["eval_accuracy"] = evaluate(exp, rt.state.params)
+            metrics["eval_seconds"] = time.perf_counter() - eval_tick
+            summary["eval_accuracy"] = metrics["eval_accuracy"]
+        metrics["checkpoint_seconds"] = _save(rt, step, force=last)
+        metrics["step_seconds"] = time.perf_counter() - tick
+        rt.metrics.write(step, metrics)
+        summary.update(steps=step, reward_mean=metrics["reward_mean"])
+        if not last and preemption.agreed():
+            _save(rt, step, force=True)  # skipped if the periodic save took this step
+            raise Preempted(f"preempted after step {step}; checkpoint saved")
