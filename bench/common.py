@@ -130,6 +130,13 @@ def memory_analysis(compiled) -> dict[str, float]:
     return {name: round(size / 1e9, 3) for name, size in sizes.items()}
 
 
+def live_gb(memory: dict[str, float]) -> float:
+    """What an executable holds at its peak by `memory_analysis`: arguments, temporaries and the
+    outputs not aliased to (donated) arguments."""
+    held = memory["argument_gb"] + memory["output_gb"] + memory["temp_gb"]
+    return held - memory["alias_gb"]
+
+
 def gb(size: int | None) -> float | str:
     return "n/a" if size is None else round(size / 1e9, 3)
 

@@ -114,25 +114,29 @@ def _compile_for_tpu_target() -> dict:
     params, tokens, mask, key = _abstract_inputs(config)
     params, (tokens, mask) = tpu_target.on_mesh(mesh, config, params, (tokens, mask))
     key = tpu_target.place(key, sharding.replicated(mesh))
-    header = {
-        "device": tpu_target.TARGETS[FLAGS.tpu_target].compile_only_label,
-        "model": FLAGS.preset,
-        "batch": FLAGS.batch,
-        "prompt_len": FLAGS.prompt_len,
-        "new_tokens": FLAGS.new_tokens,
-    }
+    header = _compile_only_header(tpu_target.TARGETS[FLAGS.tpu_target], config)
     lower = lambda: _lower(config, params, tokens, mask, key, mesh)
     compile_s, (compiled, refused) = common.timed(lambda: tpu_target.compile_for(mesh, lower))
     if compiled is None:
         return {**header, **refused}
     memory = common.memory_analysis(compiled)
-    peak_gb = memory["argument_gb"] + memory["output_gb"] + memory["temp_gb"]
     return {
         **header,
         "compile_s": round(compile_s, 2),
         "mesh": dict(mesh.shape),  # GB are per chip
         **{f"compiled_{k}": v for k, v in memory.items()},
-        **tpu_target.fit(FLAGS.tpu_target, compiled, peak_gb),
+        **tpu_target.fit(FLAGS.tpu_target, compiled, common.live_gb(memory)),
+    }
+
+
+def _compile_only_header(target, config: ModelConfig) -> dict:
+    return {
+        "device": target.compile_only_label,
+        "model": FLAGS.preset,
+        "dtype": config.dtype,
+        "batch": FLAGS.batch,
+        "prompt_len": FLAGS.prompt_len,
+        "new_tokens": FLAGS.new_tokens,
     }
 
 
@@ -155,12 +159,7 @@ def _compile_for_gpu_target() -> dict:
     step_bytes = float(np.dot(traffic["per_loop"], steps) / steps.sum())
     ideal = _bytes_per_step(config, FLAGS.batch, FLAGS.prompt_len + FLAGS.new_tokens)
     return {
-        "device": target.compile_only_label,
-        "model": FLAGS.preset,
-        "dtype": config.dtype,
-        "batch": FLAGS.batch,
-        "prompt_len": FLAGS.prompt_len,
-        "new_tokens": FLAGS.new_tokens,
+        **_compile_only_header(target, config),
         "compile_s": round(compile_s, 2),
         **{f"compiled_{k}": v for k, v in common.memory_analysis(compiled).items()},
         "decode_segments": FLAGS.decode_segments,
@@ -231,11 +230,11 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"--batch={FLAGS.batch} is not a multiple of --num_samples")
     if FLAGS.gpu_target and FLAGS.tpu_target:
         raise app.UsageError("--gpu_target or --tpu_target, not both")
-    if FLAGS.gpu_target or FLAGS.tpu_target:
-        compile_for_target = (
-            _compile_for_gpu_target if FLAGS.gpu_target else _compile_for_tpu_target
-        )
-        common.print_result(compile_for_target())
+    if FLAGS.gpu_target:
+        common.print_result(_compile_for_gpu_target())
+        return
+    if FLAGS.tpu_target:
+        common.print_result(_compile_for_tpu_target())
         return
     config, params = _model()
     prompts = FLAGS.batch // FLAGS.num_samples

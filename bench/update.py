@@ -138,7 +138,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     ref_params_gb = _gb_per_device(params) if loss.beta > 0 else 0.0  # sharded like params
     # Live during the update: its arguments, outputs not aliased to donated arguments, its
     # temporaries, and the frozen reference params the trainer keeps when beta > 0.
-    estimate = sum(memory[k] for k in ("argument_gb", "output_gb", "temp_gb")) - memory["alias_gb"]
+    estimate = common.live_gb(memory)
     model_flops = flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
     return {
         **header,

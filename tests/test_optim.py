@@ -153,7 +153,7 @@ def test_optimizer_state_is_sharded_like_the_params(name):
     # No leaf left on one device (a plain jit(tx.init) left all of them on device 0).
     assert all(len(x.sharding.device_set) == 8 for x in leaves)
     momenta = [x for x in leaves if x.shape == (16, 4)]
-    assert momenta or name == "sgd"  # sgd at momentum 0.9 keeps a trace; adafactor factors
+    assert momenta or name == "sgd"  # each keeps a param-shaped moment (sgd: its trace)
     for x in momenta:
         assert x.sharding.is_equivalent_to(by_fsdp, 2), (name, x.sharding)
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
