@@ -126,7 +126,8 @@ def checks(tokenizer: str) -> list[Check]:
             "tests",
             2,
             90,
-            ("pytest", "-q", "tests/models/test_parity.py", "tests/models/test_mixed_precision.py")
+            ("pytest", "-q", "tests/models/test_cudnn.py", "tests/models/test_parity.py")
+            + ("tests/models/test_mixed_precision.py",)
             + ("tests/phases/test_rollout.py", "-k", "not smollm2"),  # its GGUF is not carried
             ("pytest", "-q", "tests/models/test_mixed_precision.py"),
             # fp32 parity tolerances assume fp32 matmuls; JAX on a GPU defaults to TF32.

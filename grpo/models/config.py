@@ -47,8 +47,9 @@ class ModelConfig:
     dtype: str = "bfloat16"  # activations / matmul inputs
     param_dtype: str = "float32"
     # Attention of the trainer's full-sequence forward (decoding always uses "xla"): "xla",
-    # our einsum attention (the reference); "cudnn": cuDNN's fused kernel (GPU) through
-    # jax.nn.dot_product_attention; "splash": the Pallas splash kernel (TPU; models/splash.py);
+    # our einsum attention (the reference); "cudnn": cuDNN's fused kernel (GPU, bf16/fp16) through
+    # jax.nn.dot_product_attention, on rows gathered valid-first so cuDNN's own causal +
+    # padding mask applies; "splash": the Pallas splash kernel (TPU; models/splash.py);
     # "auto": splash on a TPU, else xla.
     attention_impl: str = "xla"
     # Rematerialise each layer in the backward pass ("none" | "full" | "dots").

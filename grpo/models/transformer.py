@@ -196,15 +196,41 @@ def _attention_xla(q, k, v, mask_BxTxS):
 
 
 def _attention(q, k, v, *, mask_BxTxS, valid_BxT, impl: str):
-    """`mask_BxTxS` is causal & valid keys; splash, self-attention only, rebuilds it from
-    `valid_BxT` (the valid slots of the T = S sequence)."""
-    if impl == "auto":  # cuDNN stays opt-in until timed on a GPU (BUILD_NOTES)
-        impl = "splash" if splash.target_platform() == "tpu" else "xla"
+    """`mask_BxTxS` is causal & valid keys; splash and cuDNN, self-attention only, rebuild it
+    from `valid_BxT` (the valid slots of the T = S sequence; for cuDNN, valid-first rows)."""
     if impl == "xla":
         return _attention_xla(q, k, v, mask_BxTxS)
     if impl == "splash":
         return splash.attention(q, k, v, valid_BxT)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask_BxTxS[:, None], implementation="cudnn")
+    # cuDNN's own causal + padding mask: no T x S bias to read, no bias gradient to write, and
+    # the blocks above the diagonal are skipped. A boolean `mask=` would become both.
+    lengths_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        is_causal=True,
+        query_seq_lengths=lengths_B,
+        key_value_seq_lengths=lengths_B,
+        implementation="cudnn",
+    )
+
+
+def _resolve_attention_impl(impl: str) -> str:
+    if impl == "auto":  # cuDNN stays opt-in until timed on a GPU (BUILD_NOTES)
+        return "splash" if splash.target_platform() == "tpu" else "xla"
+    return impl
+
+
+def _valid_first_order(valid_BxT: jax.Array) -> jax.Array:
+    """Per row, the slots holding real tokens in their order, then the padding slots.
+
+    Gathering a row by it keeps causal order among real tokens (positions travel with their
+    tokens), so "causal among valid slots" becomes cuDNN's causal mask over a prefix of
+    `sum(valid)` slots, whatever the padding pattern (left-padded prompts, right-padded
+    completions).
+    """
+    return jnp.argsort(~valid_BxT, axis=1, stable=True)
 
 
 def _layer(
@@ -308,6 +334,13 @@ def forward(
     """
     dtype = jnp.dtype(config.dtype)
     inv_freq = rope_inv_freq(config)
+    # Decode attends a long masked cache: it keeps the exact kernel.
+    attention_impl = "xla" if cache is not None else _resolve_attention_impl(config.attention_impl)
+    if attention_impl == "cudnn":
+        order_BxT = _valid_first_order(valid_BxT)
+        tokens_BxT, positions_BxT, valid_BxT = (
+            _gather_slots(a, order_BxT) for a in (tokens_BxT, positions_BxT, valid_BxT)
+        )
     x = params["embed"].astype(dtype)[tokens_BxT]
     t = tokens_BxT.shape[1]
     if cache is None:
@@ -316,14 +349,12 @@ def forward(
         key_valid_BxS = valid_BxT
         query_slots = jnp.arange(t)
         write_index = jnp.zeros((), jnp.int32)
-        attention_impl = config.attention_impl
     else:
         write_index = cache.index
         key_valid_BxS = jax.lax.dynamic_update_slice(
             cache.valid_BxS, valid_BxT, (jnp.zeros((), jnp.int32), write_index)
         )
         query_slots = write_index + jnp.arange(t)
-        attention_impl = "xla"  # decode attends a long masked cache; keep the exact kernel
     attend_len = attend_len or key_valid_BxS.shape[1]
     key_slots = jnp.arange(attend_len)
     causal_TxS = key_slots[None, :] <= query_slots[:, None]
@@ -360,8 +391,16 @@ def forward(
             valid_BxS=key_valid_BxS,
             index=write_index + t,
         )
+    if attention_impl == "cudnn":  # back to the caller's slots
+        x = _gather_slots(x, jnp.argsort(order_BxT, axis=1))
     hidden = rms_norm(x, params["final_norm"].astype(dtype), config.rms_norm_eps)
     return hidden, new_cache
+
+
+def _gather_slots(a_BxT: jax.Array, index_BxT: jax.Array) -> jax.Array:
+    """`a[b, index[b, t]]` for arrays of shape (B, T, ...)."""
+    index = index_BxT.reshape(index_BxT.shape + (1,) * (a_BxT.ndim - 2))
+    return jnp.take_along_axis(a_BxT, index, axis=1)
 
 
 def unembed_matrix(params: Params, config: ModelConfig) -> jax.Array:
