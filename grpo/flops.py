@@ -2,9 +2,10 @@
 
 Convention (PaLM appendix B; the one `grpo/train.py` reports): a matmul with N parameters costs
 2N FLOPs per token forward and 4N backward; attention adds QK^T and AV over the whole context,
-4 x layers x heads x head_dim x context per token forward (not halved for the causal mask; the
-XLA kernel computes the masked half too). Rematerialisation is not counted: this is model FLOPs
-(MFU), not hardware FLOPs.
+4 x layers x heads x head_dim x context per token forward, not halved for the causal mask (our
+einsum attention computes the masked half too; cuDNN and splash skip it, which makes their MFU
+about 3% generous at the 1.5B shape with 1024 slots). Rematerialisation is not counted: this is
+model FLOPs (MFU), not hardware FLOPs.
 
 The log-prob pass runs every prompt + completion slot through the layers but computes logits
 only for the completion slots, so the unembedding counts C tokens, the layers P + C. The input
