@@ -23,6 +23,8 @@ from typing import Any
 
 import jax
 
+from bench import hlo
+
 PLUGIN_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cuda-plugin"
 )
@@ -115,56 +117,11 @@ def abstract(tree: Any, on: jax.Device) -> Any:
 
 # --- bytes moved per iteration of a loop, from optimized HLO text ---------------------------
 
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-_ITEMSIZE.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8})
-_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\]")
-_INSTRUCTION = re.compile(r"(ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*)")
-_HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _PARTIAL_READS = {"slice", "dynamic-slice", "gather"}  # read only as much as they output
 _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Instruction:
-    name: str
-    shape: str
-    op: str
-    rest: str  # operands and attributes
-    root: bool
-
-    @property
-    def operands(self) -> list[str]:
-        return re.findall(r"%([\w.\-]+)", self.rest.split("), ")[0])
-
-
-def array_bytes(shape_text: str) -> int:
-    """Bytes of every array in an HLO shape (a tuple counts each element)."""
-    total = 0
-    for dtype, dims in _ARRAY.findall(shape_text):
-        count = 1
-        for dim in filter(None, dims.split(",")):
-            count *= int(dim)
-        total += count * _ITEMSIZE[dtype]
-    return total
-
-
-def _computations(hlo_text: str) -> dict[str, list[_Instruction]]:
-    computations, current = {}, None
-    for line in hlo_text.splitlines():
-        header = _HEADER.match(line)
-        if header:
-            current = computations.setdefault(header.group(1), [])
-        elif line == "}":
-            current = None
-        elif current is not None:
-            match = _INSTRUCTION.match(line.strip())
-            if match:
-                root, name, shape, op, rest = match.groups()
-                current.append(_Instruction(name, shape, op, rest, root=bool(root)))
-    return computations
-
-
-def _fusion_bytes(body: list[_Instruction]) -> int:
+def _fusion_bytes(body: list[hlo.Instruction]) -> int:
     """Bytes a fusion reads and writes: a parameter only sliced or gathered from counts what is
     read of it, a buffer updated in place (dynamic-update-slice, possibly through bitcasts) only
     the update."""
@@ -186,46 +143,42 @@ def _fusion_bytes(body: list[_Instruction]) -> int:
     for param in (i for i in body if i.op == "parameter"):
         uses = users[param.name]
         if uses and all(u.op in _PARTIAL_READS and u.operands[0] == param.name for u in uses):
-            total += sum(array_bytes(u.shape) for u in uses)
+            total += sum(hlo.array_bytes(u.shape) for u in uses)
         elif not updated_in_place(param.name):
-            total += array_bytes(param.shape)
+            total += hlo.array_bytes(param.shape)
     root = next(i for i in body if i.root)
     outputs = [by_name[o] for o in root.operands] if root.op == "tuple" else [root]
     for out in outputs:
         written = by_name[out.operands[1]] if out.op == "dynamic-update-slice" else out
-        total += array_bytes(written.shape)
+        total += hlo.array_bytes(written.shape)
     return total
 
 
-def _dot_flops(body: list[_Instruction]) -> int:
+def _dot_flops(body: list[hlo.Instruction]) -> int:
     """2 x output elements x contracted size, summed over the dots of a fused computation."""
-    shapes = {i.name: _dims(i.shape) for i in body}
+    shapes = {i.name: hlo.dims(i.shape) for i in body}
     total = 0
     for dot in (i for i in body if i.op == "dot"):
         contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.rest).group(1)
         lhs = shapes[dot.operands[0]]
         total += (
             2
-            * math.prod(_dims(dot.shape))
+            * math.prod(hlo.dims(dot.shape))
             * math.prod(lhs[int(d)] for d in filter(None, contracted.split(",")))
         )
     return total
 
 
-def _dims(shape_text: str) -> list[int]:
-    return [int(d) for d in filter(None, _ARRAY.search(shape_text).group(2).split(","))]
-
-
-def _cost(instruction: _Instruction, computations) -> tuple[int, int]:
+def _cost(instruction: hlo.Instruction, computations) -> tuple[int, int]:
     """(bytes moved, matmul FLOPs) of one top-level instruction."""
     called = re.search(r"calls=%([\w.\-]+)", instruction.rest)
     if instruction.op == "fusion" and called:
         body = computations[called.group(1)]
         return _fusion_bytes(body), _dot_flops(body)
-    return 2 * array_bytes(instruction.shape), 0
+    return 2 * hlo.array_bytes(instruction.shape), 0
 
 
-def _label(instruction: _Instruction) -> str:
+def _label(instruction: hlo.Instruction) -> str:
     """Fusion kind and the jax op it came from, e.g. `gemm_fusion_dot <- dot_general`."""
     source = re.search(r'op_name="[^"]*?([^/"]+)"', instruction.rest)
     kind = re.sub(r"[.\d]+$", "", instruction.name)
@@ -248,7 +201,7 @@ def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
     that runs without CUDA graphs) and `top`: the fusions of the last loop that move the most,
     grouped by kind and the jax op they came from.
     """
-    computations = _computations(hlo_text)
+    computations = hlo.computations(hlo_text)
     entry = computations[re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1)]
     bodies = [re.search(r"body=%([\w.\-]+)", i.rest).group(1) for i in entry if i.op == "while"]
     if not bodies:
@@ -276,7 +229,7 @@ def roofline(hlo_text: str, target: GpuTarget, top: int = 12) -> dict[str, Any]:
     count; launches, tails and imperfect kernels are ignored, so real time is longer. Splits the
     bound into matmul fusions and everything else, with the ops that take longest.
     """
-    computations = _computations(hlo_text)
+    computations = hlo.computations(hlo_text)
     per_label: dict[str, float] = collections.Counter()
     totals = collections.Counter()
 

@@ -69,3 +69,6 @@ def test_rollout_compiles_for_every_chip_of_a_v6e_8():
     assert result["mesh"] == {"dp": 1, "fsdp": 8, "tp": 1}
     assert result["fits"] is True and result["compiled_temp_gb"] > 0
     assert result["mosaic_kernels"] == 0  # the sampler decodes with einsum attention
+    # One decode loop; with fsdp-split weights each step all-reduces partial activations.
+    (decode,) = result["decode_step_collectives"]
+    assert decode["count"]["all-reduce"] > 0 and decode["mb"] >= 0

@@ -1,0 +1,112 @@
+"""Reading XLA's optimized HLO text: its computations, instructions and array sizes.
+
+`bench/gpu_target.py` and `bench/tpu_target.py` read what XLA compiled for a device that is not
+here; these are the parts of the text they share.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Any
+
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_ITEMSIZE.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8})
+_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"(ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*)")
+_HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_CALLED = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%([\w.\-]+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    name: str
+    shape: str
+    op: str
+    rest: str  # operands and attributes
+    root: bool
+
+    @property
+    def operands(self) -> list[str]:
+        return re.findall(r"%([\w.\-]+)", self.rest.split("), ")[0])
+
+
+def array_bytes(shape_text: str) -> int:
+    """Bytes of every array in an HLO shape (a tuple counts each element)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        count = 1
+        for dim in filter(None, dims.split(",")):
+            count *= int(dim)
+        total += count * _ITEMSIZE[dtype]
+    return total
+
+
+def computations(hlo_text: str) -> dict[str, list[Instruction]]:
+    """Every computation's instructions, by computation name."""
+    found, current = {}, None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = found.setdefault(header.group(1), [])
+        elif line == "}":
+            current = None
+        elif current is not None:
+            match = _INSTRUCTION.match(line.strip())
+            if match:
+                root, name, shape, op, rest = match.groups()
+                current.append(Instruction(name, shape, op, rest, root=bool(root)))
+    return found
+
+
+def dims(shape_text: str) -> list[int]:
+    """The dimensions of the first array in an HLO shape."""
+    return [int(d) for d in filter(None, _ARRAY.search(shape_text).group(2).split(","))]
+
+
+def loop_collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """The cross-device collectives one iteration of each of the program's while loops runs.
+
+    One entry per `lax.while_loop` of the program (entry computation, program order; loops XLA
+    makes itself, such as a windowed einsum's, are counted inside the loop that runs them, once
+    per iteration of the outer loop). `count` by kind, and `bytes`: what each device receives
+    as results (an all-gather's gathered array, an all-reduce's reduced arrays).
+    """
+    found = computations(hlo_text)
+    entry = found[re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1)]
+    loops = [i for i in entry if i.op == "while" and re.search(r'op_name="[^"]*/while"', i.rest)]
+    results = []
+    for loop in loops:
+        count: dict[str, int] = collections.Counter()
+        received = 0
+        for instruction in _reachable(found, re.search(r"body=%([\w.\-]+)", loop.rest).group(1)):
+            kind = instruction.op.removesuffix("-start")
+            if kind not in _COLLECTIVES or instruction.op.endswith("-done"):
+                continue
+            count[kind] += 1
+            sizes = [array_bytes(a) for a in _arrays(instruction.shape)]
+            # An async start's shape pairs each operand with its result: count the result.
+            paired = instruction.op.endswith("-start") and kind != "all-reduce"
+            received += max(sizes) if paired else sum(sizes)
+        results.append({"count": dict(count), "bytes": received})
+    return results
+
+
+def _arrays(shape_text: str) -> list[str]:
+    return [m.group(0) for m in _ARRAY.finditer(shape_text)]
+
+
+def _reachable(found: dict[str, list[Instruction]], name: str) -> list[Instruction]:
+    """The instructions of computation `name` and of every computation it calls."""
+    seen, stack, out = set(), [name], []
+    while stack:
+        current = stack.pop()
+        if current in seen or current not in found:
+            continue
+        seen.add(current)
+        for instruction in found[current]:
+            out.append(instruction)
+            stack.extend(_CALLED.findall(instruction.rest))
+    return out
