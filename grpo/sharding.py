@@ -26,6 +26,8 @@ PARAM_RULES: Mapping[str, str | tuple[str, ...]] = {
     "kv_heads": "tp",
     "mlp": "tp",
     "batch": BATCH_AXES,
+    # The vocabulary of the sampler's output projection (phases/rollout.py).
+    "decode_vocab": MESH_AXES,
 }
 
 

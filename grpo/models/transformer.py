@@ -412,8 +412,12 @@ def unembed_matrix(params: Params, config: ModelConfig) -> jax.Array:
 
 def logits(params: Params, hidden_BxTxD: jax.Array, *, config: ModelConfig) -> jax.Array:
     """Full-vocabulary fp32 logits. Only for short T (decode, tests): see `token_logprobs`."""
-    w = unembed_matrix(params, config).astype(hidden_BxTxD.dtype)
-    return einsum_f32_out("btd,dv->btv", hidden_BxTxD, w)
+    return unembed(hidden_BxTxD, unembed_matrix(params, config))
+
+
+def unembed(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
+    """fp32 logits from hidden states and an output projection (`unembed_matrix`)."""
+    return einsum_f32_out("btd,dv->btv", hidden_BxTxD, unembed_DxV.astype(hidden_BxTxD.dtype))
 
 
 def token_logprobs(

@@ -1,6 +1,8 @@
 """Rollout phase: parity with transformers' greedy generate and with the trainer's log-probs,
 first-token sampling statistics, end tokens, sharding, and compile-count bucketing."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -311,6 +313,30 @@ def test_sharded_generation_equals_unsharded(params, prompts):
     np.testing.assert_array_equal(got.completion_tokens_BxC, expected.completion_tokens_BxC)
     np.testing.assert_array_equal(got.completion_mask_BxC, expected.completion_mask_BxC)
     np.testing.assert_allclose(got.logps_BxC, expected.logps_BxC, atol=1e-5)
+
+
+@pytest.mark.eight_devices
+def test_decode_sums_no_logits_across_devices(params, prompts):
+    # The trainer's fsdp layout splits the model dimension; decoding with it would all-reduce
+    # [rows, vocab] logits every token (_unembedding_split_over_vocab).
+    mesh = sharding.make_mesh(fsdp=8)
+    placed = jax.device_put(params, sharding.tree_shardings(mesh, tf.logical_axes(CONFIG), params))
+    tokens, mask = sharding.shard_batch(mesh, tuple(np.tile(x, (2, 1)) for x in prompts))
+    lowered = ro._generate.lower(
+        placed,
+        tokens,
+        mask,
+        jax.random.key(1),
+        model=CONFIG,
+        sampling=_sampling(),
+        num_samples=2,
+        mesh=mesh,
+    )
+    summed = re.findall(r"= (.*?) all-reduce(?:-start)?\(", lowered.compile().as_text())
+    last_dims = {
+        int(dims.split(",")[-1]) for s in summed for dims in re.findall(r"\[([\d,]+)\]", s)
+    }
+    assert summed and CONFIG.vocab_size not in last_dims, summed
 
 
 def test_prompt_lengths_in_one_bucket_compile_once(params):
