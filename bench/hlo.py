@@ -69,44 +69,78 @@ def dims(shape_text: str) -> list[int]:
 def loop_collectives(hlo_text: str) -> list[dict[str, Any]]:
     """The cross-device collectives one iteration of each of the program's while loops runs.
 
-    One entry per `lax.while_loop` of the program (entry computation, program order; loops XLA
-    makes itself, such as a windowed einsum's, are counted inside the loop that runs them, once
-    per iteration of the outer loop). `count` by kind, and `bytes`: what each device receives
-    as results (an all-gather's gathered array, an all-reduce's reduced arrays).
+    One entry per `lax.while_loop` / `lax.scan` of the program, outer loops before the loops
+    they run (`depth`: how many such loops enclose it; `op`: its jax op name). An entry counts
+    its own body, not its nested program loops; loops XLA makes itself (a windowed einsum's)
+    count once inside the loop that runs them. `count` by kind, and `bytes`: what each device
+    receives as results (an all-gather's gathered array, an all-reduce's reduced arrays).
     """
     found = computations(hlo_text)
-    entry = found[re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1)]
-    loops = [i for i in entry if i.op == "while" and re.search(r'op_name="[^"]*/while"', i.rest)]
-    results = []
-    for loop in loops:
-        count: dict[str, int] = collections.Counter()
-        received = 0
-        for instruction in _reachable(found, re.search(r"body=%([\w.\-]+)", loop.rest).group(1)):
-            kind = instruction.op.removesuffix("-start")
-            if kind not in _COLLECTIVES or instruction.op.endswith("-done"):
-                continue
-            count[kind] += 1
-            sizes = [array_bytes(a) for a in _arrays(instruction.shape)]
-            # An async start's shape pairs each operand with its result: count the result.
-            paired = instruction.op.endswith("-start") and kind != "all-reduce"
-            received += max(sizes) if paired else sum(sizes)
-        results.append({"count": dict(count), "bytes": received})
+    results: list[dict[str, Any]] = []
+
+    def visit(computation: str, depth: int) -> None:
+        for loop in (i for i in found[computation] if _is_program_loop(i)):
+            body = re.search(r"body=%([\w.\-]+)", loop.rest).group(1)
+            instructions, nested = _reachable(found, body)
+            count: dict[str, int] = collections.Counter()
+            received = 0
+            for instruction in instructions:
+                kind = instruction.op.removesuffix("-start")
+                if kind not in _COLLECTIVES or instruction.op.endswith("-done"):
+                    continue
+                count[kind] += 1
+                sizes = [array_bytes(a) for a in _arrays(instruction.shape)]
+                # An async start's shape pairs each operand with its result: count the result.
+                paired = instruction.op.endswith("-start") and kind != "all-reduce"
+                received += max(sizes) if paired else sum(sizes)
+            op = re.search(r'op_name="([^"]*)"', loop.rest).group(1)
+            results.append({"op": op, "depth": depth, "count": dict(count), "bytes": received})
+            for computation_with_loops in nested:
+                visit(computation_with_loops, depth + 1)
+
+    _, top_level = _reachable(found, re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1))
+    for computation in top_level:
+        visit(computation, 0)
     return results
+
+
+def collectives_report(hlo_text: str) -> list[dict[str, Any]]:
+    """`loop_collectives` for printing: MB instead of bytes, the op name without `jit(...)/`."""
+    return [
+        {
+            "loop": loop["op"].split("/", 1)[-1],
+            "depth": loop["depth"],
+            "count": loop["count"],
+            "mb": round(loop["bytes"] / 1e6, 1),
+        }
+        for loop in loop_collectives(hlo_text)
+    ]
+
+
+def _is_program_loop(instruction: Instruction) -> bool:
+    return instruction.op == "while" and bool(re.search(r'op_name="[^"]*/while"', instruction.rest))
 
 
 def _arrays(shape_text: str) -> list[str]:
     return [m.group(0) for m in _ARRAY.finditer(shape_text)]
 
 
-def _reachable(found: dict[str, list[Instruction]], name: str) -> list[Instruction]:
-    """The instructions of computation `name` and of every computation it calls."""
-    seen, stack, out = set(), [name], []
+def _reachable(
+    found: dict[str, list[Instruction]], name: str
+) -> tuple[list[Instruction], list[str]]:
+    """The instructions of computation `name` and of the computations it calls, stopping at
+    program loops; and the computations holding those loops."""
+    seen, stack, out, with_loops = set(), [name], [], []
     while stack:
         current = stack.pop()
         if current in seen or current not in found:
             continue
         seen.add(current)
         for instruction in found[current]:
+            if _is_program_loop(instruction):
+                if current not in with_loops:
+                    with_loops.append(current)
+                continue
             out.append(instruction)
             stack.extend(_CALLED.findall(instruction.rest))
-    return out
+    return out, with_loops

@@ -120,18 +120,14 @@ def _compile_for_tpu_target() -> dict:
     if compiled is None:
         return {**header, **refused}
     memory = common.memory_analysis(compiled)
-    # Per decode step and chip: one entry per decode loop (segment).
-    collectives = [
-        {"count": loop["count"], "mb": round(loop["bytes"] / 1e6, 1)}
-        for loop in hlo.loop_collectives(compiled.as_text())
-    ]
     return {
         **header,
         "compile_s": round(compile_s, 2),
         "mesh": dict(mesh.shape),  # GB are per chip
         **{f"compiled_{k}": v for k, v in memory.items()},
         **tpu_target.fit(FLAGS.tpu_target, compiled, common.live_gb(memory)),
-        "decode_step_collectives": collectives,
+        # Per chip and decode step (one entry per decode segment's loop).
+        "decode_step_collectives": hlo.collectives_report(compiled.as_text()),
     }
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bench import common, gpu_target, tpu_target
+from bench import common, gpu_target, hlo, tpu_target
 from grpo import flops, optim, sharding
 from grpo.models.config import ModelConfig
 from grpo.phases import update
@@ -152,6 +152,9 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
         ),
         **(_roofline(compiled, args.gpu_target, model_flops) if args.gpu_target else {}),
         **(tpu_target.fit(args.tpu_target, compiled, estimate + ref_params_gb) if mesh else {}),
+        # Per chip and iteration of each loop (micro-batches, then the layers and log-prob chunks
+        # of one micro-batch).
+        **({"loop_collectives": hlo.collectives_report(compiled.as_text())} if mesh else {}),
     }
 
 

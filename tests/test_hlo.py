@@ -52,3 +52,21 @@ def test_a_sharded_loop_gathers_and_reduces_what_it_needs():
     (loop,) = hlo.loop_collectives(jax.jit(run).lower(x).compile().as_text())
     assert loop["count"] == {"all-gather": 1, "all-reduce": 1}
     assert loop["bytes"] == 8 * 1024 * 4 + 4  # the gathered array and one reduced scalar
+
+
+@pytest.mark.eight_devices
+def test_a_nested_loop_is_its_own_entry_after_the_loop_that_runs_it():
+    mesh = sharding.make_mesh(fsdp=8)
+    x = jax.device_put(jnp.ones((8, 256)), NamedSharding(mesh, PartitionSpec("fsdp")))
+
+    def run(x):
+        def outer(i, total):
+            inner = jax.lax.fori_loop(0, 4, lambda j, t: t + jnp.cos(x * j + i).sum(), 0.0)
+            return total + inner + (x * i).max()
+
+        return jax.lax.fori_loop(0, 3, outer, 0.0)
+
+    outer, inner = hlo.loop_collectives(jax.jit(run).lower(x).compile().as_text())
+    assert (outer["depth"], inner["depth"]) == (0, 1)
+    assert outer["count"] == inner["count"] == {"all-reduce": 1}
+    assert outer["bytes"] == inner["bytes"] == 4

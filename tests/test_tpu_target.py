@@ -41,6 +41,8 @@ def test_update_with_auto_attention_compiles_splash_for_every_chip_of_a_v6e_8():
     # Mosaic built the forward and both backward kernels (dq, dkv); einsum attention has none.
     assert result["mosaic_kernels"] >= 3
     assert _bench("update", *shape, "--attention=xla")["mosaic_kernels"] == 0
+    # The micro-batch loop first, then the loops one micro-batch runs (layers, log-prob chunks).
+    assert [loop["depth"] for loop in result["loop_collectives"]][:2] == [0, 1]
 
 
 @needs_libtpu
