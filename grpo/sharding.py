@@ -26,8 +26,10 @@ PARAM_RULES: Mapping[str, str | tuple[str, ...]] = {
     "kv_heads": "tp",
     "mlp": "tp",
     "batch": BATCH_AXES,
-    # The vocabulary of the sampler's output projection (phases/rollout.py).
-    "decode_vocab": MESH_AXES,
+    # The output projection's vocabulary where logits are computed (the sampler's decode step,
+    # the trainer's log-probs): each device computes every row's logits over its vocabulary
+    # slice, so no device gathers the whole matrix or sums partial [rows, vocab] logits.
+    "unembed_vocab": MESH_AXES,
 }
 
 
@@ -85,6 +87,15 @@ def tree_shardings(mesh: Mesh, axes_tree: Any, shapes_tree: Any) -> Any:
         shapes_tree,
         is_leaf=is_axes,
     )
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`x` laid out by its logical axes on the context mesh (`jax.set_mesh`); as is without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(names, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grpo import sharding
 from grpo.models import splash
 from grpo.models.config import ModelConfig
 
@@ -443,9 +444,14 @@ def token_logprobs(
     hidden_NxBxCxD = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
     targets_NxBxC = targets.reshape(b, n, chunk).swapaxes(0, 1)
 
+    # Split over the vocabulary (on a context mesh, as grpo.train sets): with the model dimension
+    # split instead, XLA gathers the whole matrix or sums partial logits, and sums the matrix's
+    # whole gradient, in every chunk (BUILD_NOTES, the v6e-8 update compile).
+    unembed_DxV = sharding.constrain(unembed_matrix(params, config), (None, "unembed_vocab"))
+
     @jax.checkpoint
     def one_chunk(h_BxCxD, y_BxC):
-        z = logits(params, h_BxCxD, config=config) / temperature
+        z = unembed(h_BxCxD, unembed_DxV) / temperature
         logp_all = jax.nn.log_softmax(z, axis=-1)
         logp = jnp.take_along_axis(logp_all, y_BxC[..., None], axis=-1)[..., 0]
         entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)

@@ -336,7 +336,7 @@ def _unembedding_split_over_vocab(
     over the vocabulary, a step gathers the [B, D] final hidden states instead, and sampling
     reduces one value per row across the slices (BUILD_NOTES).
     """
-    return _constrain(tf.unembed_matrix(params, model), (None, "decode_vocab"), mesh)
+    return _constrain(tf.unembed_matrix(params, model), (None, "unembed_vocab"), mesh)
 
 
 def _constrain_cache(cache: tf.KVCache, mesh: Mesh | None) -> tf.KVCache:

@@ -3,6 +3,7 @@
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -323,7 +324,8 @@ def test_sharded_micro_batched_update_matches_unsharded_gradient(params, batch):
     step = update.make_update_fn(
         model=MODEL, tx=tx, loss=loss, num_micro_batches=2, state_sharding=state_sharding
     )
-    got_state, got = step(state, sharding.shard_batch(mesh, jax.tree.map(np.asarray, batch)))
+    with jax.set_mesh(mesh):  # as grpo.train runs it: the log-probs split the vocabulary
+        got_state, got = step(state, sharding.shard_batch(mesh, jax.tree.map(np.asarray, batch)))
 
     for leaf, expected_sharding in zip(
         jax.tree.leaves(got_state), jax.tree.leaves(state_sharding), strict=True
@@ -333,6 +335,23 @@ def test_sharded_micro_batched_update_matches_unsharded_gradient(params, batch):
     _assert_trees_close(got_state.params, expected_params, atol=1e-6, rtol=1e-5)
     del got["grad_norm"]
     _assert_trees_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.eight_devices
+def test_sharded_update_sums_nothing_vocabulary_sized(params, batch):
+    # With the output projection's model dimension split (fsdp), every log-prob chunk summed
+    # partial [rows, chunk, vocab] logits and the projection's whole gradient across devices
+    # (transformer.token_logprobs).
+    mesh = sharding.make_mesh(fsdp=8)
+    shardings = sharding.tree_shardings(mesh, tf.logical_axes(MODEL), params)
+    tx = optax.sgd(0.1)
+    state = _state(jax.device_put(params, shardings), tx)
+    step = update.make_update_fn(model=MODEL, tx=tx, loss=_loss(), num_micro_batches=1)
+    with jax.set_mesh(mesh):  # as grpo.train runs it
+        lowered = step.lower(state, sharding.shard_batch(mesh, jax.tree.map(np.asarray, batch)))
+    summed = re.findall(r"= (.*?) all-reduce(?:-start)?\(", lowered.compile().as_text())
+    dims = {int(d) for s in summed for a in re.findall(r"\[([\d,]+)\]", s) for d in a.split(",")}
+    assert summed and MODEL.vocab_size not in dims, summed
 
 
 def test_reference_logps(params, batch):
