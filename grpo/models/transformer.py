@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo import sharding
-from grpo.models import splash
+from grpo.models import splash, vocab_parallel
 from grpo.models.config import ModelConfig
 
 Params = dict
@@ -449,9 +449,14 @@ def token_logprobs(
     # whole gradient, in every chunk (BUILD_NOTES, the v6e-8 update compile).
     unembed_DxV = sharding.constrain(unembed_matrix(params, config), (None, "unembed_vocab"))
 
+    split = vocab_parallel.vocab_axes(config.vocab_size) is not None
+    scaled_logits = lambda h, w: unembed(h, w) / temperature
+
     @jax.checkpoint
     def one_chunk(h_BxCxD, y_BxC):
-        z = unembed(h_BxCxD, unembed_DxV) / temperature
+        if split:
+            return vocab_parallel.logprobs_and_entropy(h_BxCxD, y_BxC, unembed_DxV, scaled_logits)
+        z = scaled_logits(h_BxCxD, unembed_DxV)
         logp_all = jax.nn.log_softmax(z, axis=-1)
         logp = jnp.take_along_axis(logp_all, y_BxC[..., None], axis=-1)[..., 0]
         entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)

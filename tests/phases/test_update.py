@@ -338,10 +338,10 @@ def test_sharded_micro_batched_update_matches_unsharded_gradient(params, batch):
 
 
 @pytest.mark.eight_devices
-def test_sharded_update_sums_nothing_vocabulary_sized(params, batch):
-    # With the output projection's model dimension split (fsdp), every log-prob chunk summed
-    # partial [rows, chunk, vocab] logits and the projection's whole gradient across devices
-    # (transformer.token_logprobs).
+def test_sharded_update_gathers_or_sums_nothing_vocabulary_sized(params, batch):
+    # With the output projection's model dimension split (fsdp), every log-prob chunk gathered
+    # the whole projection or summed partial [rows, chunk, vocab] logits, and summed the
+    # projection's whole gradient, across devices (transformer.token_logprobs).
     mesh = sharding.make_mesh(fsdp=8)
     shardings = sharding.tree_shardings(mesh, tf.logical_axes(MODEL), params)
     tx = optax.sgd(0.1)
@@ -349,9 +349,10 @@ def test_sharded_update_sums_nothing_vocabulary_sized(params, batch):
     step = update.make_update_fn(model=MODEL, tx=tx, loss=_loss(), num_micro_batches=1)
     with jax.set_mesh(mesh):  # as grpo.train runs it
         lowered = step.lower(state, sharding.shard_batch(mesh, jax.tree.map(np.asarray, batch)))
-    summed = re.findall(r"= (.*?) all-reduce(?:-start)?\(", lowered.compile().as_text())
-    dims = {int(d) for s in summed for a in re.findall(r"\[([\d,]+)\]", s) for d in a.split(",")}
-    assert summed and MODEL.vocab_size not in dims, summed
+    hlo = lowered.compile().as_text()
+    moved = re.findall(r"= (.*?) (?:all-reduce|all-gather)(?:-start)?\(", hlo)
+    dims = {int(d) for s in moved for a in re.findall(r"\[([\d,]+)\]", s) for d in a.split(",")}
+    assert moved and MODEL.vocab_size not in dims, moved
 
 
 def test_reference_logps(params, batch):
