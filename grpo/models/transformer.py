@@ -444,11 +444,11 @@ def token_logprobs(
     hidden_NxBxCxD = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
     targets_NxBxC = targets.reshape(b, n, chunk).swapaxes(0, 1)
 
-    # Split over the vocabulary (on a context mesh, as grpo.train sets): with the model dimension
-    # split instead, XLA gathers the whole matrix or sums partial logits, and sums the matrix's
-    # whole gradient, in every chunk (BUILD_NOTES, the v6e-8 update compile).
+    # On a context mesh (grpo.train sets one) the projection is split over the vocabulary and
+    # each chunk's log-softmax runs vocabulary-parallel (models/vocab_parallel.py). With its
+    # model dimension split, every chunk gathered the whole matrix and summed its whole gradient
+    # across devices (BUILD_NOTES, the v6e-8 update compile).
     unembed_DxV = sharding.constrain(unembed_matrix(params, config), (None, "unembed_vocab"))
-
     split = vocab_parallel.vocab_axes(config.vocab_size) is not None
     scaled_logits = lambda h, w: unembed(h, w) / temperature
 
