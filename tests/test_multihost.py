@@ -43,9 +43,22 @@ RUN_TIMEOUT_S = 300  # a hang (say, one process waiting in a collective) fails i
 # One process's metrics differ from two processes' only by float32 rounding: the cross-process
 # all-reduce sums in another order. Measured: entropy and ratio_mean 1 ulp apart (rel 1.2e-7),
 # the loss (a near-zero mean of O(1) terms that cancel, |loss| ~ 2e-7) up to 1.5e-8 apart
-# (16 completions x 16 tokens per step); rewards, grad_norm and the trained params bitwise
-# equal. rtol is ~8 ulps; atol (~3x the loss's measured gap) covers the loss.
+# (16 completions x 16 tokens per step); rewards bitwise equal, grad_norm and the trained
+# params within rtol (but for rare sign flips, below). rtol is ~8 ulps; atol (~3x the loss's
+# measured gap) covers the loss.
 RTOL, ATOL = 1e-6, 5e-8
+# Lion (tiny.gin's optimizer) moves each weight by the lr times the sign of its momentum, so a
+# momentum a few ulps from zero may take either sign when the cross-process sums round
+# differently (the vocabulary-parallel log-softmax sums its softmax statistics across devices):
+# seen once, 1 of 1.5M weights 1e-3 apart after 4 steps. At most that many weights may differ,
+# by at most a flipped step per step.
+PEAK_LR, MAX_FLIPPED = 1e-3, 1e-5
+
+
+def _assert_params_close(two: np.ndarray, one: np.ndarray) -> None:
+    apart = ~np.isclose(two, one, rtol=RTOL, atol=ATOL)
+    assert apart.mean() <= MAX_FLIPPED, f"{apart.sum()} of {apart.size} weights differ"
+    assert np.all(np.abs(two - one)[apart] <= 2 * PEAK_LR * 4 + ATOL)  # 4 steps
 
 
 def _free_port() -> int:
@@ -158,7 +171,7 @@ def test_two_processes_train_like_one(two_processes, tmp_path):
     params_one, params_two = _params(tmp_path / "one"), _params(two_processes.workdir)
     assert params_one.keys() == params_two.keys()
     for name in params_one:
-        np.testing.assert_allclose(params_two[name], params_one[name], rtol=RTOL, atol=ATOL)
+        _assert_params_close(params_two[name], params_one[name])
     assert not (two_processes.workdir / "config.gin.tmp").exists()
     assert "make_mesh.tp = 2" in (two_processes.workdir / "config.gin").read_text()
 
