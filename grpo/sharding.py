@@ -89,9 +89,11 @@ def tree_shardings(mesh: Mesh, axes_tree: Any, shapes_tree: Any) -> Any:
     )
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """`x` laid out by its logical axes on the context mesh (`jax.set_mesh`); as is without one."""
-    mesh = jax.sharding.get_abstract_mesh()
+def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None = None) -> jax.Array:
+    """`x` laid out by its logical axes on `mesh`, else on the context mesh (`jax.set_mesh`); as
+    is without either."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
     spec = logical_to_spec(names, x.shape, mesh)

@@ -448,8 +448,10 @@ def token_logprobs(
     # each chunk's log-softmax runs vocabulary-parallel (models/vocab_parallel.py). With its
     # model dimension split, every chunk gathered the whole matrix and summed its whole gradient
     # across devices (BUILD_NOTES, the v6e-8 update compile).
-    unembed_DxV = sharding.constrain(unembed_matrix(params, config), (None, "unembed_vocab"))
+    unembed_DxV = unembed_matrix(params, config)
     split = vocab_parallel.vocab_axes(config.vocab_size) is not None
+    if split:  # laid out once here, not per chunk by the shard_map
+        unembed_DxV = sharding.constrain(unembed_DxV, (None, "unembed_vocab"))
     scaled_logits = lambda h, w: unembed(h, w) / temperature
 
     @jax.checkpoint

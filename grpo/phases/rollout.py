@@ -28,7 +28,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from grpo import sharding
 from grpo.models import transformer as tf
@@ -109,8 +109,9 @@ def generate(
 ) -> Rollout:
     """Samples `num_samples` completions per left-padded prompt; rows are group-contiguous.
 
-    Output B = prompts x num_samples, completion width C = sampling.max_new_tokens. With a mesh,
-    the batch-shaped loop state is constrained to the batch axes (params keep their sharding).
+    Output B = prompts x num_samples, completion width C = sampling.max_new_tokens. With a mesh
+    (else the context mesh of `jax.set_mesh`, if any), the batch-shaped loop state is constrained
+    to the batch axes (params keep their sharding).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -160,7 +161,7 @@ def _generate(
         params, unembed_DxV, prompt_tokens_BxP, prompt_mask_BxP, model, width, num_samples, mesh
     )
     prompt_tokens_BxP, prompt_mask_BxP = (
-        _constrain(jnp.repeat(x, num_samples, axis=0), ("batch", None), mesh)
+        sharding.constrain(jnp.repeat(x, num_samples, axis=0), ("batch", None), mesh)
         for x in (prompt_tokens_BxP, prompt_mask_BxP)
     )
     prompt_len_B = prompt_mask_BxP.sum(axis=1, dtype=jnp.int32)
@@ -244,7 +245,7 @@ def _record(
     token_B, logp_B = sample_tokens(logits_BxV, jax.random.fold_in(rng, state.step), sampling)
     # Every row on every device first (the vocabulary-split logits reduce to that cheaply); asked
     # for rows split like the batch, XLA:TPU moves a [rows, vocab] index array per step instead.
-    token_B, logp_B = (_constrain(x, (None,), mesh) for x in (token_B, logp_B))
+    token_B, logp_B = (sharding.constrain(x, (None,), mesh) for x in (token_B, logp_B))
     token_B = jnp.where(state.done_B, sampling.pad_id, token_B)
     logp_B = jnp.where(state.done_B, 0.0, logp_B)
     write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=state.step, axis=1)
@@ -314,14 +315,9 @@ def _finish(
         lengths_B=length_B,
         truncated_B=~has_end_B,
     )
-    return jax.tree.map(lambda x: _constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh), rollout)
-
-
-def _constrain(x: jax.Array, names: tuple[str | None, ...], mesh: Mesh | None) -> jax.Array:
-    if mesh is None:
-        return x
-    spec = sharding.logical_to_spec(names, x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.tree.map(
+        lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh), rollout
+    )
 
 
 def _unembedding_split_over_vocab(
@@ -336,25 +332,25 @@ def _unembedding_split_over_vocab(
     over the vocabulary, a step gathers the [B, D] final hidden states instead, and sampling
     reduces one value per row across the slices (BUILD_NOTES).
     """
-    return _constrain(tf.unembed_matrix(params, model), (None, "unembed_vocab"), mesh)
+    return sharding.constrain(tf.unembed_matrix(params, model), (None, "unembed_vocab"), mesh)
 
 
 def _constrain_cache(cache: tf.KVCache, mesh: Mesh | None) -> tf.KVCache:
     kv_names = ("batch", None, "kv_heads", "head_dim")
-    layer_kv = functools.partial(_constrain, names=kv_names, mesh=mesh)
+    layer_kv = functools.partial(sharding.constrain, names=kv_names, mesh=mesh)
     return cache.replace(
         k_layers=tuple(map(layer_kv, cache.k_layers)),
         v_layers=tuple(map(layer_kv, cache.v_layers)),
-        valid_BxS=_constrain(cache.valid_BxS, ("batch", None), mesh),
+        valid_BxS=sharding.constrain(cache.valid_BxS, ("batch", None), mesh),
     )
 
 
 def _constrain_state(state: SamplingState, mesh: Mesh | None) -> SamplingState:
     return state.replace(
-        last_B=_constrain(state.last_B, ("batch",), mesh),
-        tokens_BxC=_constrain(state.tokens_BxC, ("batch", None), mesh),
-        logps_BxC=_constrain(state.logps_BxC, ("batch", None), mesh),
-        done_B=_constrain(state.done_B, ("batch",), mesh),
+        last_B=sharding.constrain(state.last_B, ("batch",), mesh),
+        tokens_BxC=sharding.constrain(state.tokens_BxC, ("batch", None), mesh),
+        logps_BxC=sharding.constrain(state.logps_BxC, ("batch", None), mesh),
+        done_B=sharding.constrain(state.done_B, ("batch",), mesh),
         cache=_constrain_cache(state.cache, mesh),
     )
 

@@ -292,22 +292,21 @@ def test_end_tokens_mask_pad_and_flag_truncation(params, prompts):
 # ----------------------------------------------------------------------------- sharding, shapes
 
 
+def _on_mesh(mesh, params, prompts):
+    """generate's positional arguments, laid out on `mesh` as the trainer lays them out."""
+    placed = jax.device_put(params, sharding.tree_shardings(mesh, tf.logical_axes(CONFIG), params))
+    return (placed, *sharding.shard_batch(mesh, prompts), jax.random.key(1))
+
+
+def _sharded_kwargs(mesh):
+    return dict(model=CONFIG, sampling=_sampling(), num_samples=2, mesh=mesh)
+
+
 @pytest.mark.eight_devices
 def test_sharded_generation_equals_unsharded(params, prompts):
     expected = _generate(params, prompts, _sampling())
     mesh = sharding.make_mesh(dp=2, fsdp=2, tp=2)
-    placed = jax.device_put(params, sharding.tree_shardings(mesh, tf.logical_axes(CONFIG), params))
-    tokens, mask = sharding.shard_batch(mesh, prompts)
-    rollout = ro.generate(
-        placed,
-        tokens,
-        mask,
-        jax.random.key(1),
-        model=CONFIG,
-        sampling=_sampling(),
-        num_samples=2,
-        mesh=mesh,
-    )
+    rollout = ro.generate(*_on_mesh(mesh, params, prompts), **_sharded_kwargs(mesh))
     assert rollout.completion_tokens_BxC.sharding.spec[0] == sharding.BATCH_AXES
     got = jax.tree.map(np.asarray, rollout)
     np.testing.assert_array_equal(got.completion_tokens_BxC, expected.completion_tokens_BxC)
@@ -320,18 +319,8 @@ def test_decode_sums_no_logits_across_devices(params, prompts):
     # The trainer's fsdp layout splits the model dimension; decoding with it would all-reduce
     # [rows, vocab] logits every token (_unembedding_split_over_vocab).
     mesh = sharding.make_mesh(fsdp=8)
-    placed = jax.device_put(params, sharding.tree_shardings(mesh, tf.logical_axes(CONFIG), params))
-    tokens, mask = sharding.shard_batch(mesh, tuple(np.tile(x, (2, 1)) for x in prompts))
-    lowered = ro._generate.lower(
-        placed,
-        tokens,
-        mask,
-        jax.random.key(1),
-        model=CONFIG,
-        sampling=_sampling(),
-        num_samples=2,
-        mesh=mesh,
-    )
+    prompts = tuple(np.tile(x, (2, 1)) for x in prompts)  # 8 prompts: one per device
+    lowered = ro._generate.lower(*_on_mesh(mesh, params, prompts), **_sharded_kwargs(mesh))
     summed = re.findall(r"= (.*?) all-reduce(?:-start)?\(", lowered.compile().as_text())
     last_dims = {
         int(dims.split(",")[-1]) for s in summed for dims in re.findall(r"\[([\d,]+)\]", s)
