@@ -202,7 +202,7 @@ def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
     grouped by kind and the jax op they came from.
     """
     computations = hlo.computations(hlo_text)
-    entry = computations[re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1)]
+    entry = computations[hlo.entry_name(hlo_text)]
     bodies = [re.search(r"body=%([\w.\-]+)", i.rest).group(1) for i in entry if i.op == "while"]
     if not bodies:
         raise ValueError("no while loop in the entry computation")
@@ -249,7 +249,7 @@ def roofline(hlo_text: str, target: GpuTarget, top: int = 12) -> dict[str, Any]:
                 totals["flops"] += repeats * flops
                 totals["bytes"] += repeats * moved
 
-    visit(re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1), 1)
+    visit(hlo.entry_name(hlo_text), 1)
     return {
         "seconds": totals["matmul_s"] + totals["other_s"],
         **{key: totals[key] for key in ("matmul_s", "other_s", "flops", "bytes")},

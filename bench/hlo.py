@@ -1,7 +1,8 @@
 """Reading XLA's optimized HLO text: its computations, instructions and array sizes.
 
-`bench/gpu_target.py` and `bench/tpu_target.py` read what XLA compiled for a device that is not
-here; these are the parts of the text they share.
+`bench/gpu_target.py` (bytes, roofline) and the `--tpu_target` paths of `bench.rollout` and
+`bench.update` (collectives) read what XLA compiled for a device that is not here; these are the
+parts of the text they share.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def computations(hlo_text: str) -> dict[str, list[Instruction]]:
     return found
 
 
+def entry_name(hlo_text: str) -> str:
+    """The name of the module's entry computation."""
+    return re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1)
+
+
 def dims(shape_text: str) -> list[int]:
     """The dimensions of the first array in an HLO shape."""
     return [int(d) for d in filter(None, _ARRAY.search(shape_text).group(2).split(","))]
@@ -98,7 +104,7 @@ def loop_collectives(hlo_text: str) -> list[dict[str, Any]]:
             for computation_with_loops in nested:
                 visit(computation_with_loops, depth + 1)
 
-    _, top_level = _reachable(found, re.search(r"^ENTRY %(\S+)", hlo_text, re.MULTILINE).group(1))
+    _, top_level = _reachable(found, entry_name(hlo_text))
     for computation in top_level:
         visit(computation, 0)
     return results
