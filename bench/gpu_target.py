@@ -123,8 +123,7 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
 
 def _fusion_bytes(body: list[hlo.Instruction]) -> int:
     """Bytes a fusion reads and writes: a parameter only sliced or gathered from counts what is
-    read of it, a buffer updated in place (dynamic-update-slice, possibly through bitcasts) only
-    the update."""
+    read of it, a buffer updated in place only the update (both possibly through bitcasts)."""
     by_name = {i.name: i for i in body}
     users = collections.defaultdict(list)
     for instruction in body:
@@ -139,11 +138,27 @@ def _fusion_bytes(body: list[hlo.Instruction]) -> int:
             for u in uses
         )  # fmt: skip
 
+    def partial_reads(name: str) -> list[hlo.Instruction] | None:
+        """The slices that read `name` (possibly through bitcasts), or None if anything else
+        reads it."""
+        reads = []
+        for use in users[name]:
+            if use.op == "bitcast":
+                through = partial_reads(use.name)
+                if through is None:
+                    return None
+                reads += through
+            elif use.op in _PARTIAL_READS and use.operands[0] == name:
+                reads.append(use)
+            else:
+                return None
+        return reads
+
     total = 0
     for param in (i for i in body if i.op == "parameter"):
-        uses = users[param.name]
-        if uses and all(u.op in _PARTIAL_READS and u.operands[0] == param.name for u in uses):
-            total += sum(hlo.array_bytes(u.shape) for u in uses)
+        reads = partial_reads(param.name)
+        if reads:
+            total += sum(hlo.array_bytes(r.shape) for r in reads)
         elif not updated_in_place(param.name):
             total += hlo.array_bytes(param.shape)
     root = next(i for i in body if i.root)

@@ -45,6 +45,33 @@ def test_reading_the_whole_buffer_counts_all_of_it():
     assert 4 * ROWS * WIDTH <= moved < 4 * ROWS * WIDTH + 16 * WIDTH
 
 
+# One layer's slice of a stack of 8 layers, read through a bitcast (as XLA:GPU emits a scanned
+# layer's saved activations in the backward), scaled and converted: reads 1/8 of the stack.
+_SLICE_THROUGH_BITCAST = """
+%fused_slice (stack: bf16[8,1024,256], i: s32[]) -> f32[1024,256] {
+  %stack = bf16[8,1024,256]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %flat = bf16[8,262144]{1,0} bitcast(%stack)
+  %zero = s32[] constant(0)
+  %layer = bf16[1,262144]{1,0} dynamic-slice(%flat, %i, %zero), dynamic_slice_sizes={1,262144}
+  %rows = bf16[1024,256]{1,0} bitcast(%layer)
+  ROOT %out = f32[1024,256]{1,0} convert(%rows)
+}
+
+ENTRY %main (stack: bf16[8,1024,256], i: s32[]) -> f32[1024,256] {
+  %stack = bf16[8,1024,256]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %fusion = f32[1024,256]{1,0} fusion(%stack, %i), kind=kLoop, calls=%fused_slice
+}
+"""
+
+
+def test_a_slice_read_through_a_bitcast_counts_only_the_slice():
+    bound = gpu_target.roofline(_SLICE_THROUGH_BITCAST, gpu_target.TARGETS["h200"])
+    layer = 1024 * 256
+    assert bound["bytes"] == 2 * layer + 4 + 4 * layer  # the slice, the index, the fp32 output
+
+
 def test_roofline_counts_matmul_flops_exactly_and_loops_by_trip_count():
     def run(a, b):
         return jax.lax.fori_loop(0, 8, lambda i, x: jnp.tanh(x @ b), a)
