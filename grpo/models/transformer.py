@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo import sharding
-from grpo.models import splash, vocab_parallel
+from grpo.models import log_softmax, splash, vocab_parallel
 from grpo.models.config import ModelConfig
 
 Params = dict
@@ -433,7 +433,8 @@ def token_logprobs(
     """log p(target) and the entropy of softmax(logits / temperature), both fp32, per position.
 
     Works over the sequence in chunks under `jax.checkpoint`, so the (B, T, V) fp32 logits never
-    exist at once, neither forward nor backward.
+    exist at once, neither forward nor backward; the backward recomputes a chunk's logits but
+    keeps its row statistics (models/log_softmax.py).
     """
     b, t, d = hidden_BxTxD.shape
     chunk = min(chunk, t)
@@ -454,15 +455,12 @@ def token_logprobs(
         unembed_DxV = sharding.constrain(unembed_DxV, (None, "unembed_vocab"))
     scaled_logits = lambda h, w: unembed(h, w) / temperature
 
-    @jax.checkpoint
+    @functools.partial(jax.checkpoint, policy=log_softmax.SAVE_ROW_STATS)
     def one_chunk(h_BxCxD, y_BxC):
         if split:
             return vocab_parallel.logprobs_and_entropy(h_BxCxD, y_BxC, unembed_DxV, scaled_logits)
         z = scaled_logits(h_BxCxD, unembed_DxV)
-        logp_all = jax.nn.log_softmax(z, axis=-1)
-        logp = jnp.take_along_axis(logp_all, y_BxC[..., None], axis=-1)[..., 0]
-        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-        return logp, entropy
+        return log_softmax.target_logprob_and_entropy(z, y_BxC)
 
     logp_NxBxC, entropy_NxBxC = jax.lax.map(
         lambda xs: one_chunk(*xs), (hidden_NxBxCxD, targets_NxBxC)

@@ -2,11 +2,12 @@
 
 The trainer's log-prob chunks (`transformer.token_logprobs`) on a mesh: each device computes the
 logits of its vocabulary slice for every row of the chunk, and the softmax statistics travel as
-one value per row (max, sum of exponentials, the target's logit, the entropy's partial sum).
+one value per row (max, sum of exponentials, the target's logit, the entropy's partial sum;
+models/log_softmax.py).
 Written with `shard_map` rather than left to XLA's partitioner, which, given only the layout,
-still gathers the whole (D, V) matrix in the backward on some backends (BUILD_NOTES). The
-backward follows from autodiff: each device's projection gradient stays local; the hidden
-states' gradient is summed over the vocabulary slices and scattered back to the rows.
+still gathers the whole (D, V) matrix in the backward on some backends (BUILD_NOTES). In the
+backward each device's projection gradient stays local; the hidden states' gradient is summed
+over the vocabulary slices and scattered back to the rows.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import functools
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from grpo import sharding
+from grpo.models import log_softmax
 
 
 def vocab_axes(vocab_size: int) -> str | tuple[str, ...] | None:
@@ -59,15 +60,8 @@ def _local(h_BxCxD, y_BxC, unembed_DxV, *, axes, rows, logits):
     if rows is not None:  # all rows here; the transpose scatters their gradient back
         h_BxCxD, y_BxC = (jax.lax.all_gather(x, rows, axis=0, tiled=True) for x in (h_BxCxD, y_BxC))
     z = logits(h_BxCxD, unembed_DxV)  # [B, C, V / devices]
-    slice_size = z.shape[-1]
-    peak = jax.lax.pmax(jax.lax.stop_gradient(z.max(axis=-1)), axes)
-    logsumexp = peak + jnp.log(jax.lax.psum(jnp.exp(z - peak[..., None]).sum(axis=-1), axes))
-    logp_all = z - logsumexp[..., None]
-    in_slice = y_BxC - jax.lax.axis_index(axes) * slice_size
-    hit = (in_slice >= 0) & (in_slice < slice_size)
-    picked = jnp.take_along_axis(logp_all, jnp.clip(in_slice, 0, slice_size - 1)[..., None], -1)
-    logp = jax.lax.psum(jnp.where(hit, picked[..., 0], 0.0), axes)
-    entropy = -jax.lax.psum(jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1), axes)
+    in_slice = y_BxC - jax.lax.axis_index(axes) * z.shape[-1]
+    logp, entropy = log_softmax.target_logprob_and_entropy(z, in_slice, axes)
     if rows is None:
         return logp, entropy
     local_rows = logp.shape[0] // jax.lax.psum(1, rows)

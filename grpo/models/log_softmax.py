@@ -1,0 +1,76 @@
+"""The log-probability of a target token and the entropy, from logits, with a written backward.
+
+Autodiff of `log_softmax` then `take_along_axis` costs the trainer's log-prob chunks four extra
+passes over their fp32 `[rows, chunk, vocab]` logits in the backward: it fills a zero buffer,
+scatters the target's cotangent into it, sums that over the vocabulary, and (under the chunk's
+`jax.checkpoint`) reduces the logits again for the softmax. The backward written here is one
+elementwise pass, given the log-sum-exp and entropy that the forward saves under the names
+below:
+
+    d logp / dz    = onehot(target) - p
+    d entropy / dz = -p * (log p + entropy)
+
+On a vocabulary slice (`axes`: the mesh axes that split the vocabulary, inside `shard_map`) the
+row statistics combine across those axes in the forward, and the backward needs no collective.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+LOGSUMEXP, ENTROPY = "logsumexp", "entropy"
+# A `jax.checkpoint` policy that keeps the two row statistics, so the backward recomputes only the
+# logits and does not reduce them again.
+SAVE_ROW_STATS = jax.checkpoint_policies.save_only_these_names(LOGSUMEXP, ENTROPY)
+
+Axes = str | tuple[str, ...] | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def target_logprob_and_entropy(
+    z_BxCxV: jax.Array, target_BxC: jax.Array, axes: Axes = None
+) -> tuple[jax.Array, jax.Array]:
+    """log softmax(z)[target] and the entropy of softmax(z), fp32, per row.
+
+    With `axes`, z holds this device's slice of the vocabulary and `target` is the target's
+    index within the slice (out of range where the target lies in another device's slice).
+    """
+    return _forward(z_BxCxV, target_BxC, axes)[0]
+
+
+def _forward(z_BxCxV, target_BxC, axes):
+    total = functools.partial(jax.lax.psum, axis_name=axes) if axes else lambda x: x
+    peak_BxC = z_BxCxV.max(axis=-1)
+    if axes:
+        peak_BxC = jax.lax.pmax(peak_BxC, axes)
+    sum_exp_BxC = total(jnp.exp(z_BxCxV - peak_BxC[..., None]).sum(axis=-1))
+    logsumexp_BxC = checkpoint_name(peak_BxC + jnp.log(sum_exp_BxC), LOGSUMEXP)
+    slice_size = z_BxCxV.shape[-1]
+    here_BxC = (target_BxC >= 0) & (target_BxC < slice_size)
+    index_BxCx1 = jnp.clip(target_BxC, 0, slice_size - 1)[..., None]
+    picked_BxC = jnp.take_along_axis(z_BxCxV, index_BxCx1, axis=-1)[..., 0]
+    logp_BxC = total(jnp.where(here_BxC, picked_BxC, 0.0)) - logsumexp_BxC
+    logp_all = z_BxCxV - logsumexp_BxC[..., None]
+    entropy_BxC = checkpoint_name(-total(jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)), ENTROPY)
+    return (logp_BxC, entropy_BxC), (z_BxCxV, target_BxC, logsumexp_BxC, entropy_BxC)
+
+
+def _backward(axes, residuals, cotangents):
+    del axes  # every term is this device's: softmax(z) over the whole vocabulary, sliced
+    z_BxCxV, target_BxC, logsumexp_BxC, entropy_BxC = residuals
+    d_logp_BxC, d_entropy_BxC = cotangents
+    logp_all = z_BxCxV - logsumexp_BxC[..., None]
+    p = jnp.exp(logp_all)
+    vocab_ids = jax.lax.broadcasted_iota(target_BxC.dtype, z_BxCxV.shape, z_BxCxV.ndim - 1)
+    onehot = (vocab_ids == target_BxC[..., None]).astype(z_BxCxV.dtype)
+    d_z = d_logp_BxC[..., None] * (onehot - p) - d_entropy_BxC[..., None] * p * (
+        logp_all + entropy_BxC[..., None]
+    )
+    return d_z, None
+
+
+target_logprob_and_entropy.defvjp(_forward, _backward)
