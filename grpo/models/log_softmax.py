@@ -47,15 +47,20 @@ def _forward(z_BxCxV, target_BxC, axes):
     peak_BxC = z_BxCxV.max(axis=-1)
     if axes:
         peak_BxC = jax.lax.pmax(peak_BxC, axes)
-    sum_exp_BxC = total(jnp.exp(z_BxCxV - peak_BxC[..., None]).sum(axis=-1))
-    logsumexp_BxC = checkpoint_name(peak_BxC + jnp.log(sum_exp_BxC), LOGSUMEXP)
+    # One more pass gives both sums (entropy = log s - t / s), not two after one another.
+    shifted = z_BxCxV - peak_BxC[..., None]
+    exp_shifted = jnp.exp(shifted)
+    sum_exp_BxC, sum_exp_shifted_BxC = total(
+        (exp_shifted.sum(axis=-1), (exp_shifted * shifted).sum(axis=-1))
+    )
+    log_sum_exp_BxC = jnp.log(sum_exp_BxC)
+    logsumexp_BxC = checkpoint_name(peak_BxC + log_sum_exp_BxC, LOGSUMEXP)
+    entropy_BxC = checkpoint_name(log_sum_exp_BxC - sum_exp_shifted_BxC / sum_exp_BxC, ENTROPY)
     slice_size = z_BxCxV.shape[-1]
     here_BxC = (target_BxC >= 0) & (target_BxC < slice_size)
     index_BxCx1 = jnp.clip(target_BxC, 0, slice_size - 1)[..., None]
     picked_BxC = jnp.take_along_axis(z_BxCxV, index_BxCx1, axis=-1)[..., 0]
     logp_BxC = total(jnp.where(here_BxC, picked_BxC, 0.0)) - logsumexp_BxC
-    logp_all = z_BxCxV - logsumexp_BxC[..., None]
-    entropy_BxC = checkpoint_name(-total(jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)), ENTROPY)
     return (logp_BxC, entropy_BxC), (z_BxCxV, target_BxC, logsumexp_BxC, entropy_BxC)
 
 
