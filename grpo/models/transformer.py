@@ -187,12 +187,19 @@ def _attention_xla(q, k, v, mask_BxTxS):
     """Grouped-query attention with fp32 scores. q: B,T,N,H; k/v: B,S,K,H."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = einsum_f32_out("btkgh,bskh->bkgts", q, k)
+    group = n // kv_heads
+    # One KV head's query rows as one (t, g) axis, so score-shaped tensors keep one layout from
+    # the score matmul to the weighted sum: only q and the output (S times smaller) move.
+    q_BxKxRxH = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 1, 3, 4)
+    q_BxKxRxH = q_BxKxRxH.reshape(b, kv_heads, t * group, h)
+    scores = einsum_f32_out("bkrh,bskh->bkrs", q_BxKxRxH, k)
     scores = scores / math.sqrt(h)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, _NEG_INF)
+    mask_BxRxS = jnp.broadcast_to(mask_BxTxS[:, :, None], (b, t, group, mask_BxTxS.shape[-1]))
+    mask_BxRxS = mask_BxRxS.reshape(b, t * group, -1)
+    scores = jnp.where(mask_BxRxS[:, None], scores, _NEG_INF)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", weights, v)
+    out = jnp.einsum("bkrs,bskh->bkrh", weights, v)
+    out = out.reshape(b, kv_heads, t, group, h).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, n, h)
 
 
