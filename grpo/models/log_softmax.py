@@ -47,7 +47,7 @@ def _forward(z_BxCxV, target_BxC, axes):
     peak_BxC = z_BxCxV.max(axis=-1)
     if axes:
         peak_BxC = jax.lax.pmax(peak_BxC, axes)
-    # One more pass gives both sums (entropy = log s - t / s), not two after one another.
+    # One pass after the max gives both sums (entropy = log s - t / s), not two in a row.
     shifted = z_BxCxV - peak_BxC[..., None]
     exp_shifted = jnp.exp(shifted)
     sum_exp_BxC, sum_exp_shifted_BxC = total(
