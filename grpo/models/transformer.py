@@ -194,8 +194,7 @@ def _attention_xla(q, k, v, mask_BxTxS):
     q_BxKxRxH = q_BxKxRxH.reshape(b, kv_heads, t * group, h)
     scores = einsum_f32_out("bkrh,bskh->bkrs", q_BxKxRxH, k)
     scores = scores / math.sqrt(h)
-    mask_BxRxS = jnp.broadcast_to(mask_BxTxS[:, :, None], (b, t, group, mask_BxTxS.shape[-1]))
-    mask_BxRxS = mask_BxRxS.reshape(b, t * group, -1)
+    mask_BxRxS = jnp.repeat(mask_BxTxS, group, axis=1)  # row t * group + g is query t
     scores = jnp.where(mask_BxRxS[:, None], scores, _NEG_INF)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkrs,bskh->bkrh", weights, v)
