@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo import sharding
-from grpo.models import log_softmax, splash, vocab_parallel
+from grpo.models import log_softmax, softmax_attention, splash, vocab_parallel
 from grpo.models.config import ModelConfig
 
 Params = dict
@@ -199,12 +199,7 @@ def _attention_xla(q, k, v, mask_BxTxS):
     # the score matmul to the weighted sum: only q and the output (S times smaller) move.
     q_BxKxRxH = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 1, 3, 4)
     q_BxKxRxH = q_BxKxRxH.reshape(b, kv_heads, t * group, h)
-    scores = einsum_f32_out("bkrh,bskh->bkrs", q_BxKxRxH, k) / math.sqrt(h)
-    s = scores.shape[-1]
-    scores = scores.reshape(b, kv_heads, t, group, s) + bias_BxTxS[:, None, :, None, :]
-    scores = scores.reshape(b, kv_heads, t * group, s)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkrs,bskh->bkrh", weights, v)
+    out = softmax_attention.attend(q_BxKxRxH, k, v, bias_BxTxS)
     out = out.reshape(b, kv_heads, t, group, h).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, n, h)
 
