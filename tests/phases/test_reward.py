@@ -1,5 +1,6 @@
 """Reward phase: GSM8K answer parsing, format rewards, weighting, and failure isolation."""
 
+import gc
 import time
 
 import numpy as np
@@ -166,12 +167,29 @@ LONG_INPUTS = {
 }
 
 
+def _fastest_seconds(fn, tries: int = 3) -> float:
+    """The best of a few timed calls, without the garbage collector: one stall of a shared CI
+    machine (a 20 ms call once took 0.54 s there) does not fail a test, a slow algorithm does."""
+    gc.disable()
+    try:
+        times = []
+        for _ in range(tries):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("completion", LONG_INPUTS.values(), ids=LONG_INPUTS.keys())
 def test_long_outputs_are_fast(completion):
-    start = time.perf_counter()
-    for fn in reward.REWARD_FUNCTIONS.values():
-        fn(completion, gsm8k("72"))
-    assert time.perf_counter() - start < 0.5, "a parsing step is not linear-time"
+    def parse_all():
+        for fn in reward.REWARD_FUNCTIONS.values():
+            fn(completion, gsm8k("72"))
+
+    # About 20 ms each; a quadratic step would take minutes.
+    assert _fastest_seconds(parse_all) < 0.5, "a parsing step is not linear-time"
 
 
 def test_weighted_total_matches_hand_computation():
@@ -208,7 +226,7 @@ def _boom(completion, example):
 
 def _hang(completion, example):
     if "hang" in completion:
-        time.sleep(1.0)
+        time.sleep(5.0)  # far beyond the bounds below, so a slow CI machine cannot pass for it
     return 1.0
 
 
@@ -253,7 +271,7 @@ def test_hanging_reward_is_abandoned_while_others_score(monkeypatch):
     np.testing.assert_array_equal(result.per_function["correctness"], [1.0, 1.0, 0.0, 0.0])
     np.testing.assert_array_equal(result.total, [1.0, 2.0, 0.0, 1.0])
     assert result.failures == {"correctness": 0, "hang": 2}
-    assert elapsed < 0.7, f"score waited {elapsed:.2f} s on calls that should have been abandoned"
+    assert elapsed < 2.5, f"score waited {elapsed:.2f} s on calls that should have been abandoned"
 
 
 def test_fully_stuck_pool_refuses_calls_instead_of_waiting():
@@ -261,7 +279,7 @@ def test_fully_stuck_pool_refuses_calls_instead_of_waiting():
     calls = [reward._Call(_hang, "hang", {}), reward._Call(_hang, "hang", {})]
     start = time.perf_counter()
     outcomes = reward._run_with_timeouts(calls, timeout_s=0.05, pool=pool)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 2.5
     assert [value for value, _ in outcomes] == [0.0, 0.0]
     assert "timed out" in outcomes[0][1]
     assert "stuck" in outcomes[1][1]
@@ -312,7 +330,6 @@ def test_score_rejects_bad_arguments(completions, examples, timeout_s, message):
 
 def test_reference_sized_batch_is_fast():
     completions = [THINK_ANSWER.format("step " * 200, str(i)) for i in range(128)]
-    start = time.perf_counter()
-    result = reward.score(completions, [gsm8k("7")] * 128, rewards=reward.RewardConfig())
-    assert time.perf_counter() - start < 1.0
-    assert result.per_function["correctness"].sum() == 1.0
+    score = lambda: reward.score(completions, [gsm8k("7")] * 128, rewards=reward.RewardConfig())
+    assert _fastest_seconds(score) < 1.0  # about 6 ms
+    assert score().per_function["correctness"].sum() == 1.0
