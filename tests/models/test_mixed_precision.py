@@ -1,9 +1,11 @@
 """bf16 training runs every backward matmul in bf16, while logits and attention scores stay fp32.
 
-`einsum_f32_out` is the one place a bf16 x bf16 product is widened to fp32 (unembedding, attention
-scores). Plain autodiff would multiply the fp32 cotangent with the bf16 inputs: fp32 matmuls, the
-slow path on a GPU. These tests pin the jaxpr (no dot with an fp32 operand in a bf16 backward)
-and the values (fp32: same as plain autodiff; bf16: close to it).
+A bf16 x bf16 product is widened to fp32 in two places, each with a backward that rounds the
+cotangent to bf16 first: `einsum_f32_out` (the unembedding) and the einsum attention's written
+backward (models/softmax_attention.py, the scores). Plain autodiff would multiply the fp32
+cotangent with the bf16 inputs: fp32 matmuls, the slow path on a GPU. These tests pin the jaxpr
+(no dot with an fp32 operand in a bf16 backward) and the values (fp32: same as plain autodiff;
+bf16: close to it).
 """
 
 import dataclasses
