@@ -89,6 +89,7 @@ def random_batch(
             -np.log(config.vocab_size) + 0.1 * rng.standard_normal((rows, completion_len))
         ).astype(np.float32),
         advantages_B=rng.standard_normal(rows).astype(np.float32),
+        truncated_B=np.ones(rows, bool),  # every completion fills its budget
     )
 
 

@@ -35,6 +35,7 @@ class Batch:
     completion_mask_BxC: jax.Array
     old_logps_BxC: jax.Array  # the rollout's log-probs: the behaviour policy of the ratio
     advantages_B: jax.Array  # fp32
+    truncated_B: jax.Array  # bool: the completion hit the token budget without an end token
     ref_logps_BxC: jax.Array | None = None  # frozen reference policy; None when beta == 0
 
     @classmethod
@@ -47,6 +48,7 @@ class Batch:
             completion_mask_BxC=rollout.completion_mask_BxC,
             old_logps_BxC=rollout.logps_BxC,
             advantages_B=advantages_B,
+            truncated_B=rollout.truncated_B,
         )
 
 

@@ -9,7 +9,9 @@ Every aggregation mode is per-token weights w_bt and one normaliser N for the wh
 
 (L = `max_completion_length`, default the completion width C.) A weight depends on its own
 sequence only and N on the whole batch, so summing the micro-batches' gradients of
-sum(w * loss) and dividing once by N gives exactly the full-batch gradient.
+sum(w * loss) and dividing once by N gives exactly the full-batch gradient. With
+`mask_truncated_completions` (DAPO's overlong filtering) the mask leaves out every completion
+that hit the token budget; the sequence modes' N still counts them (as TRL does).
 
 `old_logps` are the rollout's log-probs: with several updates on one rollout
 (`num_iterations > 1`) the ratio moves away from 1 after the first update and clipping acts.
@@ -45,6 +47,9 @@ class LossConfig:
     temperature: float = 1.0  # the sampler's; log-probs are of softmax(logits / temperature)
     max_completion_length: int | None = None  # Dr. GRPO's constant L; None = completion width
     logprob_chunk: int = 128  # sequence chunk for the fp32 log-softmax (memory, not numerics)
+    # DAPO's overlong filtering: completions that hit the token budget without an end token
+    # count in no loss term or statistic (their rewards still shape their groups' advantages).
+    mask_truncated_completions: bool = False
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -167,6 +172,13 @@ def _split(tree: Any, num_micro_batches: int) -> Any:
     return jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), tree)
 
 
+def loss_mask(batch: Batch, *, config: LossConfig) -> jax.Array:
+    """The tokens the loss counts: the completions' own, less truncated completions if masked."""
+    if not config.mask_truncated_completions:
+        return batch.completion_mask_BxC
+    return batch.completion_mask_BxC & ~batch.truncated_B[:, None]
+
+
 def _check_micro_batches(rows: int, num_micro_batches: int) -> None:
     if num_micro_batches < 1 or rows % num_micro_batches:
         raise ValueError(
@@ -194,9 +206,10 @@ def compute_gradients(
     whole batch's N, so any num_micro_batches dividing B gives the same gradient.
     """
     _check_batch(batch, loss=loss, num_micro_batches=num_micro_batches)
-    mask_BxC = batch.completion_mask_BxC
+    mask_BxC = loss_mask(batch, config=loss)
 
     def numerators(p, mb: Batch):
+        mb_mask_BxC = loss_mask(mb, config=loss)
         logps_BxC, entropy_BxC = transformer.completion_logprobs(
             p,
             mb.prompt_tokens_BxP,
@@ -212,10 +225,10 @@ def compute_gradients(
             mb.old_logps_BxC,
             mb.ref_logps_BxC,
             mb.advantages_B,
-            mb.completion_mask_BxC,
+            mb_mask_BxC,
             config=loss,  # micro-batches keep the width C: Dr. GRPO's default L is unchanged
         )
-        sums["entropy"] = _masked_sum(jax.lax.stop_gradient(entropy_BxC), mb.completion_mask_BxC)
+        sums["entropy"] = _masked_sum(jax.lax.stop_gradient(entropy_BxC), mb_mask_BxC)
         return sums["loss"], sums
 
     grad_fn = jax.grad(numerators, has_aux=True)

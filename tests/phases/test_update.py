@@ -185,6 +185,7 @@ def batch(params):
         completion_mask_BxC=jnp.asarray(completion_mask),
         old_logps_BxC=zeros,
         advantages_B=jnp.asarray(rng.standard_normal(b), jnp.float32),
+        truncated_B=jnp.asarray(COMPLETION_LENS == C),  # rows 0 and 5 fill the budget
     )
     logps = _logps(params, batch)
     return batch.replace(old_logps_BxC=jnp.where(completion_mask, logps, 0.0))
@@ -232,21 +233,46 @@ def _reinforce_grad(params, batch, weights_BxC, normaliser):
     return jax.tree.map(lambda g: -g / normaliser, jax.grad(objective)(params))
 
 
+@pytest.mark.parametrize("mask_truncated", [False, True])
 @pytest.mark.parametrize(
     "aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 )
-def test_gradient_is_reinforce_when_ratio_is_one(params, batch, aggregation):
-    mask = np.asarray(batch.completion_mask_BxC, np.float32)
+def test_gradient_is_reinforce_when_ratio_is_one(params, batch, aggregation, mask_truncated):
+    # Masking truncated completions (rows 0 and 5) drops their tokens from the weights and from
+    # token_mean's N; the sequence modes still divide by all 8 sequences.
+    kept = ~np.asarray(batch.truncated_B) if mask_truncated else np.ones(8, bool)
+    mask = np.asarray(batch.completion_mask_BxC, np.float32) * kept[:, None]
     weights, normaliser = {
         "token_mean": (mask, mask.sum()),
         "seq_mean_token_mean": (mask / np.maximum(mask.sum(1, keepdims=True), 1), 8.0),
         "seq_mean_token_sum_norm": (mask / C, 8.0),
     }[aggregation]
-    grads, metrics = _grad_fn(_loss(aggregation=aggregation))(params, batch)
+    loss = _loss(aggregation=aggregation, mask_truncated_completions=mask_truncated)
+    grads, metrics = _grad_fn(loss)(params, batch)
     expected = _reinforce_grad(params, batch, jnp.asarray(weights), normaliser)
     _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
     np.testing.assert_allclose(float(metrics["ratio_mean"]), 1.0, atol=1e-6)
     assert float(metrics["clip_frac_low"]) == float(metrics["clip_frac_high"]) == 0.0
+
+
+def test_masked_truncated_completions_have_no_effect(params, batch):
+    # Whatever the truncated rows hold (advantages, old and reference log-probs), neither the
+    # gradient nor any statistic moves; micro-batching stays exact with the mask.
+    batch = _perturbed(batch, with_ref=True)
+    truncated = batch.truncated_B[:, None]
+    garbage = batch.replace(
+        advantages_B=jnp.where(batch.truncated_B, 50.0, batch.advantages_B),
+        old_logps_BxC=jnp.where(truncated, -30.0, batch.old_logps_BxC),
+        ref_logps_BxC=jnp.where(truncated, 30.0, batch.ref_logps_BxC),
+    )
+    loss = _loss(beta=0.05, mask_truncated_completions=True)
+    grads, metrics = _grad_fn(loss)(params, batch)
+    grads_g, metrics_g = _grad_fn(loss, 2)(params, garbage)
+    _assert_trees_close(grads_g, grads, atol=1e-6)
+    _assert_trees_close(metrics_g, metrics, atol=1e-6)
+    # ...while without the mask the same garbage dominates (the check has power).
+    unmasked, _ = _grad_fn(_loss(beta=0.05))(params, garbage)
+    assert optax.global_norm(unmasked) > 10 * optax.global_norm(grads)
 
 
 @pytest.mark.parametrize(
