@@ -11,7 +11,9 @@ Every aggregation mode is per-token weights w_bt and one normaliser N for the wh
 sequence only and N on the whole batch, so summing the micro-batches' gradients of
 sum(w * loss) and dividing once by N gives exactly the full-batch gradient. With
 `mask_truncated_completions` (DAPO's overlong filtering) the mask leaves out every completion
-that hit the token budget; the sequence modes' N still counts them (as TRL does).
+that hit the token budget; the sequence modes' N still counts them (as TRL does). With
+`importance_sampling_level="sequence"` (GSPO) every token of a completion takes the completion's
+ratio, exp of its mean token log-ratio, so clipping keeps or drops whole completions.
 
 `old_logps` are the rollout's log-probs: with several updates on one rollout
 (`num_iterations > 1`) the ratio moves away from 1 after the first update and clipping acts.
@@ -31,6 +33,7 @@ from grpo.models.config import ModelConfig
 from grpo.types import Batch, TrainState
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 # Token-mean diagnostics: fraction (or mean) over the valid tokens of the batch.
 TOKEN_STATS = ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean")
 
@@ -50,10 +53,18 @@ class LossConfig:
     # DAPO's overlong filtering: completions that hit the token budget without an end token
     # count in no loss term or statistic (their rewards still shape their groups' advantages).
     mask_truncated_completions: bool = False
+    # "token": each token's own ratio (GRPO); "sequence": every token of a completion takes
+    # exp(mean log-ratio over the completion), clipped as one (GSPO; use small epsilons, ~3e-4).
+    importance_sampling_level: str = "token"
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(
+                f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                f"got {self.importance_sampling_level!r}"
+            )
         if self.epsilon_low < 0 or self.epsilon_high < 0:
             raise ValueError(
                 f"clip epsilons must be >= 0, got low={self.epsilon_low} high={self.epsilon_high}"
@@ -93,10 +104,23 @@ def _token_count(mask_BxC: jax.Array) -> jax.Array:
     return jnp.maximum(mask_BxC.sum(dtype=jnp.float32), 1.0)
 
 
-def _per_token(logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, *, config: LossConfig):
+def _log_ratio(logps_BxC, old_logps_BxC, mask_BxC, *, config: LossConfig) -> jax.Array:
+    """log(pi / pi_old) of each token, or (sequence level, GSPO) its sequence's token mean.
+    Masked slots hold 0 in both log-probs (see `_numerators`), so they add nothing to a mean."""
+    log_ratio_BxC = logps_BxC - old_logps_BxC
+    if config.importance_sampling_level == "token":
+        return log_ratio_BxC
+    length_Bx1 = jnp.maximum(mask_BxC.sum(axis=1, keepdims=True, dtype=jnp.float32), 1.0)
+    mean_Bx1 = log_ratio_BxC.sum(axis=1, keepdims=True) / length_Bx1
+    return jnp.broadcast_to(mean_Bx1, log_ratio_BxC.shape)
+
+
+def _per_token(
+    logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, *, config: LossConfig
+):
     """The clipped surrogate (+ beta * k3 KL) per token, and the per-token diagnostics."""
     adv_Bx1 = advantages_B.astype(jnp.float32)[:, None]
-    ratio_BxC = jnp.exp(logps_BxC - old_logps_BxC)
+    ratio_BxC = jnp.exp(_log_ratio(logps_BxC, old_logps_BxC, mask_BxC, config=config))
     low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
     loss_BxC = -jnp.minimum(ratio_BxC * adv_Bx1, jnp.clip(ratio_BxC, low, high) * adv_Bx1)
     if config.dual_clip is not None:
@@ -134,7 +158,12 @@ def _numerators(logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC,
     # loss nor its gradient can pick up inf * 0.
     clean = lambda x: None if x is None else jnp.where(mask_BxC, x.astype(jnp.float32), 0.0)
     loss_BxC, stats = _per_token(
-        clean(logps_BxC), clean(old_logps_BxC), clean(ref_logps_BxC), advantages_B, config=config
+        clean(logps_BxC),
+        clean(old_logps_BxC),
+        clean(ref_logps_BxC),
+        advantages_B,
+        mask_BxC,
+        config=config,
     )
     sums = {name: _masked_sum(value, mask_BxC) for name, value in stats.items()}
     sums["loss"] = jnp.sum(token_weights(mask_BxC, config=config) * loss_BxC)

@@ -97,10 +97,50 @@ def test_dual_clip_and_asymmetric_epsilons():
     np.testing.assert_allclose(float(high), -1.28, rtol=1e-6)
 
 
+def test_sequence_level_importance_ratio_by_hand():
+    # GSPO: a completion's ratio is the geometric mean of its tokens' ratios,
+    #   seq 0: (1.5 * 0.5 * 1.0)^(1/3) = 0.75^(1/3) ~ 0.909;  seq 1: (0.7 * 1.1)^(1/2) ~ 0.877,
+    # both inside [0.8, 1.2]: nothing clips (at token level 1.5 and 0.7 clipped).
+    s0, s1 = 0.75 ** (1 / 3), 0.77**0.5
+    config = LossConfig(importance_sampling_level="sequence")
+    loss_fn = lambda lp: update.policy_loss(lp, OLD_LOGPS, None, ADVANTAGES, MASK, config=config)
+    (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(LOGPS)
+    np.testing.assert_allclose(float(loss), (3 * -s0 + 2 * 2 * s1) / 5, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["ratio_mean"]), (3 * s0 + 2 * s1) / 5, rtol=1e-6)
+    assert float(aux["clip_frac_low"]) == float(aux["clip_frac_high"]) == 0.0
+    # loss = sum_b |y_b| (-A_b s_b) / 5 and d s_b / d logp_bt = s_b / |y_b|: every token of a
+    # completion gets -A_b s_b / 5, the one clipped at token level (ratio 1.5) included.
+    np.testing.assert_allclose(
+        grad, [[-s0 / 5] * 3, [2 * s1 / 5, 2 * s1 / 5, 0.0]], rtol=1e-5, atol=1e-7
+    )
+    config = LossConfig(importance_sampling_level="sequence", aggregation="seq_mean_token_mean")
+    loss, _ = update.policy_loss(LOGPS, OLD_LOGPS, None, ADVANTAGES, MASK, config=config)
+    np.testing.assert_allclose(float(loss), (-s0 + 2 * s1) / 2, rtol=1e-6)
+
+
+def test_sequence_level_ratio_clips_whole_completions():
+    # Ratios (1.1, 1.3), A = +1, epsilon_high 0.15: the token level clips only 1.3. Their
+    # geometric mean 1.196 is above 1.15, so the sequence level clips the whole completion:
+    # loss -1.15 per token, no gradient on either token, both counted as clipped high.
+    logps, old = jnp.log(jnp.array([[1.1, 1.3]])), jnp.zeros((1, 2))
+    mask, adv = jnp.ones((1, 2), bool), jnp.array([1.0])
+    config = LossConfig(importance_sampling_level="sequence", epsilon_high=0.15)
+    loss_fn = lambda lp: update.policy_loss(lp, old, None, adv, mask, config=config)
+    (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(logps)
+    np.testing.assert_allclose(float(loss), -1.15, rtol=1e-6)
+    assert float(aux["clip_frac_high"]) == 1.0
+    np.testing.assert_array_equal(grad, np.zeros((1, 2)))
+    config = LossConfig(epsilon_high=0.15)
+    token, aux = update.policy_loss(logps, old, None, adv, mask, config=config)
+    np.testing.assert_allclose(float(token), -(1.1 + 1.15) / 2, rtol=1e-6)
+    assert float(aux["clip_frac_high"]) == 0.5
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(aggregation="sum"), "aggregation must be one of"),
+        (dict(importance_sampling_level="seq"), "importance_sampling_level must be one of"),
         (dict(epsilon_low=-0.1), "clip epsilons must be >= 0"),
         (dict(dual_clip=1.0), "dual_clip must be > 1"),
         (dict(beta=-1.0), "beta must be >= 0"),
@@ -276,12 +316,25 @@ def test_masked_truncated_completions_have_no_effect(params, batch):
 
 
 @pytest.mark.parametrize(
-    "aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+    "aggregation, gspo",
+    [
+        ("token_mean", False),
+        ("seq_mean_token_mean", False),
+        ("seq_mean_token_sum_norm", False),
+        ("seq_mean_token_mean", True),
+    ],
 )
-def test_micro_batches_match_full_batch(params, batch, aggregation):
+def test_micro_batches_match_full_batch(params, batch, aggregation, gspo):
     # 4 micro-batches of 2 rows; M = 2 (with the KL term) is checked in the sharded test.
     batch = _perturbed(batch, with_ref=False)
     loss = _loss(aggregation=aggregation)
+    if gspo:  # sequence-level ratios average the noise out: GSPO's small epsilons still clip
+        loss = _loss(
+            aggregation=aggregation,
+            importance_sampling_level="sequence",
+            epsilon_low=3e-4,
+            epsilon_high=4e-4,
+        )
     grads, metrics = _grad_fn(loss)(params, batch)
     assert float(metrics["clip_frac_low"]) > 0 and float(metrics["clip_frac_high"]) > 0
     grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
