@@ -128,10 +128,16 @@ def build_experiment() -> Experiment:
     # Optimizer first: a misspelled name fails before any model is loaded or compiled.
     lr_schedule = make_lr_schedule(train.num_steps * train.num_iterations)
     tx = make_optimizer(lr_schedule)
+    rewards = make_rewards()
     bundle = make_model()
     train_examples, test_examples = make_dataset()
     end_ids, pad_id = _end_and_pad_ids(bundle)
     sampling = make_sampling(end_ids=end_ids, pad_id=pad_id)
+    if rewards.overlong_buffer > sampling.max_new_tokens:
+        raise ValueError(
+            f"make_rewards.overlong_buffer={rewards.overlong_buffer} exceeds the token budget "
+            f"make_sampling.max_new_tokens={sampling.max_new_tokens}"
+        )
     loss = make_loss()
     # The loss must score tokens under the distribution they were sampled from.
     loss = dataclasses.replace(
@@ -148,7 +154,7 @@ def build_experiment() -> Experiment:
         test_examples=test_examples,
         sampling=sampling,
         loss=loss,
-        rewards=make_rewards(),
+        rewards=rewards,
         tx=tx,
         lr_schedule=lr_schedule,
         mesh=mesh,

@@ -360,6 +360,12 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     rewards = reward_phase.score(
         texts, local_examples, rewards=exp.rewards, timeout_s=cfg.reward_timeout_s
     )
+    rewards = reward_phase.add_overlong_penalty(
+        rewards,
+        _local_rows(rollout.lengths_B),
+        rewards=exp.rewards,
+        max_length=exp.sampling.max_new_tokens,
+    )
     timings["reward"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

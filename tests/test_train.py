@@ -66,6 +66,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         ("make_optimiser.name='adamw'", "make_optimiser"),  # misspelled configurable
         ("make_optimizer.nmae='adamw'", "nmae"),  # misspelled parameter
         ("make_optimizer.name='adamx'", "unknown optimizer 'adamx'"),  # bad value
+        ("make_rewards.overlong_buffer=17", "exceeds the token budget"),  # tiny.gin: 16 tokens
     ],
 )
 def test_bad_bindings_fail_fast(tmp_path, binding, message):
@@ -172,7 +173,7 @@ def test_kl_to_the_frozen_reference_with_one_prefill_per_prompt(
 ):
     # 4 prompts divide over tiny.gin's dp x fsdp = 4 batch shards, so each prompt is prefilled
     # once and its 4 samples share the cache. (Tests with 2 prompts cover the fallback: rows
-    # repeated on the host.)
+    # repeated on the host.) The run also adds the overlong penalty to the rewards.
     calls = []
 
     def recording_generate(params, tokens, mask, key, **kwargs):
@@ -188,9 +189,16 @@ def test_kl_to_the_frozen_reference_with_one_prefill_per_prompt(
         "TrainConfig.num_steps=2",
         "TrainConfig.prompts_per_step=4",
         "TrainConfig.eval_every_steps=0",
+        "make_rewards.overlong_buffer=8",
+        "make_rewards.overlong_weight=0.5",
     )
     assert calls == [(4, 4), (4, 4)]
-    first, second = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    for row in rows:  # a truncated completion's penalty is -1; one in the buffer's is in (-1, 0]
+        assert -1.0 <= row["reward/overlong"] <= -row["truncation_rate"]
+        total = row["reward/length"] + 0.5 * row["reward/overlong"]
+        np.testing.assert_allclose(row["reward_mean"], total, rtol=1e-5)
+    first, second = rows
     assert first["kl"] == 0.0  # step 1 samples from the reference itself
     assert second["kl"] > 0.0  # after one update the policy has moved away from it
     assert "reference_seconds" in first

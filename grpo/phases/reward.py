@@ -4,6 +4,8 @@ A reward function is `fn(completion, example) -> float`, where `example` is a GS
 mapping with at least `question` and `answer` (reasoning ending in `#### N`). `score` runs a
 weighted set of them over a batch. It never raises because of one completion: a function that
 raises, returns a non-finite value or overruns its time limit scores 0 there and is counted.
+Length shaping needs token counts, not text: `add_overlong_penalty` adds DAPO's soft overlong
+punishment to a scored batch.
 
 GSM8K correctness reads the model's final answer from explicit markers -- `<answer>...</answer>`,
 `\\boxed{...}` (nested braces allowed) and `#### ...` to the end of the line -- and, when asked,
@@ -202,6 +204,9 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
 }
 
 
+OVERLONG = "overlong"  # the length penalty's name among the per-function rewards
+
+
 def get_reward_fn(name: str) -> RewardFn:
     """The registered reward function called `name`; ValueError listing valid names otherwise."""
     try:
@@ -217,6 +222,10 @@ class RewardConfig:
 
     names: tuple[str, ...] = ("correctness", "format", "tag_count")
     weights: tuple[float, ...] = (1.0, 0.5, 0.5)
+    # DAPO's soft overlong punishment over the last `overlong_buffer` tokens of the budget
+    # (0: off), added to the total with `overlong_weight`; see `overlong_penalty`.
+    overlong_buffer: int = 0
+    overlong_weight: float = 1.0
 
     def __post_init__(self) -> None:
         # gin hands over lists; tuples keep the config hashable.
@@ -233,6 +242,13 @@ class RewardConfig:
             raise ValueError(f"RewardConfig weights must be finite: {self.weights}")
         for name in self.names:
             get_reward_fn(name)
+        if self.overlong_buffer < 0 or not math.isfinite(self.overlong_weight):
+            raise ValueError(
+                f"RewardConfig overlong_buffer must be >= 0 and overlong_weight finite; got "
+                f"{self.overlong_buffer} and {self.overlong_weight}"
+            )
+        if self.overlong_buffer and OVERLONG in self.names:
+            raise ValueError(f"RewardConfig: {OVERLONG!r} names the length penalty, not a function")
 
 
 # --------------------------------------------------------------------------- time-limited calls
@@ -414,3 +430,28 @@ def score(
                 reasons[0],
             )
     return RewardResult(total=total_B, per_function=per_function, failures=failures)
+
+
+def overlong_penalty(lengths_B: np.ndarray, *, max_length: int, buffer: int) -> np.ndarray:
+    """DAPO's soft overlong punishment, float32 [B]: 0 up to `max_length - buffer` tokens, then
+    falling linearly to -1 at `max_length` (the token budget, so a truncated completion gets -1).
+    """
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in [1, {max_length}] tokens, got {buffer}")
+    start = max_length - buffer
+    return np.clip((start - np.asarray(lengths_B)) / buffer, -1.0, 0.0).astype(np.float32)
+
+
+def add_overlong_penalty(
+    result: RewardResult, lengths_B: np.ndarray, *, rewards: RewardConfig, max_length: int
+) -> RewardResult:
+    """`result` with the weighted overlong penalty in its total and, unweighted, among its
+    per-function rewards; unchanged when `rewards.overlong_buffer` is 0."""
+    if not rewards.overlong_buffer:
+        return result
+    penalty_B = overlong_penalty(lengths_B, max_length=max_length, buffer=rewards.overlong_buffer)
+    return dataclasses.replace(
+        result,
+        total=result.total + np.float32(rewards.overlong_weight) * penalty_B,
+        per_function={**result.per_function, OVERLONG: penalty_B},
+    )

@@ -1,5 +1,6 @@
 """Reward phase: GSM8K answer parsing, format rewards, weighting, and failure isolation."""
 
+import dataclasses
 import gc
 import time
 
@@ -213,6 +214,39 @@ def test_custom_weights_and_order():
     assert list(result.per_function) == ["tag_count", "correctness"]
 
 
+def test_overlong_penalty_by_hand():
+    # Budget 10 tokens, buffer 4: free up to 6 tokens, then -1/4 per token down to -1 at 10.
+    lengths = np.array([0, 6, 7, 8, 9, 10])
+    np.testing.assert_array_equal(
+        reward.overlong_penalty(lengths, max_length=10, buffer=4),
+        np.array([0, 0, -0.25, -0.5, -0.75, -1.0], np.float32),
+    )
+    # The whole budget as buffer: -length / budget.
+    np.testing.assert_allclose(
+        reward.overlong_penalty(np.array([0, 5, 10]), max_length=10, buffer=10), [0, -0.5, -1]
+    )
+    with pytest.raises(ValueError, match=r"overlong buffer must be in \[1, 10\] tokens, got 11"):
+        reward.overlong_penalty(lengths, max_length=10, buffer=11)
+
+
+def test_overlong_penalty_joins_the_weighted_total():
+    config = reward.RewardConfig(
+        names=("correctness",), weights=(1.0,), overlong_buffer=4, overlong_weight=0.5
+    )
+    completions = ["#### 72", "#### 72", "#### 7"]
+    result = reward.score(completions, [gsm8k("72")] * 3, rewards=config)
+    penalised = reward.add_overlong_penalty(
+        result, np.array([3, 8, 10]), rewards=config, max_length=10
+    )
+    np.testing.assert_array_equal(penalised.total, np.array([1.0, 0.75, -0.5], np.float32))
+    np.testing.assert_array_equal(penalised.per_function["overlong"], [0.0, -0.5, -1.0])
+    np.testing.assert_array_equal(penalised.per_function["correctness"], [1.0, 1.0, 0.0])
+    assert penalised.failures == {"correctness": 0}
+    off = dataclasses.replace(config, overlong_buffer=0)
+    lengths = np.array([9, 9, 10])
+    assert reward.add_overlong_penalty(result, lengths, rewards=off, max_length=10) is result
+
+
 def test_empty_batch():
     result = reward.score([], [], rewards=reward.RewardConfig())
     assert result.total.shape == (0,)
@@ -306,6 +340,25 @@ def test_unknown_reward_name_lists_valid_ones():
 def test_config_validation(names, weights, message):
     with pytest.raises(ValueError, match=message):
         reward.RewardConfig(names=names, weights=weights)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(overlong_buffer=-1), "overlong_buffer must be >= 0"),
+        (dict(overlong_buffer=8, overlong_weight=float("nan")), "overlong_weight finite"),
+    ],
+)
+def test_overlong_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reward.RewardConfig(**kwargs)
+
+
+def test_overlong_is_reserved_for_the_length_penalty(monkeypatch):
+    monkeypatch.setitem(reward.REWARD_FUNCTIONS, "overlong", lambda completion, example: 0.0)
+    reward.RewardConfig(names=("overlong",), weights=(1.0,))  # a function may use it when off
+    with pytest.raises(ValueError, match="'overlong' names the length penalty"):
+        reward.RewardConfig(names=("overlong",), weights=(1.0,), overlong_buffer=4)
 
 
 def test_config_defaults_are_reference_weights_and_hashable():
