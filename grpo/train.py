@@ -29,6 +29,7 @@ from grpo.data.prompts import SYSTEM_PROMPT, encode_prompts
 from grpo.metrics import MetricsWriter
 from grpo.models import transformer
 from grpo.models.config import ModelConfig
+from grpo.phases import dynamic_sampling
 from grpo.phases import reward as reward_phase
 from grpo.phases.advantage import group_advantages
 from grpo.phases.rollout import SamplingConfig, generate, pad_prompts, trim_completions
@@ -44,6 +45,9 @@ class TrainConfig:
     prompts_per_step: int = 16
     num_generations: int = 8  # completions per prompt: the GRPO group size
     num_iterations: int = 1  # optimizer updates per rollout batch (old policy = the rollout's)
+    # > 1: DAPO's dynamic sampling, up to this many rollout rounds per step to fill it with
+    # groups whose rewards differ (grpo/phases/dynamic_sampling.py); 1: one round, every group.
+    max_sampling_rounds: int = 1
     # At most this many completions per forward/backward pass (gradient accumulation over the
     # step's micro-batches; memory); None: the whole step batch at once.
     completions_per_micro_batch: int | None = None
@@ -65,7 +69,13 @@ class TrainConfig:
     wandb_project: str | None = None  # log to W&B too (when `wandb` is installed)
 
     def __post_init__(self):
-        for name in ("num_steps", "prompts_per_step", "num_generations", "num_iterations"):
+        for name in (
+            "num_steps",
+            "prompts_per_step",
+            "num_generations",
+            "num_iterations",
+            "max_sampling_rounds",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.advantage_scale not in ("group", "batch", "none"):
@@ -344,16 +354,29 @@ def _rollout_metrics(
     return metrics
 
 
-def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
-    """One GRPO step: rollout, reward, advantage, update. Returns host metrics."""
+@dataclasses.dataclass
+class _Scored:
+    """Sampled groups and their scores. `rollout` is global; `rewards`, `correct` and `texts`
+    are this process's rows (its contiguous share of the batch)."""
+
+    rollout: Rollout
+    rewards: reward_phase.RewardResult
+    correct: np.ndarray  # float32: the reply's answer is right
+    texts: list[str]
+    sampled_tokens: int  # completion tokens sampled for the step, every round together
+    rounds: int = 1
+
+
+def _rollout_and_score(
+    exp: Experiment, rt: Runtime, key: jax.Array, timings: dict[str, float]
+) -> _Scored:
+    """One round: the next prompts, sampled `num_generations` times each, then scored."""
     cfg = exp.train
-    timings: dict[str, float] = {}
     tick = time.perf_counter()
     examples = next(rt.stream)
-    key = jax.random.fold_in(rt.state.rng, step)
     rollout, texts = _sample(exp, rt.state.params, examples, key, exp.sampling, cfg.num_generations)
     rollout = jax.block_until_ready(trim_completions(rollout, cfg.completion_buckets))
-    timings["rollout"] = time.perf_counter() - tick
+    timings["rollout"] += time.perf_counter() - tick
 
     tick = time.perf_counter()
     local_examples = [e for e in examples for _ in range(cfg.num_generations)]
@@ -366,7 +389,72 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
         rewards=exp.rewards,
         max_length=exp.sampling.max_new_tokens,
     )
-    timings["reward"] = time.perf_counter() - tick
+    correct = np.array(
+        [
+            reward_phase.is_correct(t, e, last_number_fallback=cfg.answer_last_number_fallback)
+            for t, e in zip(texts, local_examples, strict=True)
+        ],
+        np.float32,
+    )
+    timings["reward"] += time.perf_counter() - tick
+    sampled_tokens = int(_all_rows(rollout.lengths_B).sum())
+    return _Scored(rollout, rewards, correct, texts, sampled_tokens)
+
+
+def _dynamic_sampling(
+    exp: Experiment, rt: Runtime, key: jax.Array, timings: dict[str, float]
+) -> _Scored:
+    """Rounds of `_rollout_and_score` until `prompts_per_step` groups have rewards that differ
+    (or `max_sampling_rounds` ran); the step keeps those groups first (grpo.phases.
+    dynamic_sampling). Every process gathers every round, so all pick the same groups."""
+    cfg = exp.train
+    rounds: list[_Scored] = []
+    for index in range(cfg.max_sampling_rounds):
+        round_key = jax.random.fold_in(key, index) if index else key  # round 0: as without
+        rounds.append(_rollout_and_score(exp, rt, round_key, timings))
+        totals = np.concatenate([_all_rows(r.rewards.total) for r in rounds])
+        informative = dynamic_sampling.informative_groups(totals, cfg.num_generations)
+        if informative.sum() >= cfg.prompts_per_step:
+            break
+    picked = dynamic_sampling.pick_groups(informative, cfg.prompts_per_step)
+    rows = dynamic_sampling.group_rows(picked, cfg.num_generations)
+    mine = np.array_split(rows, jax.process_count())[jax.process_index()]
+    pool = dynamic_sampling.concat_rollouts(
+        [jax.tree.map(_all_rows, r.rollout) for r in rounds], pad_id=exp.sampling.pad_id
+    )
+    local = sharding.shard_batch(exp.mesh, jax.tree.map(lambda x: x[mine], pool))
+    rollout = trim_completions(local, cfg.completion_buckets)
+    every = lambda get: np.concatenate([_all_rows(get(r)) for r in rounds])[mine]
+    first = rounds[0].rewards
+    rewards = reward_phase.RewardResult(
+        total=every(lambda r: r.rewards.total),
+        per_function={
+            name: every(lambda r, name=name: r.rewards.per_function[name])
+            for name in first.per_function
+        },
+        failures={n: sum(r.rewards.failures[n] for r in rounds) for n in first.failures},
+    )
+    texts = _decode(exp, pool.completion_tokens_BxC[mine], pool.completion_mask_BxC[mine])
+    return _Scored(
+        rollout=rollout,
+        rewards=rewards,
+        correct=every(lambda r: r.correct),
+        texts=texts,
+        sampled_tokens=sum(r.sampled_tokens for r in rounds),
+        rounds=len(rounds),
+    )
+
+
+def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
+    """One GRPO step: rollout, reward, advantage, update. Returns host metrics."""
+    cfg = exp.train
+    timings = {"rollout": 0.0, "reward": 0.0}
+    key = jax.random.fold_in(rt.state.rng, step)
+    if cfg.max_sampling_rounds == 1:
+        scored = _rollout_and_score(exp, rt, key, timings)
+    else:
+        scored = _dynamic_sampling(exp, rt, key, timings)
+    rollout, rewards = scored.rollout, scored.rewards
 
     tick = time.perf_counter()
     (rewards_B,) = sharding.shard_batch(exp.mesh, (rewards.total,))
@@ -388,26 +476,21 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     update_metrics = jax.device_get(update_metrics)
     timings["update"] = time.perf_counter() - tick
 
-    correct = np.array(
-        [
-            reward_phase.is_correct(t, e, last_number_fallback=cfg.answer_last_number_fallback)
-            for t, e in zip(texts, local_examples, strict=True)
-        ],
-        np.float32,
-    )
     lengths = _all_rows(rollout.lengths_B).astype(np.float32)
-    metrics = _rollout_metrics(rollout, lengths, rewards, correct, cfg.num_generations)
+    metrics = _rollout_metrics(rollout, lengths, rewards, scored.correct, cfg.num_generations)
+    if cfg.max_sampling_rounds > 1:
+        metrics["sampling_rounds"] = scored.rounds
     metrics.update({k: float(v) for k, v in update_metrics.items()})
-    metrics.update(_throughput(exp, rollout, lengths, timings))
+    metrics.update(_throughput(exp, rollout, scored.sampled_tokens, timings))
     metrics.update({f"{k}_seconds": v for k, v in timings.items()})
     if cfg.show_completions_every_steps and step % cfg.show_completions_every_steps == 0:
-        for text, value in list(zip(texts, rewards.total, strict=True))[:2]:
+        for text, value in list(zip(scored.texts, rewards.total, strict=True))[:2]:
             logging.info("sample (reward %.2f): %r", value, text[:400])
     return metrics
 
 
 def _throughput(
-    exp: Experiment, rollout: Rollout, lengths: np.ndarray, timings: dict[str, float]
+    exp: Experiment, rollout: Rollout, sampled_tokens: int, timings: dict[str, float]
 ) -> dict[str, float]:
     """Tokens/s of both phases; MFU of the update (model FLOPs over the devices' bf16 peak)."""
     rows, prompt_len = rollout.prompt_tokens_BxP.shape
@@ -415,7 +498,7 @@ def _throughput(
     iterations = exp.train.num_iterations
     update_tokens = rows * (prompt_len + completion_len) * iterations
     out = {
-        "rollout_tokens_per_s": float(lengths.sum()) / timings["rollout"],
+        "rollout_tokens_per_s": sampled_tokens / timings["rollout"],
         "update_tokens_per_s": update_tokens / timings["update"],
     }
     peak = flops.peak_flops(jax.devices()[0].device_kind)

@@ -27,6 +27,9 @@ TINY = os.path.join(REPO, "gin/tests/tiny.gin")
 ENTRY = (
     "from grpo.phases import reward\n"
     "reward.REWARD_FUNCTIONS['length'] = lambda completion, example: len(completion) / 100.0\n"
+    # Equal rewards for odd answers (dynamic sampling's test): len() / 100 for the others.
+    "reward.REWARD_FUNCTIONS['half_flat'] = lambda completion, example: (\n"
+    "    0.0 if int(example['answer'].rsplit('####', 1)[1]) % 2 else len(completion) / 100.0)\n"
     "from grpo import main\n"
     "main.run()\n"
 )
@@ -174,6 +177,29 @@ def test_two_processes_train_like_one(two_processes, tmp_path):
         _assert_params_close(params_two[name], params_one[name])
     assert not (two_processes.workdir / "config.gin.tmp").exists()
     assert "make_mesh.tp = 2" in (two_processes.workdir / "config.gin").read_text()
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_on_two_processes_picks_as_one(tmp_path):
+    # Every process gathers every round and picks the same groups, then takes its own rows:
+    # the steps match one process's, extra rounds included.
+    bindings = (
+        "make_rewards.names=('half_flat',)",
+        "TrainConfig.max_sampling_rounds=4",
+        "TrainConfig.num_steps=2",
+        "TrainConfig.eval_every_steps=0",
+    )
+    runs = [_Run(tmp_path / "two", *bindings), _Run(tmp_path / "one", *bindings, num_processes=1)]
+    for run in runs:
+        _finish(run)
+    two, one = (_deterministic(run.rows()) for run in runs)
+    assert max(r["sampling_rounds"] for r in one) > 1, "the seed should need a second round"
+    for row_one, row_two in zip(one, two, strict=True):
+        assert row_one.keys() == row_two.keys()
+        for key, value in row_one.items():
+            np.testing.assert_allclose(
+                row_two[key], value, rtol=RTOL, atol=ATOL, err_msg=f"step {row_one['step']} {key}"
+            )
 
 
 @pytest.mark.slow

@@ -225,3 +225,54 @@ def test_splash_attention_trains_like_einsum_attention(tmp_path, length_reward, 
     assert rows["xla"]["grad_norm"] > 0
     for key in ("loss", "entropy", "grad_norm", "reward_mean"):
         assert rows["splash"][key] == pytest.approx(rows["xla"][key], rel=1e-4, abs=1e-7), key
+
+
+def _half_flat_reward(completion, example):
+    """Equal rewards for problems with an odd answer; the reply's length for the others."""
+    answer = int(example["answer"].rsplit("####", 1)[1])
+    return 0.0 if answer % 2 else len(completion) / 100.0
+
+
+def _steps_without(rows, key):
+    return [{k: v for k, v in r.items() if k != key} for r in _deterministic(rows)]
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_fills_the_step_with_groups_whose_rewards_differ(tmp_path, monkeypatch):
+    monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _half_flat_reward)
+    prompts_per_round = []
+
+    def recording_generate(params, tokens, mask, key, **kwargs):
+        prompts_per_round.append(np.asarray(tokens).tobytes())
+        return generate(params, tokens, mask, key, **kwargs)
+
+    generate = train.generate
+    monkeypatch.setattr(train, "generate", recording_generate)
+    _train_in_process(
+        tmp_path,
+        "TrainConfig.max_sampling_rounds=4",
+        "TrainConfig.num_steps=3",
+        "TrainConfig.eval_every_steps=0",
+    )
+    rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    rounds = [r["sampling_rounds"] for r in rows]
+    assert max(rounds) > 1, "the seed should need a second round somewhere"
+    assert len(prompts_per_round) == sum(rounds)  # one rollout per round...
+    assert len(set(prompts_per_round)) == sum(rounds)  # ...each of fresh prompts
+    for row in rows:
+        if row["sampling_rounds"] < 4:  # found enough: no equal-reward group trains
+            assert row["frac_reward_zero_std"] == 0.0, row
+        assert row["grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_keeps_a_first_round_whose_groups_all_differ(tmp_path, length_reward):
+    # With every group informative the first round is the step: same batch, same metrics.
+    common = ("TrainConfig.num_steps=2", "TrainConfig.eval_every_steps=0")
+    _train_in_process(tmp_path / "one", *common)
+    _train_in_process(tmp_path / "dynamic", *common, "TrainConfig.max_sampling_rounds=3")
+    one = metrics_lib.read_metrics(tmp_path / "one" / "metrics.jsonl")
+    dynamic = metrics_lib.read_metrics(tmp_path / "dynamic" / "metrics.jsonl")
+    assert [r["sampling_rounds"] for r in dynamic] == [1, 1]
+    assert all(r["frac_reward_zero_std"] == 0.0 for r in one)
+    assert _steps_without(dynamic, "sampling_rounds") == _deterministic(one)
