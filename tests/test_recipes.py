@@ -1,0 +1,33 @@
+"""The recipe overlays in gin/recipes/ parse on top of the reference run and build valid configs."""
+
+import os
+
+import pytest
+
+import gin
+from grpo import main as grpo_main
+from grpo import train
+from grpo.phases import reward, update
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(os.listdir(os.path.join(REPO, "gin", "recipes")))
+
+
+@pytest.fixture
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_builds_valid_configs_on_the_reference_run(recipe, clean_gin):
+    from grpo import configurables
+
+    grpo_main.parse_gin(["gin/gsm8k.gin", f"gin/recipes/{recipe}"], [], [REPO])
+    # Building each config runs its validation; gin already refused unknown names.
+    loss, rewards = configurables.make_loss(), configurables.make_rewards()
+    cfg = train.TrainConfig()
+    assert isinstance(loss, update.LossConfig) and isinstance(rewards, reward.RewardConfig)
+    assert rewards.overlong_buffer <= gin.query_parameter("make_sampling.max_new_tokens")
+    assert cfg.prompts_per_step == 16  # the run file's, untouched by the overlay
