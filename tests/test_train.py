@@ -96,6 +96,12 @@ def _length_reward(completion, example):
     return len(completion) / 100.0
 
 
+def _half_flat_reward(completion, example):
+    """Equal rewards for problems with an odd answer; the reply's length for the others."""
+    answer = int(example["answer"].rsplit("####", 1)[1])
+    return 0.0 if answer % 2 else len(completion) / 100.0
+
+
 @pytest.fixture
 def length_reward(monkeypatch):
     monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _length_reward)
@@ -131,20 +137,29 @@ def _deterministic(rows):
 
 
 @pytest.mark.slow
-def test_resume_after_sigterm_is_exact(tmp_path, length_reward):
-    bindings = ("TrainConfig.eval_every_steps=0", "TrainConfig.export_dir='{}'")
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, dynamic):
+    # dynamic: extra rollout rounds draw prompts inside a step; the stream must still resume
+    # where the step left it.
+    common = ["TrainConfig.eval_every_steps=0"]
+    if dynamic:
+        monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _half_flat_reward)
+        common.append("TrainConfig.max_sampling_rounds=3")
+    export = "TrainConfig.export_dir='{}'"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _train_in_process(straight, bindings[0], bindings[1].format(straight / "export"))
+    _train_in_process(straight, *common, export.format(straight / "export"))
     with pytest.raises(train.Preempted):
-        _train_in_process(resumed, bindings[0], stop_after=2)
+        _train_in_process(resumed, *common, stop_after=2)
     assert [r["step"] for r in metrics_lib.read_metrics(resumed / "metrics.jsonl")] == [1, 2]
-    _train_in_process(resumed, bindings[0], bindings[1].format(resumed / "export"))
+    _train_in_process(resumed, *common, export.format(resumed / "export"))
 
     rows_a = _deterministic(metrics_lib.read_metrics(straight / "metrics.jsonl"))
     rows_b = _deterministic(metrics_lib.read_metrics(resumed / "metrics.jsonl"))
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
     assert rows_a == rows_b  # bitwise on CPU: same program, same inputs, same RNG keys
     assert rows_a[-1]["grad_norm"] > 0  # the runs really trained
+    if dynamic:
+        assert sum(r["sampling_rounds"] for r in rows_a[2:]) > 2, "resumed steps took one round"
     params_a = load_file(straight / "export" / "model.safetensors")
     params_b = load_file(resumed / "export" / "model.safetensors")
     assert params_a.keys() == params_b.keys()
@@ -225,12 +240,6 @@ def test_splash_attention_trains_like_einsum_attention(tmp_path, length_reward, 
     assert rows["xla"]["grad_norm"] > 0
     for key in ("loss", "entropy", "grad_norm", "reward_mean"):
         assert rows["splash"][key] == pytest.approx(rows["xla"][key], rel=1e-4, abs=1e-7), key
-
-
-def _half_flat_reward(completion, example):
-    """Equal rewards for problems with an odd answer; the reply's length for the others."""
-    answer = int(example["answer"].rsplit("####", 1)[1])
-    return 0.0 if answer % 2 else len(completion) / 100.0
 
 
 def _steps_without(rows, key):
