@@ -54,7 +54,8 @@ class TrainConfig:
     advantage_scale: str = "group"  # group | batch | none
     eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)
     eval_examples: int | None = None  # None: the whole test split
-    eval_prompts_per_batch: int = 64
+    eval_prompts_per_batch: int = 64  # prompts per eval rollout (x eval_samples rows)
+    eval_samples: int = 0  # k > 0: also k sampled replies per example (mean and pass@k)
     checkpoint_every_steps: int = 10
     checkpoints_to_keep: int = 2
     show_completions_every_steps: int = 10
@@ -78,6 +79,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_samples < 0:
+            raise ValueError(f"TrainConfig.eval_samples must be >= 0, got {self.eval_samples}")
         if self.advantage_scale not in ("group", "batch", "none"):
             raise ValueError(
                 f"advantage_scale must be group|batch|none, got {self.advantage_scale}"
@@ -508,31 +511,47 @@ def _throughput(
     return out
 
 
-def evaluate(exp: Experiment, params: Any) -> float:
-    """Greedy pass@1 accuracy on the test examples (this process's share, reduced globally)."""
+def _eval_correct(
+    exp: Experiment, params: Any, sampling: SamplingConfig, samples: int
+) -> np.ndarray:
+    """bool [examples, samples]: whether each sampled reply to each test example is right.
+
+    Every batch keeps one compiled shape (the last is padded with copies of its last example);
+    each process samples its share of a batch and the flags are gathered onto every process.
+    """
     cfg = exp.train
     examples = list(exp.test_examples[: cfg.eval_examples])
     procs, index = jax.process_count(), jax.process_index()
-    greedy = dataclasses.replace(exp.sampling, temperature=0.0, top_k=0, top_p=1.0)
-    per_batch = cfg.eval_prompts_per_batch
     divisor = sharding.batch_divisor(exp.mesh)
-    per_batch = max(divisor, per_batch // divisor * divisor)
-    correct = 0
+    per_batch = max(divisor, cfg.eval_prompts_per_batch // divisor * divisor)
+    batches = []
     for start in range(0, len(examples), per_batch):
         chunk = examples[start : start + per_batch]
-        padded = chunk + [chunk[-1]] * (per_batch - len(chunk))  # keep one compiled shape
-        owned = range(index * per_batch // procs, (index + 1) * per_batch // procs)
-        mine = [padded[row] for row in owned]
-        _, texts = _sample(exp, params, mine, jax.random.key(0), greedy, 1)
-        correct += sum(
-            reward_phase.is_correct(
-                text, example, last_number_fallback=cfg.answer_last_number_fallback
-            )
-            for text, example, row in zip(texts, mine, owned, strict=True)
-            if row < len(chunk)  # padding rows only keep the shape
-        )
-    total_correct = int(_all_rows(np.array([correct])).sum())
-    return total_correct / max(len(examples), 1)
+        padded = chunk + [chunk[-1]] * (per_batch - len(chunk))
+        mine = padded[index * per_batch // procs : (index + 1) * per_batch // procs]
+        key = jax.random.fold_in(jax.random.key(0), start)  # the same draws at every eval
+        _, texts = _sample(exp, params, mine, key, sampling, samples)
+        replies = [e for e in mine for _ in range(samples)]
+        correct = [
+            reward_phase.is_correct(t, e, last_number_fallback=cfg.answer_last_number_fallback)
+            for t, e in zip(texts, replies, strict=True)
+        ]
+        batches.append(_all_rows(np.array(correct, bool)).reshape(per_batch, samples)[: len(chunk)])
+    return np.concatenate(batches) if batches else np.zeros((0, samples), bool)
+
+
+def evaluate(exp: Experiment, params: Any) -> dict[str, float]:
+    """Greedy pass@1 accuracy on the test examples (`eval_accuracy`); with `eval_samples` = k
+    > 0 also k replies per example at the training sampler's settings: the mean accuracy over
+    them (`eval_mean_at_k`) and the fraction of examples with a right one (`eval_pass_at_k`)."""
+    fraction = lambda x: float(x.mean()) if x.size else 0.0
+    greedy = dataclasses.replace(exp.sampling, temperature=0.0, top_k=0, top_p=1.0)
+    metrics = {"eval_accuracy": fraction(_eval_correct(exp, params, greedy, 1))}
+    if exp.train.eval_samples:
+        correct = _eval_correct(exp, params, exp.sampling, exp.train.eval_samples)
+        metrics["eval_mean_at_k"] = fraction(correct)
+        metrics["eval_pass_at_k"] = fraction(correct.any(axis=1))
+    return metrics
 
 
 class _Preemption:
@@ -616,7 +635,7 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
         last = step == cfg.num_steps
         if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
             eval_tick = time.perf_counter()
-            metrics["eval_accuracy"] = evaluate(exp, rt.state.params)
+            metrics.update(evaluate(exp, rt.state.params))
             metrics["eval_seconds"] = time.perf_counter() - eval_tick
             summary["eval_accuracy"] = metrics["eval_accuracy"]
         metrics["checkpoint_seconds"] = _save(rt, step, force=last)

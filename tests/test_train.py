@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from grpo import metrics as metrics_lib
 from grpo import train
 from grpo.models import splash
 from grpo.phases import reward
+from grpo.phases.rollout import SamplingConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
@@ -31,7 +33,12 @@ def _cli(workdir, *bindings, timeout=600):
 
 @pytest.mark.slow
 def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
-    result = _cli(tmp_path, "TrainConfig.num_steps=3", "TrainConfig.eval_every_steps=3")
+    result = _cli(
+        tmp_path,
+        "TrainConfig.num_steps=3",
+        "TrainConfig.eval_every_steps=3",
+        "TrainConfig.eval_samples=2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -52,6 +59,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     ):
         assert key in rows[0], key
     assert "eval_accuracy" in rows[2]
+    assert 0 <= rows[2]["eval_mean_at_k"] <= rows[2]["eval_pass_at_k"] <= 1
     assert os.path.isdir(tmp_path / "checkpoints" / "3")
     config = (tmp_path / "config.gin").read_text()
     assert "TrainConfig.num_steps = 3" in config
@@ -285,3 +293,36 @@ def test_dynamic_sampling_keeps_a_first_round_whose_groups_all_differ(tmp_path, 
     assert [r["sampling_rounds"] for r in dynamic] == [1, 1]
     assert all(r["frac_reward_zero_std"] == 0.0 for r in one)
     assert _steps_without(dynamic, "sampling_rounds") == _deterministic(one)
+
+
+def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch):
+    # 10 examples in batches of 4 (the last padded with copies of example 9), 3 replies each.
+    # Reply j to example i is right iff i is even and i % 3 == j: 5 examples have exactly one
+    # right reply. Greedy (one reply, j = 0): examples 0 and 6.
+    examples = [{"question": str(i), "answer": "#### 0"} for i in range(10)]
+
+    sampled_with = []
+
+    def fake_sample(exp, params, mine, key, sampling, samples):
+        sampled_with.append((sampling.temperature, samples))
+        return None, [f"{e['question']}|{j}" for e in mine for j in range(samples)]
+
+    def fake_is_correct(text, example, last_number_fallback):
+        i, j = (int(part) for part in text.split("|"))
+        assert example["question"] == str(i)
+        return i % 2 == 0 and i % 3 == j
+
+    monkeypatch.setattr(train, "_sample", fake_sample)
+    monkeypatch.setattr(reward, "is_correct", fake_is_correct)
+    exp = types.SimpleNamespace(
+        train=train.TrainConfig(eval_prompts_per_batch=4, eval_samples=3),
+        test_examples=examples,
+        mesh=types.SimpleNamespace(shape={"dp": 2, "fsdp": 2}),
+        sampling=SamplingConfig(max_new_tokens=8, temperature=0.7, end_ids=(1,), pad_id=0),
+    )
+    assert train.evaluate(exp, params=None) == {
+        "eval_accuracy": 2 / 10,
+        "eval_mean_at_k": 5 / 30,
+        "eval_pass_at_k": 5 / 10,
+    }
+    assert sampled_with == [(0.0, 1)] * 3 + [(0.7, 3)] * 3  # greedy, then the sampler's own
