@@ -332,13 +332,8 @@ def _sample(exp: Experiment, params: Any, examples: Sequence[dict], key, samplin
     return rollout, texts
 
 
-def _rollout_metrics(
-    rollout: Rollout,
-    lengths: np.ndarray,
-    rewards: reward_phase.RewardResult,
-    correct: np.ndarray,
-    group: int,
-) -> dict:
+def _rollout_metrics(scored: _Scored, group: int) -> dict:
+    rewards, lengths = scored.rewards, scored.lengths
     total = _all_rows(rewards.total)
     groups = total.reshape(-1, group)
     metrics = {
@@ -347,8 +342,8 @@ def _rollout_metrics(
         "frac_reward_zero_std": (groups.std(axis=1) == 0).mean(),
         "completion_length_mean": lengths.mean(),
         "completion_length_max": lengths.max(),
-        "truncation_rate": _all_rows(rollout.truncated_B).mean(),
-        "accuracy": _all_rows(correct).mean(),
+        "truncation_rate": _all_rows(scored.rollout.truncated_B).mean(),
+        "accuracy": _all_rows(scored.correct).mean(),
     }
     for name, values in rewards.per_function.items():
         metrics[f"reward/{name}"] = _all_rows(values).mean()
@@ -366,6 +361,7 @@ class _Scored:
     rewards: reward_phase.RewardResult
     correct: np.ndarray  # float32: the reply's answer is right
     texts: list[str]
+    lengths: np.ndarray  # float32: every process's completion lengths, in batch order
     sampled_tokens: int  # completion tokens sampled for the step, every round together
     rounds: int = 1
 
@@ -400,8 +396,8 @@ def _rollout_and_score(
         np.float32,
     )
     timings["reward"] += time.perf_counter() - tick
-    sampled_tokens = int(_all_rows(rollout.lengths_B).sum())
-    return _Scored(rollout, rewards, correct, texts, sampled_tokens)
+    lengths = _all_rows(rollout.lengths_B).astype(np.float32)
+    return _Scored(rollout, rewards, correct, texts, lengths, sampled_tokens=int(lengths.sum()))
 
 
 def _dynamic_sampling(
@@ -412,10 +408,18 @@ def _dynamic_sampling(
     dynamic_sampling). Every process gathers every round, so all pick the same groups."""
     cfg = exp.train
     rounds: list[_Scored] = []
+    scores: list[dict] = []  # per round: every process's rewards and correctness
     for index in range(cfg.max_sampling_rounds):
         round_key = jax.random.fold_in(key, index) if index else key  # round 0: as without
-        rounds.append(_rollout_and_score(exp, rt, round_key, timings))
-        totals = np.concatenate([_all_rows(r.rewards.total) for r in rounds])
+        scored = _rollout_and_score(exp, rt, round_key, timings)
+        rounds.append(scored)
+        local_scores = {
+            "total": scored.rewards.total,
+            "per_function": scored.rewards.per_function,
+            "correct": scored.correct,
+        }
+        scores.append(jax.tree.map(_all_rows, local_scores))
+        totals = np.concatenate([score["total"] for score in scores])
         informative = dynamic_sampling.informative_groups(totals, cfg.num_generations)
         if informative.sum() >= cfg.prompts_per_step:
             break
@@ -426,23 +430,18 @@ def _dynamic_sampling(
         [jax.tree.map(_all_rows, r.rollout) for r in rounds], pad_id=exp.sampling.pad_id
     )
     local = sharding.shard_batch(exp.mesh, jax.tree.map(lambda x: x[mine], pool))
-    rollout = trim_completions(local, cfg.completion_buckets)
-    every = lambda get: np.concatenate([_all_rows(get(r)) for r in rounds])[mine]
-    first = rounds[0].rewards
-    rewards = reward_phase.RewardResult(
-        total=every(lambda r: r.rewards.total),
-        per_function={
-            name: every(lambda r, name=name: r.rewards.per_function[name])
-            for name in first.per_function
-        },
-        failures={n: sum(r.rewards.failures[n] for r in rounds) for n in first.failures},
-    )
-    texts = _decode(exp, pool.completion_tokens_BxC[mine], pool.completion_mask_BxC[mine])
+    kept = jax.tree.map(lambda *per_round: np.concatenate(per_round)[mine], *scores)
+    failures = rounds[0].rewards.failures
     return _Scored(
-        rollout=rollout,
-        rewards=rewards,
-        correct=every(lambda r: r.correct),
-        texts=texts,
+        rollout=trim_completions(local, cfg.completion_buckets),
+        rewards=reward_phase.RewardResult(
+            total=kept["total"],
+            per_function=kept["per_function"],
+            failures={n: sum(r.rewards.failures[n] for r in rounds) for n in failures},
+        ),
+        correct=kept["correct"],
+        texts=_decode(exp, pool.completion_tokens_BxC[mine], pool.completion_mask_BxC[mine]),
+        lengths=pool.lengths_B[rows].astype(np.float32),
         sampled_tokens=sum(r.sampled_tokens for r in rounds),
         rounds=len(rounds),
     )
@@ -479,8 +478,7 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     update_metrics = jax.device_get(update_metrics)
     timings["update"] = time.perf_counter() - tick
 
-    lengths = _all_rows(rollout.lengths_B).astype(np.float32)
-    metrics = _rollout_metrics(rollout, lengths, rewards, scored.correct, cfg.num_generations)
+    metrics = _rollout_metrics(scored, cfg.num_generations)
     if cfg.max_sampling_rounds > 1:
         metrics["sampling_rounds"] = scored.rounds
     metrics.update({k: float(v) for k, v in update_metrics.items()})

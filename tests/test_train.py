@@ -110,6 +110,17 @@ def _half_flat_reward(completion, example):
     return 0.0 if answer % 2 else len(completion) / 100.0
 
 
+def _record_generate(monkeypatch, record):
+    """Makes the trainer's rollout call `record(prompt_tokens, kwargs)` before sampling."""
+    generate = train.generate
+
+    def recording_generate(params, tokens, mask, key, **kwargs):
+        record(tokens, kwargs)
+        return generate(params, tokens, mask, key, **kwargs)
+
+    monkeypatch.setattr(train, "generate", recording_generate)
+
+
 @pytest.fixture
 def length_reward(monkeypatch):
     monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _length_reward)
@@ -198,13 +209,9 @@ def test_kl_to_the_frozen_reference_with_one_prefill_per_prompt(
     # once and its 4 samples share the cache. (Tests with 2 prompts cover the fallback: rows
     # repeated on the host.) The run also adds the overlong penalty to the rewards.
     calls = []
-
-    def recording_generate(params, tokens, mask, key, **kwargs):
-        calls.append((tokens.shape[0], kwargs["num_samples"]))
-        return generate(params, tokens, mask, key, **kwargs)
-
-    generate = train.generate
-    monkeypatch.setattr(train, "generate", recording_generate)
+    _record_generate(
+        monkeypatch, lambda tokens, kwargs: calls.append((tokens.shape[0], kwargs["num_samples"]))
+    )
     _train_in_process(
         tmp_path,
         "make_loss.beta=0.04",
@@ -258,13 +265,9 @@ def _steps_without(rows, key):
 def test_dynamic_sampling_fills_the_step_with_groups_whose_rewards_differ(tmp_path, monkeypatch):
     monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _half_flat_reward)
     prompts_per_round = []
-
-    def recording_generate(params, tokens, mask, key, **kwargs):
-        prompts_per_round.append(np.asarray(tokens).tobytes())
-        return generate(params, tokens, mask, key, **kwargs)
-
-    generate = train.generate
-    monkeypatch.setattr(train, "generate", recording_generate)
+    _record_generate(
+        monkeypatch, lambda tokens, kwargs: prompts_per_round.append(np.asarray(tokens).tobytes())
+    )
     _train_in_process(
         tmp_path,
         "TrainConfig.max_sampling_rounds=4",
