@@ -26,7 +26,7 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0"],
+        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0", "peft>=0.13"],
         "plot": ["matplotlib>=3.8"],
     },
 )

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 
 from bench import common, gpu_target, hlo, tpu_target
 from grpo import flops, optim, sharding
-from grpo.models.config import ModelConfig
+from grpo.models import lora
+from grpo.models import transformer as tf
+from grpo.models.config import LoraConfig, ModelConfig
 from grpo.phases import update
 from grpo.types import Batch, TrainState
 
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--torch_threads", type=int, default=None, help="CPU baseline threads")
     parser.add_argument(
         "--compile_only", action="store_true", help="memory analysis only: allocate, run nothing"
+    )
+    parser.add_argument(
+        "--lora_rank", type=int, default=0, help="> 0: train LoRA adapters on a frozen base"
     )
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
@@ -66,7 +71,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters}, {args.warmup}")
     if args.micro_batches < 1 or args.batch % args.micro_batches:
         parser.error(f"--micro_batches={args.micro_batches} does not divide --batch={args.batch}")
+    if args.lora_rank and args.tpu_target:
+        parser.error("--lora_rank is sized with --gpu_target or on this machine, not --tpu_target")
     return args
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    config = common.model_config(args)
+    return config.replace(lora=LoraConfig(args.lora_rank)) if args.lora_rank else config
+
+
+def trainable_and_frozen(config: ModelConfig, params) -> tuple[Any, Any]:
+    """(trainable, frozen) as the trainer holds them: the params and None, or fresh LoRA
+    adapters (abstract if `params` are) and the frozen params."""
+    if config.lora is None:
+        return params, None
+    init = lambda: lora.init_adapters(
+        tf.param_shapes(config)["layers"], config.lora, jax.random.key(1)
+    )
+    abstract = isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
+    return (jax.eval_shape(init) if abstract else jax.jit(init)()), params
 
 
 def loss_config(args: argparse.Namespace) -> update.LossConfig:
@@ -97,6 +121,7 @@ def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
         "attention": config.attention_impl,
         "optimizer": args.optimizer,
         "beta": args.beta,
+        "lora_rank": args.lora_rank,
     }
 
 
@@ -109,14 +134,16 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     if args.tpu_target:
         dp, fsdp, tp = (int(n) for n in args.tpu_mesh.split(","))
         mesh = tpu_target.mesh(args.tpu_target, dp=dp, fsdp=fsdp, tp=tp)
-    config, loss, tx = common.model_config(args), loss_config(args), common.make_tx(args.optimizer)
-    params = jax.eval_shape(lambda: common.random_params(config))
+    config, loss, tx = model_config(args), loss_config(args), common.make_tx(args.optimizer)
+    params, frozen = trainable_and_frozen(
+        config, jax.eval_shape(lambda: common.random_params(config))
+    )
     host_batch = common.random_batch(config, args.batch, args.prompt_len, args.completion_len)
     if loss.beta > 0:
         host_batch = host_batch.replace(ref_logps_BxC=host_batch.old_logps_BxC)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_batch)
     if on is not None:
-        params, batch = gpu_target.abstract((params, batch), on)
+        params, frozen, batch = gpu_target.abstract((params, frozen, batch), on)
     if mesh is not None:
         params, batch = tpu_target.on_mesh(mesh, config, params, batch)
     state = _abstract_state(params, tx)
@@ -127,7 +154,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     target = gpu_target.TARGETS.get(args.gpu_target) or tpu_target.TARGETS.get(args.tpu_target)
     if target is not None:
         header["device"] = target.compile_only_label
-    lower = lambda: update_fn.lower(state, batch)
+    lower = lambda: update_fn.lower(state, batch, frozen)
     if mesh is None:
         compile_s, compiled = common.timed(lambda: lower().compile())
     else:
@@ -135,9 +162,11 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
         if compiled is None:
             return {**header, **refused}
     memory = common.memory_analysis(compiled)
-    ref_params_gb = _gb_per_device(params) if loss.beta > 0 else 0.0  # sharded like params
+    # The frozen reference params the trainer keeps when beta > 0, sharded like the params;
+    # under LoRA the reference is the frozen base, already an argument.
+    ref_params_gb = _gb_per_device(params) if loss.beta > 0 and frozen is None else 0.0
     # Live during the update: its arguments, outputs not aliased to donated arguments, its
-    # temporaries, and the frozen reference params the trainer keeps when beta > 0.
+    # temporaries, and the reference params.
     estimate = common.live_gb(memory)
     model_flops = flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
     return {
@@ -202,18 +231,19 @@ def _roofline(compiled, target_name: str, model_flops: float) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.compile_only or args.gpu_target or args.tpu_target:
         return compile_only(args)
-    config = common.model_config(args)
+    config = model_config(args)
     loss = loss_config(args)
     host_batch = common.random_batch(config, args.batch, args.prompt_len, args.completion_len)
     tokens = args.batch * (args.prompt_len + args.completion_len)
     # PyTorch first, and its memory released, before JAX initialises (and claims) the device.
     torch_s = torch_forward_backward_s(config, host_batch, args) if args.torch_baseline else None
     tx = common.make_tx(args.optimizer)
-    params = common.random_params(config)
+    params, frozen = trainable_and_frozen(config, common.random_params(config))
     batch = jax.device_put(host_batch)
     result = _header(args, config)
     if loss.beta > 0:
-        ref_first, ref_s, batch = reference_logps(config, loss, params, batch, args)
+        reference = params if frozen is None else frozen
+        ref_first, ref_s, batch = reference_logps(config, loss, reference, batch, args)
         result["ref_compile_and_first_s"] = round(ref_first, 2)
         result["ref_logps_s"] = round(ref_s, 4)
         result["ref_tokens_per_s"] = round(tokens / ref_s, 1)
@@ -222,14 +252,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     update_fn = update.make_update_fn(
         model=config, tx=tx, loss=loss, num_micro_batches=args.micro_batches
     )
-    compile_s, compiled = common.timed(lambda: update_fn.lower(state, batch).compile())
+    compile_s, compiled = common.timed(lambda: update_fn.lower(state, batch, frozen).compile())
     for _ in range(args.warmup):
-        state, _ = jax.block_until_ready(compiled(state, batch))
+        state, _ = jax.block_until_ready(compiled(state, batch, frozen))
     seconds = []
     for i in range(args.iters):
         with common.maybe_trace(args.profile_dir if i == args.iters - 1 else None):
             start = time.perf_counter()
-            state, metrics = jax.block_until_ready(compiled(state, batch))
+            state, metrics = jax.block_until_ready(compiled(state, batch, frozen))
             seconds.append(time.perf_counter() - start)
     step_s = sum(seconds) / len(seconds)
     model_flops = flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)

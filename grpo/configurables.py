@@ -18,7 +18,7 @@ import gin
 from grpo import optim, sharding
 from grpo.data import gsm8k
 from grpo.models import loading, presets, transformer
-from grpo.models.config import ModelConfig
+from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
 from grpo.phases import reward, rollout, update
 from grpo.train import Experiment, TrainConfig
 
@@ -48,12 +48,26 @@ def make_model(
     remat: str = "dots",
     attention_impl: str = "xla",
     seed: int = 0,
+    lora_rank: int = 0,
+    lora_alpha: float = 32.0,
+    lora_targets: tuple[str, ...] = tuple(LORA_TARGETS),
 ) -> ModelBundle:
     """Real weights from `source` (a GGUF file, an HF folder, a hub id, or the offline
     `smollm2-135m-instruct`), or random weights of a named `preset` shape whose vocabulary is
-    resized to the tokenizer loaded from `tokenizer` (default: `source`)."""
+    resized to the tokenizer loaded from `tokenizer` (default: `source`).
+
+    `lora_rank` > 0 trains rank-`lora_rank` adapters on the `lora_targets` projections of a
+    frozen base, scaled by lora_alpha / lora_rank; 0 trains every weight."""
+    if lora_rank < 0:
+        raise ValueError(f"make_model.lora_rank must be >= 0 (0: no LoRA), got {lora_rank}")
+    if not lora_rank and (lora_alpha != 32.0 or tuple(lora_targets) != tuple(LORA_TARGETS)):
+        raise ValueError("make_model.lora_alpha and lora_targets need make_model.lora_rank > 0")
     overrides = dict(
-        dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=remat,
+        attention_impl=attention_impl,
+        lora=LoraConfig(lora_rank, lora_alpha, tuple(lora_targets)) if lora_rank else None,
     )
     if preset is None:
         config, params, tok = loading.load_model(source, **overrides)

@@ -7,6 +7,7 @@ takes a fully built `Experiment` (see grpo/configurables.py) and a workdir.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from grpo.checkpoint import Checkpointer
 from grpo.data.gsm8k import PromptStream
 from grpo.data.prompts import SYSTEM_PROMPT, encode_prompts
 from grpo.metrics import MetricsWriter
-from grpo.models import transformer
+from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.phases import dynamic_sampling
 from grpo.phases import reward as reward_phase
@@ -127,6 +128,7 @@ class Runtime:
     """The built step functions and the mutable loop state."""
 
     state: TrainState
+    frozen_params: Any  # the base under LoRA adapters (state.params); None: full fine-tuning
     ref_params: Any
     update_fn: Callable
     ref_logps_fn: Callable | None
@@ -172,15 +174,39 @@ def check_batch_layout(exp: Experiment) -> None:
 
 def place_params(mesh: Mesh, model: ModelConfig, host_params: Any) -> Any:
     """Host params -> global sharded arrays (every process holds the same host copy)."""
-    shardings = sharding.tree_shardings(mesh, transformer.logical_axes(model), host_params)
-    dtype = jnp.dtype(model.param_dtype)
+    return _place(mesh, transformer.logical_axes(model), host_params, model.param_dtype)
+
+
+def _place(mesh: Mesh, axes: Any, host_tree: Any, dtype: Any) -> Any:
+    """A host pytree -> global arrays of `dtype`, sharded by their logical `axes`."""
+    shardings = sharding.tree_shardings(mesh, axes, host_tree)
+    dtype = jnp.dtype(dtype)
     return jax.tree.map(
         lambda x, s: jax.make_array_from_callback(
             np.shape(x), s, lambda idx, x=x: np.asarray(x[idx]).astype(dtype)
         ),
-        host_params,
+        host_tree,
         shardings,
     )
+
+
+def _trainable_and_frozen(exp: Experiment, base: Any) -> tuple[Any, Any]:
+    """(trainable, frozen) params: the whole model and None, or with `exp.model.lora` fresh
+    adapters (fp32, seeded by TrainConfig.seed) and the frozen base."""
+    config = exp.model.lora
+    if config is None:
+        return base, None
+    init = functools.partial(
+        lora.init_adapters, transformer.param_shapes(exp.model)["layers"], config
+    )
+    host = jax.device_get(jax.jit(init)(jax.random.key(exp.train.seed)))
+    axes = lora.adapter_axes(transformer.logical_axes(exp.model)["layers"], config)
+    return _place(exp.mesh, axes, host, jnp.float32), base
+
+
+def _policy_params(rt: Runtime) -> Any:
+    """The params the policy samples and evaluates with (adapters attached under LoRA)."""
+    return lora.attach(rt.frozen_params, rt.state.params)
 
 
 def _onto_mesh(tree: Any, mesh: Mesh) -> Any:
@@ -205,7 +231,9 @@ def _replicate(x: jax.Array, replicated: jax.sharding.Sharding) -> jax.Array:
 
 def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
     cfg = exp.train
-    params = place_params(exp.mesh, exp.model, exp.params)
+    params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+    logging.info("trainable parameters: %d of %d", count(params), count(params) + count(frozen))
     state = _onto_mesh(
         TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -239,9 +267,11 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
         logging.info("resumed from %s at step %d", checkpointer.latest_step(), start_step)
     ref_params = None
     if exp.loss.beta > 0:  # the frozen reference is the starting policy, not the resumed one
-        ref_params = place_params(exp.mesh, exp.model, exp.params)
+        # Under LoRA that is the frozen base itself: no second copy.
+        ref_params = frozen if frozen is not None else place_params(exp.mesh, exp.model, exp.params)
     return Runtime(
         state=state,
+        frozen_params=frozen,
         ref_params=ref_params,
         update_fn=make_update_fn(
             model=exp.model,
@@ -373,7 +403,8 @@ def _rollout_and_score(
     cfg = exp.train
     tick = time.perf_counter()
     examples = next(rt.stream)
-    rollout, texts = _sample(exp, rt.state.params, examples, key, exp.sampling, cfg.num_generations)
+    params = _policy_params(rt)
+    rollout, texts = _sample(exp, params, examples, key, exp.sampling, cfg.num_generations)
     rollout = jax.block_until_ready(trim_completions(rollout, cfg.completion_buckets))
     timings["rollout"] += time.perf_counter() - tick
 
@@ -474,7 +505,7 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
 
     tick = time.perf_counter()
     for _ in range(cfg.num_iterations):
-        rt.state, update_metrics = rt.update_fn(rt.state, batch)
+        rt.state, update_metrics = rt.update_fn(rt.state, batch, rt.frozen_params)
     update_metrics = jax.device_get(update_metrics)
     timings["update"] = time.perf_counter() - tick
 
@@ -587,9 +618,12 @@ def _save(rt: Runtime, step: int, *, force: bool) -> float:
 def _export(exp: Experiment, rt: Runtime, export_dir: str) -> None:
     from grpo.models.loading import export_hf
 
-    host_params = jax.tree.map(_all_rows, rt.state.params)
+    model = exp.model
+    merge = lambda p: jax.tree.map(lambda x: x.astype(model.param_dtype), lora.merge(p, model.lora))
+    host_params = jax.tree.map(_all_rows, jax.jit(merge)(_policy_params(rt)))
+    adapters = None if rt.frozen_params is None else jax.tree.map(_all_rows, rt.state.params)
     if jax.process_index() == 0:
-        export_hf(export_dir, host_params, exp.model, exp.tokenizer)
+        export_hf(export_dir, host_params, exp.model, exp.tokenizer, adapters=adapters)
         logging.info("exported a Hugging Face folder to %s", export_dir)
 
 
@@ -633,7 +667,7 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
         last = step == cfg.num_steps
         if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
             eval_tick = time.perf_counter()
-            metrics.update(evaluate(exp, rt.state.params))
+            metrics.update(evaluate(exp, _policy_params(rt)))
             metrics["eval_seconds"] = time.perf_counter() - eval_tick
             summary["eval_accuracy"] = metrics["eval_accuracy"]
         metrics["checkpoint_seconds"] = _save(rt, step, force=last)

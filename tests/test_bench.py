@@ -30,6 +30,19 @@ def test_update_bench_reports_throughput_mfu_memory_and_torch_ratio():
     assert result["peak_device_gb"] == "n/a"  # the CPU allocator keeps no high-water mark
 
 
+def test_update_bench_sizes_lora_with_no_base_optimizer_state_or_reference_copy():
+    # 0.5B, abstract (nothing allocated): tiny-qwen2's gigabytes round to 0.
+    shape = ["--preset=qwen2.5-0.5b", "--batch=4", "--prompt_len=8", "--completion_len=8"]
+    shape.append("--beta=0.1")
+    full = update.main([*shape, "--compile_only"])
+    adapters = update.main([*shape, "--compile_only", "--lora_rank=4"])
+    assert adapters["lora_rank"] == 4 and full["ref_params_gb"] > 0
+    assert adapters["ref_params_gb"] == 0  # the frozen base is the reference
+    # Arguments: params + Lion state, against the frozen base + adapters + their state.
+    assert adapters["compiled_argument_gb"] < 0.6 * full["compiled_argument_gb"]
+    assert adapters["update_peak_estimate_gb"] < full["update_peak_estimate_gb"]
+
+
 def test_step_bench_times_every_phase_with_reference():
     result = step.main(
         [*TINY, "--prompts=2", "--group=2", "--prompt_len=8", "--new_tokens=8", "--steps=1"]

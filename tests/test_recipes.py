@@ -7,6 +7,7 @@ import pytest
 import gin
 from grpo import main as grpo_main
 from grpo import train
+from grpo.models.config import LoraConfig
 from grpo.phases import reward, update
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,4 +31,7 @@ def test_recipe_builds_valid_configs_on_the_reference_run(recipe, clean_gin):
     cfg = train.TrainConfig()
     assert isinstance(loss, update.LossConfig) and isinstance(rewards, reward.RewardConfig)
     assert rewards.overlong_buffer <= gin.query_parameter("make_sampling.max_new_tokens")
+    if "lora" in recipe:  # make_model would load the 3B base; its LoRA settings are checked here
+        query = lambda name: gin.query_parameter(f"make_model.{name}")
+        assert LoraConfig(query("lora_rank"), query("lora_alpha")).rank > 0  # validated
     assert cfg.prompts_per_step == 16  # the run file's, untouched by the overlay

@@ -14,6 +14,37 @@ SUPPORTED_ARCHITECTURES = {
 
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
 
+# The projections a LoRA adapter may target, and how many of each weight's axes (after the
+# layer axis) are its input: q/k/v/gate/up/down map one axis to the rest; o maps heads x
+# head_dim to embed.
+LORA_TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters: each targeted weight W acts as W + (alpha / rank) A B, where A maps
+    its input axes to `rank` and B maps `rank` to its output axes (models/lora.py)."""
+
+    rank: int
+    alpha: float = 32.0
+    targets: tuple[str, ...] = tuple(LORA_TARGETS)
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(
+                f"LoRA targets must be distinct names from {tuple(LORA_TARGETS)}, "
+                f"got {self.targets}"
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
 
 @dataclasses.dataclass(frozen=True)
 class Llama3RopeScaling:
@@ -56,6 +87,8 @@ class ModelConfig:
     remat: str = "dots"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Train low-rank adapters on a frozen base instead of every weight (None: full fine-tuning).
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_ARCHITECTURES:

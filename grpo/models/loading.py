@@ -501,14 +501,26 @@ def load_model(spec: str, **config_overrides: Any) -> tuple[ModelConfig, Params,
 # --------------------------------------------------------------------------- export
 
 
-def export_hf(out_dir: str, params: Params, config: ModelConfig, tokenizer: Any = None) -> None:
-    """Writes a folder `transformers` loads unchanged; atomically (built aside, then renamed)."""
+def export_hf(
+    out_dir: str,
+    params: Params,
+    config: ModelConfig,
+    tokenizer: Any = None,
+    adapters: Params | None = None,
+) -> None:
+    """Writes a folder `transformers` loads unchanged; atomically (built aside, then renamed).
+
+    With LoRA `adapters` (`params` then hold them merged in), `adapter/` beside the weights holds
+    them alone, as a PEFT adapter for the base model (`PeftModel.from_pretrained`)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         _write_hf(staging, params, config, tokenizer)
+        if adapters is not None:
+            os.mkdir(os.path.join(staging, "adapter"))
+            _write_peft_adapter(os.path.join(staging, "adapter"), adapters, config)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -531,6 +543,46 @@ def _write_hf(folder: str, params: Params, config: ModelConfig, tokenizer: Any) 
     safetensors.numpy.save_file(state, weights, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def peft_state_dict(adapters: Params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Our adapters -> PEFT's tensors: per targeted module `lora_A.weight` [r, in] and
+    `lora_B.weight` [out, r], named under PEFT's `base_model.model.` prefix."""
+    state = {}
+    layout = _hf_layout(config)
+    for target, factors in adapters["layers"]["lora"].items():
+        spec = layout[("layers", target)]
+        module = "base_model.model." + spec.name.removesuffix(".weight")
+        a, b = (np.asarray(jax.device_get(factors[k]), np.float32) for k in ("a", "b"))
+        for i in range(config.num_layers):
+            name = module.format(i=i)
+            state[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, a.shape[-1]).T)
+            state[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(b.shape[1], -1).T)
+    return state
+
+
+def _write_peft_adapter(folder: str, adapters: Params, config: ModelConfig) -> None:
+    lora = config.lora
+    layout = _hf_layout(config)
+    modules = [layout[("layers", t)].name.split(".")[-2] for t in lora.targets]
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "target_modules": modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+    }
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config, f, indent=2)
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    safetensors.numpy.save_file(
+        peft_state_dict(adapters, config), weights, metadata={"format": "pt"}
+    )
 
 
 def _replace_dir(new: str, target: str) -> None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo import sharding
-from grpo.models import log_softmax, softmax_attention, splash, vocab_parallel
+from grpo.models import log_softmax, lora, softmax_attention, splash, vocab_parallel
 from grpo.models.config import ModelConfig
 
 Params = dict
@@ -258,6 +258,7 @@ def _layer(
     given this layer's cache buffers, the buffers with the new slots written in place.
     `attend(q, k, v)` is the attention with its mask bound."""
     dtype = jnp.dtype(config.dtype)
+    p = lora.merge_layer(p, config.lora)  # the weights W + s A B, if LoRA adapters are attached
     w = jax.tree.map(lambda a: a.astype(dtype), p)
     h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
     q = jnp.einsum("btd,dnh->btnh", h, w["q"])

@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from grpo import sharding
+from grpo.models import lora
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
 from grpo.types import Rollout
@@ -152,7 +153,9 @@ def _generate(
     # Cast once, not once per decode step; forward's own casts are then no-ops (same numerics).
     # Split the layers once too (fused with the cast): the decode step then reads each layer's
     # weights in place, where scanning the stacked weights copies every layer on every step.
-    params = tf.unstack_layers(jax.tree.map(lambda a: a.astype(model.dtype), params))
+    # LoRA adapters are merged here, once, into the weights the decode step reads.
+    merged = lora.merge(params, model.lora)
+    params = tf.unstack_layers(jax.tree.map(lambda a: a.astype(model.dtype), merged))
     unembed_DxV = _unembedding_split_over_vocab(params, model, mesh)
     prompt_tokens_BxP = prompt_tokens_BxP.astype(jnp.int32)
     prompt_mask_BxP = prompt_mask_BxP.astype(bool)

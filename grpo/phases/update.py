@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from grpo.models import transformer
+from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.types import Batch, TrainState
 
@@ -227,9 +227,13 @@ def compute_gradients(
     model: ModelConfig,
     loss: LossConfig,
     num_micro_batches: int = 1,
+    frozen: Any = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of the GRPO loss over the whole batch, accumulated over micro-batches under
     `lax.scan`, and the metrics loss / TOKEN_STATS / entropy (fp32 scalars).
+
+    `params` are the trainable ones: the whole model, or LoRA adapters on the `frozen` base
+    (models/lora.py), which gets no gradient.
 
     Micro-batch m holds rows m, m+M, ... (see `_split`); the sums are normalised once, by the
     whole batch's N, so any num_micro_batches dividing B gives the same gradient.
@@ -240,7 +244,7 @@ def compute_gradients(
     def numerators(p, mb: Batch):
         mb_mask_BxC = loss_mask(mb, config=loss)
         logps_BxC, entropy_BxC = transformer.completion_logprobs(
-            p,
+            lora.attach(frozen, p),
             mb.prompt_tokens_BxP,
             mb.prompt_mask_BxP,
             mb.completion_tokens_BxC,
@@ -286,7 +290,8 @@ def make_update_fn(
     lr_schedule: optax.Schedule | None = None,
     state_sharding: TrainState | None = None,
 ):
-    """A jitted `update(state, batch) -> (state, metrics)` that donates `state`.
+    """A jitted `update(state, batch, frozen=None) -> (state, metrics)` that donates `state`;
+    `frozen`: the base params under LoRA adapters (`state.params`), else None.
 
     metrics (fp32 scalars): loss, kl, entropy, clip_frac_low, clip_frac_high, ratio_mean,
     grad_norm (before clipping), and learning_rate when `lr_schedule` is given.
@@ -295,9 +300,16 @@ def make_update_fn(
     like its reduce-scattered gradient), which defeats donation and drifts from step to step.
     """
 
-    def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def update(
+        state: TrainState, batch: Batch, frozen: Any = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         grads, metrics = compute_gradients(
-            state.params, batch, model=model, loss=loss, num_micro_batches=num_micro_batches
+            state.params,
+            batch,
+            model=model,
+            loss=loss,
+            num_micro_batches=num_micro_batches,
+            frozen=frozen,
         )
         metrics["grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
         if lr_schedule is not None:

@@ -1,0 +1,101 @@
+"""Low-rank adapters (LoRA): train `A` and `B` on a frozen base, each targeted weight acting as
+W + (alpha / rank) A B.
+
+The adapters are their own pytree, `{"layers": {"lora": {target: {"a": [L, *in, r],
+"b": [L, r, *out]}}}}`, so the optimizer, the checkpoint and the gradient see only them;
+`attach` grafts them onto the frozen base for a forward pass. The forward merges each layer's
+weights as it reaches the layer (`merge_layer`), and the sampler merges every layer once before
+decoding (`merge`): both then run on the same effective weights, so the log-probs the sampler
+records are the trainer's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from grpo.models.config import LORA_TARGETS, LoraConfig
+
+Params = Any
+
+
+def _factors(base: tuple, target: str, rank_entry: Any) -> dict[str, tuple]:
+    """A's and B's entries (axis names or sizes) from a stacked weight's: [L, *in, *out] ->
+    A [L, *in, r], B [L, r, *out]."""
+    layer, split = base[0], 1 + LORA_TARGETS[target]
+    return {"a": (layer, *base[1:split], rank_entry), "b": (layer, rank_entry, *base[split:])}
+
+
+def adapter_axes(layer_axes: dict[str, tuple], lora: LoraConfig) -> Params:
+    """Logical axes of the adapters, from the base layer's (`transformer.logical_axes(...)[
+    "layers"]`); the rank axis is replicated."""
+    return {"layers": {"lora": {t: _factors(layer_axes[t], t, None) for t in lora.targets}}}
+
+
+def adapter_shapes(layer_shapes: dict[str, tuple], lora: LoraConfig) -> Params:
+    return {"layers": {"lora": {t: _factors(layer_shapes[t], t, lora.rank) for t in lora.targets}}}
+
+
+def init_adapters(layer_shapes: dict[str, tuple], lora: LoraConfig, rng: jax.Array) -> Params:
+    """PEFT's initialisation, in fp32: A uniform in +-1/sqrt(fan_in) (kaiming-uniform with
+    a = sqrt(5)), B zero, so the adapted model starts as the base model."""
+    shapes = adapter_shapes(layer_shapes, lora)["layers"]["lora"]
+    keys = jax.random.split(rng, len(lora.targets))
+    adapters = {}
+    for key, target in zip(keys, lora.targets, strict=True):
+        a_shape, b_shape = shapes[target]["a"], shapes[target]["b"]
+        bound = 1.0 / math.sqrt(math.prod(a_shape[1:-1]))
+        adapters[target] = {
+            "a": jax.random.uniform(key, a_shape, jnp.float32, -bound, bound),
+            "b": jnp.zeros(b_shape, jnp.float32),
+        }
+    return {"layers": {"lora": adapters}}
+
+
+def attach(base: Params | None, trainable: Params) -> Params:
+    """The model's params: the adapters grafted onto the frozen base. Without a base (full
+    fine-tuning) the trainable tree is the whole model."""
+    if base is None:
+        return trainable
+    return {**base, "layers": {**base["layers"], **trainable["layers"]}}
+
+
+def merge_layer(p: Params, lora: LoraConfig | None) -> Params:
+    """One layer's (or, under vmap, every layer's) params with its adapters folded into the
+    targeted weights, in fp32; params without adapters are returned as they are."""
+    if "lora" not in p:
+        return p
+    if lora is None:
+        raise ValueError("params carry LoRA adapters but the model config has lora=None")
+    merged = {name: value for name, value in p.items() if name != "lora"}
+    for target, factors in p["lora"].items():
+        delta = _low_rank_product(factors["a"], factors["b"])
+        merged[target] = merged[target].astype(jnp.float32) + lora.scale * delta
+    return merged
+
+
+def _low_rank_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """A [*in, r] times B [r, *out] -> [*in, *out], in fp32 at full precision (TPUs default to
+    bf16 passes; the rank is small, so is the cost).
+
+    Written as a matmul with a size-1 batch axis: the layer's remat policy saves the outputs of
+    matmuls without batch axes, and would keep this weight-sized product of every layer for
+    the backward pass (tests/models/test_lora.py checks the saved residuals).
+    """
+    a_1xIxR = a.reshape(1, -1, a.shape[-1]).astype(jnp.float32)
+    b_1xRxO = b.reshape(1, b.shape[0], -1).astype(jnp.float32)
+    product = jax.lax.dot_general(
+        a_1xIxR, b_1xRxO, (((2,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST
+    )
+    return product.reshape(*a.shape[:-1], *b.shape[1:])
+
+
+def merge(params: Params, lora: LoraConfig | None) -> Params:
+    """Full params (stacked layers) with every layer's adapters folded in: what the sampler
+    decodes with and what an export writes."""
+    if "lora" not in params["layers"]:
+        return params
+    return {**params, "layers": jax.vmap(lambda p: merge_layer(p, lora))(params["layers"])}
