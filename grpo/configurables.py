@@ -145,6 +145,11 @@ def build_experiment() -> Experiment:
     rewards = make_rewards()
     bundle = make_model()
     train_examples, test_examples = make_dataset()
+    if train.chat_template_kwargs and not getattr(bundle.tokenizer, "chat_template", None):
+        raise ValueError(
+            f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "
+            "with a chat template"
+        )
     end_ids, pad_id = _end_and_pad_ids(bundle)
     sampling = make_sampling(end_ids=end_ids, pad_id=pad_id)
     if rewards.overlong_buffer > sampling.max_new_tokens:

@@ -61,6 +61,8 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
     show_completions_every_steps: int = 10
     system_prompt: str | None = SYSTEM_PROMPT  # None: the chat template's own default
+    # Variables for the chat template, e.g. {'enable_thinking': False} for Qwen3.
+    chat_template_kwargs: dict[str, Any] | None = None
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
     completion_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
     reward_timeout_s: float = 5.0
@@ -320,7 +322,10 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 def _prompts_for(exp: Experiment, examples: Sequence[dict], repeat: int):
     """Tokenised, left-padded prompts, each repeated `repeat` times; bucket agreed by processes."""
     ids = encode_prompts(
-        exp.tokenizer, [e["question"] for e in examples], system_prompt=exp.train.system_prompt
+        exp.tokenizer,
+        [e["question"] for e in examples],
+        system_prompt=exp.train.system_prompt,
+        template_kwargs=exp.train.chat_template_kwargs,
     )
     ids = [p for p in ids for _ in range(repeat)]
     longest = int(_all_rows(np.array([max(len(p) for p in ids)])).max())

@@ -34,18 +34,29 @@ def plain_prompt(question: str, system_prompt: str | None = None) -> str:
 
 
 def encode_prompts(
-    tokenizer: Any, questions: Sequence[str], *, system_prompt: str | None = None
+    tokenizer: Any,
+    questions: Sequence[str],
+    *,
+    system_prompt: str | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[list[int]]:
-    """Token ids of each question's prompt (chat template, else the plain fallback)."""
+    """Token ids of each question's prompt (chat template, else the plain fallback).
+
+    `template_kwargs` are variables for the chat template, e.g. Qwen3's `enable_thinking`."""
     if getattr(tokenizer, "chat_template", None):
         return [
             _as_token_ids(
                 tokenizer.apply_chat_template(
-                    build_messages(q, system_prompt), add_generation_prompt=True, tokenize=True
+                    build_messages(q, system_prompt),
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    **(template_kwargs or {}),
                 )
             )
             for q in questions
         ]
+    if template_kwargs:
+        raise ValueError(f"chat template variables {dict(template_kwargs)} need a chat template")
     return [_as_token_ids(tokenizer.encode(plain_prompt(q, system_prompt))) for q in questions]
 
 

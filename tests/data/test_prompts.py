@@ -13,6 +13,12 @@ _CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3's switch, in miniature: `enable_thinking=False` pre-fills part of the reply.
+_CHATML_THINKING = _CHATML.replace(
+    "assistant\n{% endif %}",
+    "assistant\n{% if enable_thinking is defined and not enable_thinking %}Answer :{% endif %}"
+    "{% endif %}",
+)
 
 
 def _tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
@@ -101,3 +107,16 @@ def test_no_template_falls_back_to_plain_text():
 def test_system_prompt_asks_for_think_and_answer_tags():
     for tag in ("<think>", "</think>", "<answer>", "</answer>"):
         assert tag in SYSTEM_PROMPT
+
+
+def test_chat_template_variables_reach_the_template():
+    tokenizer = _tokenizer(_CHATML_THINKING)
+    prompt = "<|im_start|> user how many ? <|im_end|> <|im_start|> assistant"
+    assert encode_prompts(tokenizer, ["how many?"]) == [_ids(tokenizer, prompt)]
+    off = encode_prompts(tokenizer, ["how many?"], template_kwargs={"enable_thinking": False})
+    assert off == [_ids(tokenizer, prompt + " Answer :")]
+
+
+def test_chat_template_variables_without_a_template_are_refused():
+    with pytest.raises(ValueError, match="need a chat template"):
+        encode_prompts(_tokenizer(None), ["how many?"], template_kwargs={"enable_thinking": False})
