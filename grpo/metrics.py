@@ -1,4 +1,5 @@
-"""Per-step metrics: one stdout line, `<workdir>/metrics.jsonl`, TensorBoard, optional W&B.
+"""Per-step metrics: one stdout line, `<workdir>/metrics.jsonl`, TensorBoard, optional W&B;
+and, every few steps, the step's completions to `<workdir>/completions.jsonl`.
 
 The trainer averages metrics over processes; here only the primary process writes. Metric names
 the stdout line knows (others still go to every sink): `reward_mean`, `accuracy`,
@@ -16,6 +17,7 @@ import numpy as np
 from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 # (label, metric key, format spec) of the stdout line, in order; absent keys are left out.
@@ -77,6 +79,14 @@ def _truncate_after(path: str, resume_step: int) -> None:
     os.replace(tmp, path)  # atomic: a kill here leaves the old file or the new one
 
 
+def _open_records(path: str, resume_step: int | None):
+    """A JSON-lines file to append to, less the records after `resume_step` (a resumed run
+    writes those steps again)."""
+    if resume_step is not None:
+        _truncate_after(path, resume_step)
+    return open(path, "a")
+
+
 def _to_scalar(key: str, value: Any) -> int | float:
     arr = np.asarray(value)
     if arr.shape != () or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
@@ -128,15 +138,15 @@ class MetricsWriter:
     ) -> None:
         self._total_steps = total_steps
         self._is_primary = is_primary
-        self._jsonl = self._tensorboard = self._wandb = None
+        self._jsonl = self._completions = self._tensorboard = self._wandb = None
         if not is_primary:
             return
         workdir = os.fspath(workdir)
         os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, METRICS_FILE)
-        if resume_step is not None:
-            _truncate_after(path, resume_step)
-        self._jsonl = open(path, "a")
+        self._jsonl, self._completions = (
+            _open_records(os.path.join(workdir, name), resume_step)
+            for name in (METRICS_FILE, COMPLETIONS_FILE)
+        )
         if tensorboard:
             self._tensorboard = _open_tensorboard(
                 os.path.join(workdir, TENSORBOARD_DIR), resume_step
@@ -162,14 +172,22 @@ class MetricsWriter:
             self._wandb.log(scalars, step=step)
         logging.info(format_step_line(step, self._total_steps, scalars))
 
+    def write_completions(self, step: int, records: list[Mapping[str, Any]]) -> None:
+        """Appends one JSON line per completion (`records`: JSON-serialisable dicts)."""
+        if not self._is_primary:
+            return
+        self._completions.writelines(json.dumps({"step": step, **r}) + "\n" for r in records)
+        self._completions.flush()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
+            self._completions.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
-        self._jsonl = self._tensorboard = self._wandb = None
+        self._jsonl = self._completions = self._tensorboard = self._wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self

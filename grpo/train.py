@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import signal
 import sys
 import time
@@ -59,6 +60,7 @@ class TrainConfig:
     eval_samples: int = 0  # k > 0: also k sampled replies per example (mean and pass@k)
     checkpoint_every_steps: int = 10
     checkpoints_to_keep: int = 2
+    # Every N steps: print two completions and write all of the step's to completions.jsonl.
     show_completions_every_steps: int = 10
     system_prompt: str | None = SYSTEM_PROMPT  # None: the chat template's own default
     # Variables for the chat template, e.g. {'enable_thinking': False} for Qwen3.
@@ -389,13 +391,14 @@ def _rollout_metrics(scored: _Scored, group: int) -> dict:
 
 @dataclasses.dataclass
 class _Scored:
-    """Sampled groups and their scores. `rollout` is global; `rewards`, `correct` and `texts`
-    are this process's rows (its contiguous share of the batch)."""
+    """Sampled groups and their scores. `rollout` is global; `rewards`, `correct`, `texts` and
+    `examples` are this process's rows (its contiguous share of the batch)."""
 
     rollout: Rollout
     rewards: reward_phase.RewardResult
     correct: np.ndarray  # float32: the reply's answer is right
     texts: list[str]
+    examples: list[dict]  # the problem each row answers
     lengths: np.ndarray  # float32: every process's completion lengths, in batch order
     sampled_tokens: int  # completion tokens sampled for the step, every round together
     rounds: int = 1
@@ -433,7 +436,15 @@ def _rollout_and_score(
     )
     timings["reward"] += time.perf_counter() - tick
     lengths = _all_rows(rollout.lengths_B).astype(np.float32)
-    return _Scored(rollout, rewards, correct, texts, lengths, sampled_tokens=int(lengths.sum()))
+    return _Scored(
+        rollout,
+        rewards,
+        correct,
+        texts,
+        local_examples,
+        lengths,
+        sampled_tokens=int(lengths.sum()),
+    )
 
 
 def _dynamic_sampling(
@@ -466,6 +477,7 @@ def _dynamic_sampling(
         [jax.tree.map(_all_rows, r.rollout) for r in rounds], pad_id=exp.sampling.pad_id
     )
     local = sharding.shard_batch(exp.mesh, jax.tree.map(lambda x: x[mine], pool))
+    pool_examples = [e for r in rounds for e in _all_json(r.examples)]
     kept = jax.tree.map(lambda *per_round: np.concatenate(per_round)[mine], *scores)
     failures = rounds[0].rewards.failures
     return _Scored(
@@ -477,6 +489,7 @@ def _dynamic_sampling(
         ),
         correct=kept["correct"],
         texts=_decode(exp, pool.completion_tokens_BxC[mine], pool.completion_mask_BxC[mine]),
+        examples=[pool_examples[i] for i in mine],
         lengths=pool.lengths_B[rows].astype(np.float32),
         sampled_tokens=sum(r.sampled_tokens for r in rounds),
         rounds=len(rounds),
@@ -523,7 +536,46 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     if cfg.show_completions_every_steps and step % cfg.show_completions_every_steps == 0:
         for text, value in list(zip(scored.texts, rewards.total, strict=True))[:2]:
             logging.info("sample (reward %.2f): %r", value, text[:400])
+        rt.metrics.write_completions(step, _completion_records(scored, advantages))
     return metrics
+
+
+def _completion_records(scored: _Scored, advantages_B: jax.Array) -> list[dict]:
+    """Every completion of the step with its problem, scores and advantage, in batch order,
+    gathered onto every process (for completions.jsonl)."""
+    rewards = scored.rewards
+    advantages, lengths, truncated = (
+        _local_rows(x) for x in (advantages_B, scored.rollout.lengths_B, scored.rollout.truncated_B)
+    )
+    local = [
+        {
+            "question": example["question"],
+            "answer": reward_phase.extract_reference_answer(example["answer"]),
+            "completion": text,
+            "reward": float(rewards.total[i]),
+            "rewards": {name: float(values[i]) for name, values in rewards.per_function.items()},
+            "correct": bool(scored.correct[i]),
+            "advantage": float(advantages[i]),
+            "length": int(lengths[i]),
+            "truncated": bool(truncated[i]),
+        }
+        for i, (text, example) in enumerate(zip(scored.texts, scored.examples, strict=True))
+    ]
+    return _all_json(local)
+
+
+def _all_json(local: list[Any]) -> list[Any]:
+    """Every process's JSON-serialisable rows, in process order (gathered as utf-8 bytes)."""
+    if jax.process_count() == 1:
+        return list(local)
+    encoded = [json.dumps(row).encode() for row in local]
+    sizes = np.array([len(row) for row in encoded], np.int32)
+    width = int(_all_rows(np.array([sizes.max(initial=1)])).max())
+    padded = np.zeros((len(encoded), width), np.uint8)
+    for row, data in zip(padded, encoded, strict=True):
+        row[: len(data)] = np.frombuffer(data, np.uint8)
+    all_sizes, all_padded = _all_rows(sizes), _all_rows(padded)
+    return [json.loads(bytes(row[:n])) for row, n in zip(all_padded, all_sizes, strict=True)]
 
 
 def _throughput(

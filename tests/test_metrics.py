@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from grpo import plot
-from grpo.metrics import METRICS_FILE, MetricsWriter, format_step_line, read_metrics
+from grpo.metrics import (
+    COMPLETIONS_FILE,
+    METRICS_FILE,
+    MetricsWriter,
+    format_step_line,
+    read_metrics,
+)
 
 
 def _lines(workdir) -> list[dict]:
@@ -65,6 +71,23 @@ def test_resume_drops_steps_after_the_checkpoint(tmp_path):
     assert [r["step"] for r in _lines(tmp_path)] == [1, 2, 3, 4, 5]
     _write_steps(tmp_path, [6])  # no resume step: append
     assert [r["step"] for r in read_metrics(tmp_path / METRICS_FILE)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_completions_are_appended_and_dropped_after_the_resumed_checkpoint(tmp_path):
+    rows = [{"completion": "12", "reward": 1.0}, {"completion": "ten", "reward": 0.0}]
+    with MetricsWriter(tmp_path, total_steps=9, tensorboard=False) as writer:
+        for step in (2, 4, 6):
+            writer.write_completions(step, rows)
+    with MetricsWriter(tmp_path, total_steps=9, tensorboard=False, resume_step=4) as writer:
+        writer.write_completions(6, rows[:1])  # the resumed run's own step 6
+    records = read_metrics(tmp_path / COMPLETIONS_FILE)
+    assert [(r["step"], r["completion"]) for r in records] == [
+        (2, "12"),
+        (2, "ten"),
+        (4, "12"),
+        (4, "ten"),
+        (6, "12"),
+    ]
 
 
 def test_stdout_line_goes_through_absl_logging(tmp_path, caplog):

@@ -171,6 +171,17 @@ def test_two_processes_train_like_one(two_processes, tmp_path):
             np.testing.assert_allclose(
                 row_two[key], value, rtol=RTOL, atol=ATOL, err_msg=f"step {row_one['step']} {key}"
             )
+    # completions.jsonl: every process's rows, gathered onto process 0 in batch order.
+    logged = [
+        metrics_lib.read_metrics(run.workdir / "completions.jsonl") for run in (one, two_processes)
+    ]
+    steps = [r["step"] for r in logged[1]]
+    assert steps == [2] * (len(steps) // 2) + [4] * (len(steps) // 2)  # tiny.gin: every 2 steps
+    for record_one, record_two in zip(*logged, strict=True):
+        for key in ("question", "answer", "completion", "length", "truncated", "correct"):
+            assert record_two[key] == record_one[key], key
+        for key in ("reward", "advantage"):
+            np.testing.assert_allclose(record_two[key], record_one[key], rtol=RTOL, atol=ATOL)
     params_one, params_two = _params(tmp_path / "one"), _params(two_processes.workdir)
     assert params_one.keys() == params_two.keys()
     for name in params_one:

@@ -61,6 +61,14 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         assert key in rows[0], key
     assert "eval_accuracy" in rows[2]
     assert 0 <= rows[2]["eval_mean_at_k"] <= rows[2]["eval_pass_at_k"] <= 1
+    # tiny.gin shows completions every 2 steps: all 8 of step 2, one group after another.
+    completions = metrics_lib.read_metrics(tmp_path / "completions.jsonl")
+    assert [r["step"] for r in completions] == [2] * 8
+    assert np.mean([r["reward"] for r in completions]) == pytest.approx(rows[1]["reward_mean"])
+    for group in (completions[:4], completions[4:]):
+        assert len({r["question"] for r in group}) == 1
+        assert sum(r["advantage"] for r in group) == pytest.approx(0.0, abs=1e-5)
+    assert completions[0].keys() >= {"answer", "completion", "rewards", "length", "truncated"}
     assert os.path.isdir(tmp_path / "checkpoints" / "3")
     config = (tmp_path / "config.gin").read_text()
     assert "TrainConfig.num_steps = 3" in config
@@ -279,6 +287,7 @@ def test_dynamic_sampling_fills_the_step_with_groups_whose_rewards_differ(tmp_pa
         "TrainConfig.max_sampling_rounds=4",
         "TrainConfig.num_steps=3",
         "TrainConfig.eval_every_steps=0",
+        "TrainConfig.show_completions_every_steps=1",
     )
     rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
     rounds = [r["sampling_rounds"] for r in rows]
@@ -289,6 +298,12 @@ def test_dynamic_sampling_fills_the_step_with_groups_whose_rewards_differ(tmp_pa
         if row["sampling_rounds"] < 4:  # found enough: no equal-reward group trains
             assert row["frac_reward_zero_std"] == 0.0, row
         assert row["grad_norm"] > 0
+    # The kept rows keep their own problems: each logged reward is its reply's to its problem.
+    completions = metrics_lib.read_metrics(tmp_path / "completions.jsonl")
+    assert [r["step"] for r in completions] == [1] * 8 + [2] * 8 + [3] * 8
+    for record in completions:
+        example = {"question": record["question"], "answer": f"#### {record['answer']}"}
+        assert record["reward"] == pytest.approx(_half_flat_reward(record["completion"], example))
 
 
 @pytest.mark.slow
