@@ -34,6 +34,7 @@ from grpo.types import Batch, TrainState
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 # Token-mean diagnostics: fraction (or mean) over the valid tokens of the batch.
 TOKEN_STATS = ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean")
 
@@ -46,6 +47,10 @@ class LossConfig:
     epsilon_high: float = 0.2  # ... and above at 1 + epsilon_high (DAPO raises it, e.g. 0.28)
     dual_clip: float | None = None  # c > 1: for A < 0 the token loss is capped at -c * A
     beta: float = 0.0  # KL(policy || reference) weight; 0 holds no reference at all
+    # The per-token KL term (Schulman's estimators, with r = pi_ref / pi): "k3" = r - log r - 1
+    # (GRPO, TRL; verl's low_var_kl), "k2" = (log r)^2 / 2 (its gradient is the reverse KL's;
+    # verl's mse), "k1" = -log r (verl's kl).
+    kl_estimator: str = "k3"
     aggregation: str = "token_mean"
     temperature: float = 1.0  # the sampler's; log-probs are of softmax(logits / temperature)
     max_completion_length: int | None = None  # Dr. GRPO's constant L; None = completion width
@@ -60,6 +65,10 @@ class LossConfig:
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(
+                f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}"
+            )
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(
                 f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
@@ -118,7 +127,7 @@ def _log_ratio(logps_BxC, old_logps_BxC, mask_BxC, *, config: LossConfig) -> jax
 def _per_token(
     logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, *, config: LossConfig
 ):
-    """The clipped surrogate (+ beta * k3 KL) per token, and the per-token diagnostics."""
+    """The clipped surrogate (+ beta * KL estimate) per token, and the per-token diagnostics."""
     adv_Bx1 = advantages_B.astype(jnp.float32)[:, None]
     ratio_BxC = jnp.exp(_log_ratio(logps_BxC, old_logps_BxC, mask_BxC, config=config))
     low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
@@ -128,8 +137,7 @@ def _per_token(
         loss_BxC = jnp.minimum(loss_BxC, cap_Bx1)
     kl_BxC = jnp.zeros_like(loss_BxC)
     if config.beta > 0:
-        delta_BxC = ref_logps_BxC - logps_BxC
-        kl_BxC = jnp.exp(delta_BxC) - delta_BxC - 1.0  # k3: unbiased, always >= 0
+        kl_BxC = _kl(ref_logps_BxC - logps_BxC, config.kl_estimator)
         loss_BxC = loss_BxC + config.beta * kl_BxC
     stats = {
         "kl": kl_BxC,
@@ -138,6 +146,15 @@ def _per_token(
         "ratio_mean": ratio_BxC,
     }
     return loss_BxC, stats
+
+
+def _kl(log_r_BxC: jax.Array, estimator: str) -> jax.Array:
+    """KL(pi || pi_ref) per token from log r = log pi_ref - log pi of the sampled token."""
+    if estimator == "k1":
+        return -log_r_BxC
+    if estimator == "k2":
+        return 0.5 * jnp.square(log_r_BxC)
+    return jnp.exp(log_r_BxC) - log_r_BxC - 1.0  # k3: unbiased, always >= 0
 
 
 def _check_reference(ref_logps_BxC: jax.Array | None, config: LossConfig) -> None:

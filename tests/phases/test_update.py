@@ -80,6 +80,25 @@ def test_kl_term_by_hand(aggregation, expected):
     np.testing.assert_allclose(float(aux["kl"]), 0.1, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "estimator, kl_mean, kl_grad",
+    [
+        # log r = ref - logp: ln 2 at (0, 0), -ln 2 at (1, 1), 0 elsewhere; 5 valid tokens.
+        ("k3", 0.5 / 5, [[1 - 2, 0, 0], [0, 1 - 0.5, 0]]),  # d/dlogp: 1 - r
+        ("k2", math.log(2) ** 2 / 5, [[-math.log(2), 0, 0], [0, math.log(2), 0]]),  # -log r
+        ("k1", 0.0, [[1, 1, 1], [1, 1, 0]]),  # d/dlogp of -log r: 1 on every valid token
+    ],
+)
+def test_kl_estimators_by_hand(estimator, kl_mean, kl_grad):
+    # Zero advantages leave the KL term alone; beta = 1, token_mean: gradient / 5 tokens.
+    config = LossConfig(beta=1.0, kl_estimator=estimator)
+    zero_adv = jnp.zeros(2)
+    loss_fn = lambda lp: update.policy_loss(lp, OLD_LOGPS, REF_LOGPS, zero_adv, MASK, config=config)
+    (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(LOGPS)
+    np.testing.assert_allclose([float(loss), float(aux["kl"])], [kl_mean, kl_mean], atol=1e-6)
+    np.testing.assert_allclose(grad, np.array(kl_grad) / 5, atol=1e-6)
+
+
 def test_dual_clip_and_asymmetric_epsilons():
     # A = -2, ratios (3.0, 0.5): losses max(6, 2.4) = 6 and max(1, 1.6) = 1.6 (clipped low).
     # Dual clip c = 2.5 caps the first at -c A = 5.
@@ -141,6 +160,7 @@ def test_sequence_level_ratio_clips_whole_completions():
     [
         (dict(aggregation="sum"), "aggregation must be one of"),
         (dict(importance_sampling_level="seq"), "importance_sampling_level must be one of"),
+        (dict(kl_estimator="mse"), "kl_estimator must be one of"),
         (dict(epsilon_low=-0.1), "clip epsilons must be >= 0"),
         (dict(dual_clip=1.0), "dual_clip must be > 1"),
         (dict(beta=-1.0), "beta must be >= 0"),
