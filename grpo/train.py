@@ -55,6 +55,7 @@ class TrainConfig:
     completions_per_micro_batch: int | None = None
     advantage_scale: str = "group"  # group | batch | none
     eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)
+    eval_at_start: bool = False  # also evaluate the starting policy (written as step 0)
     eval_examples: int | None = None  # None: the whole test split
     eval_prompts_per_batch: int = 64  # prompts per eval rollout (x eval_samples rows)
     eval_samples: int = 0  # k > 0: also k sampled replies per example (mean and pass@k)
@@ -296,7 +297,8 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
             workdir,
             total_steps=cfg.num_steps,
             is_primary=jax.process_index() == 0,
-            resume_step=start_step,
+            # A run without a checkpoint starts over: none of the file's records stay.
+            resume_step=start_step if checkpointer.latest_step() is not None else -1,
             wandb_project=cfg.wandb_project,
             config=dataclasses.asdict(cfg),
         ),
@@ -714,19 +716,27 @@ def train(exp: Experiment, workdir: str) -> dict[str, Any]:
     return summary
 
 
+def _timed_eval(exp: Experiment, rt: Runtime, summary: dict) -> dict[str, float]:
+    """The eval metrics of the current policy and their seconds; records them in `summary`."""
+    tick = time.perf_counter()
+    metrics = evaluate(exp, _policy_params(rt))
+    metrics["eval_seconds"] = time.perf_counter() - tick
+    summary["eval_accuracy"] = metrics["eval_accuracy"]
+    return metrics
+
+
 def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: dict) -> None:
     """Steps from the resumed one to the last: eval, checkpoint and metrics after each; updates
     `summary`; raises Preempted after saving when a SIGTERM was agreed on."""
     cfg = exp.train
+    if cfg.eval_at_start and rt.start_step == 0:
+        rt.metrics.write(0, _timed_eval(exp, rt, summary))
     for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
         tick = time.perf_counter()
         metrics = run_step(exp, rt, step)
         last = step == cfg.num_steps
         if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
-            eval_tick = time.perf_counter()
-            metrics.update(evaluate(exp, _policy_params(rt)))
-            metrics["eval_seconds"] = time.perf_counter() - eval_tick
-            summary["eval_accuracy"] = metrics["eval_accuracy"]
+            metrics.update(_timed_eval(exp, rt, summary))
         metrics["checkpoint_seconds"] = _save(rt, step, force=last)
         metrics["step_seconds"] = time.perf_counter() - tick
         rt.metrics.write(step, metrics)

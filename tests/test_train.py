@@ -39,9 +39,11 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         "TrainConfig.num_steps=3",
         "TrainConfig.eval_every_steps=3",
         "TrainConfig.eval_samples=2",
+        "TrainConfig.eval_at_start=True",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    start, *rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    assert start["step"] == 0 and "eval_accuracy" in start and "reward_mean" not in start
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in (
         "reward_mean",
