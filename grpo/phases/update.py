@@ -51,6 +51,9 @@ class LossConfig:
     # (GRPO, TRL; verl's low_var_kl), "k2" = (log r)^2 / 2 (its gradient is the reverse KL's;
     # verl's mse), "k1" = -log r (verl's kl).
     kl_estimator: str = "k3"
+    # c != 0 subtracts c x the policy's entropy (aggregated like the loss) from the loss: an
+    # entropy bonus against entropy collapse (verl's entropy_coeff); 0 leaves it a metric.
+    entropy_coeff: float = 0.0
     aggregation: str = "token_mean"
     temperature: float = 1.0  # the sampler's; log-probs are of softmax(logits / temperature)
     max_completion_length: int | None = None  # Dr. GRPO's constant L; None = completion width
@@ -168,8 +171,11 @@ def _masked_sum(x_BxC: jax.Array, mask_BxC: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask_BxC, x_BxC.astype(jnp.float32), 0.0))
 
 
-def _numerators(logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, *, config):
-    """Un-normalised sums over a (micro-)batch: sum(w * loss) and the TOKEN_STATS sums."""
+def _numerators(
+    logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, entropy_BxC=None, *, config
+):
+    """Un-normalised sums over a (micro-)batch: sum(w * loss) and the TOKEN_STATS sums (and the
+    entropy's, given the policy's per-token entropy)."""
     _check_reference(ref_logps_BxC, config)
     # Padding may hold any value (e.g. -inf old log-probs): zero it before exp, so neither the
     # loss nor its gradient can pick up inf * 0.
@@ -183,7 +189,13 @@ def _numerators(logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC,
         config=config,
     )
     sums = {name: _masked_sum(value, mask_BxC) for name, value in stats.items()}
-    sums["loss"] = jnp.sum(token_weights(mask_BxC, config=config) * loss_BxC)
+    weights_BxC = token_weights(mask_BxC, config=config)
+    sums["loss"] = jnp.sum(weights_BxC * loss_BxC)
+    if entropy_BxC is not None:
+        entropy_BxC = clean(entropy_BxC)
+        sums["entropy"] = _masked_sum(jax.lax.stop_gradient(entropy_BxC), mask_BxC)
+        if config.entropy_coeff:
+            sums["loss"] -= config.entropy_coeff * jnp.sum(weights_BxC * entropy_BxC)
     return sums
 
 
@@ -197,12 +209,14 @@ def policy_loss(
     ref_logps_BxC: jax.Array | None,
     advantages_B: jax.Array,
     mask_BxC: jax.Array,
+    entropy_BxC: jax.Array | None = None,
     *,
     config: LossConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The GRPO loss of one whole batch from log-probs, and its TOKEN_STATS (token means)."""
+    """The GRPO loss of one whole batch from log-probs (and the policy's per-token entropy,
+    for `entropy_coeff`), and its TOKEN_STATS (token means; the entropy's too, given it)."""
     sums = _numerators(
-        logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, config=config
+        logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, entropy_BxC, config=config
     )
     metrics = _normalise(sums, loss_normaliser(mask_BxC, config=config), _token_count(mask_BxC))
     return metrics.pop("loss"), metrics
@@ -276,9 +290,9 @@ def compute_gradients(
             mb.ref_logps_BxC,
             mb.advantages_B,
             mb_mask_BxC,
+            entropy_BxC,
             config=loss,  # micro-batches keep the width C: Dr. GRPO's default L is unchanged
         )
-        sums["entropy"] = _masked_sum(jax.lax.stop_gradient(entropy_BxC), mb_mask_BxC)
         return sums["loss"], sums
 
     grad_fn = jax.grad(numerators, has_aux=True)

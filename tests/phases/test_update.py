@@ -99,6 +99,29 @@ def test_kl_estimators_by_hand(estimator, kl_mean, kl_grad):
     np.testing.assert_allclose(grad, np.array(kl_grad) / 5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "aggregation, expected",
+    [
+        # Entropies (1, 2, 3) and (4, 5) on the valid tokens; c = 0.1.
+        ("token_mean", 0.22 - 0.1 * 15 / 5),
+        ("seq_mean_token_mean", 0.5 - 0.1 * (6 / 3 + 9 / 2) / 2),
+    ],
+)
+def test_entropy_bonus_by_hand(aggregation, expected):
+    entropy = jnp.where(MASK, jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]]), jnp.inf)
+    config = LossConfig(aggregation=aggregation, entropy_coeff=0.1)
+    loss_fn = lambda e: update.policy_loss(
+        LOGPS, OLD_LOGPS, None, ADVANTAGES, MASK, e, config=config
+    )
+    (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(entropy)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    assert float(aux["entropy"]) == pytest.approx(3.0)  # the token mean, whatever the mode
+    weights = update.token_weights(MASK, config=config) / update.loss_normaliser(
+        MASK, config=config
+    )
+    np.testing.assert_allclose(grad, -0.1 * weights, atol=1e-7)  # padding: 0
+
+
 def test_dual_clip_and_asymmetric_epsilons():
     # A = -2, ratios (3.0, 0.5): losses max(6, 2.4) = 6 and max(1, 1.6) = 1.6 (clipped low).
     # Dual clip c = 2.5 caps the first at -c A = 5.
@@ -270,6 +293,34 @@ def test_zero_advantages_give_zero_gradient(params, batch):
     assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(grads))
     assert float(metrics["clip_frac_low"]) == 0.0  # no A < 0 token
     assert 0.0 < float(metrics["entropy"]) <= math.log(MODEL.vocab_size)
+
+
+def test_entropy_bonus_adds_the_entropy_gradient(params, batch):
+    # Through the model: the gradient moves by exactly -c x the gradient of the token-mean
+    # entropy (its written backward, models/log_softmax.py), computed here on its own.
+    perturbed = _perturbed(batch, with_ref=False)
+    plain, _ = _grad_fn(_loss())(params, perturbed)
+    bonus, metrics = _grad_fn(_loss(entropy_coeff=0.5))(params, perturbed)
+
+    def mean_entropy(p):
+        entropy_BxC = tf.completion_logprobs(
+            p,
+            batch.prompt_tokens_BxP,
+            batch.prompt_mask_BxP,
+            batch.completion_tokens_BxC,
+            batch.completion_mask_BxC,
+            config=MODEL,
+            temperature=TEMPERATURE,
+            chunk=CHUNK,
+        )[1]
+        mask = batch.completion_mask_BxC
+        return jnp.where(mask, entropy_BxC, 0.0).sum() / mask.sum()
+
+    entropy, entropy_grad = jax.value_and_grad(mean_entropy)(params)
+    assert float(metrics["entropy"]) == pytest.approx(float(entropy), rel=1e-6)
+    expected = jax.tree.map(lambda g, e: g - 0.5 * e, plain, entropy_grad)
+    _assert_trees_close(bonus, expected, atol=1e-6, rtol=1e-4)
+    assert max(float(jnp.abs(e).max()) for e in jax.tree.leaves(entropy_grad)) > 1e-3
 
 
 def test_masked_tokens_have_no_effect(params, batch):
