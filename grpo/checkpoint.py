@@ -123,7 +123,15 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore(),
         )
-        restored = self._manager.restore(step, args=args)
+        try:
+            restored = self._manager.restore(step, args=args)
+        except ValueError as e:  # orbax: another tree structure, shape or dtype on disk
+            first_line = str(e).strip().splitlines()[0]
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory} does not fit this run's state "
+                "(written with another model, LoRA or optimizer setting? resume with that config, "
+                f"or use a new workdir): {first_line}"
+            ) from e
         return Restored(state=restored.state, data=restored.data, meta=restored.meta)
 
     def wait_until_finished(self) -> None:

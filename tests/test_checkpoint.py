@@ -96,6 +96,24 @@ def test_empty_directory_has_no_latest_step(tmp_path):
             ckpt.restore(3, _abstract(_make_state()))
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"w_DxF": jnp.zeros((8, 5)), "embed_VxD": jnp.zeros((16, 8)), "b_F": jnp.zeros(4)},  # shape
+        {"lora": {"w": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 4))}}},  # tree: LoRA adapters
+    ],
+    ids=["shape", "tree"],
+)
+def test_restoring_onto_another_layout_says_why_in_one_line(tmp_path, params):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, _make_state(), force=True)
+    other = _make_state().replace(params=params, opt_state=optax.adamw(1e-2).init(params))
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match="step 1 .* does not fit this run's state") as error:
+            ckpt.restore(None, _abstract(other))
+    assert "\n" not in str(error.value)
+
+
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="save_interval_steps"):
         Checkpointer("/tmp/unused", save_interval_steps=0)
