@@ -65,9 +65,10 @@ def checks(tokenizer: str) -> list[Check]:
     """The plan, in priority order within each part. Part 1: the smoke run (the validation
     the issue asks for, and the quickest sign that the trainer works on this GPU at all), the
     rollout and MFU targets (MFU with cuDNN attention: the H200 roofline of einsum attention is
-    0.44 at best, BUILD_NOTES); part 2: the adamw smoke run, the memory target (XLA's GPU
-    compile already estimates it here), the update with einsum attention, the GPU tests. A call
-    that starts a machine spends a minute or more of the session's 15 before part 1 begins."""
+    0.44 at best, BUILD_NOTES), then LoRA's update if time is left; part 2: the adamw smoke
+    run, the memory target (XLA's GPU compile already estimates it here), the update with einsum
+    attention, the GPU tests. A call that starts a machine spends a minute or more of the
+    session's 15 before part 1 begins."""
     update_1p5b = ("bench.update", "--preset=qwen2.5-1.5b", "--batch=64", "--prompt_len=256")
     # 4 micro-batches: the best H200 roofline that fits (BUILD_NOTES: update shape choices).
     update_1p5b += ("--completion_len=768", "--micro_batches=4", "--iters=2")
@@ -99,6 +100,13 @@ def checks(tokenizer: str) -> list[Check]:
             update_1p5b + ("--attention=cudnn", "--torch_baseline"),
             update_tiny + ("--attention=auto", "--torch_baseline"),  # cudnn needs a GPU
         ),
+        Check(  # last of part 1, in what the three above leave: LoRA's step beside full's
+            "update_lora",
+            1,
+            90,
+            update_1p5b + ("--attention=cudnn", "--lora_rank=16"),
+            update_tiny + ("--attention=auto", "--lora_rank=4"),
+        ),
         Check(
             "smoke_adamw",
             2,
@@ -128,8 +136,9 @@ def checks(tokenizer: str) -> list[Check]:
             2,
             90,
             ("pytest", "-q", "tests/models/test_cudnn.py", "tests/models/test_parity.py")
-            + ("tests/models/test_mixed_precision.py",)
-            + ("tests/phases/test_rollout.py", "-k", "not smollm2"),  # its GGUF is not carried
+            + ("tests/models/test_mixed_precision.py", "tests/models/test_lora.py")
+            + ("tests/phases/test_rollout.py",)
+            + ("-k", "not smollm2 and not peft"),  # neither SmolLM2's GGUF nor peft is carried
             ("pytest", "-q", "tests/models/test_mixed_precision.py"),
             # fp32 parity tolerances assume fp32 matmuls; JAX on a GPU defaults to TF32.
             env=(("JAX_DEFAULT_MATMUL_PRECISION", "highest"),),
