@@ -210,8 +210,7 @@ def _loss(**kwargs) -> LossConfig:
     return LossConfig(temperature=TEMPERATURE, logprob_chunk=CHUNK, **kwargs)
 
 
-@jax.jit
-def _logps(params, batch):
+def _logps_and_entropy(params, batch):
     return tf.completion_logprobs(
         params,
         batch.prompt_tokens_BxP,
@@ -221,7 +220,10 @@ def _logps(params, batch):
         config=MODEL,
         temperature=TEMPERATURE,
         chunk=CHUNK,
-    )[0]
+    )
+
+
+_logps = jax.jit(lambda params, batch: _logps_and_entropy(params, batch)[0])
 
 
 @functools.cache
@@ -303,16 +305,7 @@ def test_entropy_bonus_adds_the_entropy_gradient(params, batch):
     bonus, metrics = _grad_fn(_loss(entropy_coeff=0.5))(params, perturbed)
 
     def mean_entropy(p):
-        entropy_BxC = tf.completion_logprobs(
-            p,
-            batch.prompt_tokens_BxP,
-            batch.prompt_mask_BxP,
-            batch.completion_tokens_BxC,
-            batch.completion_mask_BxC,
-            config=MODEL,
-            temperature=TEMPERATURE,
-            chunk=CHUNK,
-        )[1]
+        entropy_BxC = _logps_and_entropy(p, batch)[1]
         mask = batch.completion_mask_BxC
         return jnp.where(mask, entropy_BxC, 0.0).sum() / mask.sum()
 
