@@ -51,13 +51,15 @@ def make_model(
     lora_rank: int = 0,
     lora_alpha: float = 32.0,
     lora_targets: tuple[str, ...] = tuple(LORA_TARGETS),
+    adapter: str | None = None,
 ) -> ModelBundle:
     """Real weights from `source` (a GGUF file, an HF folder, a hub id, or the offline
     `smollm2-135m-instruct`), or random weights of a named `preset` shape whose vocabulary is
     resized to the tokenizer loaded from `tokenizer` (default: `source`).
 
     `lora_rank` > 0 trains rank-`lora_rank` adapters on the `lora_targets` projections of a
-    frozen base, scaled by lora_alpha / lora_rank; 0 trains every weight."""
+    frozen base, scaled by lora_alpha / lora_rank; 0 trains every weight. `adapter`: a PEFT
+    LoRA adapter folder merged into the weights first (e.g. an SFT adapter of `source`)."""
     if lora_rank < 0:
         raise ValueError(f"make_model.lora_rank must be >= 0 (0: no LoRA), got {lora_rank}")
     if not lora_rank and (lora_alpha != 32.0 or tuple(lora_targets) != tuple(LORA_TARGETS)):
@@ -69,15 +71,19 @@ def make_model(
         attention_impl=attention_impl,
         lora=LoraConfig(lora_rank, lora_alpha, tuple(lora_targets)) if lora_rank else None,
     )
+    if adapter is not None:
+        loading.read_adapter_config(adapter)  # a missing or unsupported adapter fails first
     if preset is None:
         config, params, tok = loading.load_model(source, **overrides)
-        return ModelBundle(config, params, tok)
-    tok = loading.load_tokenizer(tokenizer or source)
-    eos = () if tok.eos_token_id is None else (tok.eos_token_id,)
-    config = presets.preset(preset, vocab_size=len(tok), eos_token_ids=eos, **overrides)
-    # One compile for the whole tree, not one per leaf.
-    init = jax.jit(functools.partial(transformer.init_params, config))
-    params = jax.device_get(init(jax.random.key(seed)))
+    else:
+        tok = loading.load_tokenizer(tokenizer or source)
+        eos = () if tok.eos_token_id is None else (tok.eos_token_id,)
+        config = presets.preset(preset, vocab_size=len(tok), eos_token_ids=eos, **overrides)
+        # One compile for the whole tree, not one per leaf.
+        init = jax.jit(functools.partial(transformer.init_params, config))
+        params = jax.device_get(init(jax.random.key(seed)))
+    if adapter is not None:
+        params = loading.merge_peft_adapter(params, config, adapter)
     return ModelBundle(config, params, tok)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import shutil
 import struct
@@ -29,7 +30,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from grpo.models.config import ModelConfig
+from grpo.models.config import LORA_TARGETS, ModelConfig
 from grpo.models.transformer import Params, param_shapes
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -496,6 +497,72 @@ def load_model(spec: str, **config_overrides: Any) -> tuple[ModelConfig, Params,
         return config, params, _gguf_tokenizer(reader, path)
     config, params = load_hf_folder(path, **config_overrides)
     return config, params, load_tokenizer(path)
+
+
+# --------------------------------------------------------------------------- PEFT adapters
+
+_PEFT_PREFIX = "base_model.model."
+_PEFT_FACTORS = (".lora_A.weight", ".lora_B.weight")
+
+
+def merge_peft_adapter(params: Params, config: ModelConfig, folder: str) -> Params:
+    """`params` (host arrays) with a PEFT LoRA adapter folded in: W += scale B A on each module
+    it adapts (scale alpha / r, or alpha / sqrt(r) with rsLoRA). `folder` holds PEFT's
+    `adapter_config.json` and `adapter_model.safetensors` (`save_pretrained`, or our export's
+    `adapter/`); e.g. an SFT adapter, to start GRPO from the model it trained."""
+    adapter = read_adapter_config(folder)
+    rank = adapter["r"]
+    scale = adapter["lora_alpha"] / (math.sqrt(rank) if adapter.get("use_rslora") else rank)
+    tensors = safetensors.numpy.load_file(os.path.join(folder, "adapter_model.safetensors"))
+    modules = _peft_modules(config)
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    for name, value in tensors.items():
+        module = name.removeprefix(_PEFT_PREFIX)
+        suffix = next((s for s in _PEFT_FACTORS if module.endswith(s)), None)
+        if suffix is None or module.removesuffix(suffix) not in modules:
+            raise ValueError(f"{folder}: adapter tensor {name} adapts no supported projection")
+        factors.setdefault(module.removesuffix(suffix), {})[suffix] = value
+    layers = dict(params["layers"])
+    copied = set()  # the caller's arrays stay as they are
+    for module, pair in sorted(factors.items()):
+        if len(pair) != 2:
+            raise ValueError(f"{folder}: {module} has lora_A or lora_B but not both")
+        target, layer, spec = modules[module]
+        if target not in copied:
+            layers[target] = np.array(layers[target], copy=True)
+            copied.add(target)
+        weight = layers[target]
+        b, a = (pair[k].astype(np.float32) for k in _PEFT_FACTORS[::-1])
+        delta = _ours_from_hf(b @ a, spec).reshape(weight.shape[1:])  # B A: [out, in] as stored
+        weight[layer] = (weight[layer].astype(np.float32) + scale * delta).astype(weight.dtype)
+    return {**params, "layers": layers}
+
+
+def read_adapter_config(folder: str) -> dict[str, Any]:
+    """A PEFT adapter's config; refuses what `merge_peft_adapter` cannot merge."""
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no PEFT adapter in {folder}: {path} is missing")
+    with open(path) as f:
+        adapter = json.load(f)
+    unsupported = [
+        key for key in ("use_dora", "fan_in_fan_out", "modules_to_save") if adapter.get(key)
+    ]
+    if adapter.get("peft_type") != "LORA" or unsupported:
+        raise ValueError(
+            f"{path}: only plain LoRA adapters merge (peft_type LORA, without {unsupported})"
+        )
+    return adapter
+
+
+def _peft_modules(config: ModelConfig) -> dict[str, tuple[str, int, _HfTensor]]:
+    """PEFT module name (`model.layers.3.self_attn.q_proj`) -> (our target, layer, HF tensor)."""
+    modules = {}
+    for path, spec in _hf_layout(config).items():
+        if path[0] == "layers" and path[-1] in LORA_TARGETS:
+            for i in range(config.num_layers):
+                modules[spec.name.format(i=i).removesuffix(".weight")] = (path[-1], i, spec)
+    return modules
 
 
 # --------------------------------------------------------------------------- export

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from grpo.models import loading, lora, presets
 from grpo.models import transformer as tf
@@ -220,3 +221,65 @@ def test_peft_loads_our_adapter_export(tmp_path, case):
     np.testing.assert_allclose(
         _torch_logits(exported, tokens, valid)[valid], expected[valid], atol=ATOL, rtol=RTOL
     )
+    # And our own loader merges the exported adapter back into the same weights.
+    remerged = loading.merge_peft_adapter(params, config, str(tmp_path / "hf" / "adapter"))
+    for name in LORA.targets:
+        np.testing.assert_allclose(
+            remerged["layers"][name], merged["layers"][name], atol=1e-5, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_peft_adapter_merges_into_the_base_weights(tmp_path, rslora):
+    # An adapter that PEFT itself made (random A and B, four of the seven projections) and
+    # saved: merged by our loader, our model gives the PEFT model's logits.
+    import peft
+    from test_parity import ATOL, RTOL, _left_padded_batch, _logits, _reference, _torch_logits
+
+    model, config, params = _reference("qwen3_qknorm_tied")
+    modules = ["q_proj", "k_proj", "o_proj", "down_proj"]
+    lora_config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False, use_rslora=rslora
+    )
+    adapted = peft.get_peft_model(model, lora_config)
+    adapted.save_pretrained(str(tmp_path))
+    tokens, valid = _left_padded_batch(config.vocab_size)
+    expected = _torch_logits(adapted, tokens, valid)
+
+    original = jax.tree.map(np.copy, params)
+    merged = loading.merge_peft_adapter(params, config, str(tmp_path))
+    ours = np.asarray(_logits(merged, tokens, valid, config=config))
+    np.testing.assert_allclose(ours[valid], expected[valid], atol=ATOL, rtol=RTOL)
+    moved = {
+        n for n in params["layers"] if not np.array_equal(merged["layers"][n], params["layers"][n])
+    }
+    assert moved == {"q", "k", "o", "down"}
+    jax.tree.map(np.testing.assert_array_equal, params, original)  # the input is left as it was
+
+
+def _adapter_folder(path, tensors, **config):
+    path.mkdir()
+    (path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1, **config})
+    )
+    safetensors.numpy.save_file(tensors, str(path / "adapter_model.safetensors"))
+    return str(path)
+
+
+def test_adapters_that_cannot_merge_are_refused(tmp_path):
+    params = _base()
+    pair = lambda module, out, inp: {
+        f"base_model.model.{module}.lora_A.weight": np.zeros((1, inp), np.float32),
+        f"base_model.model.{module}.lora_B.weight": np.zeros((out, 1), np.float32),
+    }
+    d, v = CONFIG.hidden_size, CONFIG.vocab_size
+    with pytest.raises(FileNotFoundError, match="no PEFT adapter"):
+        loading.merge_peft_adapter(params, CONFIG, str(tmp_path / "missing"))
+    dora = _adapter_folder(
+        tmp_path / "dora", pair("model.layers.0.mlp.up_proj", 64, d), use_dora=True
+    )
+    with pytest.raises(ValueError, match="only plain LoRA adapters merge"):
+        loading.merge_peft_adapter(params, CONFIG, dora)
+    head = _adapter_folder(tmp_path / "head", pair("lm_head", v, d))
+    with pytest.raises(ValueError, match="lm_head.lora_A.weight adapts no supported projection"):
+        loading.merge_peft_adapter(params, CONFIG, head)
