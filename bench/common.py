@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo import flops, optim
-from grpo.models import presets
+from grpo.models import lora, presets
 from grpo.models import transformer as tf
-from grpo.models.config import ATTENTION_IMPLS, ModelConfig
+from grpo.models.config import ATTENTION_IMPLS, LoraConfig, ModelConfig
 from grpo.types import Batch, TrainState
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
@@ -50,6 +50,23 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         remat=args.remat,
         attention_impl=args.attention,
     )
+
+
+def with_lora(config: ModelConfig, rank: int) -> ModelConfig:
+    """The config with rank-`rank` LoRA adapters on every projection (0: none)."""
+    return config.replace(lora=LoraConfig(rank)) if rank else config
+
+
+def trainable_and_frozen(config: ModelConfig, params: tf.Params) -> tuple[Any, Any]:
+    """(trainable, frozen) as the trainer holds them: the params and None, or fresh LoRA
+    adapters (abstract if `params` are) and the frozen params."""
+    if config.lora is None:
+        return params, None
+    init = lambda: lora.init_adapters(
+        tf.param_shapes(config)["layers"], config.lora, jax.random.key(1)
+    )
+    abstract = isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
+    return (jax.eval_shape(init) if abstract else jax.jit(init)()), params
 
 
 def random_params(config: ModelConfig, seed: int = 0) -> tf.Params:

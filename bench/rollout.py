@@ -28,7 +28,7 @@ from absl import app, flags
 
 from bench import common, gpu_target, hlo, tpu_target
 from grpo import sharding
-from grpo.models import loading, presets
+from grpo.models import loading, lora, presets
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
 from grpo.phases import rollout
@@ -44,6 +44,7 @@ flags.DEFINE_integer("new_tokens", 64, "New tokens per sequence.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_integer("decode_segments", 1, "Decode loops, each attending to a longer cache prefix.")
 flags.DEFINE_integer("iters", 3, "Timed calls after the warm-up.")
+flags.DEFINE_integer("lora_rank", 0, "> 0: decode with fresh LoRA adapters attached (merged).")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers' generate on the same shape.")
 flags.DEFINE_float("mem_bw_gbps", None, "Device memory bandwidth, GB/s, for the roofline fraction.")
 flags.DEFINE_string("profile_dir", None, "Trace one more call here; print the top ops.")
@@ -63,10 +64,18 @@ def _model() -> tuple[ModelConfig, tf.Params]:
     if FLAGS.model:
         load = loading.load_gguf if FLAGS.model.endswith(".gguf") else loading.load_hf_folder
         config, params = load(FLAGS.model, **overrides)
-        return config, jax.device_put(params)
+        return _with_adapters(config, jax.device_put(params))
     config = presets.preset(FLAGS.preset, **overrides)
     init = jax.jit(tf.init_params, static_argnums=0)
-    return config, init(config, jax.random.key(0))
+    return _with_adapters(config, init(config, jax.random.key(0)))
+
+
+def _with_adapters(config: ModelConfig, params) -> tuple[ModelConfig, tf.Params]:
+    """With --lora_rank, the config and params the trainer samples with: fresh adapters
+    attached (the sampler merges them before decoding); else as they are."""
+    config = common.with_lora(config, FLAGS.lora_rank)
+    adapters, frozen = common.trainable_and_frozen(config, params)
+    return config, lora.attach(frozen, adapters)
 
 
 def _sampling(config: ModelConfig) -> rollout.SamplingConfig:
@@ -93,8 +102,10 @@ def _compile(config: ModelConfig, params, tokens, mask, key):
 
 
 def _abstract_inputs(config: ModelConfig):
-    """Abstract params, prompt tokens, prompt mask and key of this bench's shape."""
+    """Abstract params (adapters attached under LoRA), prompt tokens, prompt mask and key of
+    this bench's shape."""
     params = jax.eval_shape(lambda: tf.init_params(config, jax.random.key(0)))
+    _, params = _with_adapters(config, params)
     prompts = (FLAGS.batch // FLAGS.num_samples, FLAGS.prompt_len)
     return (
         params,
@@ -107,8 +118,8 @@ def _abstract_inputs(config: ModelConfig):
 def _compile_for_tpu_target() -> dict:
     """--tpu_target: XLA's per-chip memory analysis of `generate`, sharded as the trainer runs
     it (params fsdp, rows over the batch axes)."""
-    if FLAGS.model:
-        raise app.UsageError("--tpu_target compiles a --preset shape; drop --model")
+    if FLAGS.model or FLAGS.lora_rank:
+        raise app.UsageError("--tpu_target compiles a --preset shape without LoRA")
     mesh = tpu_target.mesh(FLAGS.tpu_target)
     config = presets.preset(FLAGS.preset, dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype)
     params, tokens, mask, key = _abstract_inputs(config)
@@ -139,6 +150,7 @@ def _compile_only_header(target, config: ModelConfig) -> dict:
         "batch": FLAGS.batch,
         "prompt_len": FLAGS.prompt_len,
         "new_tokens": FLAGS.new_tokens,
+        "lora_rank": FLAGS.lora_rank,
     }
 
 
@@ -149,6 +161,7 @@ def _compile_for_gpu_target() -> dict:
     target = gpu_target.TARGETS[FLAGS.gpu_target]
     on = gpu_target.device(FLAGS.gpu_target)
     config = presets.preset(FLAGS.preset, dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype)
+    config = common.with_lora(config, FLAGS.lora_rank)
     start = time.perf_counter()
     compiled = _compile(config, *gpu_target.abstract(_abstract_inputs(config), on))
     compile_s = time.perf_counter() - start
@@ -263,6 +276,7 @@ def main(argv: list[str]) -> None:
         "batch": FLAGS.batch,
         "prompt_len": FLAGS.prompt_len,
         "new_tokens": FLAGS.new_tokens,
+        "lora_rank": FLAGS.lora_rank,
         "steps_run": steps,
         "rows_ended_early": int(np.sum(~np.asarray(out.truncated_B))),
         "compile_and_first_s": round(first, 2),

@@ -27,9 +27,7 @@ import jax.numpy as jnp
 
 from bench import common, gpu_target, hlo, tpu_target
 from grpo import flops, optim, sharding
-from grpo.models import lora
-from grpo.models import transformer as tf
-from grpo.models.config import LoraConfig, ModelConfig
+from grpo.models.config import ModelConfig
 from grpo.phases import update
 from grpo.types import Batch, TrainState
 
@@ -77,20 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    config = common.model_config(args)
-    return config.replace(lora=LoraConfig(args.lora_rank)) if args.lora_rank else config
-
-
-def trainable_and_frozen(config: ModelConfig, params) -> tuple[Any, Any]:
-    """(trainable, frozen) as the trainer holds them: the params and None, or fresh LoRA
-    adapters (abstract if `params` are) and the frozen params."""
-    if config.lora is None:
-        return params, None
-    init = lambda: lora.init_adapters(
-        tf.param_shapes(config)["layers"], config.lora, jax.random.key(1)
-    )
-    abstract = isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
-    return (jax.eval_shape(init) if abstract else jax.jit(init)()), params
+    return common.with_lora(common.model_config(args), args.lora_rank)
 
 
 def loss_config(args: argparse.Namespace) -> update.LossConfig:
@@ -135,7 +120,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
         dp, fsdp, tp = (int(n) for n in args.tpu_mesh.split(","))
         mesh = tpu_target.mesh(args.tpu_target, dp=dp, fsdp=fsdp, tp=tp)
     config, loss, tx = model_config(args), loss_config(args), common.make_tx(args.optimizer)
-    params, frozen = trainable_and_frozen(
+    params, frozen = common.trainable_and_frozen(
         config, jax.eval_shape(lambda: common.random_params(config))
     )
     host_batch = common.random_batch(config, args.batch, args.prompt_len, args.completion_len)
@@ -238,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # PyTorch first, and its memory released, before JAX initialises (and claims) the device.
     torch_s = torch_forward_backward_s(config, host_batch, args) if args.torch_baseline else None
     tx = common.make_tx(args.optimizer)
-    params, frozen = trainable_and_frozen(config, common.random_params(config))
+    params, frozen = common.trainable_and_frozen(config, common.random_params(config))
     batch = jax.device_put(host_batch)
     result = _header(args, config)
     if loss.beta > 0:

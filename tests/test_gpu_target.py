@@ -124,6 +124,17 @@ def test_rollout_compiles_for_h200_and_decode_reads_the_cache_once_per_segment()
 
 
 @needs_plugin
+def test_lora_adapters_leave_the_h200_decode_step_as_it_was():
+    # The sampler merges the adapters into its weights once, before the loop: the decode step
+    # moves the same bytes in the same kernels as without them.
+    shape = ("--preset=tiny-qwen2", "--batch=64", "--prompt_len=64", "--new_tokens=32")
+    plain, adapted = _bench("rollout", *shape), _bench("rollout", *shape, "--lora_rank=8")
+    assert adapted["lora_rank"] == 8
+    for key in ("decode_step_mb", "decode_step_kernels"):
+        assert adapted[key] == plain[key], key
+
+
+@needs_plugin
 def test_update_compiles_for_h200_with_a_memory_estimate():
     # A real size (GB are rounded to 3 places), at a short sequence so it compiles in seconds.
     result = _bench(
