@@ -59,6 +59,7 @@ class TrainConfig:
     eval_examples: int | None = None  # None: the whole test split
     eval_prompts_per_batch: int = 64  # prompts per eval rollout (x eval_samples rows)
     eval_samples: int = 0  # k > 0: also k sampled replies per example (mean and pass@k)
+    eval_temperature: float | None = None  # of those k replies; None: the training sampler's
     checkpoint_every_steps: int = 10
     checkpoints_to_keep: int = 2
     # Every N steps: print two completions and write all of the step's to completions.jsonl.
@@ -87,6 +88,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_samples < 0:
             raise ValueError(f"TrainConfig.eval_samples must be >= 0, got {self.eval_samples}")
+        if self.eval_temperature is not None and self.eval_temperature <= 0:
+            raise ValueError(
+                f"TrainConfig.eval_temperature must be > 0 (greedy is eval_accuracy), "
+                f"got {self.eval_temperature}"
+            )
         if self.advantage_scale not in ("group", "batch", "none"):
             raise ValueError(
                 f"advantage_scale must be group|batch|none, got {self.advantage_scale}"
@@ -630,13 +636,17 @@ def _eval_correct(
 
 def evaluate(exp: Experiment, params: Any) -> dict[str, float]:
     """Greedy pass@1 accuracy on the test examples (`eval_accuracy`); with `eval_samples` = k
-    > 0 also k replies per example at the training sampler's settings: the mean accuracy over
-    them (`eval_mean_at_k`) and the fraction of examples with a right one (`eval_pass_at_k`)."""
+    > 0 also k replies per example at the training sampler's settings (at `eval_temperature`,
+    if set): the mean accuracy over them (`eval_mean_at_k`) and the fraction of examples with a
+    right one (`eval_pass_at_k`)."""
     fraction = lambda x: float(x.mean()) if x.size else 0.0
     greedy = dataclasses.replace(exp.sampling, temperature=0.0, top_k=0, top_p=1.0)
     metrics = {"eval_accuracy": fraction(_eval_correct(exp, params, greedy, 1))}
     if exp.train.eval_samples:
-        correct = _eval_correct(exp, params, exp.sampling, exp.train.eval_samples)
+        sampling = exp.sampling
+        if exp.train.eval_temperature is not None:
+            sampling = dataclasses.replace(sampling, temperature=exp.train.eval_temperature)
+        correct = _eval_correct(exp, params, sampling, exp.train.eval_samples)
         metrics["eval_mean_at_k"] = fraction(correct)
         metrics["eval_pass_at_k"] = fraction(correct.any(axis=1))
     return metrics

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,6 +112,20 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
     config = train.TrainConfig(prompts_per_step=3, completions_per_micro_batch=16)
     with pytest.raises(ValueError, match="completions_per_micro_batch=16 must divide the 24"):
         _ = config.num_micro_batches
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_steps=0), "TrainConfig.num_steps must be >= 1, got 0"),
+        (dict(eval_samples=-1), "TrainConfig.eval_samples must be >= 0"),
+        (dict(eval_temperature=0.0), "TrainConfig.eval_temperature must be > 0"),
+        (dict(advantage_scale="std"), "advantage_scale must be group|batch|none"),
+    ],
+)
+def test_train_config_refuses_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.TrainConfig(**kwargs)
 
 
 def _length_reward(completion, example):
@@ -322,7 +337,8 @@ def test_dynamic_sampling_keeps_a_first_round_whose_groups_all_differ(tmp_path, 
     assert _steps_without(dynamic, "sampling_rounds") == _deterministic(one)
 
 
-def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch):
+@pytest.mark.parametrize("eval_temperature, sampled_at", [(None, 0.7), (0.6, 0.6)])
+def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperature, sampled_at):
     # 10 examples in batches of 4 (the last padded with copies of example 9), 3 replies each.
     # Reply j to example i is right iff i is even and i % 3 == j: 5 examples have exactly one
     # right reply. Greedy (one reply, j = 0): examples 0 and 6.
@@ -342,7 +358,9 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch):
     monkeypatch.setattr(train, "_sample", fake_sample)
     monkeypatch.setattr(reward, "is_correct", fake_is_correct)
     exp = types.SimpleNamespace(
-        train=train.TrainConfig(eval_prompts_per_batch=4, eval_samples=3),
+        train=train.TrainConfig(
+            eval_prompts_per_batch=4, eval_samples=3, eval_temperature=eval_temperature
+        ),
         test_examples=examples,
         mesh=types.SimpleNamespace(shape={"dp": 2, "fsdp": 2}),
         sampling=SamplingConfig(max_new_tokens=8, temperature=0.7, end_ids=(1,), pad_id=0),
@@ -352,7 +370,8 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch):
         "eval_mean_at_k": 5 / 30,
         "eval_pass_at_k": 5 / 10,
     }
-    assert sampled_with == [(0.0, 1)] * 3 + [(0.7, 3)] * 3  # greedy, then the sampler's own
+    # Greedy, then at the eval's temperature (None: the training sampler's 0.7).
+    assert sampled_with == [(0.0, 1)] * 3 + [(sampled_at, 3)] * 3
 
 
 @pytest.mark.slow
