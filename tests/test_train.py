@@ -89,6 +89,10 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         ("make_rewards.overlong_buffer=17", "exceeds the token budget"),  # tiny.gin: 16 tokens
         ("make_model.lora_targets=('q',)", "need make_model.lora_rank > 0"),  # not ignored
         ("make_model.adapter='/no/such/adapter'", "no PEFT adapter in /no/such/adapter"),
+        (
+            ("make_rewards.names=('no_such_module:fn',)", "make_rewards.weights=(1.0,)"),
+            "cannot import reward function 'no_such_module:fn'",
+        ),
         (("make_model.lora_rank=4", "make_model.lora_targets=('qkv',)"), "LoRA targets must be"),
     ],
 )

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import importlib
 import logging
 import math
 import queue
@@ -195,7 +196,8 @@ def tag_count(completion: str, example: Mapping[str, Any]) -> float:
     return 0.25 * sum(completion.count(tag) == 1 for tag in _TAGS)
 
 
-# Custom reward functions are added here by name (tests do so with monkeypatch.setitem).
+# The built-in reward functions by name (tests add theirs with monkeypatch.setitem). A name
+# `module:function` imports the user's own instead (see `get_reward_fn`).
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "correctness": correctness,
     "correctness_last_number": correctness_last_number,
@@ -208,12 +210,29 @@ OVERLONG = "overlong"  # the length penalty's name among the per-function reward
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    """The registered reward function called `name`; ValueError listing valid names otherwise."""
+    """The registered reward function called `name`, or with `module:function` (e.g.
+    `my_rewards:brevity`, the module importable on every host) that function; ValueError with
+    the reason otherwise."""
+    if ":" in name:
+        return _import_reward_fn(name)
     try:
         return REWARD_FUNCTIONS[name]
     except KeyError:
         valid = ", ".join(sorted(REWARD_FUNCTIONS))
-        raise ValueError(f"unknown reward function {name!r}; valid: {valid}") from None
+        raise ValueError(
+            f"unknown reward function {name!r}; valid: {valid}, or module:function"
+        ) from None
+
+
+def _import_reward_fn(name: str) -> RewardFn:
+    module_name, _, attribute = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"cannot import reward function {name!r}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"reward function {name!r} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import gc
+import re
 import time
 
 import numpy as np
@@ -322,10 +323,29 @@ def test_fully_stuck_pool_refuses_calls_instead_of_waiting():
 def test_unknown_reward_name_lists_valid_ones():
     expected = (
         "unknown reward function 'corectness'; valid: correctness, correctness_last_number, "
-        "format, tag_count"
+        "format, tag_count, or module:function"
     )
     with pytest.raises(ValueError, match=expected):
         reward.RewardConfig(names=("corectness",), weights=(1.0,))
+
+
+def test_a_module_function_name_imports_the_users_reward(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def brevity(completion, example):\n    return 1.0 / (1 + len(completion))\n"
+        "NOT_A_FUNCTION = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = reward.RewardConfig(names=("my_rewards:brevity", "tag_count"), weights=(2.0, 1.0))
+    result = reward.score(["abc", "<think>"], [gsm8k("1"), gsm8k("2")], rewards=config)
+    np.testing.assert_allclose(result.per_function["my_rewards:brevity"], [0.25, 1 / 8])
+    np.testing.assert_allclose(result.total, [0.5, 2 / 8 + 0.25])
+    for name, message in [
+        ("no_such_module:fn", "cannot import reward function 'no_such_module:fn': No module"),
+        ("my_rewards:missing", "cannot import reward function 'my_rewards:missing'"),
+        ("my_rewards:NOT_A_FUNCTION", "'my_rewards:NOT_A_FUNCTION' is a int, not a function"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            reward.RewardConfig(names=(name,), weights=(1.0,))
 
 
 @pytest.mark.parametrize(
