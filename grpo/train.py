@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -74,6 +75,9 @@ class TrainConfig:
     answer_last_number_fallback: bool = False
     seed: int = 0
     export_dir: str | None = None  # write a transformers-loadable folder at the end
+    # Export the policy here whenever eval_accuracy beats every earlier eval of the run (its
+    # step and accuracy in grpo_export.json): RL runs can get worse late.
+    best_export_dir: str | None = None
     wandb_project: str | None = None  # log to W&B too (when `wandb` is installed)
 
     def __post_init__(self):
@@ -684,7 +688,7 @@ def _save(rt: Runtime, step: int, *, force: bool) -> float:
     return time.perf_counter() - tick
 
 
-def _export(exp: Experiment, rt: Runtime, export_dir: str) -> None:
+def _export(exp: Experiment, rt: Runtime, export_dir: str, info: dict | None = None) -> None:
     from grpo.models.loading import export_hf
 
     model = exp.model
@@ -692,7 +696,7 @@ def _export(exp: Experiment, rt: Runtime, export_dir: str) -> None:
     host_params = jax.tree.map(_all_rows, jax.jit(merge)(_policy_params(rt)))
     adapters = None if rt.frozen_params is None else jax.tree.map(_all_rows, rt.state.params)
     if jax.process_index() == 0:
-        export_hf(export_dir, host_params, exp.model, exp.tokenizer, adapters=adapters)
+        export_hf(export_dir, host_params, exp.model, exp.tokenizer, adapters=adapters, info=info)
         logging.info("exported a Hugging Face folder to %s", export_dir)
 
 
@@ -726,6 +730,24 @@ def train(exp: Experiment, workdir: str) -> dict[str, Any]:
     return summary
 
 
+def _best_so_far(best_export_dir: str | None, start_step: int) -> float:
+    """The eval accuracy of the best export a resumed run made before `start_step` (process 0
+    reads it; every process gets it, so all agree on the next export); -inf if none."""
+    best = -np.inf
+    if best_export_dir and jax.process_index() == 0:
+        from grpo.models.loading import EXPORT_INFO
+
+        path = os.path.join(best_export_dir, EXPORT_INFO)
+        if os.path.exists(path):
+            with open(path) as f:
+                info = json.load(f)
+            if info["step"] <= start_step:  # later: a run this one does not continue
+                best = info["eval_accuracy"]
+    if jax.process_count() > 1:
+        best = float(multihost_utils.broadcast_one_to_all(np.float32(best)))
+    return best
+
+
 def _timed_eval(exp: Experiment, rt: Runtime, summary: dict) -> dict[str, float]:
     """The eval metrics of the current policy and their seconds; records them in `summary`."""
     tick = time.perf_counter()
@@ -739,6 +761,7 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
     """Steps from the resumed one to the last: eval, checkpoint and metrics after each; updates
     `summary`; raises Preempted after saving when a SIGTERM was agreed on."""
     cfg = exp.train
+    best = _best_so_far(cfg.best_export_dir, rt.start_step)
     if cfg.eval_at_start and rt.start_step == 0:
         rt.metrics.write(0, _timed_eval(exp, rt, summary))
     for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
@@ -747,6 +770,10 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
         last = step == cfg.num_steps
         if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
             metrics.update(_timed_eval(exp, rt, summary))
+            if cfg.best_export_dir and metrics["eval_accuracy"] > best:
+                best = metrics["eval_accuracy"]
+                info = {"step": step, "eval_accuracy": best}
+                _export(exp, rt, cfg.best_export_dir, info=info)
         metrics["checkpoint_seconds"] = _save(rt, step, force=last)
         metrics["step_seconds"] = time.perf_counter() - tick
         rt.metrics.write(step, metrics)

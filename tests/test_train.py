@@ -417,3 +417,23 @@ def test_lora_trains_adapters_on_a_frozen_base(tmp_path, length_reward, monkeypa
         assert moved == (name in targets), name
     adapter = load_file(export / "adapter" / "adapter_model.safetensors")
     assert len(adapter) == 2 * len(targets) * config.num_layers  # lora_A and lora_B per module
+
+
+@pytest.mark.slow
+def test_best_export_keeps_the_best_eval_across_a_resume(tmp_path, length_reward, monkeypatch):
+    # Eval accuracy 0.2, 0.5, 0.3 (then SIGTERM), and 0.4 after the resume: the best export is
+    # step 2's, and the resumed run, which has not beaten it, leaves it alone.
+    accuracies = iter([0.2, 0.5, 0.3, 0.4])
+    monkeypatch.setattr(train, "evaluate", lambda exp, params: {"eval_accuracy": next(accuracies)})
+    best, final = tmp_path / "best", tmp_path / "final"
+    common = ["TrainConfig.eval_every_steps=1", f"TrainConfig.best_export_dir='{best}'"]
+    info = lambda: json.loads((best / loading.EXPORT_INFO).read_text())
+    with pytest.raises(train.Preempted):
+        _train_in_process(tmp_path / "run", *common, stop_after=3)
+    assert info() == {"step": 2, "eval_accuracy": 0.5}
+    _train_in_process(tmp_path / "run", *common, f"TrainConfig.export_dir='{final}'")
+    assert next(accuracies, None) is None  # the resumed run evaluated step 4 only
+    assert info() == {"step": 2, "eval_accuracy": 0.5}
+    best_weights, final_weights = (load_file(d / "model.safetensors") for d in (best, final))
+    assert best_weights.keys() == final_weights.keys()
+    assert any(not np.array_equal(best_weights[k], final_weights[k]) for k in best_weights)

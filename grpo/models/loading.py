@@ -36,6 +36,7 @@ from grpo.models.transformer import Params, param_shapes
 SMOLLM2_NAME = "smollm2-135m-instruct"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SAFETENSORS = "model.safetensors"
+EXPORT_INFO = "grpo_export.json"  # what the trainer says about an exported folder (optional)
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # Tensors some checkpoints carry that we recompute from the config.
@@ -574,17 +575,22 @@ def export_hf(
     config: ModelConfig,
     tokenizer: Any = None,
     adapters: Params | None = None,
+    info: dict[str, Any] | None = None,
 ) -> None:
     """Writes a folder `transformers` loads unchanged; atomically (built aside, then renamed).
 
     With LoRA `adapters` (`params` then hold them merged in), `adapter/` beside the weights holds
-    them alone, as a PEFT adapter for the base model (`PeftModel.from_pretrained`)."""
+    them alone, as a PEFT adapter for the base model (`PeftModel.from_pretrained`). `info` is
+    written as `EXPORT_INFO` in the same folder, so it always describes these weights."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         _write_hf(staging, params, config, tokenizer)
+        if info is not None:
+            with open(os.path.join(staging, EXPORT_INFO), "w") as f:
+                json.dump(info, f, indent=2)
         if adapters is not None:
             os.mkdir(os.path.join(staging, "adapter"))
             _write_peft_adapter(os.path.join(staging, "adapter"), adapters, config)
