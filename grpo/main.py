@@ -1,7 +1,8 @@
 """absl entry point: `python -m grpo.main --gin_file=gin/gsm8k.gin --gin_bindings=...`.
 
 Parses gin (unknown or misspelled bindings fail here, before anything compiles), prints and
-saves the operative config, reports the devices and mesh, and runs the training loop.
+saves the operative config, reports the devices and mesh, and runs the training loop; with
+`--eval_only`, evaluates the workdir's newest checkpoint (or the configured model) instead.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics.jsonl and c
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes join.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_bool(
+    "eval_only",
+    False,
+    "Evaluate the newest checkpoint in --workdir (else the configured model) and append the "
+    "result to <workdir>/eval.jsonl; no training, nothing else written.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -77,10 +84,14 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     operative = gin.operative_config_str()
     logging.info("operative gin config:\n%s", operative)
-    if jax.process_index() == 0:
-        _write_config(FLAGS.workdir, operative)
     for line in describe_runtime(experiment.mesh):
         logging.info("%s", line)
+    if FLAGS.eval_only:
+        result = train.evaluate_workdir(experiment, FLAGS.workdir)
+        logging.info("eval of step %d: %s", result.pop("step"), result)
+        return
+    if jax.process_index() == 0:
+        _write_config(FLAGS.workdir, operative)
     try:
         summary = train.train(experiment, FLAGS.workdir)
     except train.Preempted as stop:

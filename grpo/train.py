@@ -39,6 +39,8 @@ from grpo.phases.rollout import SamplingConfig, generate, pad_prompts, trim_comp
 from grpo.phases.update import LossConfig, make_reference_logps_fn, make_update_fn
 from grpo.types import Batch, Rollout, TrainState
 
+EVAL_FILE = "eval.jsonl"  # what `evaluate_workdir` (main.py --eval_only) appends to
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -244,20 +246,43 @@ def _replicate(x: jax.Array, replicated: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, replicated, lambda idx: host[idx])
 
 
-def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
-    cfg = exp.train
+def _starting_state(exp: Experiment) -> tuple[TrainState, Any]:
+    """The TrainState a run starts from, on the mesh, and the frozen base (None: full
+    fine-tuning)."""
     params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
     logging.info("trainable parameters: %d of %d", count(params), count(params) + count(frozen))
-    state = _onto_mesh(
-        TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=optim.init_opt_state(exp.tx, params),
-            rng=jax.random.key(cfg.seed),
-        ),
-        exp.mesh,
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optim.init_opt_state(exp.tx, params),
+        rng=jax.random.key(exp.train.seed),
     )
+    return _onto_mesh(state, exp.mesh), frozen
+
+
+def _checkpointer(exp: Experiment, workdir: str) -> Checkpointer:
+    cfg = exp.train
+    return Checkpointer(
+        f"{workdir}/checkpoints",
+        save_interval_steps=cfg.checkpoint_every_steps or 10**9,
+        max_to_keep=cfg.checkpoints_to_keep,
+    )
+
+
+def _restore_latest(checkpointer: Checkpointer, state: TrainState):
+    """The newest checkpoint restored onto `state`'s layout, or None when there is none."""
+    if checkpointer.latest_step() is None:
+        return None
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    return checkpointer.restore(None, abstract)
+
+
+def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
+    cfg = exp.train
+    state, frozen = _starting_state(exp)
     stream = PromptStream(
         exp.train_examples,
         batch_size=cfg.prompts_per_step // jax.process_count(),
@@ -265,17 +290,10 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    checkpointer = Checkpointer(
-        f"{workdir}/checkpoints",
-        save_interval_steps=cfg.checkpoint_every_steps or 10**9,
-        max_to_keep=cfg.checkpoints_to_keep,
-    )
+    checkpointer = _checkpointer(exp, workdir)
     start_step = 0
-    if checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-        )
-        restored = checkpointer.restore(None, abstract)
+    restored = _restore_latest(checkpointer, state)
+    if restored is not None:
         state = restored.state
         stream.restore(restored.data["stream"])
         start_step = int(state.step) // cfg.num_iterations
@@ -698,6 +716,27 @@ def _export(exp: Experiment, rt: Runtime, export_dir: str, info: dict | None = N
     if jax.process_index() == 0:
         export_hf(export_dir, host_params, exp.model, exp.tokenizer, adapters=adapters, info=info)
         logging.info("exported a Hugging Face folder to %s", export_dir)
+
+
+def evaluate_workdir(exp: Experiment, workdir: str) -> dict[str, Any]:
+    """Eval only: the policy of the newest checkpoint in `workdir` (else the starting policy,
+    as step 0), evaluated as training would; the result is appended to `<workdir>/eval.jsonl`
+    and returned. Nothing else in the workdir changes."""
+    state, frozen = _starting_state(exp)
+    checkpointer = _checkpointer(exp, workdir)
+    try:
+        restored = _restore_latest(checkpointer, state)
+    finally:
+        checkpointer.close()
+    step = 0
+    if restored is not None:
+        state, step = restored.state, int(restored.state.step) // exp.train.num_iterations
+    with jax.set_mesh(exp.mesh):
+        result = {"step": step, **evaluate(exp, lora.attach(frozen, state.params))}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, EVAL_FILE), "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
 
 
 def _progress(steps: range, total: int):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -27,9 +28,9 @@ TINY = os.path.join(REPO, "gin/tests/tiny.gin")
 NONDETERMINISTIC = ("_seconds", "_per_s", "mfu")
 
 
-def _cli(workdir, *bindings, timeout=600):
+def _cli(workdir, *bindings, timeout=600, flags=()):
     cmd = [sys.executable, "-m", "grpo.main", f"--gin_file={TINY}", f"--workdir={workdir}"]
-    cmd += [f"--gin_bindings={b}" for b in bindings]
+    cmd += [f"--gin_bindings={b}" for b in bindings] + list(flags)
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -78,6 +79,12 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     assert "make_mesh.tp = 2" in config
     assert "step 3/3" in result.stderr
     assert "done: 3 steps" in result.stderr
+    # --eval_only on the finished run: step 3's eval again, written beside, nothing else.
+    result = _cli(tmp_path, "TrainConfig.num_steps=3", flags=["--eval_only"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (evaluated,) = metrics_lib.read_metrics(tmp_path / train.EVAL_FILE)
+    assert evaluated == {"step": 3, "eval_accuracy": rows[2]["eval_accuracy"]}
+    assert (tmp_path / "config.gin").read_text() == config
 
 
 @pytest.mark.parametrize(
@@ -159,15 +166,23 @@ def length_reward(monkeypatch):
     monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _length_reward)
 
 
-def _train_in_process(workdir, *bindings, stop_after=None):
-    """Runs the trainer as main does; optionally SIGTERMs itself after step `stop_after`."""
+def _experiment(*bindings):
+    """tiny.gin's experiment with the length reward and `bindings`, built as main builds it."""
     gin.clear_config()
     grpo_main.parse_gin(
         [TINY], ["make_rewards.names=('length',)", "make_rewards.weights=(1.0,)", *bindings], [REPO]
     )
     from grpo import configurables
 
-    experiment = configurables.build_experiment()
+    try:
+        return configurables.build_experiment()
+    finally:
+        gin.clear_config()
+
+
+def _train_in_process(workdir, *bindings, stop_after=None):
+    """Runs the trainer as main does; optionally SIGTERMs itself after step `stop_after`."""
+    experiment = _experiment(*bindings)
     write = metrics_lib.MetricsWriter.write
 
     def write_then_maybe_stop(self, step, values):
@@ -181,7 +196,6 @@ def _train_in_process(workdir, *bindings, stop_after=None):
         return train.train(experiment, str(workdir))
     finally:
         metrics_lib.MetricsWriter.write = original
-        gin.clear_config()
 
 
 def _deterministic(rows):
@@ -437,3 +451,38 @@ def test_best_export_keeps_the_best_eval_across_a_resume(tmp_path, length_reward
     best_weights, final_weights = (load_file(d / "model.safetensors") for d in (best, final))
     assert best_weights.keys() == final_weights.keys()
     assert any(not np.array_equal(best_weights[k], final_weights[k]) for k in best_weights)
+
+
+@pytest.mark.slow
+def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
+    tmp_path, length_reward, monkeypatch
+):
+    # A stand-in eval that fingerprints the params it is given (adapters attached under LoRA).
+    fingerprint = lambda params: float(
+        sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(params))
+    )
+    monkeypatch.setattr(
+        train, "evaluate", lambda exp, params: {"eval_accuracy": fingerprint(params)}
+    )
+    bindings = (
+        "make_model.lora_rank=4",
+        "TrainConfig.num_steps=2",
+        "TrainConfig.eval_at_start=True",
+    )
+    _train_in_process(tmp_path / "run", *bindings, "TrainConfig.eval_every_steps=2")
+    start, _, last = metrics_lib.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    metrics_before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    experiment = _experiment(*bindings)
+    assert train.evaluate_workdir(experiment, str(tmp_path / "run")) == {
+        "step": 2,
+        "eval_accuracy": last["eval_accuracy"],
+    }
+    assert train.evaluate_workdir(experiment, str(tmp_path / "fresh")) == {
+        "step": 0,
+        "eval_accuracy": start["eval_accuracy"],
+    }
+    assert start["eval_accuracy"] != last["eval_accuracy"]  # the adapters trained
+    assert metrics_lib.read_metrics(tmp_path / "run" / train.EVAL_FILE) == [
+        {"step": 2, "eval_accuracy": last["eval_accuracy"]}
+    ]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_before
