@@ -97,6 +97,9 @@ def main(argv: list[str]) -> None:
     except train.Preempted as stop:
         logging.warning("%s", stop)
         sys.exit(128 + signal.SIGTERM)
+    except train.NotFinite as diverged:
+        logging.error("%s", diverged)
+        sys.exit(1)
     logging.info(
         "done: %d steps, last reward %.4f, eval accuracy %s, wall %.1fs",
         summary["steps"],

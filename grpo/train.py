@@ -696,6 +696,23 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class NotFinite(Exception):
+    """An update gave a non-finite loss or gradient norm; the app exits without saving it."""
+
+
+def _stop_if_not_finite(rt: Runtime, step: int, metrics: dict[str, Any]) -> None:
+    """Raises NotFinite (after recording the step's metrics) when the update diverged: its
+    params must not become a checkpoint that every resume would start from."""
+    bad = [name for name in ("loss", "grad_norm") if not np.isfinite(metrics[name])]
+    if bad:
+        rt.metrics.write(step, metrics)
+        rt.checkpointer.wait_until_finished()
+        raise NotFinite(
+            f"step {step}: non-finite {' and '.join(bad)}; the step was not saved, the last "
+            f"checkpoint is step {rt.checkpointer.latest_step()} (lower the learning rate?)"
+        )
+
+
 class Preempted(Exception):
     """Raised after the SIGTERM checkpoint is on disk; the app exits with 128 + SIGTERM."""
 
@@ -806,6 +823,7 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
     for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
         tick = time.perf_counter()
         metrics = run_step(exp, rt, step)
+        _stop_if_not_finite(rt, step, metrics)
         last = step == cfg.num_steps
         if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
             metrics.update(_timed_eval(exp, rt, summary))

@@ -486,3 +486,22 @@ def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
         {"step": 2, "eval_accuracy": last["eval_accuracy"]}
     ]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_before
+
+
+@pytest.mark.slow
+def test_a_diverged_update_stops_the_run_before_it_is_saved(tmp_path, length_reward):
+    # A learning rate of 1e30 blows the params up within a few steps.
+    with pytest.raises(train.NotFinite, match=r"step (\d+): non-finite loss") as error:
+        _train_in_process(
+            tmp_path,
+            "make_lr_schedule.type='constant'",
+            "make_lr_schedule.peak_value=1e30",
+            "TrainConfig.eval_every_steps=0",
+        )
+    step = int(re.search(r"step (\d+)", str(error.value)).group(1))
+    rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[-1]["step"] == step and not np.isfinite(rows[-1]["loss"])
+    assert all(np.isfinite(r["loss"]) for r in rows[:-1])
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved and max(saved) == step - 1  # tiny.gin saves every step
+    assert f"the last checkpoint is step {step - 1}" in str(error.value)
