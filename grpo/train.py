@@ -270,14 +270,18 @@ def _checkpointer(exp: Experiment, workdir: str) -> Checkpointer:
     )
 
 
-def _restore_latest(checkpointer: Checkpointer, state: TrainState):
-    """The newest checkpoint restored onto `state`'s layout, or None when there is none."""
+def _restore_latest(
+    exp: Experiment, checkpointer: Checkpointer, state: TrainState
+) -> tuple[TrainState, dict | None, int]:
+    """The newest checkpoint restored onto `state`'s layout: (its state, its data item, the
+    GRPO steps it had done); `state`, None and 0 when there is none."""
     if checkpointer.latest_step() is None:
-        return None
+        return state, None, 0
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    return checkpointer.restore(None, abstract)
+    restored = checkpointer.restore(None, abstract)
+    return restored.state, restored.data, int(restored.state.step) // exp.train.num_iterations
 
 
 def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
@@ -291,12 +295,9 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
         process_count=jax.process_count(),
     )
     checkpointer = _checkpointer(exp, workdir)
-    start_step = 0
-    restored = _restore_latest(checkpointer, state)
-    if restored is not None:
-        state = restored.state
-        stream.restore(restored.data["stream"])
-        start_step = int(state.step) // cfg.num_iterations
+    state, data, start_step = _restore_latest(exp, checkpointer, state)
+    if data is not None:
+        stream.restore(data["stream"])
         logging.info("resumed from %s at step %d", checkpointer.latest_step(), start_step)
     ref_params = None
     if exp.loss.beta > 0:  # the frozen reference is the starting policy, not the resumed one
@@ -326,7 +327,7 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
             total_steps=cfg.num_steps,
             is_primary=jax.process_index() == 0,
             # A run without a checkpoint starts over: none of the file's records stay.
-            resume_step=start_step if checkpointer.latest_step() is not None else -1,
+            resume_step=start_step if data is not None else -1,
             wandb_project=cfg.wandb_project,
             config=dataclasses.asdict(cfg),
         ),
@@ -723,13 +724,21 @@ def _save(rt: Runtime, step: int, *, force: bool) -> float:
     return time.perf_counter() - tick
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _merged(params: Any, model: ModelConfig) -> Any:
+    """LoRA adapters folded into the base weights, in the base's dtype."""
+    merged = lora.merge(params, model.lora)
+    return jax.tree.map(lambda x: x.astype(model.param_dtype), merged)
+
+
 def _export(exp: Experiment, rt: Runtime, export_dir: str, info: dict | None = None) -> None:
     from grpo.models.loading import export_hf
 
-    model = exp.model
-    merge = lambda p: jax.tree.map(lambda x: x.astype(model.param_dtype), lora.merge(p, model.lora))
-    host_params = jax.tree.map(_all_rows, jax.jit(merge)(_policy_params(rt)))
-    adapters = None if rt.frozen_params is None else jax.tree.map(_all_rows, rt.state.params)
+    params, adapters = rt.state.params, None
+    if rt.frozen_params is not None:  # LoRA: the merged model, and the adapters alone
+        params = _merged(_policy_params(rt), exp.model)
+        adapters = jax.tree.map(_all_rows, rt.state.params)
+    host_params = jax.tree.map(_all_rows, params)
     if jax.process_index() == 0:
         export_hf(export_dir, host_params, exp.model, exp.tokenizer, adapters=adapters, info=info)
         logging.info("exported a Hugging Face folder to %s", export_dir)
@@ -742,12 +751,9 @@ def evaluate_workdir(exp: Experiment, workdir: str) -> dict[str, Any]:
     state, frozen = _starting_state(exp)
     checkpointer = _checkpointer(exp, workdir)
     try:
-        restored = _restore_latest(checkpointer, state)
+        state, _, step = _restore_latest(exp, checkpointer, state)
     finally:
         checkpointer.close()
-    step = 0
-    if restored is not None:
-        state, step = restored.state, int(restored.state.step) // exp.train.num_iterations
     with jax.set_mesh(exp.mesh):
         result = {"step": step, **evaluate(exp, lora.attach(frozen, state.params))}
     if jax.process_index() == 0:

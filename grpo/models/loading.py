@@ -619,18 +619,19 @@ def _write_hf(folder: str, params: Params, config: ModelConfig, tokenizer: Any) 
 
 
 def peft_state_dict(adapters: Params, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Our adapters -> PEFT's tensors: per targeted module `lora_A.weight` [r, in] and
-    `lora_B.weight` [out, r], named under PEFT's `base_model.model.` prefix."""
+    """Our adapters -> PEFT's tensors: per adapted module `lora_A.weight` [r, in] and
+    `lora_B.weight` [out, r] (what `merge_peft_adapter` reads)."""
+    factors = {
+        target: {k: np.asarray(jax.device_get(v), np.float32) for k, v in pair.items()}
+        for target, pair in adapters["layers"]["lora"].items()
+    }
     state = {}
-    layout = _hf_layout(config)
-    for target, factors in adapters["layers"]["lora"].items():
-        spec = layout[("layers", target)]
-        module = "base_model.model." + spec.name.removesuffix(".weight")
-        a, b = (np.asarray(jax.device_get(factors[k]), np.float32) for k in ("a", "b"))
-        for i in range(config.num_layers):
-            name = module.format(i=i)
-            state[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, a.shape[-1]).T)
-            state[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(b.shape[1], -1).T)
+    for module, (target, layer, _) in _peft_modules(config).items():
+        if target in factors:
+            a, b = factors[target]["a"][layer], factors[target]["b"][layer]
+            name_a, name_b = (_PEFT_PREFIX + module + suffix for suffix in _PEFT_FACTORS)
+            state[name_a] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+            state[name_b] = np.ascontiguousarray(b.reshape(b.shape[0], -1).T)
     return state
 
 
