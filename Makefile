@@ -27,7 +27,8 @@ demo: setup
 
 # For a device session (bench/gpu_check.py): pure-Python wheels the GPU machine lacks, and the
 # offline tokenizer as a small folder; both travel with `carry` (.whl, .gpu) and stay out of git.
-GPU_WHEELS := gin-config==0.5.0 gguf==0.19.0 tensorboardX==2.6.5
+GPU_WHEELS := gin-config==0.5.0 gguf==0.19.0 tensorboardX==2.6.5 math-verify==0.9.0 \
+  latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
 gpu-prep: setup
 	rm -rf .whl .gpu
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

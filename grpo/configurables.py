@@ -91,17 +91,31 @@ def make_model(
 def make_dataset(
     source: str = "synthetic",
     *,
+    config: str | None = "main",
     train_split: str = "train",
     test_split: str = "test",
     num_train: int | None = None,
     num_test: int | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    answer_format: str = "gsm8k",
     difficulty: int = 1,
     templates: tuple[str, ...] | None = None,
     seed: int = 0,
 ) -> tuple[list[dict], list[dict]]:
-    """(train, test) GSM8K-format examples: a hub id, a local file or folder, or `synthetic`."""
+    """(train, test) GSM8K-format examples: a hub id (with its `config`), a local file or
+    folder, or `synthetic`. The fields and `answer_format` (gsm8k, boxed, final) say where a
+    row keeps its problem and answer (`gsm8k.Columns`)."""
+    columns = gsm8k.Columns(question_field, answer_field, answer_format)
     load = lambda split, n: gsm8k.load_examples(
-        source, split, num_examples=n, seed=seed, difficulty=difficulty, templates=templates
+        source,
+        split,
+        num_examples=n,
+        config=config,
+        seed=seed,
+        difficulty=difficulty,
+        templates=templates,
+        columns=columns,
     )
     return load(train_split, num_train), load(test_split, num_test)
 
@@ -151,6 +165,9 @@ def build_experiment() -> Experiment:
     rewards = make_rewards()
     bundle = make_model()
     train_examples, test_examples = make_dataset()
+    if train.answer_match == "numeric" or set(rewards.names) & set(reward.NUMERIC_REWARDS):
+        reward.check_numeric_references(train_examples, "train")
+        reward.check_numeric_references(test_examples, "test")
     if train.chat_template_kwargs and not getattr(bundle.tokenizer, "chat_template", None):
         raise ValueError(
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "

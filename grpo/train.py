@@ -75,6 +75,8 @@ class TrainConfig:
     reward_timeout_s: float = 5.0
     # accuracy and eval: also accept the reply's last number when it has no explicit answer
     answer_last_number_fallback: bool = False
+    # accuracy and eval: compare answers as numbers, or as math ('math_verify', MATH-style data)
+    answer_match: str = "numeric"
     seed: int = 0
     export_dir: str | None = None  # write a transformers-loadable folder at the end
     # Export the policy here whenever eval_accuracy beats every earlier eval of the run (its
@@ -99,6 +101,7 @@ class TrainConfig:
                 f"TrainConfig.eval_temperature must be > 0 (greedy is eval_accuracy), "
                 f"got {self.eval_temperature}"
             )
+        reward_phase.check_answer_match(self.answer_match)
         if self.advantage_scale not in ("group", "batch", "none"):
             raise ValueError(
                 f"advantage_scale must be group|batch|none, got {self.advantage_scale}"
@@ -458,13 +461,7 @@ def _rollout_and_score(
         rewards=exp.rewards,
         max_length=exp.sampling.max_new_tokens,
     )
-    correct = np.array(
-        [
-            reward_phase.is_correct(t, e, last_number_fallback=cfg.answer_last_number_fallback)
-            for t, e in zip(texts, local_examples, strict=True)
-        ],
-        np.float32,
-    )
+    correct = _check_answers(cfg, texts, local_examples).astype(np.float32)
     timings["reward"] += time.perf_counter() - tick
     lengths = _all_rows(rollout.lengths_B).astype(np.float32)
     return _Scored(
@@ -628,6 +625,16 @@ def _throughput(
     return out
 
 
+def _check_answers(cfg: TrainConfig, texts: list[str], examples: list[dict]) -> np.ndarray:
+    return reward_phase.check_answers(
+        texts,
+        examples,
+        match=cfg.answer_match,
+        last_number_fallback=cfg.answer_last_number_fallback,
+        timeout_s=cfg.reward_timeout_s,
+    )
+
+
 def _eval_correct(
     exp: Experiment, params: Any, sampling: SamplingConfig, samples: int
 ) -> np.ndarray:
@@ -649,11 +656,8 @@ def _eval_correct(
         key = jax.random.fold_in(jax.random.key(0), start)  # the same draws at every eval
         _, texts = _sample(exp, params, mine, key, sampling, samples)
         replies = [e for e in mine for _ in range(samples)]
-        correct = [
-            reward_phase.is_correct(t, e, last_number_fallback=cfg.answer_last_number_fallback)
-            for t, e in zip(texts, replies, strict=True)
-        ]
-        batches.append(_all_rows(np.array(correct, bool)).reshape(per_batch, samples)[: len(chunk)])
+        correct = _check_answers(cfg, texts, replies)
+        batches.append(_all_rows(correct).reshape(per_batch, samples)[: len(chunk)])
     return np.concatenate(batches) if batches else np.zeros((0, samples), bool)
 
 

@@ -6,7 +6,7 @@ import pytest
 
 import gin
 from grpo import main as grpo_main
-from grpo import train
+from grpo.data.gsm8k import Columns
 from grpo.models.config import LoraConfig
 from grpo.phases import reward, update
 
@@ -28,10 +28,15 @@ def test_recipe_builds_valid_configs_on_the_reference_run(recipe, clean_gin):
     grpo_main.parse_gin(["gin/gsm8k.gin", f"gin/recipes/{recipe}"], [], [REPO])
     # Building each config runs its validation; gin already refused unknown names.
     loss, rewards = configurables.make_loss(), configurables.make_rewards()
-    cfg = train.TrainConfig()
+    cfg = configurables.TrainConfig()  # the gin-bound class
     assert isinstance(loss, update.LossConfig) and isinstance(rewards, reward.RewardConfig)
     assert rewards.overlong_buffer <= gin.query_parameter("make_sampling.max_new_tokens")
     if "lora" in recipe:  # make_model would load the 3B base; its LoRA settings are checked here
         query = lambda name: gin.query_parameter(f"make_model.{name}")
         assert LoraConfig(query("lora_rank"), query("lora_alpha")).rank > 0  # validated
+    if "math" in recipe:  # make_dataset would download; its columns are checked here
+        query = lambda name: gin.query_parameter(f"make_dataset.{name}")
+        assert Columns(query("question_field"), query("answer_field"), query("answer_format"))
+        assert cfg.answer_match == "math_verify" and "correctness_math_verify" in rewards.names
+        assert cfg.system_prompt.endswith("<answer> \\frac{3}{2} </answer>")
     assert cfg.prompts_per_step == 16  # the run file's, untouched by the overlay

@@ -368,7 +368,7 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperatu
         sampled_with.append((sampling.temperature, samples))
         return None, [f"{e['question']}|{j}" for e in mine for j in range(samples)]
 
-    def fake_is_correct(text, example, last_number_fallback):
+    def fake_is_correct(text, example, last_number_fallback, match):
         i, j = (int(part) for part in text.split("|"))
         assert example["question"] == str(i)
         return i % 2 == 0 and i % 3 == j
@@ -505,3 +505,90 @@ def test_a_diverged_update_stops_the_run_before_it_is_saved(tmp_path, length_rew
     saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert saved and max(saved) == step - 1  # tiny.gin saves every step
     assert f"the last checkpoint is step {step - 1}" in str(error.value)
+
+
+def _expansion_rows(n: int, first: int) -> list[dict]:
+    """Made-up MATH-style rows whose answers are polynomials: no number to compare."""
+    rows = []
+    for a in range(first, first + n):
+        b = a + 1
+        rows.append(
+            {
+                "problem": f"Expand (x+{a})(x+{b}).",
+                "solution": f"Multiply out: $\\boxed{{x^2+{a + b}x+{a * b}}}$.",
+            }
+        )
+    return rows
+
+
+def _reordered(final: str) -> str:
+    """`x^2+Bx+C` written backwards: equal as math, different as text."""
+    return "+".join(reversed(final.split("+")))
+
+
+def test_math_style_data_without_a_math_match_fails_before_compiling(tmp_path, length_reward):
+    data = tmp_path / "math"
+    data.mkdir()
+    for split, first in (("train", 1), ("test", 50)):
+        rows = _expansion_rows(4, first)
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    columns = (
+        f"make_dataset.source='{data}'",
+        "make_dataset.question_field='problem'",
+        "make_dataset.answer_field='solution'",
+        "make_dataset.answer_format='boxed'",
+    )
+    with pytest.raises(ValueError, match=r"train example 0: reference answer 'x\^2\+3x\+2' is"):
+        _experiment(*columns)
+    assert _experiment(*columns, "TrainConfig.answer_match='math_verify'").test_examples[0] == {
+        "question": "Expand (x+50)(x+51).",
+        "answer": "Multiply out: $\\boxed{x^2+101x+2550}$.\n#### x^2+101x+2550",
+    }
+
+
+@pytest.mark.slow
+def test_math_style_data_trains_with_math_verify_answers(tmp_path, monkeypatch):
+    # MATH-style rows, a boxed solution each, through the whole loop. The replies are replaced
+    # after sampling (the update still trains on the sampled tokens): even rows answer with the
+    # reference rewritten (equal only as math), odd rows with a wrong polynomial. So rewards,
+    # accuracy and eval each read exactly half right, and every check went through math-verify.
+    data = tmp_path / "math"
+    data.mkdir()
+    for split, first in (("train", 1), ("test", 50)):
+        rows = _expansion_rows(8 if split == "train" else 4, first)
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sample = train._sample
+
+    def answering_sample(exp, params, examples, key, sampling, samples):
+        rollout, texts = sample(exp, params, examples, key, sampling, samples)
+        finals = [reward.extract_reference_answer(e["answer"]) for e in examples]
+        replies = [
+            f"<answer>{_reordered(finals[i // samples]) if i % 2 == 0 else 'x^2+1'}</answer>"
+            for i in range(len(texts))
+        ]
+        return rollout, replies
+
+    monkeypatch.setattr(train, "_sample", answering_sample)
+    _train_in_process(
+        tmp_path / "run",
+        f"make_dataset.source='{data}'",
+        "make_dataset.question_field='problem'",
+        "make_dataset.answer_field='solution'",
+        "make_dataset.answer_format='boxed'",
+        "make_rewards.names=('correctness_math_verify',)",
+        "TrainConfig.answer_match='math_verify'",
+        "TrainConfig.num_steps=2",
+        "TrainConfig.show_completions_every_steps=1",
+    )
+    rows = metrics_lib.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    for row in rows:
+        assert row["reward_mean"] == row["accuracy"] == 0.5
+        assert row["reward_failures/correctness_math_verify"] == 0
+    assert rows[-1]["eval_accuracy"] == 0.5
+    completions = metrics_lib.read_metrics(tmp_path / "run" / "completions.jsonl")
+    assert len(completions) == 2 * 8
+    for i, record in enumerate(completions):
+        assert record["correct"] == (i % 2 == 0) == record["rewards"]["correctness_math_verify"]
+        assert re.fullmatch(r"x\^2\+\d+x\+\d+", record["answer"])  # the boxed final
+        if i % 2 == 0:
+            assert record["completion"] == f"<answer>{_reordered(record['answer'])}</answer>"

@@ -1,6 +1,7 @@
 """GSM8K-format examples (hub, local files or synthetic) and a resumable, sharded prompt stream.
 
-`load_examples` returns `[{"question": str, "answer": str}, ...]`, every answer holding `####`.
+`load_examples` returns `[{"question": str, "answer": str}, ...]`, every answer holding `####`,
+whatever columns and answer format the source uses (`Columns`).
 
 `PromptStream` yields this process's share of each global batch of prompts. Order: a permutation
 of the examples drawn from `(seed, epoch)`, fresh every epoch; the last partial global batch of an
@@ -17,11 +18,41 @@ from pathlib import Path
 import numpy as np
 
 from grpo.data import synthetic
+from grpo.phases import reward
 
 Example = dict[str, str]
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SYNTHETIC_SIZES = {"train": 2000, "test": 500}
+
+
+ANSWER_FORMATS = ("gsm8k", "boxed", "final")
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """Where a row keeps its problem and its reference answer, and what that answer holds.
+
+    `question` and `answer` name columns; a dotted name reads a nested field
+    (`reward_model.ground_truth`). `answer_format` is one of:
+      - `gsm8k`: reasoning ending in a `#### <final answer>` line;
+      - `boxed`: a worked solution whose last `\\boxed{...}` is the final answer (MATH);
+      - `final`: the final answer alone (a string or a number).
+    Every format becomes a GSM8K-format answer ending in `#### <final answer>`.
+    """
+
+    question: str = "question"
+    answer: str = "answer"
+    answer_format: str = "gsm8k"
+
+    def __post_init__(self):
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(
+                f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
+                f"got {self.answer_format!r}"
+            )
+        if not self.question or not self.answer:
+            raise ValueError(f"question and answer column names must be set, got {self}")
 
 
 def load_examples(
@@ -34,6 +65,7 @@ def load_examples(
     difficulty: int = 1,
     templates: Sequence[str] | None = None,
     cache_dir: str | None = None,
+    columns: Columns = Columns(),
 ) -> list[Example]:
     """Loads `split` of `source` as validated `{"question", "answer"}` dicts.
 
@@ -46,7 +78,8 @@ def load_examples(
       - otherwise a Hugging Face hub id such as `"openai/gsm8k"` with `config` (needs network).
     A path is recognised as local when it exists, has one of the suffixes above, or starts with
     `/`, `.` or `~`; a missing one raises FileNotFoundError. `num_examples` keeps the first n
-    rows. `cache_dir` is the `datasets` cache (default: its own).
+    rows. `cache_dir` is the `datasets` cache (default: its own). `columns` says where a file's
+    or the hub's rows keep the problem and the answer (see `Columns`).
     """
     if source == "synthetic":
         n = _SYNTHETIC_SIZES.get(split, 0) if num_examples is None else num_examples
@@ -63,22 +96,60 @@ def load_examples(
 
         rows = datasets.load_dataset(source, config, split=split, cache_dir=cache_dir).to_list()
         where = f"{source}[{config}:{split}]"
-    return validate_examples(rows[:num_examples], where)
+    return validate_examples(rows[:num_examples], where, columns)
 
 
-def validate_examples(rows: Sequence[dict], where: str) -> list[Example]:
-    """Checks each row has string `question` and `answer` (with `####`); keeps only those keys."""
+def validate_examples(
+    rows: Sequence[dict], where: str, columns: Columns = Columns()
+) -> list[Example]:
+    """GSM8K-format `{"question", "answer"}` dicts from `rows`, read as `columns` says; a
+    one-line ValueError naming the row when one lacks a usable question or answer."""
     if not rows:
         raise ValueError(f"{where}: no examples")
     examples = []
     for i, row in enumerate(rows):
-        for key in ("question", "answer"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise ValueError(f"{where}: row {i}: missing, empty or non-string {key!r}")
-        if "####" not in row["answer"]:
-            raise ValueError(f"{where}: row {i}: answer has no '#### <number>' final line")
-        examples.append({"question": row["question"], "answer": row["answer"]})
+        try:
+            examples.append(
+                {"question": _question(row, columns), "answer": _gsm8k_answer(row, columns)}
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: row {i}: {e}") from None
     return examples
+
+
+def _field(row: dict, name: str) -> object:
+    value: object = row
+    for key in name.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _question(row: dict, columns: Columns) -> str:
+    question = _field(row, columns.question)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"missing, empty or non-string {columns.question!r}")
+    return question
+
+
+def _gsm8k_answer(row: dict, columns: Columns) -> str:
+    value, name = _field(row, columns.answer), repr(columns.answer)
+    if columns.answer_format == "final":
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"missing or non-scalar {name}")
+        final = " ".join(str(value).split())
+        if not final:
+            raise ValueError(f"empty {name}")
+        return f"#### {final}"
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"missing, empty or non-string {name}")
+    if columns.answer_format == "boxed":
+        final = reward.boxed_answer(value)
+        if final is None or not final.strip():
+            raise ValueError(f"{name} has no \\boxed{{...}} final answer")
+        return f"{value}\n#### {' '.join(final.split())}"
+    if "####" not in value:
+        raise ValueError(f"{name} has no '#### <number>' final line")
+    return value
 
 
 def _split_file(path: Path, split: str) -> Path:

@@ -19,6 +19,12 @@ number may carry a sign (`-`, `+`, U+2212), a `$`, thousands commas (also LaTeX 
 `1\\,000`), decimals, a percent sign (dropped: `25%` reads 25, as GSM8K writes percentages) and
 a simple fraction (`3/4`, `\\frac{3}{4}`). A minus directly after a letter or digit is
 subtraction, not a sign (`75-3` reads 3). Values compare numerically with a small tolerance.
+
+MATH-style references (`\\frac{\\pi}{2}`, `2x+1`, `(1,2)`) need `match="math_verify"`: the
+chosen answer and the reference are each read as one formula by the math-verify package and
+compared symbolically (a plain-number reference still matches by the rule above first). Its own
+time limits use SIGALRM, which works only on the main thread, so they are off; every check runs
+under this module's time limit instead (`score`, `check_answers`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import importlib
+import importlib.util
 import logging
 import math
 import queue
@@ -129,6 +137,12 @@ def _last_boxed(text: str) -> tuple[int, str] | None:
     return None
 
 
+def boxed_answer(text: str) -> str | None:
+    """The content of the last complete `\\boxed{...}` in `text` (braces may nest), or None."""
+    found = _last_boxed(text)
+    return None if found is None else found[1]
+
+
 def extract_answer(completion: str, *, last_number_fallback: bool = False) -> str | None:
     """The model's final answer text: the last explicit marker's content, else (if allowed) the
     last number in the completion, else None."""
@@ -143,24 +157,106 @@ def extract_answer(completion: str, *, last_number_fallback: bool = False) -> st
 
 
 def extract_reference_answer(answer_text: str) -> str:
-    """The final answer of a GSM8K `answer` string: what follows its last `####`, commas removed."""
+    """The final answer of a GSM8K `answer` string: what follows its last `####`, as written."""
     _, hashes, final = answer_text.rpartition(_HASHES)
-    final = final.strip().replace(",", "")
+    final = final.strip()
     if not hashes or not final:
         raise ValueError(f"GSM8K answer has no final '#### N': ...{answer_text[-80:]!r}")
     return final
 
 
+# How a reply's final answer is compared with the reference: as numbers (GSM8K), or as math
+# (numbers, then symbolic equivalence through the math-verify package, for MATH-style answers).
+ANSWER_MATCHES = ("numeric", "math_verify")
+
+
+def check_answer_match(match: str) -> None:
+    """ValueError unless `match` is an answer match this environment can run."""
+    if match not in ANSWER_MATCHES:
+        raise ValueError(f"answer match must be one of {', '.join(ANSWER_MATCHES)}, got {match!r}")
+    if match == "math_verify" and importlib.util.find_spec("math_verify") is None:
+        raise ValueError(
+            "answer match 'math_verify' needs the math-verify package: pip install "
+            "math-verify (or grpo[math])"
+        )
+
+
 def is_correct(
-    completion: str, example: Mapping[str, Any], *, last_number_fallback: bool = False
+    completion: str,
+    example: Mapping[str, Any],
+    *,
+    last_number_fallback: bool = False,
+    match: str = "numeric",
 ) -> bool:
-    """Whether the completion's final answer equals the example's reference answer numerically."""
-    reference = parse_number(extract_reference_answer(example["answer"]))
-    if reference is None:
-        raise ValueError(f"GSM8K reference answer is not a number: {example['answer'][-80:]!r}")
+    """Whether the completion's final answer equals the example's reference answer: as numbers,
+    or with `match="math_verify"` also as equivalent math (`\\frac{1}{2}` = 0.5, `2x+1` = 1+2x)."""
+    reference = extract_reference_answer(example["answer"])
     predicted = extract_answer(completion, last_number_fallback=last_number_fallback)
-    value = None if predicted is None else parse_number(predicted)
-    return value is not None and math.isclose(value, reference, rel_tol=_REL_TOL, abs_tol=_ABS_TOL)
+    if match == "numeric":
+        if not is_plain_number(reference):
+            raise ValueError(f"reference answer is not a number: {reference!r}")
+        return predicted is not None and _numbers_equal(predicted, reference)
+    check_answer_match(match)
+    if predicted is None:
+        return False
+    if is_plain_number(reference) and _numbers_equal(predicted, reference):  # GSM8K's rule
+        return True
+    return _math_verify_equal(predicted, reference)
+
+
+def is_plain_number(text: str) -> bool:
+    """Whether `text` is one number as GSM8K writes them (`-1,234.5`, `$18`, `3/4`, `25%`)."""
+    number = _normalise(text).strip().removesuffix("%").rstrip()
+    return _NUMBER_RE.fullmatch(number) is not None
+
+
+NUMERIC_REWARDS = ("correctness", "correctness_last_number")  # need plain-number references
+
+
+def check_numeric_references(examples: Sequence[Mapping[str, Any]], where: str) -> None:
+    """One-line ValueError naming the first example whose reference answer is not a number."""
+    for i, example in enumerate(examples):
+        reference = extract_reference_answer(example["answer"])
+        if not is_plain_number(reference):
+            raise ValueError(
+                f"{where} example {i}: reference answer {reference!r} is not a number; for "
+                "MATH-style answers set TrainConfig.answer_match='math_verify' and use the "
+                "'correctness_math_verify' reward"
+            )
+
+
+def _numbers_equal(predicted: str, reference: str) -> bool:
+    value, target = parse_number(predicted), parse_number(reference.replace(",", ""))
+    return (
+        value is not None
+        and target is not None
+        and math.isclose(value, target, rel_tol=_REL_TOL, abs_tol=_ABS_TOL)
+    )
+
+
+def _math_verify_equal(predicted: str, reference: str) -> bool:
+    import math_verify  # optional; check_answer_match said whether it is installed
+
+    parse = functools.partial(math_verify.parse, parsing_timeout=None)
+    # Both are read as one formula each (`$2x+1$`): prose around the math defeats the parser.
+    gold, target = parse(_as_latex(reference)), parse(_as_latex(predicted))
+    return math_verify.verify(gold, target, timeout_seconds=None)
+
+
+class _TimeLimitsAreOurs(logging.Filter):
+    """Drops math-verify's warning that its time limits are off: this module sets the limits."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_TimeLimitsAreOurs())
+
+
+def _as_latex(text: str) -> str:
+    """`text` inside `$...$` unless it already holds math delimiters."""
+    return text if any(d in text for d in ("$", "\\(", "\\[")) else f"${text}$"
 
 
 # --------------------------------------------------------------------------- reward functions
@@ -176,6 +272,11 @@ def correctness(completion: str, example: Mapping[str, Any]) -> float:
 def correctness_last_number(completion: str, example: Mapping[str, Any]) -> float:
     """Like `correctness`, but without markers the last number in the text is the answer."""
     return float(is_correct(completion, example, last_number_fallback=True))
+
+
+def correctness_math_verify(completion: str, example: Mapping[str, Any]) -> float:
+    """Like `correctness`, but answers also match as equivalent math (MATH-style references)."""
+    return float(is_correct(completion, example, match="math_verify"))
 
 
 def strict_format(completion: str, example: Mapping[str, Any]) -> float:
@@ -201,6 +302,7 @@ def tag_count(completion: str, example: Mapping[str, Any]) -> float:
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "correctness": correctness,
     "correctness_last_number": correctness_last_number,
+    "correctness_math_verify": correctness_math_verify,
     "format": strict_format,
     "tag_count": tag_count,
 }
@@ -261,6 +363,8 @@ class RewardConfig:
             raise ValueError(f"RewardConfig weights must be finite: {self.weights}")
         for name in self.names:
             get_reward_fn(name)
+        if "correctness_math_verify" in self.names:
+            check_answer_match("math_verify")
         if self.overlong_buffer < 0 or not math.isfinite(self.overlong_weight):
             raise ValueError(
                 f"RewardConfig overlong_buffer must be >= 0 and overlong_weight finite; got "
@@ -438,17 +542,42 @@ def score(
         chunk = outcomes[k * batch : (k + 1) * batch]
         per_function[name] = np.array([reward for reward, _ in chunk], np.float32)
         total_B += np.float32(weight) * per_function[name]
-        reasons = [reason for _, reason in chunk if reason is not None]
-        failures[name] = len(reasons)
-        if reasons:
-            _logger.warning(
-                "reward %r failed on %d of %d completions (scored 0); first: %s",
-                name,
-                len(reasons),
-                batch,
-                reasons[0],
-            )
+        failures[name] = _log_failures(f"reward {name!r}", chunk, "scored 0")
     return RewardResult(total=total_B, per_function=per_function, failures=failures)
+
+
+def check_answers(
+    completions: Sequence[str],
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    match: str = "numeric",
+    last_number_fallback: bool = False,
+    timeout_s: float = 5.0,
+) -> np.ndarray:
+    """bool [B]: `is_correct` for completion i and examples[i]. Each check runs under the same
+    time limit as a reward; one that raises or overruns counts as wrong and is logged."""
+    if len(completions) != len(examples):
+        raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+    check = functools.partial(is_correct, match=match, last_number_fallback=last_number_fallback)
+    calls = [_Call(check, c, e) for c, e in zip(completions, examples, strict=True)]
+    outcomes = _run_with_timeouts(calls, timeout_s, _POOL)
+    _log_failures("the answer check", outcomes, "counted wrong")
+    return np.array([value > 0 for value, _ in outcomes], bool)
+
+
+def _log_failures(what: str, outcomes: Sequence[tuple[float, str | None]], scored_as: str) -> int:
+    """Logs how many calls failed and the first reason; returns the count."""
+    reasons = [reason for _, reason in outcomes if reason is not None]
+    if reasons:
+        _logger.warning(
+            "%s failed on %d of %d completions (%s); first: %s",
+            what,
+            len(reasons),
+            len(outcomes),
+            scored_as,
+            reasons[0],
+        )
+    return len(reasons)
 
 
 def overlong_penalty(lengths_B: np.ndarray, *, max_length: int, buffer: int) -> np.ndarray:

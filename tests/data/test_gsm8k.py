@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grpo.data.gsm8k import PromptStream, load_examples
+from grpo.data.gsm8k import Columns, PromptStream, load_examples
 from grpo.data.synthetic import generate_problems
 
 ROWS = generate_problems(12, seed=0, split="train")
@@ -70,7 +70,7 @@ def test_synthetic_source():
     "bad_row, problem",
     [
         ({"question": "How many?"}, "row 2: missing, empty or non-string 'answer'"),
-        ({"question": "How many?", "answer": "It is 4."}, "row 2: answer has no '####"),
+        ({"question": "How many?", "answer": "It is 4."}, "row 2: 'answer' has no '####"),
         ({"question": "", "answer": "#### 4"}, "row 2: missing, empty or non-string 'question'"),
     ],
 )
@@ -80,6 +80,75 @@ def test_bad_row_names_file_and_row(load, tmp_path, bad_row, problem):
         load(path)
     assert str(error.value).startswith(f"{path}: {problem}")
     assert "\n" not in str(error.value)
+
+
+# MATH-style rows (made up here): a worked solution ending in a box, nested braces inside it.
+MATH_ROWS = [
+    {"problem": "Halve 1.", "solution": "Half of 1 is $\\boxed{\\frac{1}{2}}$.", "level": 1},
+    {"problem": "Root?", "solution": "So $x = \\boxed{\\frac{1}{\\sqrt{2}}}$.", "level": 2},
+]
+
+
+def test_boxed_solutions_become_gsm8k_answers(load, tmp_path):
+    path = _write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
+    examples = load(path, columns=Columns("problem", "solution", "boxed"))
+    assert examples == [
+        {"question": "Halve 1.", "answer": MATH_ROWS[0]["solution"] + "\n#### \\frac{1}{2}"},
+        {"question": "Root?", "answer": MATH_ROWS[1]["solution"] + "\n#### \\frac{1}{\\sqrt{2}}"},
+    ]
+
+
+def test_final_answers_from_a_nested_field(load, tmp_path):
+    # verl-style rows: the reference under reward_model.ground_truth, a number or a string.
+    rows = [
+        {"prompt": "Sum?", "reward_model": {"ground_truth": 204, "style": "rule"}},
+        {"prompt": "Set?", "reward_model": {"ground_truth": " \\{1,\n2\\} ", "style": "rule"}},
+    ]
+    path = _write_jsonl(tmp_path / "rl.jsonl", rows)
+    examples = load(path, columns=Columns("prompt", "reward_model.ground_truth", "final"))
+    assert examples == [
+        {"question": "Sum?", "answer": "#### 204"},
+        {"question": "Set?", "answer": "#### \\{1, 2\\}"},  # one line, so #### reads it all
+    ]
+
+
+@pytest.mark.parametrize(
+    "columns, bad_row, problem",
+    [
+        (
+            Columns("problem", "solution", "boxed"),
+            {"problem": "p", "solution": "No box."},
+            "'solution' has no \\boxed{...} final answer",
+        ),
+        (
+            Columns("problem", "solution", "boxed"),
+            {"problem": "p", "solution": "\\boxed{ }"},
+            "'solution' has no \\boxed{...} final answer",
+        ),
+        (
+            Columns("problem", "solution", "boxed"),
+            {"solution": "\\boxed{1}"},
+            "missing, empty or non-string 'problem'",
+        ),
+        (Columns("q", "a.b", "final"), {"q": "p", "a": {"b": None}}, "missing or non-scalar 'a.b'"),
+        (Columns("q", "a.b", "final"), {"q": "p", "a": {"b": True}}, "missing or non-scalar 'a.b'"),
+        (Columns("q", "a.b", "final"), {"q": "p", "a": {"b": "  "}}, "empty 'a.b'"),
+    ],
+)
+def test_bad_row_in_other_columns_names_the_row(load, tmp_path, columns, bad_row, problem):
+    path = tmp_path / "bad.json"
+    _write_json(
+        path,
+        [MATH_ROWS[0] if columns.answer_format == "boxed" else {"q": "p", "a": {"b": 1}}, bad_row],
+    )
+    with pytest.raises(ValueError) as error:
+        load(path, columns=columns)
+    assert str(error.value) == f"{path}: row 1: {problem}"
+
+
+def test_columns_refuse_an_unknown_answer_format():
+    with pytest.raises(ValueError, match="answer_format must be one of gsm8k, boxed, final"):
+        Columns(answer_format="latex")
 
 
 def test_unreadable_file_is_one_line_error(load, tmp_path):

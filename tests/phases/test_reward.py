@@ -105,7 +105,7 @@ def test_extract_answer(completion, fallback, expected):
 
 @pytest.mark.parametrize(
     "answer_text,expected",
-    [("step <<1+1=2>>\n#### 72", "72"), ("#### 1,000 ", "1000"), ("a #### b\n#### -3", "-3")],
+    [("step <<1+1=2>>\n#### 72", "72"), ("#### 1,000 ", "1,000"), ("a #### b\n#### -3", "-3")],
 )
 def test_extract_reference_answer(answer_text, expected):
     assert reward.extract_reference_answer(answer_text) == expected
@@ -115,6 +115,102 @@ def test_extract_reference_answer(answer_text, expected):
 def test_extract_reference_answer_rejects_missing_final(answer_text):
     with pytest.raises(ValueError, match="no final '#### N'"):
         reward.extract_reference_answer(answer_text)
+
+
+# (completion, MATH-style reference final answer, expected) for match="math_verify"
+MATH_CASES = [
+    ("<answer>1+2x</answer>", "2x+1", True),  # symbolic equality
+    ("<answer>x^2+1</answer>", "2x+1", False),  # same last number: not compared as numbers
+    ("\\boxed{\\frac{\\pi}{2}}", "\\pi/2", True),
+    ("<answer>\\dfrac{3}{4}</answer>", "0.75", True),
+    ("<answer>0.5</answer>", "\\frac{1}{2}", True),
+    ("<answer>(1, 2)</answer>", "(1,2)", True),  # the reference keeps its comma
+    ("<answer>(2, 1)</answer>", "(1,2)", False),  # an interval, not a set
+    ("<answer>\\{1, 2\\}</answer>", "\\{2,1\\}", True),
+    ("<answer>\\sqrt{2}</answer>", "\\sqrt{2}", True),
+    ("<answer>2</answer>", "\\sqrt{2}", False),
+    ("<answer>x = 3</answer>", "3", True),
+    ("<answer>18 dollars</answer>", "18", True),  # a plain-number reference: GSM8K's rule
+    ("<answer>-18</answer>", "18", False),
+    ("The answer is \\boxed{\\text{(B)}}", "\\text{(B)}", True),
+    ("no marker: 1+2x", "2x+1", False),  # explicit markers only, as `correctness`
+]
+
+
+@pytest.mark.parametrize("completion,final,expected", MATH_CASES)
+def test_math_verify_match(completion, final, expected):
+    assert reward.is_correct(completion, gsm8k(final), match="math_verify") is expected
+
+
+def test_numeric_match_refuses_a_math_reference():
+    with pytest.raises(ValueError, match=re.escape("reference answer is not a number: '2x+1'")):
+        reward.is_correct("<answer>2x+1</answer>", gsm8k("2x+1"))
+
+
+def test_math_verify_reward_scores_in_worker_threads():
+    # math-verify's default time limits raise off the main thread; score runs rewards on
+    # worker threads, so every case here would fail (and be counted) with them on.
+    config = reward.RewardConfig(names=("correctness_math_verify",), weights=(1.0,))
+    completions = [completion for completion, _, _ in MATH_CASES]
+    examples = [gsm8k(final) for _, final, _ in MATH_CASES]
+    result = reward.score(completions, examples, rewards=config, timeout_s=30.0)
+    assert result.failures == {"correctness_math_verify": 0}
+    np.testing.assert_array_equal(result.total, [float(e) for _, _, e in MATH_CASES])
+
+
+def test_check_answers_counts_a_raising_or_hanging_check_as_wrong(monkeypatch):
+    is_correct = reward.is_correct
+
+    def sometimes_stuck(completion, example, **kwargs):
+        if "hang" in completion:
+            time.sleep(5.0)
+        if "boom" in completion:
+            raise RuntimeError("boom")
+        return is_correct(completion, example, **kwargs)
+
+    monkeypatch.setattr(reward, "is_correct", sometimes_stuck)
+    completions = ["#### 72", "hang #### 72", "boom #### 72", "7 then 72", "#### 3"]
+    start = time.perf_counter()
+    correct = reward.check_answers(
+        completions, [gsm8k("72")] * 5, last_number_fallback=True, timeout_s=0.1
+    )
+    assert time.perf_counter() - start < 2.5
+    np.testing.assert_array_equal(correct, [True, False, False, True, False])
+    assert correct.dtype == bool
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("1,000", True),
+        ("-3", True),
+        ("$18", True),
+        ("3/4", True),
+        ("25%", True),
+        ("\\frac{1}{2}", True),
+        ("1.5", True),
+        ("2x+1", False),
+        ("(1,2)", False),
+        ("\\sqrt{2}", False),
+        ("18 dollars", False),
+    ],
+)
+def test_is_plain_number(text, expected):
+    assert reward.is_plain_number(text) is expected
+
+
+def test_numeric_references_are_checked_up_front():
+    reward.check_numeric_references([gsm8k("72"), gsm8k("1,000")], "train")
+    with pytest.raises(ValueError, match=r"^test example 1: reference answer '2x\+1' is not a"):
+        reward.check_numeric_references([gsm8k("72"), gsm8k("2x+1")], "test")
+
+
+def test_math_verify_needs_its_package(monkeypatch):
+    monkeypatch.setattr(reward.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="needs the math-verify package"):
+        reward.RewardConfig(names=("correctness_math_verify",), weights=(1.0,))
+    with pytest.raises(ValueError, match="answer match must be one of numeric, math_verify"):
+        reward.check_answer_match("sympy")
 
 
 @pytest.mark.parametrize(
@@ -323,7 +419,7 @@ def test_fully_stuck_pool_refuses_calls_instead_of_waiting():
 def test_unknown_reward_name_lists_valid_ones():
     expected = (
         "unknown reward function 'corectness'; valid: correctness, correctness_last_number, "
-        "format, tag_count, or module:function"
+        "correctness_math_verify, format, tag_count, or module:function"
     )
     with pytest.raises(ValueError, match=expected):
         reward.RewardConfig(names=("corectness",), weights=(1.0,))
