@@ -16,7 +16,7 @@ from absl import logging
 
 import gin
 from grpo import optim, sharding
-from grpo.data import gsm8k
+from grpo.data import gsm8k, prompts
 from grpo.models import loading, presets, transformer
 from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
 from grpo.phases import reward, rollout, update
@@ -155,6 +155,35 @@ def _end_and_pad_ids(bundle: ModelBundle) -> tuple[tuple[int, ...], int]:
     return tuple(ids), pad
 
 
+def _drop_long_prompts(
+    examples: list[dict], split: str, tokenizer: Any, train: TrainConfig
+) -> list[dict]:
+    """The examples whose prompt fits `train.prompt_token_limit` tokens, in order; says how many
+    it dropped."""
+    limit = train.prompt_token_limit
+    ids = prompts.encode_prompts(
+        tokenizer,
+        [e["question"] for e in examples],
+        system_prompt=train.system_prompt,
+        template_kwargs=train.chat_template_kwargs,
+    )
+    kept = [e for e, p in zip(examples, ids, strict=True) if len(p) <= limit]
+    if not kept:
+        raise ValueError(
+            f"every {split} prompt is longer than {limit} tokens; raise TrainConfig."
+            "max_prompt_tokens (and prompt_buckets)"
+        )
+    if len(kept) < len(examples):
+        logging.warning(
+            "dropped %d of %d %s examples: prompts over %d tokens (TrainConfig.max_prompt_tokens)",
+            len(examples) - len(kept),
+            len(examples),
+            split,
+            limit,
+        )
+    return kept
+
+
 def build_experiment() -> Experiment:
     """Calls every factory (gin binds their arguments) and assembles the experiment."""
     train = TrainConfig()
@@ -173,6 +202,10 @@ def build_experiment() -> Experiment:
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "
             "with a chat template"
         )
+    train_examples, test_examples = (
+        _drop_long_prompts(examples, split, bundle.tokenizer, train)
+        for examples, split in ((train_examples, "train"), (test_examples, "test"))
+    )
     end_ids, pad_id = _end_and_pad_ids(bundle)
     sampling = make_sampling(end_ids=end_ids, pad_id=pad_id)
     if rewards.overlong_buffer > sampling.max_new_tokens:

@@ -71,6 +71,9 @@ class TrainConfig:
     # Variables for the chat template, e.g. {'enable_thinking': False} for Qwen3.
     chat_template_kwargs: dict[str, Any] | None = None
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    # Examples whose prompt (chat template included) is longer are dropped from both splits at
+    # start, so every prompt fits a bucket; None: the largest bucket.
+    max_prompt_tokens: int | None = None
     completion_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
     reward_timeout_s: float = 5.0
     # accuracy and eval: also accept the reply's last number when it has no explicit answer
@@ -102,10 +105,21 @@ class TrainConfig:
                 f"got {self.eval_temperature}"
             )
         reward_phase.check_answer_match(self.answer_match)
+        if self.max_prompt_tokens is not None and not (
+            1 <= self.max_prompt_tokens <= max(self.prompt_buckets)
+        ):
+            raise ValueError(
+                f"TrainConfig.max_prompt_tokens must be in [1, {max(self.prompt_buckets)}] (the "
+                f"largest prompt bucket), got {self.max_prompt_tokens}"
+            )
         if self.advantage_scale not in ("group", "batch", "none"):
             raise ValueError(
                 f"advantage_scale must be group|batch|none, got {self.advantage_scale}"
             )
+
+    @property
+    def prompt_token_limit(self) -> int:
+        return self.max_prompt_tokens or max(self.prompt_buckets)
 
     @property
     def completions_per_step(self) -> int:
@@ -365,8 +379,10 @@ def _prompts_for(exp: Experiment, examples: Sequence[dict], repeat: int):
     )
     ids = [p for p in ids for _ in range(repeat)]
     longest = int(_all_rows(np.array([max(len(p) for p in ids)])).max())
-    buckets = [b for b in exp.train.prompt_buckets if b >= longest] or [longest]
-    return pad_prompts(ids, pad_id=exp.sampling.pad_id, buckets=buckets[:1])
+    fits = [b for b in exp.train.prompt_buckets if b >= longest]
+    if not fits:  # build_experiment drops the examples whose prompt is longer
+        raise ValueError(f"a prompt of {longest} tokens exceeds every prompt bucket")
+    return pad_prompts(ids, pad_id=exp.sampling.pad_id, buckets=fits[:1])
 
 
 def _decode(exp: Experiment, rollout_tokens: np.ndarray, mask: np.ndarray) -> list[str]:

@@ -132,6 +132,8 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(eval_samples=-1), "TrainConfig.eval_samples must be >= 0"),
         (dict(eval_temperature=0.0), "TrainConfig.eval_temperature must be > 0"),
         (dict(advantage_scale="std"), "advantage_scale must be group|batch|none"),
+        (dict(max_prompt_tokens=1025), "max_prompt_tokens must be in [1, 1024]"),
+        (dict(answer_match="sympy"), "answer match must be one of numeric, math_verify"),
     ],
 )
 def test_train_config_refuses_bad_values(kwargs, message):
@@ -592,3 +594,23 @@ def test_math_style_data_trains_with_math_verify_answers(tmp_path, monkeypatch):
         assert re.fullmatch(r"x\^2\+\d+x\+\d+", record["answer"])  # the boxed final
         if i % 2 == 0:
             assert record["completion"] == f"<answer>{_reordered(record['answer'])}</answer>"
+
+
+def test_examples_with_prompts_over_the_limit_are_dropped_at_start(length_reward, caplog):
+    from grpo.data.prompts import encode_prompts
+
+    full = _experiment()
+    lengths = [
+        len(p) for p in encode_prompts(full.tokenizer, [e["question"] for e in full.train_examples])
+    ]
+    limit = int(np.median(lengths))
+    expected = [e for e, n in zip(full.train_examples, lengths, strict=True) if n <= limit]
+    assert 0 < len(expected) < len(full.train_examples)
+    trimmed = _experiment(f"TrainConfig.max_prompt_tokens={limit}")
+    assert trimmed.train_examples == expected  # in order
+    dropped = len(full.train_examples) - len(expected)
+    assert (
+        f"dropped {dropped} of {len(lengths)} train examples: prompts over {limit}" in caplog.text
+    )
+    with pytest.raises(ValueError, match="every train prompt is longer than 1 tokens"):
+        _experiment("TrainConfig.max_prompt_tokens=1")
