@@ -2,7 +2,8 @@
 
 Parses gin (unknown or misspelled bindings fail here, before anything compiles), prints and
 saves the operative config, reports the devices and mesh, and runs the training loop; with
-`--eval_only`, evaluates the workdir's newest checkpoint (or the configured model) instead.
+`--eval_only`, evaluates the workdir's newest checkpoint (or the configured model) instead, and
+with `--export_only=DIR` writes it as a Hugging Face folder (`--checkpoint_step`: another step).
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ flags.DEFINE_bool(
     False,
     "Evaluate the newest checkpoint in --workdir (else the configured model) and append the "
     "result to <workdir>/eval.jsonl; no training, nothing else written.",
+)
+flags.DEFINE_string(
+    "export_only",
+    None,
+    "Write the newest checkpoint in --workdir to this folder as a Hugging Face model (merged, "
+    "plus adapter/ under LoRA); no training.",
+)
+flags.DEFINE_integer(
+    "checkpoint_step",
+    None,
+    "With --eval_only or --export_only: this checkpoint step instead of the newest.",
 )
 FLAGS = flags.FLAGS
 
@@ -68,6 +80,10 @@ def _quiet_orbax(record) -> bool:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.eval_only and FLAGS.export_only:
+        raise app.UsageError("--eval_only and --export_only: one at a time")
+    if FLAGS.checkpoint_step is not None and not (FLAGS.eval_only or FLAGS.export_only):
+        raise app.UsageError("--checkpoint_step needs --eval_only or --export_only")
     logging.get_absl_handler().addFilter(_quiet_orbax)
     from grpo import distributed
 
@@ -86,9 +102,8 @@ def main(argv: list[str]) -> None:
     logging.info("operative gin config:\n%s", operative)
     for line in describe_runtime(experiment.mesh):
         logging.info("%s", line)
-    if FLAGS.eval_only:
-        result = train.evaluate_workdir(experiment, FLAGS.workdir)
-        logging.info("eval of step %d: %s", result.pop("step"), result)
+    if FLAGS.eval_only or FLAGS.export_only:
+        _run_one_off(experiment)
         return
     if jax.process_index() == 0:
         _write_config(FLAGS.workdir, operative)
@@ -107,6 +122,24 @@ def main(argv: list[str]) -> None:
         f"{summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary else "n/a",
         time.perf_counter() - started,
     )
+
+
+def _run_one_off(experiment) -> None:
+    """--eval_only or --export_only on a checkpoint of --workdir; a missing step exits 2."""
+    from grpo import train
+
+    try:
+        if FLAGS.eval_only:
+            result = train.evaluate_workdir(experiment, FLAGS.workdir, FLAGS.checkpoint_step)
+            logging.info("eval of step %d: %s", result.pop("step"), result)
+        else:
+            step = train.export_workdir(
+                experiment, FLAGS.workdir, FLAGS.export_only, FLAGS.checkpoint_step
+            )
+            logging.info("exported step %d to %s", step, FLAGS.export_only)
+    except FileNotFoundError as err:
+        logging.error("%s", err)
+        sys.exit(2)
 
 
 def run() -> None:

@@ -287,17 +287,18 @@ def _checkpointer(exp: Experiment, workdir: str) -> Checkpointer:
     )
 
 
-def _restore_latest(
-    exp: Experiment, checkpointer: Checkpointer, state: TrainState
+def _restore(
+    exp: Experiment, checkpointer: Checkpointer, state: TrainState, step: int | None = None
 ) -> tuple[TrainState, dict | None, int]:
-    """The newest checkpoint restored onto `state`'s layout: (its state, its data item, the
-    GRPO steps it had done); `state`, None and 0 when there is none."""
-    if checkpointer.latest_step() is None:
+    """Checkpoint `step` (None: the newest) restored onto `state`'s layout: (its state, its data
+    item, the GRPO steps it had done); `state`, None and 0 when there is none and `step` is None.
+    """
+    if step is None and checkpointer.latest_step() is None:
         return state, None, 0
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    restored = checkpointer.restore(None, abstract)
+    restored = checkpointer.restore(step, abstract)
     return restored.state, restored.data, int(restored.state.step) // exp.train.num_iterations
 
 
@@ -312,7 +313,7 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
         process_count=jax.process_count(),
     )
     checkpointer = _checkpointer(exp, workdir)
-    state, data, start_step = _restore_latest(exp, checkpointer, state)
+    state, data, start_step = _restore(exp, checkpointer, state)
     if data is not None:
         stream.restore(data["stream"])
         logging.info("resumed from %s at step %d", checkpointer.latest_step(), start_step)
@@ -751,35 +752,59 @@ def _merged(params: Any, model: ModelConfig) -> Any:
     return jax.tree.map(lambda x: x.astype(model.param_dtype), merged)
 
 
-def _export(exp: Experiment, rt: Runtime, export_dir: str, info: dict | None = None) -> None:
+def _export(
+    exp: Experiment, params: Any, frozen: Any, export_dir: str, info: dict | None = None
+) -> None:
+    """Writes the policy (`params`, on the `frozen` base under LoRA) as a Hugging Face folder;
+    under LoRA the merged model plus the adapters alone in `adapter/`."""
     from grpo.models.loading import export_hf
 
-    params, adapters = rt.state.params, None
-    if rt.frozen_params is not None:  # LoRA: the merged model, and the adapters alone
-        params = _merged(_policy_params(rt), exp.model)
-        adapters = jax.tree.map(_all_rows, rt.state.params)
+    adapters = None
+    if frozen is not None:
+        adapters = jax.tree.map(_all_rows, params)
+        params = _merged(lora.attach(frozen, params), exp.model)
     host_params = jax.tree.map(_all_rows, params)
     if jax.process_index() == 0:
         export_hf(export_dir, host_params, exp.model, exp.tokenizer, adapters=adapters, info=info)
         logging.info("exported a Hugging Face folder to %s", export_dir)
 
 
-def evaluate_workdir(exp: Experiment, workdir: str) -> dict[str, Any]:
-    """Eval only: the policy of the newest checkpoint in `workdir` (else the starting policy,
-    as step 0), evaluated as training would; the result is appended to `<workdir>/eval.jsonl`
-    and returned. Nothing else in the workdir changes."""
+def _checkpointed_policy(
+    exp: Experiment, workdir: str, step: int | None, *, required: bool
+) -> tuple[Any, Any, int]:
+    """(trainable params, frozen base or None, GRPO step) of checkpoint `step` in `workdir`
+    (None: the newest; when there is none, the starting policy as step 0 unless `required`)."""
     state, frozen = _starting_state(exp)
     checkpointer = _checkpointer(exp, workdir)
     try:
-        state, _, step = _restore_latest(exp, checkpointer, state)
+        if required and step is None and checkpointer.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+        state, _, done = _restore(exp, checkpointer, state, step)
     finally:
         checkpointer.close()
+    return state.params, frozen, done
+
+
+def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> dict[str, Any]:
+    """Eval only: the policy of checkpoint `step` in `workdir` (None: the newest, else the
+    starting policy as step 0), evaluated as training would; the result is appended to
+    `<workdir>/eval.jsonl` and returned. Nothing else in the workdir changes."""
+    params, frozen, done = _checkpointed_policy(exp, workdir, step, required=False)
     with jax.set_mesh(exp.mesh):
-        result = {"step": step, **evaluate(exp, lora.attach(frozen, state.params))}
+        result = {"step": done, **evaluate(exp, lora.attach(frozen, params))}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, EVAL_FILE), "a") as f:
             f.write(json.dumps(result) + "\n")
     return result
+
+
+def export_workdir(exp: Experiment, workdir: str, export_dir: str, step: int | None = None) -> int:
+    """Export only: writes the policy of checkpoint `step` in `workdir` (None: the newest) to
+    `export_dir` as training's export would (its step in grpo_export.json); returns the step."""
+    params, frozen, done = _checkpointed_policy(exp, workdir, step, required=True)
+    with jax.set_mesh(exp.mesh):
+        _export(exp, params, frozen, export_dir, info={"step": done})
+    return done
 
 
 def _progress(steps: range, total: int):
@@ -803,7 +828,7 @@ def train(exp: Experiment, workdir: str) -> dict[str, Any]:
             _run_steps(exp, rt, preemption, summary)
         rt.checkpointer.wait_until_finished()
         if exp.train.export_dir:
-            _export(exp, rt, exp.train.export_dir)
+            _export(exp, rt.state.params, rt.frozen_params, exp.train.export_dir)
     finally:
         preemption.restore()
         rt.checkpointer.close()
@@ -856,7 +881,7 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
             if cfg.best_export_dir and metrics["eval_accuracy"] > best:
                 best = metrics["eval_accuracy"]
                 info = {"step": step, "eval_accuracy": best}
-                _export(exp, rt, cfg.best_export_dir, info=info)
+                _export(exp, rt.state.params, rt.frozen_params, cfg.best_export_dir, info=info)
         metrics["checkpoint_seconds"] = _save(rt, step, force=last)
         metrics["step_seconds"] = time.perf_counter() - tick
         rt.metrics.write(step, metrics)

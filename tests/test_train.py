@@ -85,6 +85,16 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     (evaluated,) = metrics_lib.read_metrics(tmp_path / train.EVAL_FILE)
     assert evaluated == {"step": 3, "eval_accuracy": rows[2]["eval_accuracy"]}
     assert (tmp_path / "config.gin").read_text() == config
+    # --export_only of an older checkpoint; a step that is not there fails in one line.
+    export = tmp_path / "step2"
+    result = _cli(tmp_path, flags=[f"--export_only={export}", "--checkpoint_step=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((export / loading.EXPORT_INFO).read_text()) == {"step": 2}
+    assert (export / "config.json").exists() and (export / "model.safetensors").exists()
+    result = _cli(tmp_path, flags=["--eval_only", "--checkpoint_step=1"])
+    assert result.returncode == 2
+    assert "no checkpoint for step 1" in result.stderr and "available: [2, 3]" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -108,6 +118,19 @@ def test_bad_bindings_fail_fast(tmp_path, binding, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Compiling" not in result.stderr and not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--checkpoint_step=2"], "--checkpoint_step needs --eval_only or --export_only"),
+        (["--eval_only", "--export_only=/tmp/x"], "--eval_only and --export_only: one at a time"),
+    ],
+)
+def test_bad_flag_combinations_fail_fast(tmp_path, flags, message):
+    result = _cli(tmp_path, flags=flags, timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -488,6 +511,32 @@ def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
         {"step": 2, "eval_accuracy": last["eval_accuracy"]}
     ]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_before
+
+
+@pytest.mark.slow
+def test_export_only_writes_a_checkpoint_as_the_run_would(tmp_path, length_reward):
+    # LoRA, so the export merges the adapters and writes them alone too. tiny.gin saves every
+    # step and keeps two: steps 1 and 2 of a 2-step run.
+    bindings = ("make_model.lora_rank=4", "TrainConfig.num_steps=2")
+    run, final = tmp_path / "run", tmp_path / "final"
+    _train_in_process(run, *bindings, f"TrainConfig.export_dir='{final}'")
+    experiment = _experiment(*bindings)
+    assert train.export_workdir(experiment, str(run), str(tmp_path / "newest")) == 2
+    assert train.export_workdir(experiment, str(run), str(tmp_path / "first"), step=1) == 1
+    read = lambda d, f="model.safetensors": load_file(tmp_path / d / f)
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        newest, run_end = read("newest", name), read("final", name)
+        assert newest.keys() == run_end.keys()
+        for key in newest:  # bitwise: the same params through the same export
+            np.testing.assert_array_equal(newest[key], run_end[key], err_msg=key)
+    first, newest = read("first"), read("newest")
+    assert any(not np.array_equal(first[k], newest[k]) for k in first)  # step 1 is another policy
+    info = json.loads((tmp_path / "first" / loading.EXPORT_INFO).read_text())
+    assert info == {"step": 1}
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        train.export_workdir(experiment, str(tmp_path / "empty"), str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7 .*available: \[1, 2\]"):
+        train.evaluate_workdir(experiment, str(run), step=7)
 
 
 @pytest.mark.slow
