@@ -16,11 +16,11 @@ from absl import logging
 
 import gin
 from grpo import optim, sharding
-from grpo.data import gsm8k, prompts
+from grpo.data import gsm8k
 from grpo.models import loading, presets, transformer
 from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
 from grpo.phases import reward, rollout, update
-from grpo.train import Experiment, TrainConfig
+from grpo.train import Experiment, TrainConfig, encode_questions
 
 make_optimizer = gin.external_configurable(optim.make_optimizer, "make_optimizer")
 make_lr_schedule = gin.external_configurable(optim.make_lr_schedule, "make_lr_schedule")
@@ -161,12 +161,7 @@ def _drop_long_prompts(
     """The examples whose prompt fits `train.prompt_token_limit` tokens, in order; says how many
     it dropped."""
     limit = train.prompt_token_limit
-    ids = prompts.encode_prompts(
-        tokenizer,
-        [e["question"] for e in examples],
-        system_prompt=train.system_prompt,
-        template_kwargs=train.chat_template_kwargs,
-    )
+    ids = encode_questions(train, tokenizer, examples)
     kept = [e for e, p in zip(examples, ids, strict=True) if len(p) <= limit]
     if not kept:
         raise ValueError(

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from grpo import flops, optim, sharding
 from grpo.checkpoint import Checkpointer
 from grpo.data.gsm8k import PromptStream
-from grpo.data.prompts import SYSTEM_PROMPT, encode_prompts
+from grpo.data.prompts import QUESTION, SYSTEM_PROMPT, check_question_template, encode_prompts
 from grpo.metrics import MetricsWriter
 from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
@@ -68,6 +68,8 @@ class TrainConfig:
     # Every N steps: print two completions and write all of the step's to completions.jsonl.
     show_completions_every_steps: int = 10
     system_prompt: str | None = SYSTEM_PROMPT  # None: the chat template's own default
+    # The user turn: the question where it says {question}, e.g. an instruction after it.
+    question_template: str = QUESTION
     # Variables for the chat template, e.g. {'enable_thinking': False} for Qwen3.
     chat_template_kwargs: dict[str, Any] | None = None
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
@@ -105,6 +107,7 @@ class TrainConfig:
                 f"got {self.eval_temperature}"
             )
         reward_phase.check_answer_match(self.answer_match)
+        check_question_template(self.question_template)
         if self.max_prompt_tokens is not None and not (
             1 <= self.max_prompt_tokens <= max(self.prompt_buckets)
         ):
@@ -370,15 +373,20 @@ def _local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate([shards[k] for k in sorted(shards)])
 
 
+def encode_questions(cfg: TrainConfig, tokenizer: Any, examples: Sequence[dict]) -> list[list[int]]:
+    """The prompt token ids of each example's question, as the run's prompt settings say."""
+    return encode_prompts(
+        tokenizer,
+        [e["question"] for e in examples],
+        system_prompt=cfg.system_prompt,
+        template_kwargs=cfg.chat_template_kwargs,
+        question_template=cfg.question_template,
+    )
+
+
 def _prompts_for(exp: Experiment, examples: Sequence[dict], repeat: int):
     """Tokenised, left-padded prompts, each repeated `repeat` times; bucket agreed by processes."""
-    ids = encode_prompts(
-        exp.tokenizer,
-        [e["question"] for e in examples],
-        system_prompt=exp.train.system_prompt,
-        template_kwargs=exp.train.chat_template_kwargs,
-    )
-    ids = [p for p in ids for _ in range(repeat)]
+    ids = [p for p in encode_questions(exp.train, exp.tokenizer, examples) for _ in range(repeat)]
     longest = int(_all_rows(np.array([max(len(p) for p in ids)])).max())
     fits = [b for b in exp.train.prompt_buckets if b >= longest]
     if not fits:  # build_experiment drops the examples whose prompt is longer

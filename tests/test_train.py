@@ -156,6 +156,7 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(eval_temperature=0.0), "TrainConfig.eval_temperature must be > 0"),
         (dict(advantage_scale="std"), "advantage_scale must be group|batch|none"),
         (dict(max_prompt_tokens=1025), "max_prompt_tokens must be in [1, 1024]"),
+        (dict(question_template="Solve: {q}"), "must hold {question} once"),
         (dict(answer_match="sympy"), "answer match must be one of numeric, math_verify"),
     ],
 )
@@ -663,3 +664,10 @@ def test_examples_with_prompts_over_the_limit_are_dropped_at_start(length_reward
     )
     with pytest.raises(ValueError, match="every train prompt is longer than 1 tokens"):
         _experiment("TrainConfig.max_prompt_tokens=1")
+
+
+def test_the_question_template_reaches_the_sampled_prompts(length_reward):
+    exp = _experiment("TrainConfig.question_template='{question} Be brief.'")
+    tokens, mask = train._prompts_for(exp, exp.train_examples[:2], 1)
+    text = exp.tokenizer.decode(np.asarray(tokens)[0][np.asarray(mask)[0].astype(bool)])
+    assert exp.train_examples[0]["question"] + " Be brief." in text

@@ -33,16 +33,31 @@ def plain_prompt(question: str, system_prompt: str | None = None) -> str:
     return f"{prefix}Question: {question}\nAnswer:"
 
 
+QUESTION = "{question}"  # where a user-turn template puts the question
+
+
+def check_question_template(template: str) -> None:
+    """ValueError unless `template` holds `{question}` exactly once."""
+    if template.count(QUESTION) != 1:
+        raise ValueError(f"the question template must hold {QUESTION} once, got {template!r}")
+
+
 def encode_prompts(
     tokenizer: Any,
     questions: Sequence[str],
     *,
     system_prompt: str | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
+    question_template: str = QUESTION,
 ) -> list[list[int]]:
     """Token ids of each question's prompt (chat template, else the plain fallback).
 
-    `template_kwargs` are variables for the chat template, e.g. Qwen3's `enable_thinking`."""
+    `template_kwargs` are variables for the chat template, e.g. Qwen3's `enable_thinking`.
+    `question_template` is the user turn, the question where it says `{question}` (plain text
+    otherwise, so LaTeX braces need no escaping), e.g. `"{question} Put your final answer
+    within \\boxed{}."`."""
+    check_question_template(question_template)
+    questions = [question_template.replace(QUESTION, q) for q in questions]
     if getattr(tokenizer, "chat_template", None):
         return [
             _as_token_ids(

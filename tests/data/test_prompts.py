@@ -120,3 +120,29 @@ def test_chat_template_variables_reach_the_template():
 def test_chat_template_variables_without_a_template_are_refused():
     with pytest.raises(ValueError, match="need a chat template"):
         encode_prompts(_tokenizer(None), ["how many?"], template_kwargs={"enable_thinking": False})
+
+
+def test_question_template_wraps_the_user_turn(chatml):
+    got = encode_prompts(chatml, ["how many ?"], question_template="Question : {question} be brief")
+    assert got == [
+        _ids(
+            chatml,
+            "<|im_start|> user Question : how many ? be brief <|im_end|> <|im_start|> assistant",
+        )
+    ]
+    plain = _tokenizer(None)
+    assert encode_prompts(plain, ["apples ?"], question_template="how many {question}") == [
+        _ids(plain, "Question : how many apples ? Answer :")
+    ]
+
+
+def test_question_template_keeps_braces_and_needs_one_placeholder():
+    # LaTeX braces stay as written: the template is not a str.format pattern.
+    tokenizer = _tokenizer(_CHATML)
+    seen = []
+    tokenizer.apply_chat_template = lambda messages, **kw: seen.append(messages) or [1]
+    encode_prompts(tokenizer, ["x"], question_template="{question} Put it in \\boxed{}.")
+    assert seen[0][-1]["content"] == "x Put it in \\boxed{}."
+    for bad in ("no placeholder", "{question} and {question}"):
+        with pytest.raises(ValueError, match="must hold {question} once"):
+            encode_prompts(tokenizer, ["x"], question_template=bad)
