@@ -108,6 +108,8 @@ class TrainConfig:
             )
         reward_phase.check_answer_match(self.answer_match)
         check_question_template(self.question_template)
+        for name in ("system_prompt", "question_template"):
+            _refuse_escape_slips(f"TrainConfig.{name}", getattr(self, name) or "")
         if self.max_prompt_tokens is not None and not (
             1 <= self.max_prompt_tokens <= max(self.prompt_buckets)
         ):
@@ -140,6 +142,20 @@ class TrainConfig:
                 f"{self.completions_per_step} completions of a step"
             )
         return self.completions_per_step // per_micro
+
+
+# Control characters no prompt means to hold: what `\boxed`, `\frac`, `\vec` or `\approx`
+# become when written with one backslash in a gin or Python string.
+_ESCAPE_SLIPS = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\v": "\\v"}
+
+
+def _refuse_escape_slips(name: str, text: str) -> None:
+    for char, escape in _ESCAPE_SLIPS.items():
+        if char in text:
+            raise ValueError(
+                f"{name} holds the control character {escape} (a LaTeX command written with one "
+                f"backslash? in gin write \\\\ for \\): {text!r}"
+            )
 
 
 @dataclasses.dataclass

@@ -157,6 +157,8 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(advantage_scale="std"), "advantage_scale must be group|batch|none"),
         (dict(max_prompt_tokens=1025), "max_prompt_tokens must be in [1, 1024]"),
         (dict(question_template="Solve: {q}"), "must hold {question} once"),
+        (dict(system_prompt="Write \frac{1}{2}"), "holds the control character \\f (a LaTeX"),
+        (dict(question_template="{question} \boxed{}"), "holds the control character \\b"),
         (dict(answer_match="sympy"), "answer match must be one of numeric, math_verify"),
     ],
 )
