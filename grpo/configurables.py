@@ -92,7 +92,7 @@ def make_dataset(
     source: str = "synthetic",
     *,
     config: str | None = "main",
-    train_split: str = "train",
+    train_split: str | None = "train",
     test_split: str = "test",
     num_train: int | None = None,
     num_test: int | None = None,
@@ -105,17 +105,22 @@ def make_dataset(
 ) -> tuple[list[dict], list[dict]]:
     """(train, test) GSM8K-format examples: a hub id (with its `config`), a local file or
     folder, or `synthetic`. The fields and `answer_format` (gsm8k, boxed, final) say where a
-    row keeps its problem and answer (`gsm8k.Columns`)."""
+    row keeps its problem and answer (`gsm8k.Columns`). `train_split=None` loads no train
+    examples (an extra eval set, in a gin scope)."""
     columns = gsm8k.Columns(question_field, answer_field, answer_format)
-    load = lambda split, n: gsm8k.load_examples(
-        source,
-        split,
-        num_examples=n,
-        config=config,
-        seed=seed,
-        difficulty=difficulty,
-        templates=templates,
-        columns=columns,
+    load = lambda split, n: (
+        []
+        if split is None
+        else gsm8k.load_examples(
+            source,
+            split,
+            num_examples=n,
+            config=config,
+            seed=seed,
+            difficulty=difficulty,
+            templates=templates,
+            columns=columns,
+        )
     )
     return load(train_split, num_train), load(test_split, num_test)
 
@@ -155,6 +160,31 @@ def _end_and_pad_ids(bundle: ModelBundle) -> tuple[tuple[int, ...], int]:
     return tuple(ids), pad
 
 
+def _datasets(
+    train: TrainConfig, rewards: reward.RewardConfig, tokenizer: Any
+) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
+    """(train examples, test examples, the extra eval sets' test examples by name), each
+    checked against the answer settings and without prompts over the length limit."""
+    train_examples, test_examples = make_dataset()
+    extra = {}
+    for name in train.extra_eval_sets:
+        try:
+            gin.query_parameter(f"{name}/make_dataset.source")
+        except ValueError:
+            raise ValueError(
+                f"TrainConfig.extra_eval_sets names {name!r}, but gin binds no "
+                f"{name}/make_dataset.source"
+            ) from None
+        with gin.config_scope(name):
+            _, extra[name] = make_dataset(train_split=None)
+    sets = [("train", train_examples), ("test", test_examples), *extra.items()]
+    if train.answer_match == "numeric" or set(rewards.names) & set(reward.NUMERIC_REWARDS):
+        for where, examples in sets:
+            reward.check_numeric_references(examples, where)
+    kept = [_drop_long_prompts(examples, where, tokenizer, train) for where, examples in sets]
+    return kept[0], kept[1], dict(zip(extra, kept[2:], strict=True))
+
+
 def _drop_long_prompts(
     examples: list[dict], split: str, tokenizer: Any, train: TrainConfig
 ) -> list[dict]:
@@ -188,19 +218,12 @@ def build_experiment() -> Experiment:
     tx = make_optimizer(lr_schedule)
     rewards = make_rewards()
     bundle = make_model()
-    train_examples, test_examples = make_dataset()
-    if train.answer_match == "numeric" or set(rewards.names) & set(reward.NUMERIC_REWARDS):
-        reward.check_numeric_references(train_examples, "train")
-        reward.check_numeric_references(test_examples, "test")
     if train.chat_template_kwargs and not getattr(bundle.tokenizer, "chat_template", None):
         raise ValueError(
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "
             "with a chat template"
         )
-    train_examples, test_examples = (
-        _drop_long_prompts(examples, split, bundle.tokenizer, train)
-        for examples, split in ((train_examples, "train"), (test_examples, "test"))
-    )
+    train_examples, test_examples, extra_eval_sets = _datasets(train, rewards, bundle.tokenizer)
     end_ids, pad_id = _end_and_pad_ids(bundle)
     sampling = make_sampling(end_ids=end_ids, pad_id=pad_id)
     if rewards.overlong_buffer > sampling.max_new_tokens:
@@ -229,4 +252,5 @@ def build_experiment() -> Experiment:
         lr_schedule=lr_schedule,
         mesh=mesh,
         train=train,
+        extra_eval_sets=extra_eval_sets,
     )

@@ -63,6 +63,9 @@ class TrainConfig:
     eval_prompts_per_batch: int = 64  # prompts per eval rollout (x eval_samples rows)
     eval_samples: int = 0  # k > 0: also k sampled replies per example (mean and pass@k)
     eval_temperature: float | None = None  # of those k replies; None: the training sampler's
+    # More test sets, each a gin scope of make_dataset (`gsm8k/make_dataset.source = ...`),
+    # evaluated beside the main one as eval_accuracy/<name> (and the other eval metrics).
+    extra_eval_sets: tuple[str, ...] = ()
     checkpoint_every_steps: int = 10
     checkpoints_to_keep: int = 2
     # Every N steps: print two completions and write all of the step's to completions.jsonl.
@@ -107,6 +110,14 @@ class TrainConfig:
                 f"got {self.eval_temperature}"
             )
         reward_phase.check_answer_match(self.answer_match)
+        object.__setattr__(self, "extra_eval_sets", tuple(self.extra_eval_sets))
+        if len(set(self.extra_eval_sets)) != len(self.extra_eval_sets) or not all(
+            name.isidentifier() for name in self.extra_eval_sets
+        ):
+            raise ValueError(
+                f"TrainConfig.extra_eval_sets must be distinct gin scope names, got "
+                f"{self.extra_eval_sets}"
+            )
         check_question_template(self.question_template)
         for name in ("system_prompt", "question_template"):
             _refuse_escape_slips(f"TrainConfig.{name}", getattr(self, name) or "")
@@ -174,6 +185,8 @@ class Experiment:
     lr_schedule: optax.Schedule  # over optimizer steps: num_steps x num_iterations
     mesh: Mesh
     train: TrainConfig
+    # name -> test examples, evaluated beside test_examples (TrainConfig.extra_eval_sets)
+    extra_eval_sets: dict[str, Sequence[dict]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -677,7 +690,11 @@ def _check_answers(cfg: TrainConfig, texts: list[str], examples: list[dict]) -> 
 
 
 def _eval_correct(
-    exp: Experiment, params: Any, sampling: SamplingConfig, samples: int
+    exp: Experiment,
+    params: Any,
+    test_examples: Sequence[dict],
+    sampling: SamplingConfig,
+    samples: int,
 ) -> np.ndarray:
     """bool [examples, samples]: whether each sampled reply to each test example is right.
 
@@ -685,7 +702,7 @@ def _eval_correct(
     each process samples its share of a batch and the flags are gathered onto every process.
     """
     cfg = exp.train
-    examples = list(exp.test_examples[: cfg.eval_examples])
+    examples = list(test_examples[: cfg.eval_examples])
     procs, index = jax.process_count(), jax.process_index()
     divisor = sharding.batch_divisor(exp.mesh)
     per_batch = max(divisor, cfg.eval_prompts_per_batch // divisor * divisor)
@@ -706,15 +723,23 @@ def evaluate(exp: Experiment, params: Any) -> dict[str, float]:
     """Greedy pass@1 accuracy on the test examples (`eval_accuracy`); with `eval_samples` = k
     > 0 also k replies per example at the training sampler's settings (at `eval_temperature`,
     if set): the mean accuracy over them (`eval_mean_at_k`) and the fraction of examples with a
-    right one (`eval_pass_at_k`)."""
+    right one (`eval_pass_at_k`). Each extra eval set adds the same as `<metric>/<name>`."""
+    metrics = _evaluate_examples(exp, params, exp.test_examples)
+    for name, examples in exp.extra_eval_sets.items():
+        scored = _evaluate_examples(exp, params, examples)
+        metrics.update({f"{metric}/{name}": value for metric, value in scored.items()})
+    return metrics
+
+
+def _evaluate_examples(exp: Experiment, params: Any, examples: Sequence[dict]) -> dict[str, float]:
     fraction = lambda x: float(x.mean()) if x.size else 0.0
     greedy = dataclasses.replace(exp.sampling, temperature=0.0, top_k=0, top_p=1.0)
-    metrics = {"eval_accuracy": fraction(_eval_correct(exp, params, greedy, 1))}
+    metrics = {"eval_accuracy": fraction(_eval_correct(exp, params, examples, greedy, 1))}
     if exp.train.eval_samples:
         sampling = exp.sampling
         if exp.train.eval_temperature is not None:
             sampling = dataclasses.replace(sampling, temperature=exp.train.eval_temperature)
-        correct = _eval_correct(exp, params, sampling, exp.train.eval_samples)
+        correct = _eval_correct(exp, params, examples, sampling, exp.train.eval_samples)
         metrics["eval_mean_at_k"] = fraction(correct)
         metrics["eval_pass_at_k"] = fraction(correct.any(axis=1))
     return metrics

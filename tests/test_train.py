@@ -17,6 +17,7 @@ import gin
 from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
 from grpo import train
+from grpo.data.gsm8k import load_examples
 from grpo.models import loading, splash
 from grpo.models.config import ModelConfig
 from grpo.phases import reward
@@ -42,10 +43,17 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         "TrainConfig.eval_every_steps=3",
         "TrainConfig.eval_samples=2",
         "TrainConfig.eval_at_start=True",
+        "TrainConfig.extra_eval_sets=('harder',)",
+        "harder/make_dataset.source='synthetic'",
+        "harder/make_dataset.difficulty=2",
+        "harder/make_dataset.num_test=4",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     start, *rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
     assert start["step"] == 0 and "eval_accuracy" in start and "reward_mean" not in start
+    for row in (start, rows[2]):
+        for metric in ("eval_accuracy", "eval_mean_at_k", "eval_pass_at_k"):
+            assert 0 <= row[f"{metric}/harder"] <= 1
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in (
         "reward_mean",
@@ -157,6 +165,8 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(advantage_scale="std"), "advantage_scale must be group|batch|none"),
         (dict(max_prompt_tokens=1025), "max_prompt_tokens must be in [1, 1024]"),
         (dict(question_template="Solve: {q}"), "must hold {question} once"),
+        (dict(extra_eval_sets=("a", "a")), "extra_eval_sets must be distinct gin scope names"),
+        (dict(extra_eval_sets=("math-500",)), "extra_eval_sets must be distinct gin scope names"),
         (dict(system_prompt="Write \frac{1}{2}"), "holds the control character \\f (a LaTeX"),
         (dict(question_template="{question} \boxed{}"), "holds the control character \\b"),
         (dict(answer_match="sympy"), "answer match must be one of numeric, math_verify"),
@@ -408,6 +418,8 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperatu
             eval_prompts_per_batch=4, eval_samples=3, eval_temperature=eval_temperature
         ),
         test_examples=examples,
+        # An extra set of examples 0-3: greedy right on 0; replies right on 0 (j=0) and 2 (j=2).
+        extra_eval_sets={"head": examples[:4]},
         mesh=types.SimpleNamespace(shape={"dp": 2, "fsdp": 2}),
         sampling=SamplingConfig(max_new_tokens=8, temperature=0.7, end_ids=(1,), pad_id=0),
     )
@@ -415,9 +427,12 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperatu
         "eval_accuracy": 2 / 10,
         "eval_mean_at_k": 5 / 30,
         "eval_pass_at_k": 5 / 10,
+        "eval_accuracy/head": 1 / 4,
+        "eval_mean_at_k/head": 2 / 12,
+        "eval_pass_at_k/head": 2 / 4,
     }
-    # Greedy, then at the eval's temperature (None: the training sampler's 0.7).
-    assert sampled_with == [(0.0, 1)] * 3 + [(sampled_at, 3)] * 3
+    # Greedy, then at the eval's temperature (None: the training sampler's 0.7); each set.
+    assert sampled_with == [(0.0, 1)] * 3 + [(sampled_at, 3)] * 3 + [(0.0, 1), (sampled_at, 3)]
 
 
 @pytest.mark.slow
@@ -673,3 +688,18 @@ def test_the_question_template_reaches_the_sampled_prompts(length_reward):
     tokens, mask = train._prompts_for(exp, exp.train_examples[:2], 1)
     text = exp.tokenizer.decode(np.asarray(tokens)[0][np.asarray(mask)[0].astype(bool)])
     assert exp.train_examples[0]["question"] + " Be brief." in text
+
+
+def test_extra_eval_sets_load_in_their_gin_scope(length_reward):
+    exp = _experiment(
+        "TrainConfig.extra_eval_sets=('harder',)",
+        "harder/make_dataset.source='synthetic'",
+        "harder/make_dataset.difficulty=2",
+        "harder/make_dataset.num_test=5",
+    )
+    assert exp.extra_eval_sets == {
+        "harder": load_examples("synthetic", "test", num_examples=5, difficulty=2)
+    }
+    assert exp.test_examples == load_examples("synthetic", "test", num_examples=8)  # tiny.gin's
+    with pytest.raises(ValueError, match="names 'other', but gin binds no other/make_dataset.sou"):
+        _experiment("TrainConfig.extra_eval_sets=('other',)")
