@@ -18,6 +18,7 @@ from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"
+EVAL_COMPLETIONS_FILE = "eval_completions.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 # (label, metric key, format spec) of the stdout line, in order; absent keys are left out.
@@ -138,14 +139,15 @@ class MetricsWriter:
     ) -> None:
         self._total_steps = total_steps
         self._is_primary = is_primary
-        self._jsonl = self._completions = self._tensorboard = self._wandb = None
+        self._jsonl = self._completions = self._eval_completions = None
+        self._tensorboard = self._wandb = None
         if not is_primary:
             return
         workdir = os.fspath(workdir)
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl, self._completions = (
+        self._jsonl, self._completions, self._eval_completions = (
             _open_records(os.path.join(workdir, name), resume_step)
-            for name in (METRICS_FILE, COMPLETIONS_FILE)
+            for name in (METRICS_FILE, COMPLETIONS_FILE, EVAL_COMPLETIONS_FILE)
         )
         if tensorboard:
             self._tensorboard = _open_tensorboard(
@@ -174,20 +176,31 @@ class MetricsWriter:
 
     def write_completions(self, step: int, records: list[Mapping[str, Any]]) -> None:
         """Appends one JSON line per completion (`records`: JSON-serialisable dicts)."""
+        self._append(self._completions, step, records)
+
+    def write_eval_completions(
+        self, step: int, eval_set: str, records: list[Mapping[str, Any]]
+    ) -> None:
+        """Appends one JSON line per eval reply of `eval_set` to eval_completions.jsonl."""
+        self._append(self._eval_completions, step, [{"set": eval_set, **r} for r in records])
+
+    def _append(self, file: Any, step: int, records: list[Mapping[str, Any]]) -> None:
         if not self._is_primary:
             return
-        self._completions.writelines(json.dumps({"step": step, **r}) + "\n" for r in records)
-        self._completions.flush()
+        file.writelines(json.dumps({"step": step, **r}) + "\n" for r in records)
+        file.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
             self._completions.close()
+            self._eval_completions.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
-        self._jsonl = self._completions = self._tensorboard = self._wandb = None
+        self._jsonl = self._completions = self._eval_completions = None
+        self._tensorboard = self._wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self

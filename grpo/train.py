@@ -70,6 +70,8 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
     # Every N steps: print two completions and write all of the step's to completions.jsonl.
     show_completions_every_steps: int = 10
+    # Every eval also writes each greedy reply (per set) to eval_completions.jsonl.
+    write_eval_completions: bool = False
     system_prompt: str | None = SYSTEM_PROMPT  # None: the chat template's own default
     # The user turn: the question where it says {question}, e.g. an instruction after it.
     question_template: str = QUESTION
@@ -689,60 +691,117 @@ def _check_answers(cfg: TrainConfig, texts: list[str], examples: list[dict]) -> 
     )
 
 
-def _eval_correct(
+@dataclasses.dataclass
+class _Replies:
+    """Every process's replies to some test examples, `samples` each, in example order."""
+
+    correct: np.ndarray  # bool [examples, samples]
+    lengths: np.ndarray  # int [examples, samples]: completion tokens
+    truncated: np.ndarray  # bool [examples, samples]: no end token within the budget
+    texts: list[str]  # examples x samples, when asked for; else empty
+
+
+def _eval_replies(
     exp: Experiment,
     params: Any,
     test_examples: Sequence[dict],
     sampling: SamplingConfig,
     samples: int,
-) -> np.ndarray:
-    """bool [examples, samples]: whether each sampled reply to each test example is right.
+    *,
+    keep_texts: bool = False,
+) -> _Replies:
+    """Samples `samples` replies to each of `test_examples` and checks them.
 
     Every batch keeps one compiled shape (the last is padded with copies of its last example);
-    each process samples its share of a batch and the flags are gathered onto every process.
+    each process samples its share of a batch and the results are gathered onto every process.
     """
     cfg = exp.train
-    examples = list(test_examples[: cfg.eval_examples])
+    examples = list(test_examples)
     procs, index = jax.process_count(), jax.process_index()
     divisor = sharding.batch_divisor(exp.mesh)
     per_batch = max(divisor, cfg.eval_prompts_per_batch // divisor * divisor)
-    batches = []
+    columns: list[list[np.ndarray]] = [[], [], []]
+    texts: list[str] = []
     for start in range(0, len(examples), per_batch):
         chunk = examples[start : start + per_batch]
         padded = chunk + [chunk[-1]] * (per_batch - len(chunk))
         mine = padded[index * per_batch // procs : (index + 1) * per_batch // procs]
         key = jax.random.fold_in(jax.random.key(0), start)  # the same draws at every eval
-        _, texts = _sample(exp, params, mine, key, sampling, samples)
-        replies = [e for e in mine for _ in range(samples)]
-        correct = _check_answers(cfg, texts, replies)
-        batches.append(_all_rows(correct).reshape(per_batch, samples)[: len(chunk)])
-    return np.concatenate(batches) if batches else np.zeros((0, samples), bool)
+        rollout, local_texts = _sample(exp, params, mine, key, sampling, samples)
+        correct = _check_answers(cfg, local_texts, [e for e in mine for _ in range(samples)])
+        rows = len(chunk) * samples  # the padding's replies are dropped
+        for column, values in zip(
+            columns, (correct, rollout.lengths_B, rollout.truncated_B), strict=True
+        ):
+            column.append(_all_rows(values)[:rows].reshape(len(chunk), samples))
+        if keep_texts:
+            texts += _all_json(local_texts)[:rows]
+    empty = np.zeros((0, samples))
+    correct, lengths, truncated = (np.concatenate(c) if c else empty for c in columns)
+    return _Replies(correct.astype(bool), lengths.astype(int), truncated.astype(bool), texts)
 
 
-def evaluate(exp: Experiment, params: Any) -> dict[str, float]:
-    """Greedy pass@1 accuracy on the test examples (`eval_accuracy`); with `eval_samples` = k
-    > 0 also k replies per example at the training sampler's settings (at `eval_temperature`,
-    if set): the mean accuracy over them (`eval_mean_at_k`) and the fraction of examples with a
-    right one (`eval_pass_at_k`). Each extra eval set adds the same as `<metric>/<name>`."""
-    metrics = _evaluate_examples(exp, params, exp.test_examples)
+# Called with an eval set's name ("test": the main one) and a record per greedy reply.
+OnReplies = Callable[[str, list[dict]], None]
+
+
+def evaluate(exp: Experiment, params: Any, on_replies: OnReplies | None = None) -> dict[str, float]:
+    """Greedy pass@1 accuracy on the test examples (`eval_accuracy`) and the greedy replies'
+    mean length and truncation rate; with `eval_samples` = k > 0 also k replies per example at
+    the training sampler's settings (at `eval_temperature`, if set): the mean accuracy over
+    them (`eval_mean_at_k`) and the fraction of examples with a right one (`eval_pass_at_k`).
+    Each extra eval set adds the same as `<metric>/<name>`. `on_replies` gets the greedy
+    replies of each set (question, reference answer, completion, correct, length, truncated).
+    """
+    metrics = _evaluate_examples(exp, params, exp.test_examples, "test", on_replies)
     for name, examples in exp.extra_eval_sets.items():
-        scored = _evaluate_examples(exp, params, examples)
+        scored = _evaluate_examples(exp, params, examples, name, on_replies)
         metrics.update({f"{metric}/{name}": value for metric, value in scored.items()})
     return metrics
 
 
-def _evaluate_examples(exp: Experiment, params: Any, examples: Sequence[dict]) -> dict[str, float]:
+def _evaluate_examples(
+    exp: Experiment,
+    params: Any,
+    examples: Sequence[dict],
+    name: str,
+    on_replies: OnReplies | None,
+) -> dict[str, float]:
+    examples = examples[: exp.train.eval_examples]
     fraction = lambda x: float(x.mean()) if x.size else 0.0
-    greedy = dataclasses.replace(exp.sampling, temperature=0.0, top_k=0, top_p=1.0)
-    metrics = {"eval_accuracy": fraction(_eval_correct(exp, params, examples, greedy, 1))}
+    greedy_sampling = dataclasses.replace(exp.sampling, temperature=0.0, top_k=0, top_p=1.0)
+    greedy = _eval_replies(
+        exp, params, examples, greedy_sampling, 1, keep_texts=on_replies is not None
+    )
+    metrics = {
+        "eval_accuracy": fraction(greedy.correct),
+        "eval_length_mean": fraction(greedy.lengths),
+        "eval_truncation_rate": fraction(greedy.truncated),
+    }
+    if on_replies is not None:
+        on_replies(name, _reply_records(examples, greedy))
     if exp.train.eval_samples:
         sampling = exp.sampling
         if exp.train.eval_temperature is not None:
             sampling = dataclasses.replace(sampling, temperature=exp.train.eval_temperature)
-        correct = _eval_correct(exp, params, examples, sampling, exp.train.eval_samples)
+        correct = _eval_replies(exp, params, examples, sampling, exp.train.eval_samples).correct
         metrics["eval_mean_at_k"] = fraction(correct)
         metrics["eval_pass_at_k"] = fraction(correct.any(axis=1))
     return metrics
+
+
+def _reply_records(examples: Sequence[dict], greedy: _Replies) -> list[dict]:
+    return [
+        {
+            "question": example["question"],
+            "answer": reward_phase.extract_reference_answer(example["answer"]),
+            "completion": text,
+            "correct": bool(greedy.correct[i, 0]),
+            "length": int(greedy.lengths[i, 0]),
+            "truncated": bool(greedy.truncated[i, 0]),
+        }
+        for i, (example, text) in enumerate(zip(examples, greedy.texts, strict=True))
+    ]
 
 
 class _Preemption:
@@ -904,10 +963,14 @@ def _best_so_far(best_export_dir: str | None, start_step: int) -> float:
     return best
 
 
-def _timed_eval(exp: Experiment, rt: Runtime, summary: dict) -> dict[str, float]:
-    """The eval metrics of the current policy and their seconds; records them in `summary`."""
+def _timed_eval(exp: Experiment, rt: Runtime, step: int, summary: dict) -> dict[str, float]:
+    """The eval metrics of the current policy and their seconds; records them in `summary`,
+    and the greedy replies in eval_completions.jsonl when `write_eval_completions` says so."""
     tick = time.perf_counter()
-    metrics = evaluate(exp, _policy_params(rt))
+    on_replies = None
+    if exp.train.write_eval_completions:
+        on_replies = functools.partial(rt.metrics.write_eval_completions, step)
+    metrics = evaluate(exp, _policy_params(rt), on_replies)
     metrics["eval_seconds"] = time.perf_counter() - tick
     summary["eval_accuracy"] = metrics["eval_accuracy"]
     return metrics
@@ -919,14 +982,14 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
     cfg = exp.train
     best = _best_so_far(cfg.best_export_dir, rt.start_step)
     if cfg.eval_at_start and rt.start_step == 0:
-        rt.metrics.write(0, _timed_eval(exp, rt, summary))
+        rt.metrics.write(0, _timed_eval(exp, rt, 0, summary))
     for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
         tick = time.perf_counter()
         metrics = run_step(exp, rt, step)
         _stop_if_not_finite(rt, step, metrics)
         last = step == cfg.num_steps
         if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
-            metrics.update(_timed_eval(exp, rt, summary))
+            metrics.update(_timed_eval(exp, rt, step, summary))
             if cfg.best_export_dir and metrics["eval_accuracy"] > best:
                 best = metrics["eval_accuracy"]
                 info = {"step": step, "eval_accuracy": best}

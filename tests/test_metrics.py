@@ -14,6 +14,7 @@ import pytest
 from grpo import plot
 from grpo.metrics import (
     COMPLETIONS_FILE,
+    EVAL_COMPLETIONS_FILE,
     METRICS_FILE,
     MetricsWriter,
     format_step_line,
@@ -73,14 +74,30 @@ def test_resume_drops_steps_after_the_checkpoint(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / METRICS_FILE)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_completions_are_appended_and_dropped_after_the_resumed_checkpoint(tmp_path):
+def _write_gsm8k_eval_replies(writer, step, rows):
+    writer.write_eval_completions(step, "gsm8k", rows)
+
+
+@pytest.mark.parametrize(
+    "write, file",
+    [
+        (MetricsWriter.write_completions, COMPLETIONS_FILE),
+        (
+            lambda w, step, rows: w.write_eval_completions(step, "gsm8k", rows),
+            EVAL_COMPLETIONS_FILE,
+        ),
+    ],
+)
+def test_completions_are_appended_and_dropped_after_the_resumed_checkpoint(tmp_path, write, file):
     rows = [{"completion": "12", "reward": 1.0}, {"completion": "ten", "reward": 0.0}]
     with MetricsWriter(tmp_path, total_steps=9, tensorboard=False) as writer:
         for step in (2, 4, 6):
-            writer.write_completions(step, rows)
+            write(writer, step, rows)
     with MetricsWriter(tmp_path, total_steps=9, tensorboard=False, resume_step=4) as writer:
-        writer.write_completions(6, rows[:1])  # the resumed run's own step 6
-    records = read_metrics(tmp_path / COMPLETIONS_FILE)
+        write(writer, 6, rows[:1])  # the resumed run's own step 6
+    records = read_metrics(tmp_path / file)
+    if file == EVAL_COMPLETIONS_FILE:
+        assert all(r["set"] == "gsm8k" for r in records)
     assert [(r["step"], r["completion"]) for r in records] == [
         (2, "12"),
         (2, "ten"),

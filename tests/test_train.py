@@ -47,6 +47,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         "harder/make_dataset.source='synthetic'",
         "harder/make_dataset.difficulty=2",
         "harder/make_dataset.num_test=4",
+        "TrainConfig.write_eval_completions=True",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     start, *rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
@@ -73,6 +74,15 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         assert key in rows[0], key
     assert "eval_accuracy" in rows[2]
     assert 0 <= rows[2]["eval_mean_at_k"] <= rows[2]["eval_pass_at_k"] <= 1
+    # Every greedy eval reply, at steps 0 and 3: tiny.gin's 8 test problems and the 4 harder.
+    replies = metrics_lib.read_metrics(tmp_path / metrics_lib.EVAL_COMPLETIONS_FILE)
+    for step, row in ((0, start), (3, rows[2])):
+        for name, count, suffix in (("test", 8, ""), ("harder", 4, "/harder")):
+            mine = [r for r in replies if r["step"] == step and r["set"] == name]
+            assert len(mine) == count
+            assert np.mean([r["correct"] for r in mine]) == row["eval_accuracy" + suffix]
+            assert np.mean([r["length"] for r in mine]) == row["eval_length_mean" + suffix]
+    assert len(replies) == 2 * (8 + 4)
     # tiny.gin shows completions every 2 steps: all 8 of step 2, one group after another.
     completions = metrics_lib.read_metrics(tmp_path / "completions.jsonl")
     assert [r["step"] for r in completions] == [2] * 8
@@ -91,7 +101,8 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     result = _cli(tmp_path, "TrainConfig.num_steps=3", flags=["--eval_only"])
     assert result.returncode == 0, result.stderr[-3000:]
     (evaluated,) = metrics_lib.read_metrics(tmp_path / train.EVAL_FILE)
-    assert evaluated == {"step": 3, "eval_accuracy": rows[2]["eval_accuracy"]}
+    greedy = ("eval_accuracy", "eval_length_mean", "eval_truncation_rate")
+    assert evaluated == {"step": 3, **{key: rows[2][key] for key in greedy}}
     assert (tmp_path / "config.gin").read_text() == config
     # --export_only of an older checkpoint; a step that is not there fails in one line.
     export = tmp_path / "step2"
@@ -397,14 +408,17 @@ def test_dynamic_sampling_keeps_a_first_round_whose_groups_all_differ(tmp_path, 
 def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperature, sampled_at):
     # 10 examples in batches of 4 (the last padded with copies of example 9), 3 replies each.
     # Reply j to example i is right iff i is even and i % 3 == j: 5 examples have exactly one
-    # right reply. Greedy (one reply, j = 0): examples 0 and 6.
+    # right reply. Greedy (one reply, j = 0): examples 0 and 6. A reply to example i is i
+    # tokens long, truncated when i >= 8.
     examples = [{"question": str(i), "answer": "#### 0"} for i in range(10)]
 
     sampled_with = []
 
     def fake_sample(exp, params, mine, key, sampling, samples):
         sampled_with.append((sampling.temperature, samples))
-        return None, [f"{e['question']}|{j}" for e in mine for j in range(samples)]
+        lengths = np.array([int(e["question"]) for e in mine for _ in range(samples)])
+        rollout = types.SimpleNamespace(lengths_B=lengths, truncated_B=lengths >= 8)
+        return rollout, [f"{e['question']}|{j}" for e in mine for j in range(samples)]
 
     def fake_is_correct(text, example, last_number_fallback, match):
         i, j = (int(part) for part in text.split("|"))
@@ -423,16 +437,34 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperatu
         mesh=types.SimpleNamespace(shape={"dp": 2, "fsdp": 2}),
         sampling=SamplingConfig(max_new_tokens=8, temperature=0.7, end_ids=(1,), pad_id=0),
     )
-    assert train.evaluate(exp, params=None) == {
+    replies = {}
+    assert train.evaluate(exp, None, lambda name, records: replies.setdefault(name, records)) == {
         "eval_accuracy": 2 / 10,
+        "eval_length_mean": 4.5,
+        "eval_truncation_rate": 2 / 10,
         "eval_mean_at_k": 5 / 30,
         "eval_pass_at_k": 5 / 10,
         "eval_accuracy/head": 1 / 4,
+        "eval_length_mean/head": 1.5,
+        "eval_truncation_rate/head": 0.0,
         "eval_mean_at_k/head": 2 / 12,
         "eval_pass_at_k/head": 2 / 4,
     }
     # Greedy, then at the eval's temperature (None: the training sampler's 0.7); each set.
     assert sampled_with == [(0.0, 1)] * 3 + [(sampled_at, 3)] * 3 + [(0.0, 1), (sampled_at, 3)]
+    # Every greedy reply of each set, in order, without the padding's.
+    assert replies.keys() == {"test", "head"}
+    assert replies["test"][6] == {
+        "question": "6",
+        "answer": "0",
+        "completion": "6|0",
+        "correct": True,
+        "length": 6,
+        "truncated": False,
+    }
+    assert [r["completion"] for r in replies["test"]] == [f"{i}|0" for i in range(10)]
+    assert [r["correct"] for r in replies["head"]] == [True, False, False, False]
+    assert [r["truncated"] for r in replies["test"]] == [i >= 8 for i in range(10)]
 
 
 @pytest.mark.slow
@@ -481,7 +513,9 @@ def test_best_export_keeps_the_best_eval_across_a_resume(tmp_path, length_reward
     # Eval accuracy 0.2, 0.5, 0.3 (then SIGTERM), and 0.4 after the resume: the best export is
     # step 2's, and the resumed run, which has not beaten it, leaves it alone.
     accuracies = iter([0.2, 0.5, 0.3, 0.4])
-    monkeypatch.setattr(train, "evaluate", lambda exp, params: {"eval_accuracy": next(accuracies)})
+    monkeypatch.setattr(
+        train, "evaluate", lambda exp, params, on_replies: {"eval_accuracy": next(accuracies)}
+    )
     best, final = tmp_path / "best", tmp_path / "final"
     common = ["TrainConfig.eval_every_steps=1", f"TrainConfig.best_export_dir='{best}'"]
     info = lambda: json.loads((best / loading.EXPORT_INFO).read_text())
@@ -504,9 +538,8 @@ def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
     fingerprint = lambda params: float(
         sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(params))
     )
-    monkeypatch.setattr(
-        train, "evaluate", lambda exp, params: {"eval_accuracy": fingerprint(params)}
-    )
+    stand_in = lambda exp, params, on_replies=None: {"eval_accuracy": fingerprint(params)}
+    monkeypatch.setattr(train, "evaluate", stand_in)
     bindings = (
         "make_model.lora_rank=4",
         "TrainConfig.num_steps=2",
