@@ -134,6 +134,7 @@ def make_sampling(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     decode_segments: int = 1,
 ) -> rollout.SamplingConfig:
     return rollout.SamplingConfig(
@@ -141,6 +142,7 @@ def make_sampling(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        min_p=min_p,
         end_ids=end_ids,
         pad_id=pad_id,
         decode_segments=decode_segments,

@@ -769,7 +769,9 @@ def _evaluate_examples(
 ) -> dict[str, float]:
     examples = examples[: exp.train.eval_examples]
     fraction = lambda x: float(x.mean()) if x.size else 0.0
-    greedy_sampling = dataclasses.replace(exp.sampling, temperature=0.0, top_k=0, top_p=1.0)
+    greedy_sampling = dataclasses.replace(
+        exp.sampling, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0
+    )
     greedy = _eval_replies(
         exp, params, examples, greedy_sampling, 1, keep_texts=on_replies is not None
     )

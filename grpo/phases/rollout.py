@@ -51,6 +51,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k truncation
     top_p: float = 1.0  # 1.0: no nucleus truncation
+    min_p: float = 0.0  # > 0: only tokens at least min_p times as likely as the likeliest
     end_ids: tuple[int, ...]
     pad_id: int
     decode_segments: int = 1
@@ -68,11 +69,14 @@ class SamplingConfig:
             raise ValueError(f"decode_segments must be >= 1, got {self.decode_segments}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if not self.end_ids:
             raise ValueError("end_ids must name at least one end-of-sequence token id")
-        if self.greedy and (self.top_k or self.top_p < 1):
+        if self.greedy and (self.top_k or self.top_p < 1 or self.min_p):
             raise ValueError(
-                f"temperature=0 is greedy: top_k={self.top_k} / top_p={self.top_p} would be ignored"
+                f"temperature=0 is greedy: top_k={self.top_k} / top_p={self.top_p} / "
+                f"min_p={self.min_p} would be ignored"
             )
 
     @property
@@ -272,13 +276,19 @@ def sample_tokens(
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     else:
         scaled_BxV = logits_BxV / sampling.temperature
-        token_B = _draw(scaled_BxV, key, sampling.top_k, sampling.top_p)
+        token_B = _draw(scaled_BxV, key, sampling.top_k, sampling.top_p, sampling.min_p)
     chosen_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
     return token_B, chosen_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
 
 
-def _draw(scaled_BxV: jax.Array, key: jax.Array, top_k: int, top_p: float) -> jax.Array:
-    """Categorical draw from softmax(scaled), restricted to the top-k, then the top-p nucleus."""
+def _draw(
+    scaled_BxV: jax.Array, key: jax.Array, top_k: int, top_p: float, min_p: float = 0.0
+) -> jax.Array:
+    """Categorical draw from softmax(scaled), restricted to the tokens at least min_p times as
+    likely as the likeliest, then to the top-k, then to the top-p nucleus."""
+    if min_p:  # p >= min_p * p_max  <=>  scaled >= max(scaled) + log(min_p)
+        floor_Bx1 = jnp.max(scaled_BxV, axis=-1, keepdims=True) + np.log(min_p)
+        scaled_BxV = jnp.where(scaled_BxV >= floor_Bx1, scaled_BxV, -jnp.inf)
     if not top_k and top_p == 1:
         return jax.random.categorical(key, scaled_BxV, axis=-1).astype(jnp.int32)
     k = min(top_k or scaled_BxV.shape[-1], scaled_BxV.shape[-1])

@@ -116,6 +116,9 @@ def test_trim_completions_cuts_to_bucket(lengths, buckets, expected_width):
         (dict(end_ids=()), "end_ids must name"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
         (dict(temperature=0.0, top_p=0.9), "temperature=0 is greedy"),
+        (dict(temperature=0.0, min_p=0.1), "temperature=0 is greedy"),
+        (dict(min_p=1.0), "min_p must be in"),
+        (dict(min_p=-0.1), "min_p must be in"),
         (dict(decode_segments=0), "decode_segments must be >= 1"),
     ],
 )
@@ -134,7 +137,7 @@ def test_generate_rejects_out_of_vocab_end_id(params, prompts):
 
 @pytest.mark.parametrize(
     "sampling",
-    [_sampling(temperature=1.0), _sampling(temperature=0.7, top_k=20, top_p=0.9)],
+    [_sampling(temperature=1.0), _sampling(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05)],
     ids=["T1", "T0.7-topk-topp"],
 )
 def test_logps_equal_trainer_recomputation(params, prompts, sampling):
@@ -235,9 +238,18 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     return kept / kept.sum()
 
 
-@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.3, 0.8)])
-def test_first_token_frequencies_follow_softmax(params, temperature, top_p):
-    sampling = _sampling(max_new_tokens=1, temperature=temperature, top_p=top_p)
+def _min_p(probs: np.ndarray, min_p: float) -> np.ndarray:
+    """The renormalised distribution over tokens at least min_p times as likely as the top one."""
+    kept = np.where(probs >= min_p * probs.max(), probs, 0.0)
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize(
+    "temperature, top_p, min_p",
+    [(0.7, 1.0, 0.0), (1.3, 0.8, 0.0), (1.3, 1.0, 0.3), (1.3, 0.8, 0.3)],
+)
+def test_first_token_frequencies_follow_softmax(params, temperature, top_p, min_p):
+    sampling = _sampling(max_new_tokens=1, temperature=temperature, top_p=top_p, min_p=min_p)
     prompt = (np.asarray([STAT_PROMPT], np.int32), np.ones((1, len(STAT_PROMPT)), bool))
     rollout = _generate(params, prompt, sampling, num_samples=NUM_DRAWS)
     counts = np.bincount(rollout.completion_tokens_BxC[:, 0], minlength=CONFIG.vocab_size)
@@ -247,13 +259,13 @@ def test_first_token_frequencies_follow_softmax(params, temperature, top_p):
     )
     logits = np.asarray(tf.logits(params, hidden[:, -1:], config=CONFIG)[0, 0], np.float64)
     tempered = scipy.special.softmax(logits / temperature)
-    expected = _nucleus(tempered, top_p)
+    expected = _nucleus(_min_p(tempered, min_p), top_p)  # min_p first, as the sampler
     # A correct sampler fails this with probability 1e-6 (Pearson's chi-square, pooled bins).
     stat, dof = _chi_square(counts, expected)
     assert stat < scipy.stats.chi2.isf(1e-6, dof), (stat, dof)
-    assert counts[expected == 0].sum() == 0, "sampled outside the top-p nucleus"
+    assert counts[expected == 0].sum() == 0, "sampled outside the kept tokens"
     # ...and the same check rejects the untempered / untruncated distribution (the test has power).
-    baseline = scipy.special.softmax(logits) if top_p == 1 else tempered
+    baseline = scipy.special.softmax(logits) if top_p == 1 and not min_p else tempered
     wrong_stat, wrong_dof = _chi_square(counts, baseline)
     assert wrong_stat > scipy.stats.chi2.isf(1e-6, wrong_dof), (wrong_stat, wrong_dof)
 
