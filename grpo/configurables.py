@@ -99,15 +99,17 @@ def make_dataset(
     question_field: str = "question",
     answer_field: str = "answer",
     answer_format: str = "gsm8k",
+    keep_fields: tuple[str, ...] = (),
     difficulty: int = 1,
     templates: tuple[str, ...] | None = None,
     seed: int = 0,
 ) -> tuple[list[dict], list[dict]]:
     """(train, test) GSM8K-format examples: a hub id (with its `config`), a local file or
     folder, or `synthetic`. The fields and `answer_format` (gsm8k, boxed, final) say where a
-    row keeps its problem and answer (`gsm8k.Columns`). `train_split=None` loads no train
+    row keeps its problem and answer, and `keep_fields` what else each example carries for the
+    reward functions (`gsm8k.Columns`). `train_split=None` loads no train
     examples (an extra eval set, in a gin scope)."""
-    columns = gsm8k.Columns(question_field, answer_field, answer_format)
+    columns = gsm8k.Columns(question_field, answer_field, answer_format, keep_fields)
     load = lambda split, n: (
         []
         if split is None

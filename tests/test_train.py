@@ -618,6 +618,7 @@ def _expansion_rows(n: int, first: int) -> list[dict]:
             {
                 "problem": f"Expand (x+{a})(x+{b}).",
                 "solution": f"Multiply out: $\\boxed{{x^2+{a + b}x+{a * b}}}$.",
+                "level": a % 3,
             }
         )
     return rows
@@ -642,9 +643,11 @@ def test_math_style_data_without_a_math_match_fails_before_compiling(tmp_path, l
     )
     with pytest.raises(ValueError, match=r"train example 0: reference answer 'x\^2\+3x\+2' is"):
         _experiment(*columns)
-    assert _experiment(*columns, "TrainConfig.answer_match='math_verify'").test_examples[0] == {
+    math_match = ("TrainConfig.answer_match='math_verify'", "make_dataset.keep_fields=('level',)")
+    assert _experiment(*columns, *math_match).test_examples[0] == {
         "question": "Expand (x+50)(x+51).",
         "answer": "Multiply out: $\\boxed{x^2+101x+2550}$.\n#### x^2+101x+2550",
+        "level": 2,  # kept for custom reward functions
     }
 
 

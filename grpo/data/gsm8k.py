@@ -12,15 +12,17 @@ already consumed by all processes together), is all a checkpoint needs to resume
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from grpo.data import synthetic
 from grpo.phases import reward
 
-Example = dict[str, str]
+Example = dict[str, Any]  # "question" and "answer" (str), and any kept fields
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SYNTHETIC_SIZES = {"train": 2000, "test": 500}
@@ -38,12 +40,15 @@ class Columns:
       - `gsm8k`: reasoning ending in a `#### <final answer>` line;
       - `boxed`: a worked solution whose last `\\boxed{...}` is the final answer (MATH);
       - `final`: the final answer alone (a string or a number).
-    Every format becomes a GSM8K-format answer ending in `#### <final answer>`.
+    Every format becomes a GSM8K-format answer ending in `#### <final answer>`. `keep` names
+    more fields each example carries under the same name, for custom reward functions (test
+    cases, a difficulty level); their values must be JSON (processes exchange examples).
     """
 
     question: str = "question"
     answer: str = "answer"
     answer_format: str = "gsm8k"
+    keep: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.answer_format not in ANSWER_FORMATS:
@@ -53,6 +58,9 @@ class Columns:
             )
         if not self.question or not self.answer:
             raise ValueError(f"question and answer column names must be set, got {self}")
+        object.__setattr__(self, "keep", tuple(self.keep))  # gin hands over lists
+        if {"question", "answer"} & set(self.keep) or len(set(self.keep)) != len(self.keep):
+            raise ValueError(f"kept fields must be distinct, not question or answer: {self.keep}")
 
 
 def load_examples(
@@ -82,6 +90,8 @@ def load_examples(
     or the hub's rows keep the problem and the answer (see `Columns`).
     """
     if source == "synthetic":
+        if columns != Columns():
+            raise ValueError(f"synthetic problems have no columns to map: {columns}")
         n = _SYNTHETIC_SIZES.get(split, 0) if num_examples is None else num_examples
         return synthetic.generate_problems(
             n, seed=seed, split=split, difficulty=difficulty, templates=templates
@@ -110,7 +120,11 @@ def validate_examples(
     for i, row in enumerate(rows):
         try:
             examples.append(
-                {"question": _question(row, columns), "answer": _gsm8k_answer(row, columns)}
+                {
+                    "question": _question(row, columns),
+                    "answer": _gsm8k_answer(row, columns),
+                    **{name: _kept(row, name) for name in columns.keep},
+                }
             )
         except ValueError as e:
             raise ValueError(f"{where}: row {i}: {e}") from None
@@ -121,6 +135,17 @@ def _field(row: dict, name: str) -> object:
     value: object = row
     for key in name.split("."):
         value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _kept(row: dict, name: str) -> object:
+    value = _field(row, name)
+    if value is None:
+        raise ValueError(f"missing kept field {name!r}")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"kept field {name!r} is a {type(value).__name__}, not JSON") from None
     return value
 
 

@@ -235,3 +235,23 @@ def test_each_epoch_is_a_fresh_permutation():
 def test_bad_stream_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         next(PromptStream(EXAMPLES, **kwargs))
+
+
+def test_kept_fields_ride_along_for_the_rewards(load, tmp_path):
+    rows = [
+        {**row, "level": i, "meta": {"tests": ["assert f(1) == 2"]}}
+        for i, row in enumerate(MATH_ROWS)
+    ]
+    path = _write_jsonl(tmp_path / "math.jsonl", rows)
+    examples = load(
+        path, columns=Columns("problem", "solution", "boxed", keep=("level", "meta.tests"))
+    )
+    tests = ["assert f(1) == 2"]
+    assert [(e["level"], e["meta.tests"]) for e in examples] == [(0, tests), (1, tests)]
+    assert set(examples[0]) == {"question", "answer", "level", "meta.tests"}
+    with pytest.raises(ValueError, match="row 0: missing kept field 'grade'"):
+        load(path, columns=Columns("problem", "solution", "boxed", keep=("grade",)))
+    with pytest.raises(ValueError, match="kept fields must be distinct, not question or answer"):
+        Columns(keep=("answer",))
+    with pytest.raises(ValueError, match="synthetic problems have no columns to map"):
+        load_examples("synthetic", "train", columns=Columns(keep=("level",)))
