@@ -1,9 +1,10 @@
 """Checkpoints over orbax: TrainState + data-stream position + run metadata, atomic and resumable.
 
-One checkpoint step holds three orbax items:
+One checkpoint step holds these orbax items:
   state: the TrainState pytree (step, params, optax opt_state, typed PRNG key), sharded arrays
   data:  JSON dict, the data stream position (so a resume sees the same next batch)
   meta:  JSON dict, free-form run facts (model name, config hash, ...)
+  ref:   the KL reference's params, only when the run moves its reference (ref sync)
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
 directory left by a killed save is never listed as a step; `cleanup_tmp_directories` removes it
@@ -20,13 +21,14 @@ import orbax.checkpoint as ocp
 
 from grpo.types import TrainState
 
-_ITEMS = ("state", "data", "meta")
+_ITEMS = ("state", "data", "meta", "ref")
 
 
 class Restored(NamedTuple):
     state: TrainState
     data: dict[str, Any]
     meta: dict[str, Any]
+    ref: Any = None  # the saved reference params, when asked for and saved
 
 
 class Checkpointer:
@@ -85,30 +87,35 @@ class Checkpointer:
         *,
         data: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
+        ref: Any = None,
         force: bool = False,
     ) -> bool:
-        """Saves `state` as `step` if the interval says so (or `force`); returns whether it did.
+        """Saves `state` (and `ref`, the reference params, unless None) as `step` if the
+        interval says so (or `force`); returns whether it did.
 
         A step that is already saved is skipped, so a forced save on SIGTERM right after a
         periodic save of the same step is harmless.
         """
         if step in self._manager.all_steps():
             return False
-        args = ocp.args.Composite(
+        items = dict(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data or {}),
             meta=ocp.args.JsonSave(meta or {}),
         )
-        saved = self._manager.save(step, args=args, force=force)
+        if ref is not None:
+            items["ref"] = ocp.args.StandardSave(ref)
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         if force:
             self._manager.wait_until_finished()
         return saved
 
-    def restore(self, step: int | None, abstract_state: Any) -> Restored:
+    def restore(self, step: int | None, abstract_state: Any, abstract_ref: Any = None) -> Restored:
         """Restores `step` (None: the latest) onto the structure, dtypes and shardings of
         `abstract_state`: a TrainState of `jax.ShapeDtypeStruct` with `.sharding` set (from
         `jax.eval_shape` + the trainer's shardings) or of concrete arrays. A leaf without a
-        sharding gets the one recorded at save time.
+        sharding gets the one recorded at save time. With `abstract_ref`, also the saved
+        reference params onto it (`ref` stays None when the step saved none).
         """
         if step is None:
             step = self.latest_step()
@@ -118,13 +125,15 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory} (available: {self.all_steps()})"
             )
-        args = ocp.args.Composite(
+        items = dict(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore(),
         )
+        if abstract_ref is not None and "ref" in self._manager.item_metadata(step):
+            items["ref"] = ocp.args.StandardRestore(abstract_ref)
         try:
-            restored = self._manager.restore(step, args=args)
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except ValueError as e:  # orbax: another tree structure, shape or dtype on disk
             first_line = str(e).strip().splitlines()[0]
             raise ValueError(
@@ -132,7 +141,8 @@ class Checkpointer:
                 "(written with another model, LoRA or optimizer setting? resume with that config, "
                 f"or use a new workdir): {first_line}"
             ) from e
-        return Restored(state=restored.state, data=restored.data, meta=restored.meta)
+        ref = restored.ref if "ref" in items else None
+        return Restored(state=restored.state, data=restored.data, meta=restored.meta, ref=ref)
 
     def wait_until_finished(self) -> None:
         """Blocks until every pending async save is committed."""

@@ -236,6 +236,11 @@ def build_experiment() -> Experiment:
             f"make_sampling.max_new_tokens={sampling.max_new_tokens}"
         )
     loss = make_loss()
+    if train.ref_sync_every_steps and (loss.beta <= 0 or bundle.config.lora is not None):
+        raise ValueError(
+            "TrainConfig.ref_sync_every_steps needs a reference of its own to move: "
+            "make_loss.beta > 0, and no LoRA (whose reference is the frozen base itself)"
+        )
     # The loss must score tokens under the distribution they were sampled from.
     loss = dataclasses.replace(
         loss,

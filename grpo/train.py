@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,10 @@ class TrainConfig:
     prompts_per_step: int = 16
     num_generations: int = 8  # completions per prompt: the GRPO group size
     num_iterations: int = 1  # optimizer updates per rollout batch (old policy = the rollout's)
+    # > 0 (with make_loss.beta > 0): every N steps the KL reference moves toward the policy,
+    # ref <- alpha * policy + (1 - alpha) * ref (TRL's sync_ref_model); checkpoints keep it.
+    ref_sync_every_steps: int = 0
+    ref_sync_alpha: float = 0.6
     # > 1: DAPO's dynamic sampling, up to this many rollout rounds per step to fill it with
     # groups whose rewards differ (grpo/phases/dynamic_sampling.py); 1: one round, every group.
     max_sampling_rounds: int = 1
@@ -112,6 +116,11 @@ class TrainConfig:
                 f"got {self.eval_temperature}"
             )
         reward_phase.check_answer_match(self.answer_match)
+        if self.ref_sync_every_steps < 0 or not 0 < self.ref_sync_alpha <= 1:
+            raise ValueError(
+                f"TrainConfig.ref_sync_every_steps must be >= 0 and ref_sync_alpha in (0, 1], "
+                f"got {self.ref_sync_every_steps} and {self.ref_sync_alpha}"
+            )
         object.__setattr__(self, "extra_eval_sets", tuple(self.extra_eval_sets))
         if len(set(self.extra_eval_sets)) != len(self.extra_eval_sets) or not all(
             name.isidentifier() for name in self.extra_eval_sets
@@ -197,7 +206,8 @@ class Runtime:
 
     state: TrainState
     frozen_params: Any  # the base under LoRA adapters (state.params); None: full fine-tuning
-    ref_params: Any
+    ref_params: Any  # the KL reference (beta > 0), else None
+    ref_moves: bool  # ref sync is on: the reference changes and checkpoints keep it
     update_fn: Callable
     ref_logps_fn: Callable | None
     stream: PromptStream
@@ -321,19 +331,33 @@ def _checkpointer(exp: Experiment, workdir: str) -> Checkpointer:
     )
 
 
+class _Resumed(NamedTuple):
+    state: TrainState
+    data: dict | None  # the data item; None: nothing was restored
+    steps: int  # GRPO steps done
+    ref: Any  # the saved reference when asked for and saved, else the one passed in
+
+
 def _restore(
-    exp: Experiment, checkpointer: Checkpointer, state: TrainState, step: int | None = None
-) -> tuple[TrainState, dict | None, int]:
-    """Checkpoint `step` (None: the newest) restored onto `state`'s layout: (its state, its data
-    item, the GRPO steps it had done); `state`, None and 0 when there is none and `step` is None.
-    """
+    exp: Experiment,
+    checkpointer: Checkpointer,
+    state: TrainState,
+    step: int | None = None,
+    ref: Any = None,
+) -> _Resumed:
+    """Checkpoint `step` (None: the newest) restored onto the layout of `state` (and of `ref`,
+    the reference params, when given); `state`, None, 0 and `ref` when there is none and
+    `step` is None."""
     if step is None and checkpointer.latest_step() is None:
-        return state, None, 0
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        return _Resumed(state, None, 0, ref)
+    abstract = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
     )
-    restored = checkpointer.restore(step, abstract)
-    return restored.state, restored.data, int(restored.state.step) // exp.train.num_iterations
+    restored = checkpointer.restore(step, abstract(state), None if ref is None else abstract(ref))
+    steps = int(restored.state.step) // exp.train.num_iterations
+    return _Resumed(
+        restored.state, restored.data, steps, ref if restored.ref is None else restored.ref
+    )
 
 
 def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
@@ -346,19 +370,23 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    checkpointer = _checkpointer(exp, workdir)
-    state, data, start_step = _restore(exp, checkpointer, state)
-    if data is not None:
-        stream.restore(data["stream"])
-        logging.info("resumed from %s at step %d", checkpointer.latest_step(), start_step)
     ref_params = None
-    if exp.loss.beta > 0:  # the frozen reference is the starting policy, not the resumed one
+    if exp.loss.beta > 0:  # the reference is the starting policy, not the resumed one
         # Under LoRA that is the frozen base itself: no second copy.
         ref_params = frozen if frozen is not None else place_params(exp.mesh, exp.model, exp.params)
+    ref_moves = bool(cfg.ref_sync_every_steps)
+    checkpointer = _checkpointer(exp, workdir)
+    # A moving reference resumes as saved (a checkpoint without one: it had not moved yet).
+    resumed = _restore(exp, checkpointer, state, ref=ref_params if ref_moves else None)
+    if resumed.data is not None:
+        stream.restore(resumed.data["stream"])
+        logging.info("resumed from %s at step %d", checkpointer.latest_step(), resumed.steps)
+    state, data, start_step = resumed.state, resumed.data, resumed.steps
     return Runtime(
         state=state,
         frozen_params=frozen,
-        ref_params=ref_params,
+        ref_params=resumed.ref if ref_moves else ref_params,
+        ref_moves=ref_moves,
         update_fn=make_update_fn(
             model=exp.model,
             tx=exp.tx,
@@ -851,8 +879,29 @@ class Preempted(Exception):
 
 def _save(rt: Runtime, step: int, *, force: bool) -> float:
     tick = time.perf_counter()
-    rt.checkpointer.save(step, rt.state, data={"stream": rt.stream.position}, force=force)
+    ref = rt.ref_params if rt.ref_moves else None
+    rt.checkpointer.save(step, rt.state, data={"stream": rt.stream.position}, ref=ref, force=force)
     return time.perf_counter() - tick
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _moved_reference(ref: Any, policy: Any, alpha: jax.Array) -> Any:
+    """alpha * policy + (1 - alpha) * ref, in fp32, cast back to each ref leaf's dtype."""
+    return jax.tree.map(
+        lambda r, p: (alpha * p.astype(jnp.float32) + (1 - alpha) * r.astype(jnp.float32)).astype(
+            r.dtype
+        ),
+        ref,
+        policy,
+    )
+
+
+def _sync_reference(exp: Experiment, rt: Runtime, step: int) -> None:
+    """Moves the KL reference toward the policy on every `ref_sync_every_steps`-th step."""
+    every = exp.train.ref_sync_every_steps
+    if every and step % every == 0:
+        alpha = jnp.float32(exp.train.ref_sync_alpha)
+        rt.ref_params = _moved_reference(rt.ref_params, rt.state.params, alpha)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -889,10 +938,10 @@ def _checkpointed_policy(
     try:
         if required and step is None and checkpointer.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-        state, _, done = _restore(exp, checkpointer, state, step)
+        resumed = _restore(exp, checkpointer, state, step)
     finally:
         checkpointer.close()
-    return state.params, frozen, done
+    return resumed.state.params, frozen, resumed.steps
 
 
 def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> dict[str, Any]:
@@ -989,6 +1038,7 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
         tick = time.perf_counter()
         metrics = run_step(exp, rt, step)
         _stop_if_not_finite(rt, step, metrics)
+        _sync_reference(exp, rt, step)
         last = step == cfg.num_steps
         if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
             metrics.update(_timed_eval(exp, rt, step, summary))

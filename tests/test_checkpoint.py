@@ -73,6 +73,19 @@ def test_round_trip_is_bitwise_exact_and_survives_donation(tmp_path):
     assert restored.meta == meta
 
 
+def test_reference_params_travel_only_when_saved_and_asked_for(tmp_path):
+    state = _make_state()
+    ref = _make_state(seed=1).params
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state)  # a run that keeps its reference fixed saves none
+        ckpt.save(2, state, ref=ref)
+        assert ckpt.restore(1, _abstract(state), _abstract(ref)).ref is None
+        assert ckpt.restore(2, _abstract(state)).ref is None  # not asked for
+        restored = ckpt.restore(2, _abstract(state), _abstract(ref))
+    assert _host_bytes(restored.ref) == _host_bytes(ref)
+    assert _host_bytes(restored.state) == _host_bytes(state)
+
+
 def test_interval_max_to_keep_and_forced_save(tmp_path):
     state = _make_state()
     with Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2, async_save=False) as ckpt:

@@ -9,6 +9,7 @@ import sys
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -130,6 +131,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
             "cannot import reward function 'no_such_module:fn'",
         ),
         (("make_model.lora_rank=4", "make_model.lora_targets=('qkv',)"), "LoRA targets must be"),
+        ("TrainConfig.ref_sync_every_steps=2", "needs a reference of its own to move"),
     ],
 )
 def test_bad_bindings_fail_fast(tmp_path, binding, message):
@@ -177,6 +179,7 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(max_prompt_tokens=1025), "max_prompt_tokens must be in [1, 1024]"),
         (dict(question_template="Solve: {q}"), "must hold {question} once"),
         (dict(extra_eval_sets=("a", "a")), "extra_eval_sets must be distinct gin scope names"),
+        (dict(ref_sync_alpha=0.0), "ref_sync_alpha in (0, 1]"),
         (dict(extra_eval_sets=("math-500",)), "extra_eval_sets must be distinct gin scope names"),
         (dict(system_prompt="Write \frac{1}{2}"), "holds the control character \\f (a LaTeX"),
         (dict(question_template="{question} \boxed{}"), "holds the control character \\b"),
@@ -252,11 +255,19 @@ def _deterministic(rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["plain", "dynamic", "lora"])
+@pytest.mark.parametrize("variant", ["plain", "dynamic", "lora", "ref_sync"])
 def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, variant):
     # dynamic: extra rollout rounds draw prompts inside a step; the stream must still resume
     # where the step left it. lora: the checkpoint holds the adapters; the base is reloaded.
+    # ref_sync: the KL reference becomes the policy at step 2 (alpha 1), so step 3's KL is 0;
+    # the checkpoint must carry that reference (the reloaded model's would give KL > 0).
     common = ["TrainConfig.eval_every_steps=0"]
+    if variant == "ref_sync":
+        common += [
+            "make_loss.beta=0.1",
+            "TrainConfig.ref_sync_every_steps=2",
+            "TrainConfig.ref_sync_alpha=1.0",
+        ]
     dynamic = variant == "dynamic"
     if dynamic:
         monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _half_flat_reward)
@@ -278,6 +289,8 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
     assert rows_a[-1]["grad_norm"] > 0  # the runs really trained
     if dynamic:
         assert sum(r["sampling_rounds"] for r in rows_a[2:]) > 2, "resumed steps took one round"
+    if variant == "ref_sync":
+        assert [r["kl"] == 0.0 for r in rows_a] == [True, False, True, False]
     params_a = load_file(straight / "export" / "model.safetensors")
     params_b = load_file(resumed / "export" / "model.safetensors")
     assert params_a.keys() == params_b.keys()
@@ -739,3 +752,11 @@ def test_extra_eval_sets_load_in_their_gin_scope(length_reward):
     assert exp.test_examples == load_examples("synthetic", "test", num_examples=8)  # tiny.gin's
     with pytest.raises(ValueError, match="names 'other', but gin binds no other/make_dataset.sou"):
         _experiment("TrainConfig.extra_eval_sets=('other',)")
+
+
+def test_moved_reference_mixes_in_fp32_and_keeps_each_dtype():
+    ref = {"w": jnp.array([1.0, 2.0], jnp.float32), "e": jnp.array([4.0], jnp.bfloat16)}
+    policy = {"w": jnp.array([3.0, 0.0], jnp.float32), "e": jnp.array([8.0], jnp.bfloat16)}
+    moved = train._moved_reference(ref, policy, jnp.float32(0.25))  # donates ref
+    np.testing.assert_allclose(moved["w"], [1.5, 1.5])  # 0.25 * 3 + 0.75 * 1, 0.75 * 2
+    assert moved["e"].dtype == jnp.bfloat16 and float(moved["e"][0]) == 5.0
