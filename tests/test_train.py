@@ -760,3 +760,25 @@ def test_moved_reference_mixes_in_fp32_and_keeps_each_dtype():
     moved = train._moved_reference(ref, policy, jnp.float32(0.25))  # donates ref
     np.testing.assert_allclose(moved["w"], [1.5, 1.5])  # 0.25 * 3 + 0.75 * 1, 0.75 * 2
     assert moved["e"].dtype == jnp.bfloat16 and float(moved["e"][0]) == 5.0
+
+
+@pytest.mark.slow
+def test_a_batched_reward_scores_each_step_in_one_call(tmp_path, monkeypatch):
+    calls = []
+
+    @reward.batched_reward
+    def length_rank(completions, examples):
+        """Each reply's length rank within the step, over the batch: needs the whole batch."""
+        calls.append(len(completions))
+        order = np.argsort([len(c) for c in completions], kind="stable")
+        ranks = np.empty(len(completions))
+        ranks[order] = np.arange(len(completions))
+        return ranks / (len(completions) - 1)
+
+    monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", length_rank)
+    _train_in_process(tmp_path, "TrainConfig.num_steps=2", "TrainConfig.eval_every_steps=0")
+    rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    assert calls == [8, 8]  # tiny.gin: 2 prompts x 4 samples a step, one process
+    for row in rows:
+        assert row["reward_mean"] == pytest.approx(0.5)  # ranks 0..7 over 7
+        assert row["reward_failures/length"] == 0 and row["grad_norm"] > 0

@@ -1,9 +1,11 @@
 """Reward phase: score completions on the host with plain Python.
 
 A reward function is `fn(completion, example) -> float`, where `example` is a GSM8K-format
-mapping with at least `question` and `answer` (reasoning ending in `#### N`). `score` runs a
-weighted set of them over a batch. It never raises because of one completion: a function that
-raises, returns a non-finite value or overruns its time limit scores 0 there and is counted.
+mapping with at least `question` and `answer` (reasoning ending in `#### N`); one marked with
+`batched_reward` is `fn(completions, examples) -> rewards`, called once per batch. `score` runs
+a weighted set of them over a batch. It never raises because of one completion: a function that
+raises, returns a non-finite value or overruns its time limit scores 0 there and is counted (a
+batched call that raises or overruns: every row of the batch).
 Length shaping needs token counts, not text: `add_overlong_penalty` adds DAPO's soft overlong
 punishment to a scored batch.
 
@@ -47,6 +49,20 @@ from typing import Any
 import numpy as np
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
+# Marked with `batched_reward`: all of a process's completions and examples in one call.
+BatchedRewardFn = Callable[[list[str], list[Mapping[str, Any]]], Sequence[float]]
+
+
+def batched_reward(fn: BatchedRewardFn) -> BatchedRewardFn:
+    """Marks `fn(completions, examples) -> rewards` to be called once per batch (a reward
+    model, an LLM judge, a score relative to the group) instead of once per completion."""
+    fn.batched = True
+    return fn
+
+
+def is_batched(fn: Callable[..., Any]) -> bool:
+    return getattr(fn, "batched", False) is True
+
 
 _logger = logging.getLogger(__name__)
 
@@ -383,9 +399,8 @@ _POLL_S = 0.05
 
 @dataclasses.dataclass(eq=False)
 class _Call:
-    fn: RewardFn
-    completion: str
-    example: Mapping[str, Any]
+    fn: Callable[..., Any]  # returns the call's value: a reward, a batch's rewards, a flag
+    args: tuple[Any, ...]
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     started_at: float | None = None
     finished: bool = False  # guarded by the pool's lock, like `abandoned`
@@ -397,6 +412,20 @@ def _as_reward(value: Any) -> float:
     if not math.isfinite(reward):
         raise ValueError(f"reward is not finite: {reward}")
     return reward
+
+
+def _one_reward(fn: RewardFn) -> Callable[[str, Mapping[str, Any]], float]:
+    return lambda completion, example: _as_reward(fn(completion, example))
+
+
+def _batch_of_rewards(fn: BatchedRewardFn, size: int) -> Callable[..., np.ndarray]:
+    def call(completions: list[str], examples: list[Mapping[str, Any]]) -> np.ndarray:
+        values = np.asarray(fn(completions, examples), np.float64)
+        if values.shape != (size,):
+            raise ValueError(f"returned {values.shape} rewards for {size} completions")
+        return values
+
+    return call
 
 
 class _DaemonPool:
@@ -447,7 +476,7 @@ class _DaemonPool:
                 continue
             call.started_at = time.monotonic()
             try:
-                outcome: float | Exception = _as_reward(call.fn(call.completion, call.example))
+                outcome: Any = call.fn(*call.args)
             except Exception as e:  # a bad completion or reward function must not stop the run
                 outcome = e
             with self._lock:
@@ -530,20 +559,41 @@ def score(
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     batch = len(completions)
-    calls = [
-        _Call(get_reward_fn(name), completion, example)
-        for name in rewards.names
-        for completion, example in zip(completions, examples, strict=True)
-    ]
-    outcomes = _run_with_timeouts(calls, timeout_s, _POOL)
+    plans = [_reward_calls(get_reward_fn(name), completions, examples) for name in rewards.names]
+    outcomes = _run_with_timeouts([call for plan in plans for call in plan], timeout_s, _POOL)
     total_B = np.zeros(batch, np.float32)
     per_function, failures = {}, {}
-    for k, (name, weight) in enumerate(zip(rewards.names, rewards.weights, strict=True)):
-        chunk = outcomes[k * batch : (k + 1) * batch]
-        per_function[name] = np.array([reward for reward, _ in chunk], np.float32)
+    start = 0
+    for name, weight, plan in zip(rewards.names, rewards.weights, plans, strict=True):
+        chunk, start = outcomes[start : start + len(plan)], start + len(plan)
+        rows = chunk if len(plan) == batch else _batch_rows(chunk[0], batch)
+        per_function[name] = np.array([reward for reward, _ in rows], np.float32)
         total_B += np.float32(weight) * per_function[name]
-        failures[name] = _log_failures(f"reward {name!r}", chunk, "scored 0")
+        failures[name] = _log_failures(f"reward {name!r}", rows, "scored 0")
     return RewardResult(total=total_B, per_function=per_function, failures=failures)
+
+
+def _reward_calls(
+    fn: RewardFn | BatchedRewardFn,
+    completions: Sequence[str],
+    examples: Sequence[Mapping[str, Any]],
+) -> list[_Call]:
+    """One call per completion, or one for the whole batch when `fn` is batched."""
+    if is_batched(fn):
+        return [_Call(_batch_of_rewards(fn, len(completions)), (list(completions), list(examples)))]
+    return [_Call(_one_reward(fn), pair) for pair in zip(completions, examples, strict=True)]
+
+
+def _batch_rows(outcome: tuple[Any, str | None], batch: int) -> list[tuple[float, str | None]]:
+    """A batched call's outcome as one (reward, failure) per row; a non-finite reward fails
+    only its row, a failed call every row."""
+    values, reason = outcome
+    if reason is not None:
+        return [(0.0, reason)] * batch
+    return [
+        (float(v), None) if math.isfinite(v) else (0.0, f"reward is not finite: {v}")
+        for v in values
+    ]
 
 
 def check_answers(
@@ -559,7 +609,7 @@ def check_answers(
     if len(completions) != len(examples):
         raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
     check = functools.partial(is_correct, match=match, last_number_fallback=last_number_fallback)
-    calls = [_Call(check, c, e) for c, e in zip(completions, examples, strict=True)]
+    calls = [_Call(check, pair) for pair in zip(completions, examples, strict=True)]
     outcomes = _run_with_timeouts(calls, timeout_s, _POOL)
     _log_failures("the answer check", outcomes, "counted wrong")
     return np.array([value > 0 for value, _ in outcomes], bool)

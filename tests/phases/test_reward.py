@@ -407,7 +407,7 @@ def test_hanging_reward_is_abandoned_while_others_score(monkeypatch):
 
 def test_fully_stuck_pool_refuses_calls_instead_of_waiting():
     pool = reward._DaemonPool(size=1, max_threads=1)
-    calls = [reward._Call(_hang, "hang", {}), reward._Call(_hang, "hang", {})]
+    calls = [reward._Call(_hang, ("hang", {})), reward._Call(_hang, ("hang", {}))]
     start = time.perf_counter()
     outcomes = reward._run_with_timeouts(calls, timeout_s=0.05, pool=pool)
     assert time.perf_counter() - start < 2.5
@@ -502,3 +502,51 @@ def test_reference_sized_batch_is_fast():
     score = lambda: reward.score(completions, [gsm8k("7")] * 128, rewards=reward.RewardConfig())
     assert _fastest_seconds(score) < 1.0  # about 6 ms
     assert score().per_function["correctness"].sum() == 1.0
+
+
+@reward.batched_reward
+def _longest_in_batch(completions, examples):
+    """1 for the longest completion of the batch, 0 for the rest; NaN for a 'nan' one."""
+    assert isinstance(completions, list) and len(completions) == len(examples)
+    longest = max(len(c) for c in completions)
+    return [float("nan") if c == "nan" else float(len(c) == longest) for c in completions]
+
+
+@reward.batched_reward
+def _batch_of_wrong_size(completions, examples):
+    return [1.0]
+
+
+@reward.batched_reward
+def _hanging_batch(completions, examples):
+    time.sleep(5.0)
+    return [1.0] * len(completions)
+
+
+def test_batched_reward_sees_the_whole_batch_once(monkeypatch):
+    seen = []
+    monkeypatch.setitem(reward.REWARD_FUNCTIONS, "longest", _longest_in_batch)
+    monkeypatch.setitem(
+        reward.REWARD_FUNCTIONS,
+        "count",
+        reward.batched_reward(lambda c, e: seen.append(list(c)) or [0.0] * len(c)),
+    )
+    config = reward.RewardConfig(names=("correctness", "longest", "count"), weights=(1, 2, 1))
+    completions = ["#### 72", "a longer one #### 72", "nan", "#### 3"]
+    result = reward.score(completions, [gsm8k("72")] * 4, rewards=config)
+    assert seen == [completions]  # one call, every row in order
+    np.testing.assert_array_equal(result.per_function["longest"], [0, 1, 0, 0])
+    np.testing.assert_array_equal(result.total, [1, 3, 0, 0])
+    assert result.failures == {"correctness": 0, "longest": 1, "count": 0}  # the NaN row only
+
+
+@pytest.mark.parametrize("fn", [_batch_of_wrong_size, _hanging_batch])
+def test_a_failed_batched_call_scores_every_row_zero(monkeypatch, fn):
+    monkeypatch.setitem(reward.REWARD_FUNCTIONS, "batch", fn)
+    config = reward.RewardConfig(names=("batch", "correctness"), weights=(1.0, 1.0))
+    start = time.perf_counter()
+    result = reward.score(["#### 72"] * 3, [gsm8k("72")] * 3, rewards=config, timeout_s=0.1)
+    assert time.perf_counter() - start < 2.5
+    np.testing.assert_array_equal(result.per_function["batch"], [0, 0, 0])
+    np.testing.assert_array_equal(result.per_function["correctness"], [1, 1, 1])
+    assert result.failures == {"batch": 3, "correctness": 0}
