@@ -100,6 +100,7 @@ def make_dataset(
     answer_field: str = "answer",
     answer_format: str = "gsm8k",
     keep_fields: tuple[str, ...] = (),
+    row_filter: dict[str, tuple[Any, ...]] | None = None,
     difficulty: int = 1,
     templates: tuple[str, ...] | None = None,
     seed: int = 0,
@@ -107,7 +108,8 @@ def make_dataset(
     """(train, test) GSM8K-format examples: a hub id (with its `config`), a local file or
     folder, or `synthetic`. The fields and `answer_format` (gsm8k, boxed, final) say where a
     row keeps its problem and answer, and `keep_fields` what else each example carries for the
-    reward functions (`gsm8k.Columns`). `train_split=None` loads no train
+    reward functions (`gsm8k.Columns`); `row_filter` keeps the rows whose fields hold one of the
+    listed values (`{'level': ('Level 4', 'Level 5')}`). `train_split=None` loads no train
     examples (an extra eval set, in a gin scope)."""
     columns = gsm8k.Columns(question_field, answer_field, answer_format, keep_fields)
     load = lambda split, n: (
@@ -122,6 +124,7 @@ def make_dataset(
             difficulty=difficulty,
             templates=templates,
             columns=columns,
+            row_filter=row_filter,
         )
     )
     return load(train_split, num_train), load(test_split, num_test)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from grpo.data import synthetic
 from grpo.phases import reward
@@ -74,6 +75,7 @@ def load_examples(
     templates: Sequence[str] | None = None,
     cache_dir: str | None = None,
     columns: Columns = Columns(),
+    row_filter: Mapping[str, Sequence[Any]] | None = None,
 ) -> list[Example]:
     """Loads `split` of `source` as validated `{"question", "answer"}` dicts.
 
@@ -87,11 +89,13 @@ def load_examples(
     A path is recognised as local when it exists, has one of the suffixes above, or starts with
     `/`, `.` or `~`; a missing one raises FileNotFoundError. `num_examples` keeps the first n
     rows. `cache_dir` is the `datasets` cache (default: its own). `columns` says where a file's
-    or the hub's rows keep the problem and the answer (see `Columns`).
+    or the hub's rows keep the problem and the answer (see `Columns`). `row_filter` keeps only
+    the rows whose fields (dotted names too) hold one of the listed values, before the cap:
+    `{"level": ["Level 4", "Level 5"]}`.
     """
     if source == "synthetic":
-        if columns != Columns():
-            raise ValueError(f"synthetic problems have no columns to map: {columns}")
+        if columns != Columns() or row_filter:
+            raise ValueError(f"synthetic problems have no columns to map or filter: {columns}")
         n = _SYNTHETIC_SIZES.get(split, 0) if num_examples is None else num_examples
         return synthetic.generate_problems(
             n, seed=seed, split=split, difficulty=difficulty, templates=templates
@@ -106,7 +110,21 @@ def load_examples(
 
         rows = datasets.load_dataset(source, config, split=split, cache_dir=cache_dir).to_list()
         where = f"{source}[{config}:{split}]"
+    if row_filter:
+        rows = _filtered(rows, row_filter, where)
     return validate_examples(rows[:num_examples], where, columns)
+
+
+def _filtered(rows: list[dict], row_filter: Mapping[str, Sequence[Any]], where: str) -> list[dict]:
+    kept = [
+        row
+        for row in rows
+        if all(_field(row, name) in tuple(values) for name, values in row_filter.items())
+    ]
+    if not kept:
+        raise ValueError(f"{where}: no row matches the row filter {dict(row_filter)}")
+    logging.info("%s: %d of %d rows match the row filter", where, len(kept), len(rows))
+    return kept
 
 
 def validate_examples(

@@ -255,3 +255,19 @@ def test_kept_fields_ride_along_for_the_rewards(load, tmp_path):
         Columns(keep=("answer",))
     with pytest.raises(ValueError, match="synthetic problems have no columns to map"):
         load_examples("synthetic", "train", columns=Columns(keep=("level",)))
+
+
+def test_row_filter_keeps_matching_rows_before_the_cap(load, tmp_path):
+    rows = [
+        {**row, "info": {"level": f"Level {i % 3}"}} for i, row in enumerate(ROWS)
+    ]  # levels 0, 1, 2, 0, 1, 2, ...
+    path = _write_jsonl(tmp_path / "levels.jsonl", rows)
+    hard = {"info.level": ["Level 1", "Level 2"]}
+    expected = [{"question": r["question"], "answer": r["answer"]} for r in ROWS]
+    expected = [e for i, e in enumerate(expected) if i % 3]
+    assert load(path, row_filter=hard) == expected
+    assert load(path, row_filter=hard, num_examples=3) == expected[:3]  # the cap counts kept rows
+    with pytest.raises(ValueError, match="no row matches the row filter"):
+        load(path, row_filter={"info.level": ["Level 9"]})
+    with pytest.raises(ValueError, match="synthetic problems have no columns to map or filter"):
+        load_examples("synthetic", "train", row_filter=hard)
