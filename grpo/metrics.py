@@ -117,6 +117,17 @@ def _open_wandb(project: str, run_name: str | None, workdir: str, config: Mappin
     return wandb.init(project=project, name=run_name, dir=workdir, config=dict(config or {}))
 
 
+def append_records(file: Any, step: int, records: list[Mapping[str, Any]]) -> None:
+    """One flushed JSON line per record, each with the step first."""
+    file.writelines(json.dumps({"step": step, **r}) + "\n" for r in records)
+    file.flush()
+
+
+def eval_reply_lines(eval_set: str, records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """eval_completions.jsonl's records: each names its eval set."""
+    return [{"set": eval_set, **r} for r in records]
+
+
 class MetricsWriter:
     """Writes one record per step to every sink; a no-op unless `is_primary`.
 
@@ -182,13 +193,11 @@ class MetricsWriter:
         self, step: int, eval_set: str, records: list[Mapping[str, Any]]
     ) -> None:
         """Appends one JSON line per eval reply of `eval_set` to eval_completions.jsonl."""
-        self._append(self._eval_completions, step, [{"set": eval_set, **r} for r in records])
+        self._append(self._eval_completions, step, eval_reply_lines(eval_set, records))
 
     def _append(self, file: Any, step: int, records: list[Mapping[str, Any]]) -> None:
-        if not self._is_primary:
-            return
-        file.writelines(json.dumps({"step": step, **r}) + "\n" for r in records)
-        file.flush()
+        if self._is_primary:
+            append_records(file, step, records)
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -29,7 +29,7 @@ from grpo import flops, optim, sharding
 from grpo.checkpoint import Checkpointer
 from grpo.data.gsm8k import PromptStream
 from grpo.data.prompts import QUESTION, SYSTEM_PROMPT, check_question_template, encode_prompts
-from grpo.metrics import MetricsWriter
+from grpo.metrics import EVAL_COMPLETIONS_FILE, MetricsWriter, append_records, eval_reply_lines
 from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.phases import dynamic_sampling
@@ -947,11 +947,22 @@ def _checkpointed_policy(
 def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> dict[str, Any]:
     """Eval only: the policy of checkpoint `step` in `workdir` (None: the newest, else the
     starting policy as step 0), evaluated as training would; the result is appended to
-    `<workdir>/eval.jsonl` and returned. Nothing else in the workdir changes."""
+    `<workdir>/eval.jsonl` (and with `write_eval_completions` the replies to
+    eval_completions.jsonl) and returned. Nothing else in the workdir changes."""
     params, frozen, done = _checkpointed_policy(exp, workdir, step, required=False)
+    primary = jax.process_index() == 0
+    replies: list[dict] = []
+
+    def keep(name: str, records: list[dict]) -> None:
+        replies.extend(eval_reply_lines(name, records))
+
+    on_replies = keep if exp.train.write_eval_completions else None
     with jax.set_mesh(exp.mesh):
-        result = {"step": done, **evaluate(exp, lora.attach(frozen, params))}
-    if jax.process_index() == 0:
+        result = {"step": done, **evaluate(exp, lora.attach(frozen, params), on_replies)}
+    if primary and replies:
+        with open(os.path.join(workdir, EVAL_COMPLETIONS_FILE), "a") as f:
+            append_records(f, done, replies)
+    if primary:
         with open(os.path.join(workdir, EVAL_FILE), "a") as f:
             f.write(json.dumps(result) + "\n")
     return result

@@ -99,12 +99,16 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     assert "step 3/3" in result.stderr
     assert "done: 3 steps" in result.stderr
     # --eval_only on the finished run: step 3's eval again, written beside, nothing else.
-    result = _cli(tmp_path, "TrainConfig.num_steps=3", flags=["--eval_only"])
+    write_replies = "TrainConfig.write_eval_completions=True"
+    result = _cli(tmp_path, "TrainConfig.num_steps=3", write_replies, flags=["--eval_only"])
     assert result.returncode == 0, result.stderr[-3000:]
     (evaluated,) = metrics_lib.read_metrics(tmp_path / train.EVAL_FILE)
     greedy = ("eval_accuracy", "eval_length_mean", "eval_truncation_rate")
     assert evaluated == {"step": 3, **{key: rows[2][key] for key in greedy}}
     assert (tmp_path / "config.gin").read_text() == config
+    # ...and the same greedy replies as the run's own step-3 eval.
+    again = metrics_lib.read_metrics(tmp_path / metrics_lib.EVAL_COMPLETIONS_FILE)[len(replies) :]
+    assert again == [r for r in replies if r["step"] == 3 and r["set"] == "test"]
     # --export_only of an older checkpoint; a step that is not there fails in one line.
     export = tmp_path / "step2"
     result = _cli(tmp_path, flags=[f"--export_only={export}", "--checkpoint_step=2"])
