@@ -10,6 +10,7 @@ SUPPORTED_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",  # Llama's layers; sliding-window attention refused
 }
 
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
@@ -139,6 +140,12 @@ class ModelConfig:
                 f"unsupported architecture {model_type!r} (architectures="
                 f"{hf.get('architectures')}); supported: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
+        if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
+            raise ValueError(
+                f"{model_type} with sliding-window attention (sliding_window="
+                f"{hf['sliding_window']}) is not supported: every layer here attends to the "
+                "whole context"
+            )
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = hf.get("eos_token_id")
@@ -187,6 +194,8 @@ class ModelConfig:
         if self.model_type == "llama":
             hf["attention_bias"] = self.qkv_bias
             hf["mlp_bias"] = False
+        if self.model_type == "mistral":
+            hf["sliding_window"] = None
         if self.rope_scaling is not None:
             hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         if self.bos_token_id is not None:

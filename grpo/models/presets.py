@@ -49,6 +49,7 @@ PRESETS: dict[str, ModelConfig] = {
         ),
         **_TINY,
     ),
+    "tiny-mistral": ModelConfig(model_type="mistral", rope_theta=1000000.0, **_TINY),
     # Shapes of the public Qwen2.5 instruct checkpoints (random weights when used by name).
     "qwen2.5-0.5b": _qwen25(hidden=896, mlp=4864, layers=24, heads=14, head_dim=64),
     "qwen2.5-1.5b": _qwen25(hidden=1536, mlp=8960, layers=28, heads=12, head_dim=128),

@@ -83,7 +83,7 @@ def _assert_same_params(actual, expected) -> None:
 # --------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-qwen3", "tiny-llama"])
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-qwen3", "tiny-llama", "tiny-mistral"])
 def test_export_loads_unchanged_in_transformers_with_same_logits(tmp_path, name):
     config = _tiny(name, tie_word_embeddings=name != "tiny-qwen2")
     params = _random_params(config)

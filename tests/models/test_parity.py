@@ -61,6 +61,9 @@ CASES = {
     "llama_untied": lambda: transformers.LlamaConfig(
         **_SMALL, rope_theta=500000.0, tie_word_embeddings=False
     ),
+    "mistral_untied": lambda: transformers.MistralConfig(
+        **_SMALL, head_dim=16, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False
+    ),
 }
 
 
@@ -125,6 +128,14 @@ def test_config_translation_of_each_family():
     assert (qwen3.head_dim, qwen3.rope_theta) == (16, 1000000.0)
     assert llama.rope_scaling is not None and llama.rope_scaling.factor == 8.0
     assert (llama.qkv_bias, llama.head_dim, llama.rope_theta) == (False, 16, 10000.0)
+    _, mistral, _ = _reference("mistral_untied")
+    assert (mistral.model_type, mistral.qkv_bias, mistral.head_dim) == ("mistral", False, 16)
+    sliding = {**transformers.MistralConfig(**_SMALL).to_dict(), "sliding_window": 4096}
+    with pytest.raises(ValueError, match="sliding-window attention .* is not supported"):
+        ModelConfig.from_hf(sliding)
+    qwen2_window_off = {**transformers.Qwen2Config(**_SMALL).to_dict(), "sliding_window": 4096}
+    assert not qwen2_window_off["use_sliding_window"]
+    ModelConfig.from_hf(qwen2_window_off)  # Qwen2.5's configs name a window they do not use
 
 
 @pytest.mark.parametrize("case", ["qwen2_bias_untied", "llama_rope_scaling_tied"])
