@@ -15,6 +15,12 @@ that hit the token budget; the sequence modes' N still counts them (as TRL does)
 `importance_sampling_level="sequence"` (GSPO) every token of a completion takes the completion's
 ratio, exp of its mean token log-ratio, so clipping keeps or drops whole completions.
 
+With `top_entropy_quantile` = rho < 1 (Wang et al., 2025, "Beyond the 80/20 rule"; TRL's knob of
+that name) only the tokens whose policy entropy is in the batch's top rho fraction keep their
+loss weight; N is unchanged. The threshold is the (1 - rho) quantile of the entropies of every
+valid token of the whole batch, from a forward pass before the gradient pass, so it does not
+depend on the micro-batching.
+
 `old_logps` are the rollout's log-probs: with several updates on one rollout
 (`num_iterations > 1`) the ratio moves away from 1 after the first update and clipping acts.
 """
@@ -64,6 +70,9 @@ class LossConfig:
     # "token": each token's own ratio (GRPO); "sequence": every token of a completion takes
     # exp(mean log-ratio over the completion), clipped as one (GSPO; use small epsilons, ~3e-4).
     importance_sampling_level: str = "token"
+    # rho < 1: only the batch's top-rho tokens by policy entropy carry loss (the forking tokens);
+    # 1: every token. Costs one more forward pass over the batch.
+    top_entropy_quantile: float = 1.0
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -93,6 +102,10 @@ class LossConfig:
             )
         if self.logprob_chunk < 1:
             raise ValueError(f"logprob_chunk must be >= 1, got {self.logprob_chunk}")
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(
+                f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}"
+            )
 
 
 def token_weights(mask_BxC: jax.Array, *, config: LossConfig) -> jax.Array:
@@ -110,6 +123,14 @@ def loss_normaliser(mask_BxC: jax.Array, *, config: LossConfig) -> jax.Array:
     if config.aggregation == "token_mean":
         return _token_count(mask_BxC)
     return jnp.asarray(mask_BxC.shape[0], jnp.float32)
+
+
+def high_entropy_mask(entropy_BxC: jax.Array, mask_BxC: jax.Array, rho: float) -> jax.Array:
+    """The valid tokens whose entropy reaches the (1 - rho) quantile of the valid tokens'
+    (linear interpolation, as torch.quantile and TRL)."""
+    valid_entropy = jnp.where(mask_BxC, entropy_BxC.astype(jnp.float32), jnp.nan)
+    threshold = jnp.nanquantile(valid_entropy, 1.0 - rho)
+    return mask_BxC & (entropy_BxC >= threshold)
 
 
 def _token_count(mask_BxC: jax.Array) -> jax.Array:
@@ -172,10 +193,19 @@ def _masked_sum(x_BxC: jax.Array, mask_BxC: jax.Array) -> jax.Array:
 
 
 def _numerators(
-    logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, entropy_BxC=None, *, config
+    logps_BxC,
+    old_logps_BxC,
+    ref_logps_BxC,
+    advantages_B,
+    mask_BxC,
+    entropy_BxC=None,
+    keep_BxC=None,
+    *,
+    config,
 ):
     """Un-normalised sums over a (micro-)batch: sum(w * loss) and the TOKEN_STATS sums (and the
-    entropy's, given the policy's per-token entropy)."""
+    entropy's, given the policy's per-token entropy). `keep_BxC`: the tokens whose loss counts
+    (top_entropy_quantile), None: every valid one; the statistics cover every valid token."""
     _check_reference(ref_logps_BxC, config)
     # Padding may hold any value (e.g. -inf old log-probs): zero it before exp, so neither the
     # loss nor its gradient can pick up inf * 0.
@@ -190,6 +220,8 @@ def _numerators(
     )
     sums = {name: _masked_sum(value, mask_BxC) for name, value in stats.items()}
     weights_BxC = token_weights(mask_BxC, config=config)
+    if keep_BxC is not None:
+        weights_BxC = jnp.where(keep_BxC, weights_BxC, 0.0)
     sums["loss"] = jnp.sum(weights_BxC * loss_BxC)
     if entropy_BxC is not None:
         entropy_BxC = clean(entropy_BxC)
@@ -214,9 +246,21 @@ def policy_loss(
     config: LossConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The GRPO loss of one whole batch from log-probs (and the policy's per-token entropy,
-    for `entropy_coeff`), and its TOKEN_STATS (token means; the entropy's too, given it)."""
+    for `entropy_coeff` and `top_entropy_quantile`), and its TOKEN_STATS (token means; the
+    entropy's too, given it)."""
+    keep_BxC = None
+    if config.top_entropy_quantile < 1:
+        stopped = jax.lax.stop_gradient(entropy_BxC)
+        keep_BxC = high_entropy_mask(stopped, mask_BxC, config.top_entropy_quantile)
     sums = _numerators(
-        logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, entropy_BxC, config=config
+        logps_BxC,
+        old_logps_BxC,
+        ref_logps_BxC,
+        advantages_B,
+        mask_BxC,
+        entropy_BxC,
+        keep_BxC,
+        config=config,
     )
     metrics = _normalise(sums, loss_normaliser(mask_BxC, config=config), _token_count(mask_BxC))
     return metrics.pop("loss"), metrics
@@ -230,6 +274,11 @@ def _split(tree: Any, num_micro_batches: int) -> Any:
     """
     m = num_micro_batches
     return jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def _unsplit(x_MxRx: jax.Array) -> jax.Array:
+    """The inverse of `_split`: (M, B/M, ...) -> (B, ...) in the batch's row order."""
+    return x_MxRx.swapaxes(0, 1).reshape(-1, *x_MxRx.shape[2:])
 
 
 def loss_mask(batch: Batch, *, config: LossConfig) -> jax.Array:
@@ -272,9 +321,8 @@ def compute_gradients(
     _check_batch(batch, loss=loss, num_micro_batches=num_micro_batches)
     mask_BxC = loss_mask(batch, config=loss)
 
-    def numerators(p, mb: Batch):
-        mb_mask_BxC = loss_mask(mb, config=loss)
-        logps_BxC, entropy_BxC = transformer.completion_logprobs(
+    def logps_and_entropy(p, mb: Batch) -> tuple[jax.Array, jax.Array]:
+        return transformer.completion_logprobs(
             lora.attach(frozen, p),
             mb.prompt_tokens_BxP,
             mb.prompt_mask_BxP,
@@ -284,29 +332,40 @@ def compute_gradients(
             temperature=loss.temperature,
             chunk=loss.logprob_chunk,
         )
+
+    def numerators(p, mb: Batch, keep_BxC: jax.Array | None):
+        logps_BxC, entropy_BxC = logps_and_entropy(p, mb)
         sums = _numerators(
             logps_BxC,
             mb.old_logps_BxC,
             mb.ref_logps_BxC,
             mb.advantages_B,
-            mb_mask_BxC,
+            loss_mask(mb, config=loss),
             entropy_BxC,
+            keep_BxC,
             config=loss,  # micro-batches keep the width C: Dr. GRPO's default L is unchanged
         )
         return sums["loss"], sums
 
     grad_fn = jax.grad(numerators, has_aux=True)
 
-    def accumulate(carry, mb: Batch):
-        grads, sums = grad_fn(params, mb)
+    def accumulate(carry, xs):
+        grads, sums = grad_fn(params, *xs)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
+    micro_batches = _split(batch, num_micro_batches)
+    keep = None
+    if loss.top_entropy_quantile < 1:  # the whole batch's entropies set the threshold
+        _, entropy_MxRxC = jax.lax.scan(
+            lambda _, mb: (None, logps_and_entropy(params, mb)[1]), None, micro_batches
+        )
+        entropy_BxC = jax.lax.stop_gradient(_unsplit(entropy_MxRxC))
+        keep_BxC = high_entropy_mask(entropy_BxC, mask_BxC, loss.top_entropy_quantile)
+        keep = _split(keep_BxC, num_micro_batches)
     zero_grads = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
     zero_sums = {name: jnp.zeros((), jnp.float32) for name in ("loss", "entropy", *TOKEN_STATS)}
-    (grads, sums), _ = jax.lax.scan(
-        accumulate, (zero_grads, zero_sums), _split(batch, num_micro_batches)
-    )
+    (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (micro_batches, keep))
     loss_norm = loss_normaliser(mask_BxC, config=loss)
     grads = jax.tree.map(lambda g, p: (g / loss_norm).astype(p.dtype), grads, params)
     return grads, _normalise(sums, loss_norm, _token_count(mask_BxC))

@@ -122,6 +122,28 @@ def test_entropy_bonus_by_hand(aggregation, expected):
     np.testing.assert_allclose(grad, -0.1 * weights, atol=1e-7)  # padding: 0
 
 
+@pytest.mark.parametrize(
+    "rho, expected, expected_grad",
+    [
+        # Entropies (1, 2, 3) and (4, 5): the 0.6 quantile is 3.4, so only seq 1's tokens count;
+        # the 0.4 quantile is 2.6, adding seq 0's last (unclipped, r = 1: gradient -1/5).
+        (0.4, (1.6 + 2.2) / 5, [[0.0, 0.0, 0.0], [0.0, 0.44, 0.0]]),
+        (0.6, (-1.0 + 1.6 + 2.2) / 5, [[0.0, 0.0, -0.2], [0.0, 0.44, 0.0]]),
+        (1.0, 0.22, [[0.0, -0.1, -0.2], [0.0, 0.44, 0.0]]),
+    ],
+)
+def test_top_entropy_quantile_by_hand(rho, expected, expected_grad):
+    entropy = jnp.where(MASK, jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]]), jnp.inf)
+    config = LossConfig(top_entropy_quantile=rho)
+    loss_fn = lambda lp: update.policy_loss(
+        lp, OLD_LOGPS, None, ADVANTAGES, MASK, entropy, config=config
+    )
+    (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(LOGPS)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)  # N stays all 5 tokens
+    np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
+    assert float(aux["entropy"]) == pytest.approx(3.0)  # statistics still cover every token
+
+
 def test_dual_clip_and_asymmetric_epsilons():
     # A = -2, ratios (3.0, 0.5): losses max(6, 2.4) = 6 and max(1, 1.6) = 1.6 (clipped low).
     # Dual clip c = 2.5 caps the first at -c A = 5.
@@ -190,6 +212,7 @@ def test_sequence_level_ratio_clips_whole_completions():
         (dict(temperature=0.0), "temperature must be > 0"),
         (dict(max_completion_length=0), "max_completion_length must be >= 1"),
         (dict(logprob_chunk=0), "logprob_chunk must be >= 1"),
+        (dict(top_entropy_quantile=0.0), "top_entropy_quantile must be in"),
     ],
 )
 def test_loss_config_validation(kwargs, message):
@@ -404,6 +427,27 @@ def test_micro_batches_match_full_batch(params, batch, aggregation, gspo):
     grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
     _assert_trees_close(grads_4, grads, atol=1e-6)
     _assert_trees_close(metrics_4, metrics, atol=1e-6)
+
+
+def test_top_entropy_quantile_uses_the_whole_batch_threshold(params, batch):
+    # The reference: the whole batch's log-probs and entropies through policy_loss, which takes
+    # the quantile over them; compute_gradients must agree with any micro-batching.
+    batch = _perturbed(batch, with_ref=False)
+    loss = _loss(top_entropy_quantile=0.3)
+
+    def reference(p):
+        logps, entropy = _logps_and_entropy(p, batch)
+        mask = batch.completion_mask_BxC
+        args = (logps, batch.old_logps_BxC, None, batch.advantages_B, mask, entropy)
+        return update.policy_loss(*args, config=loss)
+
+    (expected_loss, _), expected = jax.value_and_grad(reference, has_aux=True)(params)
+    for micro_batches in (1, 4):
+        grads, metrics = _grad_fn(loss, micro_batches)(params, batch)
+        _assert_trees_close(grads, expected, atol=1e-6)
+        np.testing.assert_allclose(float(metrics["loss"]), float(expected_loss), rtol=1e-5)
+    all_tokens, _ = _grad_fn(_loss())(params, batch)
+    assert not np.allclose(all_tokens["final_norm"], expected["final_norm"])  # the mask acts
 
 
 def test_batch_errors(params, batch):
