@@ -93,9 +93,12 @@ class TrainConfig:
     answer_match: str = "numeric"
     seed: int = 0
     export_dir: str | None = None  # write a transformers-loadable folder at the end
-    # Export the policy here whenever eval_accuracy beats every earlier eval of the run (its
-    # step and accuracy in grpo_export.json): RL runs can get worse late.
+    # Export the policy here whenever `best_export_metric` beats every earlier eval of the run
+    # (its step and value in grpo_export.json): RL runs can get worse late.
     best_export_dir: str | None = None
+    # What "best" means: eval_accuracy, eval_mean_at_k or eval_pass_at_k (with eval_samples),
+    # each optionally of an extra eval set (`eval_accuracy/gsm8k`).
+    best_export_metric: str = "eval_accuracy"
     wandb_project: str | None = None  # log to W&B too (when `wandb` is installed)
 
     def __post_init__(self):
@@ -130,6 +133,11 @@ class TrainConfig:
                 f"{self.extra_eval_sets}"
             )
         check_question_template(self.question_template)
+        if self.best_export_metric not in self.best_metrics:
+            raise ValueError(
+                f"TrainConfig.best_export_metric={self.best_export_metric!r} is not a metric the "
+                f"eval reports; valid: {', '.join(self.best_metrics)}"
+            )
         for name in ("system_prompt", "question_template"):
             _refuse_escape_slips(f"TrainConfig.{name}", getattr(self, name) or "")
         if self.max_prompt_tokens is not None and not (
@@ -143,6 +151,14 @@ class TrainConfig:
             raise ValueError(
                 f"advantage_scale must be group|batch|none, got {self.advantage_scale}"
             )
+
+    @property
+    def best_metrics(self) -> list[str]:
+        """The eval metrics where higher is better, for `best_export_metric`."""
+        names = ["eval_accuracy"] + (
+            ["eval_mean_at_k", "eval_pass_at_k"] if self.eval_samples else []
+        )
+        return names + [f"{name}/{s}" for s in self.extra_eval_sets for name in names]
 
     @property
     def prompt_token_limit(self) -> int:
@@ -1007,19 +1023,20 @@ def train(exp: Experiment, workdir: str) -> dict[str, Any]:
     return summary
 
 
-def _best_so_far(best_export_dir: str | None, start_step: int) -> float:
-    """The eval accuracy of the best export a resumed run made before `start_step` (process 0
-    reads it; every process gets it, so all agree on the next export); -inf if none."""
+def _best_so_far(cfg: TrainConfig, start_step: int) -> float:
+    """The best-export metric of the export a resumed run made before `start_step` (process 0
+    reads it; every process gets it, so all agree on the next export); -inf if none (or if it
+    was chosen by another metric)."""
     best = -np.inf
-    if best_export_dir and jax.process_index() == 0:
+    if cfg.best_export_dir and jax.process_index() == 0:
         from grpo.models.loading import EXPORT_INFO
 
-        path = os.path.join(best_export_dir, EXPORT_INFO)
+        path = os.path.join(cfg.best_export_dir, EXPORT_INFO)
         if os.path.exists(path):
             with open(path) as f:
                 info = json.load(f)
             if info["step"] <= start_step:  # later: a run this one does not continue
-                best = info["eval_accuracy"]
+                best = info.get(cfg.best_export_metric, -np.inf)
     if jax.process_count() > 1:
         best = float(multihost_utils.broadcast_one_to_all(np.float32(best)))
     return best
@@ -1042,7 +1059,7 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
     """Steps from the resumed one to the last: eval, checkpoint and metrics after each; updates
     `summary`; raises Preempted after saving when a SIGTERM was agreed on."""
     cfg = exp.train
-    best = _best_so_far(cfg.best_export_dir, rt.start_step)
+    best = _best_so_far(cfg, rt.start_step)
     if cfg.eval_at_start and rt.start_step == 0:
         rt.metrics.write(0, _timed_eval(exp, rt, 0, summary))
     for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
@@ -1053,9 +1070,9 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
         last = step == cfg.num_steps
         if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
             metrics.update(_timed_eval(exp, rt, step, summary))
-            if cfg.best_export_dir and metrics["eval_accuracy"] > best:
-                best = metrics["eval_accuracy"]
-                info = {"step": step, "eval_accuracy": best}
+            if cfg.best_export_dir and metrics[cfg.best_export_metric] > best:
+                best = metrics[cfg.best_export_metric]
+                info = {"step": step, cfg.best_export_metric: best}
                 _export(exp, rt.state.params, rt.frozen_params, cfg.best_export_dir, info=info)
         metrics["checkpoint_seconds"] = _save(rt, step, force=last)
         metrics["step_seconds"] = time.perf_counter() - tick

@@ -184,6 +184,8 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(question_template="Solve: {q}"), "must hold {question} once"),
         (dict(extra_eval_sets=("a", "a")), "extra_eval_sets must be distinct gin scope names"),
         (dict(ref_sync_alpha=0.0), "ref_sync_alpha in (0, 1]"),
+        (dict(best_export_metric="eval_pass_at_k"), "valid: eval_accuracy"),  # no eval_samples
+        (dict(best_export_metric="eval_length_mean"), "is not a metric the eval reports"),
         (dict(extra_eval_sets=("math-500",)), "extra_eval_sets must be distinct gin scope names"),
         (dict(system_prompt="Write \frac{1}{2}"), "holds the control character \\f (a LaTeX"),
         (dict(question_template="{question} \boxed{}"), "holds the control character \\b"),
@@ -527,21 +529,31 @@ def test_lora_trains_adapters_on_a_frozen_base(tmp_path, length_reward, monkeypa
 
 @pytest.mark.slow
 def test_best_export_keeps_the_best_eval_across_a_resume(tmp_path, length_reward, monkeypatch):
-    # Eval accuracy 0.2, 0.5, 0.3 (then SIGTERM), and 0.4 after the resume: the best export is
-    # step 2's, and the resumed run, which has not beaten it, leaves it alone.
+    # The chosen metric, an extra set's accuracy, reads 0.2, 0.5, 0.3 (then SIGTERM), and 0.4
+    # after the resume: the best export is step 2's, and the resumed run, which has not beaten
+    # it, leaves it alone. (The main set's accuracy, 1 minus it, would pick step 1.)
     accuracies = iter([0.2, 0.5, 0.3, 0.4])
-    monkeypatch.setattr(
-        train, "evaluate", lambda exp, params, on_replies: {"eval_accuracy": next(accuracies)}
-    )
+
+    def stand_in(exp, params, on_replies):
+        accuracy = next(accuracies)
+        return {"eval_accuracy": 1 - accuracy, "eval_accuracy/hard": accuracy}
+
+    monkeypatch.setattr(train, "evaluate", stand_in)
     best, final = tmp_path / "best", tmp_path / "final"
-    common = ["TrainConfig.eval_every_steps=1", f"TrainConfig.best_export_dir='{best}'"]
+    common = [
+        "TrainConfig.eval_every_steps=1",
+        f"TrainConfig.best_export_dir='{best}'",
+        "TrainConfig.extra_eval_sets=('hard',)",
+        "hard/make_dataset.source='synthetic'",
+        "TrainConfig.best_export_metric='eval_accuracy/hard'",
+    ]
     info = lambda: json.loads((best / loading.EXPORT_INFO).read_text())
     with pytest.raises(train.Preempted):
         _train_in_process(tmp_path / "run", *common, stop_after=3)
-    assert info() == {"step": 2, "eval_accuracy": 0.5}
+    assert info() == {"step": 2, "eval_accuracy/hard": 0.5}
     _train_in_process(tmp_path / "run", *common, f"TrainConfig.export_dir='{final}'")
     assert next(accuracies, None) is None  # the resumed run evaluated step 4 only
-    assert info() == {"step": 2, "eval_accuracy": 0.5}
+    assert info() == {"step": 2, "eval_accuracy/hard": 0.5}
     best_weights, final_weights = (load_file(d / "model.safetensors") for d in (best, final))
     assert best_weights.keys() == final_weights.keys()
     assert any(not np.array_equal(best_weights[k], final_weights[k]) for k in best_weights)
