@@ -34,6 +34,7 @@ from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.phases import dynamic_sampling
 from grpo.phases import reward as reward_phase
+from grpo.phases.advantage import SCALES as ADVANTAGE_SCALES
 from grpo.phases.advantage import group_advantages
 from grpo.phases.rollout import SamplingConfig, generate, pad_prompts, trim_completions
 from grpo.phases.update import LossConfig, make_reference_logps_fn, make_update_fn
@@ -147,9 +148,10 @@ class TrainConfig:
                 f"TrainConfig.max_prompt_tokens must be in [1, {max(self.prompt_buckets)}] (the "
                 f"largest prompt bucket), got {self.max_prompt_tokens}"
             )
-        if self.advantage_scale not in ("group", "batch", "none"):
+        if self.advantage_scale not in ADVANTAGE_SCALES:
             raise ValueError(
-                f"advantage_scale must be group|batch|none, got {self.advantage_scale}"
+                f"advantage_scale must be one of {'|'.join(ADVANTAGE_SCALES)}, "
+                f"got {self.advantage_scale}"
             )
 
     @property

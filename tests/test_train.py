@@ -179,7 +179,7 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(num_steps=0), "TrainConfig.num_steps must be >= 1, got 0"),
         (dict(eval_samples=-1), "TrainConfig.eval_samples must be >= 0"),
         (dict(eval_temperature=0.0), "TrainConfig.eval_temperature must be > 0"),
-        (dict(advantage_scale="std"), "advantage_scale must be group|batch|none"),
+        (dict(advantage_scale="std"), "advantage_scale must be one of group|batch|none|rloo"),
         (dict(max_prompt_tokens=1025), "max_prompt_tokens must be in [1, 1024]"),
         (dict(question_template="Solve: {q}"), "must hold {question} once"),
         (dict(extra_eval_sets=("a", "a")), "extra_eval_sets must be distinct gin scope names"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-SCALES = ("group", "batch", "none")
+SCALES = ("group", "batch", "none", "rloo")
 
 
 def group_advantages(
@@ -19,8 +19,10 @@ def group_advantages(
     """(r - mean of its group) / (std + eps), fp32, shape (B,).
 
     scale: "group" divides by the std within the group (GRPO), "batch" by the std over the whole
-    batch (the mean is still per group), "none" does not divide (Dr. GRPO). A group whose rewards
-    are all equal gets exactly zero advantages (never NaN, whatever eps is).
+    batch (the mean is still per group; REINFORCE++'s baseline), "none" does not divide (Dr.
+    GRPO), "rloo" takes r minus the mean of the group's other rewards, n / (n - 1) times the
+    centred reward (RLOO). A group whose rewards are all equal gets exactly zero advantages
+    (never NaN, whatever eps is).
     """
     if scale not in SCALES:
         raise ValueError(f"advantage scale must be one of {SCALES}, got {scale!r}")
@@ -34,6 +36,8 @@ def group_advantages(
     centred_GxN = jnp.where(flat_Gx1, 0.0, rewards_GxN - rewards_GxN.mean(axis=1, keepdims=True))
     if scale == "none":
         return centred_GxN.reshape(batch)
+    if scale == "rloo":
+        return (centred_GxN * (group_size / max(group_size - 1, 1))).reshape(batch)
     if scale == "group":
         std = jnp.std(rewards_GxN, axis=1, keepdims=True, ddof=1)
     else:

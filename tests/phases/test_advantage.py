@@ -39,7 +39,13 @@ def test_no_scale_is_dr_grpo():
     np.testing.assert_allclose(got, [-3.0, 0.0, 3.0, 0.0, 0.0, 0.0], atol=1e-6)
 
 
-@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_rloo_subtracts_the_mean_of_the_other_samples():
+    # Group (1, 0, 0, 1): 1 - mean(0, 0, 1) = 2/3, 0 - mean(1, 0, 1) = -2/3.
+    got = group_advantages(jnp.array([1.0, 0.0, 0.0, 1.0]), group_size=4, scale="rloo")
+    np.testing.assert_allclose(got, [2 / 3, -2 / 3, -2 / 3, 2 / 3], atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none", "rloo"])
 @pytest.mark.parametrize("eps", [0.0, 1e-4])
 def test_equal_rewards_give_exact_zeros(scale, eps):
     # 0.1 is not exact in binary: the fp mean of three 0.1s is not 0.1 to the last bit.
@@ -48,7 +54,7 @@ def test_equal_rewards_give_exact_zeros(scale, eps):
     assert np.all(got == 0.0), got
 
 
-@pytest.mark.parametrize("scale", ["group", "batch"])
+@pytest.mark.parametrize("scale", ["group", "batch", "rloo"])
 def test_group_of_one_is_zero_not_nan(scale):
     got = np.asarray(group_advantages(jnp.array([1.0, 2.0]), group_size=1, scale=scale))
     assert np.all(got == 0.0), got
