@@ -93,7 +93,7 @@ def make_dataset(
     *,
     config: str | None = "main",
     train_split: str | None = "train",
-    test_split: str = "test",
+    test_split: str | None = "test",
     num_train: int | None = None,
     num_test: int | None = None,
     question_field: str = "question",
@@ -110,7 +110,8 @@ def make_dataset(
     row keeps its problem and answer, and `keep_fields` what else each example carries for the
     reward functions (`gsm8k.Columns`); `row_filter` keeps the rows whose fields hold one of the
     listed values (`{'level': ('Level 4', 'Level 5')}`). `train_split=None` loads no train
-    examples (an extra eval set, in a gin scope)."""
+    examples (an extra eval set, in a gin scope); `test_split=None` no test examples (a dataset
+    without a test split, in a run that does not evaluate)."""
     columns = gsm8k.Columns(question_field, answer_field, answer_format, keep_fields)
     load = lambda split, n: (
         []
@@ -189,6 +190,11 @@ def _datasets(
         for where, examples in sets:
             reward.check_numeric_references(examples, where)
     kept = [_drop_long_prompts(examples, where, tokenizer, train) for where, examples in sets]
+    if not kept[1] and (train.eval_every_steps or train.eval_at_start):
+        raise ValueError(
+            "no test examples (make_dataset.test_split=None) but the run evaluates; set "
+            "TrainConfig.eval_every_steps=0 (or name a test split, e.g. 'train[:500]' on the hub)"
+        )
     return kept[0], kept[1], dict(zip(extra, kept[2:], strict=True))
 
 
@@ -200,7 +206,7 @@ def _drop_long_prompts(
     limit = train.prompt_token_limit
     ids = encode_questions(train, tokenizer, examples)
     kept = [e for e, p in zip(examples, ids, strict=True) if len(p) <= limit]
-    if not kept:
+    if examples and not kept:
         raise ValueError(
             f"every {split} prompt is longer than {limit} tokens; raise TrainConfig."
             "max_prompt_tokens (and prompt_buckets)"

@@ -798,3 +798,10 @@ def test_a_batched_reward_scores_each_step_in_one_call(tmp_path, monkeypatch):
     for row in rows:
         assert row["reward_mean"] == pytest.approx(0.5)  # ranks 0..7 over 7
         assert row["reward_failures/length"] == 0 and row["grad_norm"] > 0
+
+
+def test_a_run_without_test_examples_must_not_evaluate(length_reward):
+    no_test = "make_dataset.test_split=None"
+    with pytest.raises(ValueError, match=r"no test examples \(make_dataset.test_split=None\)"):
+        _experiment(no_test)  # tiny.gin evaluates every 2 steps
+    assert _experiment(no_test, "TrainConfig.eval_every_steps=0").test_examples == []
