@@ -174,17 +174,13 @@ def _datasets(
     """(train examples, test examples, the extra eval sets' test examples by name), each
     checked against the answer settings and without prompts over the length limit."""
     train_examples, test_examples = make_dataset()
+    for name in train.extra_train_sets:
+        with gin.config_scope(_scope(name, "extra_train_sets")):
+            train_examples = train_examples + make_dataset(test_split=None)[0]
     extra = {}
     for name in train.extra_eval_sets:
-        try:
-            gin.query_parameter(f"{name}/make_dataset.source")
-        except ValueError:
-            raise ValueError(
-                f"TrainConfig.extra_eval_sets names {name!r}, but gin binds no "
-                f"{name}/make_dataset.source"
-            ) from None
-        with gin.config_scope(name):
-            _, extra[name] = make_dataset(train_split=None)
+        with gin.config_scope(_scope(name, "extra_eval_sets")):
+            extra[name] = make_dataset(train_split=None)[1]
     sets = [("train", train_examples), ("test", test_examples), *extra.items()]
     if train.answer_match == "numeric" or set(rewards.names) & set(reward.NUMERIC_REWARDS):
         for where, examples in sets:
@@ -196,6 +192,17 @@ def _datasets(
             "TrainConfig.eval_every_steps=0 (or name a test split, e.g. 'train[:500]' on the hub)"
         )
     return kept[0], kept[1], dict(zip(extra, kept[2:], strict=True))
+
+
+def _scope(name: str, setting: str) -> str:
+    """`name`, once gin is known to bind `name/make_dataset.source` (else a one-line error)."""
+    try:
+        gin.query_parameter(f"{name}/make_dataset.source")
+    except ValueError:
+        raise ValueError(
+            f"TrainConfig.{setting} names {name!r}, but gin binds no {name}/make_dataset.source"
+        ) from None
+    return name
 
 
 def _drop_long_prompts(

@@ -71,6 +71,9 @@ class TrainConfig:
     # More test sets, each a gin scope of make_dataset (`gsm8k/make_dataset.source = ...`),
     # evaluated beside the main one as eval_accuracy/<name> (and the other eval metrics).
     extra_eval_sets: tuple[str, ...] = ()
+    # More training data, each a gin scope of make_dataset whose train split joins the main
+    # one's (`math/make_dataset.source = ...`); every epoch shuffles them together.
+    extra_train_sets: tuple[str, ...] = ()
     checkpoint_every_steps: int = 10
     checkpoints_to_keep: int = 2
     # Every N steps: print two completions and write all of the step's to completions.jsonl.
@@ -125,14 +128,13 @@ class TrainConfig:
                 f"TrainConfig.ref_sync_every_steps must be >= 0 and ref_sync_alpha in (0, 1], "
                 f"got {self.ref_sync_every_steps} and {self.ref_sync_alpha}"
             )
-        object.__setattr__(self, "extra_eval_sets", tuple(self.extra_eval_sets))
-        if len(set(self.extra_eval_sets)) != len(self.extra_eval_sets) or not all(
-            name.isidentifier() for name in self.extra_eval_sets
-        ):
-            raise ValueError(
-                f"TrainConfig.extra_eval_sets must be distinct gin scope names, got "
-                f"{self.extra_eval_sets}"
-            )
+        for setting in ("extra_eval_sets", "extra_train_sets"):
+            names = tuple(getattr(self, setting))
+            object.__setattr__(self, setting, names)  # gin hands over lists
+            if len(set(names)) != len(names) or not all(n.isidentifier() for n in names):
+                raise ValueError(
+                    f"TrainConfig.{setting} must be distinct gin scope names, got {names}"
+                )
         check_question_template(self.question_template)
         if self.best_export_metric not in self.best_metrics:
             raise ValueError(

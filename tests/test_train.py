@@ -187,6 +187,7 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(best_export_metric="eval_pass_at_k"), "valid: eval_accuracy"),  # no eval_samples
         (dict(best_export_metric="eval_length_mean"), "is not a metric the eval reports"),
         (dict(extra_eval_sets=("math-500",)), "extra_eval_sets must be distinct gin scope names"),
+        (dict(extra_train_sets=("a", "a")), "extra_train_sets must be distinct gin scope names"),
         (dict(system_prompt="Write \frac{1}{2}"), "holds the control character \\f (a LaTeX"),
         (dict(question_template="{question} \boxed{}"), "holds the control character \\b"),
         (dict(answer_match="sympy"), "answer match must be one of numeric, math_verify"),
@@ -753,6 +754,21 @@ def test_the_question_template_reaches_the_sampled_prompts(length_reward):
     tokens, mask = train._prompts_for(exp, exp.train_examples[:2], 1)
     text = exp.tokenizer.decode(np.asarray(tokens)[0][np.asarray(mask)[0].astype(bool)])
     assert exp.train_examples[0]["question"] + " Be brief." in text
+
+
+def test_extra_train_sets_join_the_main_train_split(length_reward):
+    exp = _experiment(
+        "TrainConfig.extra_train_sets=('harder',)",
+        "harder/make_dataset.source='synthetic'",
+        "harder/make_dataset.difficulty=2",
+        "harder/make_dataset.num_train=5",
+    )
+    main = load_examples("synthetic", "train", num_examples=64)  # tiny.gin's
+    harder = load_examples("synthetic", "train", num_examples=5, difficulty=2)
+    assert exp.train_examples == main + harder
+    assert exp.test_examples == load_examples("synthetic", "test", num_examples=8)  # unchanged
+    with pytest.raises(ValueError, match="extra_train_sets names 'x', but gin binds no x/make_"):
+        _experiment("TrainConfig.extra_train_sets=('x',)")
 
 
 def test_extra_eval_sets_load_in_their_gin_scope(length_reward):
