@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lora_rank", type=int, default=0, help="> 0: train LoRA adapters on a frozen base"
     )
+    parser.add_argument(
+        "--top_entropy_quantile",
+        type=float,
+        default=1.0,
+        help="< 1: only the top tokens by entropy learn (one more forward pass per update)",
+    )
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
         "--gpu_target",
@@ -79,7 +85,11 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def loss_config(args: argparse.Namespace) -> update.LossConfig:
-    return update.LossConfig(beta=args.beta, logprob_chunk=args.logprob_chunk)
+    return update.LossConfig(
+        beta=args.beta,
+        logprob_chunk=args.logprob_chunk,
+        top_entropy_quantile=args.top_entropy_quantile,
+    )
 
 
 def reference_logps(config: ModelConfig, loss: update.LossConfig, params, batch: Batch, args):
@@ -107,6 +117,7 @@ def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
         "optimizer": args.optimizer,
         "beta": args.beta,
         "lora_rank": args.lora_rank,
+        "top_entropy_quantile": args.top_entropy_quantile,
     }
 
 

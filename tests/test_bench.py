@@ -30,6 +30,14 @@ def test_update_bench_reports_throughput_mfu_memory_and_torch_ratio():
     assert result["peak_device_gb"] == "n/a"  # the CPU allocator keeps no high-water mark
 
 
+def test_update_bench_times_the_high_entropy_token_mask():
+    result = update.main(
+        [*TINY, "--batch=4", "--prompt_len=8", "--completion_len=8", "--iters=1", "--warmup=0"]
+        + ["--top_entropy_quantile=0.2"]
+    )
+    assert result["top_entropy_quantile"] == 0.2 and result["update_tokens_per_s"] > 0
+
+
 def test_update_bench_sizes_lora_with_no_base_optimizer_state_or_reference_copy():
     # 0.5B, abstract (nothing allocated): tiny-qwen2's gigabytes round to 0.
     shape = ["--preset=qwen2.5-0.5b", "--batch=4", "--prompt_len=8", "--completion_len=8"]
