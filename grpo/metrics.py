@@ -156,10 +156,14 @@ class MetricsWriter:
             return
         workdir = os.fspath(workdir)
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl, self._completions, self._eval_completions = (
+        self._jsonl, self._completions = (
             _open_records(os.path.join(workdir, name), resume_step)
-            for name in (METRICS_FILE, COMPLETIONS_FILE, EVAL_COMPLETIONS_FILE)
+            for name in (METRICS_FILE, COMPLETIONS_FILE)
         )
+        # Written only when asked for (TrainConfig.write_eval_completions): opened on first use.
+        self._eval_completions_path = os.path.join(workdir, EVAL_COMPLETIONS_FILE)
+        if resume_step is not None:
+            _truncate_after(self._eval_completions_path, resume_step)
         if tensorboard:
             self._tensorboard = _open_tensorboard(
                 os.path.join(workdir, TENSORBOARD_DIR), resume_step
@@ -193,6 +197,8 @@ class MetricsWriter:
         self, step: int, eval_set: str, records: list[Mapping[str, Any]]
     ) -> None:
         """Appends one JSON line per eval reply of `eval_set` to eval_completions.jsonl."""
+        if self._is_primary and self._eval_completions is None:
+            self._eval_completions = open(self._eval_completions_path, "a")
         self._append(self._eval_completions, step, eval_reply_lines(eval_set, records))
 
     def _append(self, file: Any, step: int, records: list[Mapping[str, Any]]) -> None:
@@ -203,6 +209,7 @@ class MetricsWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._completions.close()
+        if self._eval_completions is not None:
             self._eval_completions.close()
         if self._tensorboard is not None:
             self._tensorboard.close()

@@ -169,3 +169,9 @@ def test_plot_writes_a_png(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="no metric \\['accuracy'\\]; available"):
         plot.main([f"--metrics={metrics}", f"--out={out}", "--keys=accuracy"])
+
+
+def test_eval_completions_file_appears_only_when_written(tmp_path):
+    with MetricsWriter(tmp_path, total_steps=3, tensorboard=False) as writer:
+        writer.write(1, {"reward_mean": 1.0})
+    assert not (tmp_path / EVAL_COMPLETIONS_FILE).exists()
