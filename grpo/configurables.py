@@ -171,8 +171,9 @@ def _end_and_pad_ids(bundle: ModelBundle) -> tuple[tuple[int, ...], int]:
 def _datasets(
     train: TrainConfig, rewards: reward.RewardConfig, tokenizer: Any
 ) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
-    """(train examples, test examples, the extra eval sets' test examples by name), each
-    checked against the answer settings and without prompts over the length limit."""
+    """(train examples, the extra train sets' joined in; test examples; the extra eval sets'
+    test examples by name), each checked against the answer settings and without prompts over
+    the length limit."""
     train_examples, test_examples = make_dataset()
     for name in train.extra_train_sets:
         with gin.config_scope(_scope(name, "extra_train_sets")):
@@ -186,6 +187,11 @@ def _datasets(
         for where, examples in sets:
             reward.check_numeric_references(examples, where)
     kept = [_drop_long_prompts(examples, where, tokenizer, train) for where, examples in sets]
+    if len(kept[0]) < train.prompts_per_step:
+        raise ValueError(
+            f"{len(kept[0])} train examples are fewer than one step's "
+            f"TrainConfig.prompts_per_step={train.prompts_per_step}"
+        )
     if not kept[1] and (train.eval_every_steps or train.eval_at_start):
         raise ValueError(
             "no test examples (make_dataset.test_split=None) but the run evaluates; set "

@@ -136,6 +136,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         ),
         (("make_model.lora_rank=4", "make_model.lora_targets=('qkv',)"), "LoRA targets must be"),
         ("TrainConfig.ref_sync_every_steps=2", "needs a reference of its own to move"),
+        ("make_dataset.num_train=1", "1 train examples are fewer than one step's"),
     ],
 )
 def test_bad_bindings_fail_fast(tmp_path, binding, message):
