@@ -20,7 +20,7 @@ from grpo.data import gsm8k
 from grpo.models import loading, presets, transformer
 from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
 from grpo.phases import reward, rollout, update
-from grpo.train import Experiment, TrainConfig, encode_questions
+from grpo.train import MAIN_SET, SOURCE, Experiment, TrainConfig, encode_questions
 
 make_optimizer = gin.external_configurable(optim.make_optimizer, "make_optimizer")
 make_lr_schedule = gin.external_configurable(optim.make_lr_schedule, "make_lr_schedule")
@@ -175,9 +175,12 @@ def _datasets(
     test examples by name), each checked against the answer settings and without prompts over
     the length limit."""
     train_examples, test_examples = make_dataset()
+    if train.extra_train_sets:  # each example names its set, for the per-set metrics
+        train_examples = [{**e, SOURCE: MAIN_SET} for e in train_examples]
     for name in train.extra_train_sets:
         with gin.config_scope(_scope(name, "extra_train_sets")):
-            train_examples = train_examples + make_dataset(test_split=None)[0]
+            more = make_dataset(test_split=None)[0]
+        train_examples += [{**e, SOURCE: name} for e in more]
     extra = {}
     for name in train.extra_eval_sets:
         with gin.config_scope(_scope(name, "extra_eval_sets")):

@@ -41,6 +41,9 @@ from grpo.phases.update import LossConfig, make_reference_logps_fn, make_update_
 from grpo.types import Batch, Rollout, TrainState
 
 EVAL_FILE = "eval.jsonl"  # what `evaluate_workdir` (main.py --eval_only) appends to
+# With extra train sets, each train example names its set under this key ("main": the
+# make_dataset one), and the step reports reward_mean/<set> and accuracy/<set>.
+SOURCE, MAIN_SET = "source_set", "main"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -524,6 +527,20 @@ def _rollout_metrics(scored: _Scored, group: int) -> dict:
         metrics[f"reward/{name}"] = _all_rows(values).mean()
     for name, count in rewards.failures.items():
         metrics[f"reward_failures/{name}"] = int(_all_rows(np.array([count])).sum())
+    if SOURCE in scored.examples[0]:
+        metrics.update(_per_set_metrics(scored, total))
+    return metrics
+
+
+def _per_set_metrics(scored: _Scored, total: np.ndarray) -> dict[str, float]:
+    """reward_mean/<set> and accuracy/<set> over the step's rows from each train set."""
+    sets = np.array(_all_json([e[SOURCE] for e in scored.examples]))
+    correct = _all_rows(scored.correct)
+    metrics = {}
+    for name in sorted(set(sets)):
+        rows = sets == name
+        metrics[f"reward_mean/{name}"] = total[rows].mean()
+        metrics[f"accuracy/{name}"] = correct[rows].mean()
     return metrics
 
 
@@ -690,6 +707,7 @@ def _completion_records(scored: _Scored, advantages_B: jax.Array) -> list[dict]:
             "advantage": float(advantages[i]),
             "length": int(lengths[i]),
             "truncated": bool(truncated[i]),
+            **({"set": example[SOURCE]} if SOURCE in example else {}),
         }
         for i, (text, example) in enumerate(zip(scored.texts, scored.examples, strict=True))
     ]

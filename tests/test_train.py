@@ -766,7 +766,8 @@ def test_extra_train_sets_join_the_main_train_split(length_reward):
     )
     main = load_examples("synthetic", "train", num_examples=64)  # tiny.gin's
     harder = load_examples("synthetic", "train", num_examples=5, difficulty=2)
-    assert exp.train_examples == main + harder
+    tagged = lambda examples, name: [{**e, train.SOURCE: name} for e in examples]
+    assert exp.train_examples == tagged(main, "main") + tagged(harder, "harder")
     assert exp.test_examples == load_examples("synthetic", "test", num_examples=8)  # unchanged
     with pytest.raises(ValueError, match="extra_train_sets names 'x', but gin binds no x/make_"):
         _experiment("TrainConfig.extra_train_sets=('x',)")
@@ -822,3 +823,28 @@ def test_a_run_without_test_examples_must_not_evaluate(length_reward):
     with pytest.raises(ValueError, match=r"no test examples \(make_dataset.test_split=None\)"):
         _experiment(no_test)  # tiny.gin evaluates every 2 steps
     assert _experiment(no_test, "TrainConfig.eval_every_steps=0").test_examples == []
+
+
+@pytest.mark.slow
+def test_mixed_train_sets_report_each_sets_reward_and_accuracy(tmp_path, length_reward):
+    # Equal halves of two generated sets; every completion is logged with its set.
+    _train_in_process(
+        tmp_path,
+        "TrainConfig.extra_train_sets=('harder',)",
+        "harder/make_dataset.source='synthetic'",
+        "harder/make_dataset.difficulty=2",
+        "harder/make_dataset.num_train=64",
+        "TrainConfig.num_steps=3",
+        "TrainConfig.eval_every_steps=0",
+        "TrainConfig.show_completions_every_steps=1",
+    )
+    rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    completions = metrics_lib.read_metrics(tmp_path / "completions.jsonl")
+    for row in rows:
+        mine = [c for c in completions if c["step"] == row["step"]]
+        for name in {c["set"] for c in mine}:
+            rewards = [c["reward"] for c in mine if c["set"] == name]
+            assert row[f"reward_mean/{name}"] == pytest.approx(np.mean(rewards), rel=1e-5)
+            correct = [c["correct"] for c in mine if c["set"] == name]
+            assert row[f"accuracy/{name}"] == pytest.approx(np.mean(correct))
+    assert {c["set"] for c in completions} == {"main", "harder"}  # both sets were drawn
