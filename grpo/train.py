@@ -576,13 +576,14 @@ def _rollout_and_score(
     rewards = reward_phase.score(
         texts, local_examples, rewards=exp.rewards, timeout_s=cfg.reward_timeout_s
     )
+    local_lengths = _local_rows(rollout.lengths_B)
     rewards = reward_phase.add_overlong_penalty(
-        rewards,
-        _local_rows(rollout.lengths_B),
-        rewards=exp.rewards,
-        max_length=exp.sampling.max_new_tokens,
+        rewards, local_lengths, rewards=exp.rewards, max_length=exp.sampling.max_new_tokens
     )
     correct = _check_answers(cfg, texts, local_examples).astype(np.float32)
+    rewards = reward_phase.add_length_reward(
+        rewards, local_lengths, correct, rewards=exp.rewards, group_size=cfg.num_generations
+    )
     timings["reward"] += time.perf_counter() - tick
     lengths = _all_rows(rollout.lengths_B).astype(np.float32)
     return _Scored(

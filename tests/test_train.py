@@ -327,7 +327,7 @@ def test_kl_to_the_frozen_reference_with_one_prefill_per_prompt(
 ):
     # 4 prompts divide over tiny.gin's dp x fsdp = 4 batch shards, so each prompt is prefilled
     # once and its 4 samples share the cache. (Tests with 2 prompts cover the fallback: rows
-    # repeated on the host.) The run also adds the overlong penalty to the rewards.
+    # repeated on the host.) The run also adds the overlong penalty and the length reward.
     calls = []
     _record_generate(
         monkeypatch, lambda tokens, kwargs: calls.append((tokens.shape[0], kwargs["num_samples"]))
@@ -341,12 +341,15 @@ def test_kl_to_the_frozen_reference_with_one_prefill_per_prompt(
         "TrainConfig.eval_every_steps=0",
         "make_rewards.overlong_buffer=8",
         "make_rewards.overlong_weight=0.5",
+        "make_rewards.length_reward_weight=0.3",
     )
     assert calls == [(4, 4), (4, 4)]
     rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
     for row in rows:  # a truncated completion's penalty is -1; one in the buffer's is in (-1, 0]
         assert -1.0 <= row["reward/overlong"] <= -row["truncation_rate"]
+        assert -0.5 <= row["reward/length_reward"] <= 0.0  # a random policy is never right
         total = row["reward/length"] + 0.5 * row["reward/overlong"]
+        total += 0.3 * row["reward/length_reward"]
         np.testing.assert_allclose(row["reward_mean"], total, rtol=1e-5)
     first, second = rows
     assert first["kl"] == 0.0  # step 1 samples from the reference itself

@@ -325,6 +325,7 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
 
 
 OVERLONG = "overlong"  # the length penalty's name among the per-function rewards
+LENGTH_REWARD = "length_reward"  # Kimi k1.5's length reward's
 
 
 def get_reward_fn(name: str) -> RewardFn:
@@ -363,6 +364,9 @@ class RewardConfig:
     # (0: off), added to the total with `overlong_weight`; see `overlong_penalty`.
     overlong_buffer: int = 0
     overlong_weight: float = 1.0
+    # Kimi k1.5's length reward within each group (see `length_reward`), added to the total
+    # with this weight (0: off; the paper uses it after a warm-up phase).
+    length_reward_weight: float = 0.0
 
     def __post_init__(self) -> None:
         # gin hands over lists; tuples keep the config hashable.
@@ -388,6 +392,12 @@ class RewardConfig:
             )
         if self.overlong_buffer and OVERLONG in self.names:
             raise ValueError(f"RewardConfig: {OVERLONG!r} names the length penalty, not a function")
+        if not math.isfinite(self.length_reward_weight):
+            raise ValueError(
+                f"RewardConfig length_reward_weight must be finite, got {self.length_reward_weight}"
+            )
+        if self.length_reward_weight and LENGTH_REWARD in self.names:
+            raise ValueError(f"RewardConfig: {LENGTH_REWARD!r} names the length reward")
 
 
 # --------------------------------------------------------------------------- time-limited calls
@@ -648,8 +658,41 @@ def add_overlong_penalty(
     if not rewards.overlong_buffer:
         return result
     penalty_B = overlong_penalty(lengths_B, max_length=max_length, buffer=rewards.overlong_buffer)
+    return _with_term(result, OVERLONG, penalty_B, rewards.overlong_weight)
+
+
+def length_reward(lengths_B: np.ndarray, correct_B: np.ndarray, *, group_size: int) -> np.ndarray:
+    """Kimi k1.5's length reward, float32 [B]. Within each group of `group_size` replies,
+    lambda = 0.5 - (len - min len) / (max len - min len) (0 when the lengths are all equal): a
+    right reply gets lambda, a wrong one min(0, lambda), so short right answers gain and long
+    wrong ones lose."""
+    lengths_GxN = np.asarray(lengths_B, np.float64).reshape(-1, group_size)
+    shortest = lengths_GxN.min(axis=1, keepdims=True)
+    spread = lengths_GxN.max(axis=1, keepdims=True) - shortest
+    lam = np.where(spread > 0, 0.5 - (lengths_GxN - shortest) / np.maximum(spread, 1), 0.0)
+    correct_GxN = np.asarray(correct_B, bool).reshape(-1, group_size)
+    return np.where(correct_GxN, lam, np.minimum(lam, 0.0)).reshape(-1).astype(np.float32)
+
+
+def add_length_reward(
+    result: RewardResult,
+    lengths_B: np.ndarray,
+    correct_B: np.ndarray,
+    *,
+    rewards: RewardConfig,
+    group_size: int,
+) -> RewardResult:
+    """`result` with the weighted length reward in its total and, unweighted, among its
+    per-function rewards; unchanged when `rewards.length_reward_weight` is 0."""
+    if not rewards.length_reward_weight:
+        return result
+    reward_B = length_reward(lengths_B, correct_B, group_size=group_size)
+    return _with_term(result, LENGTH_REWARD, reward_B, rewards.length_reward_weight)
+
+
+def _with_term(result: RewardResult, name: str, values_B: np.ndarray, weight: float):
     return dataclasses.replace(
         result,
-        total=result.total + np.float32(rewards.overlong_weight) * penalty_B,
-        per_function={**result.per_function, OVERLONG: penalty_B},
+        total=result.total + np.float32(weight) * values_B,
+        per_function={**result.per_function, name: values_B},
     )

@@ -550,3 +550,31 @@ def test_a_failed_batched_call_scores_every_row_zero(monkeypatch, fn):
     np.testing.assert_array_equal(result.per_function["batch"], [0, 0, 0])
     np.testing.assert_array_equal(result.per_function["correctness"], [1, 1, 1])
     assert result.failures == {"batch": 3, "correctness": 0}
+
+
+def test_length_reward_by_hand():
+    # Group 1 lengths (10, 20, 30, 20), right, right, wrong, wrong: lambda = 0.5 - (l - 10) / 20
+    # = (0.5, 0, -0.5, 0); wrong replies keep only a negative lambda. Group 2: equal lengths, 0.
+    lengths = np.array([10, 20, 30, 20, 7, 7, 7, 7])
+    correct = np.array([1, 1, 0, 0, 1, 0, 1, 0], np.float32)
+    got = reward.length_reward(lengths, correct, group_size=4)
+    np.testing.assert_allclose(got, [0.5, 0.0, -0.5, 0.0, 0, 0, 0, 0])
+    assert got.dtype == np.float32
+
+
+def test_length_reward_joins_the_weighted_total(monkeypatch):
+    config = reward.RewardConfig(names=("correctness",), weights=(1.0,), length_reward_weight=0.2)
+    result = reward.score(["#### 72", "#### 1"], [gsm8k("72")] * 2, rewards=config)
+    shaped = reward.add_length_reward(
+        result, np.array([5, 15]), np.array([1.0, 0.0]), rewards=config, group_size=2
+    )
+    np.testing.assert_allclose(shaped.per_function["length_reward"], [0.5, -0.5])
+    np.testing.assert_allclose(shaped.total, [1.0 + 0.1, 0.0 - 0.1])
+    off = reward.RewardConfig(names=("correctness",), weights=(1.0,))
+    assert (
+        reward.add_length_reward(result, np.array([5, 15]), np.ones(2), rewards=off, group_size=2)
+        is result
+    )
+    monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length_reward", _boom)
+    with pytest.raises(ValueError, match="'length_reward' names the length reward"):
+        reward.RewardConfig(names=("length_reward",), weights=(1.0,), length_reward_weight=1.0)
