@@ -38,6 +38,12 @@ flags.DEFINE_string(
     "Write the newest checkpoint in --workdir to this folder as a Hugging Face model (merged, "
     "plus adapter/ under LoRA); no training.",
 )
+flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Load the model and data and check the whole configuration, print what the run would do, "
+    "and exit before anything compiles or is written.",
+)
 flags.DEFINE_integer(
     "checkpoint_step",
     None,
@@ -102,6 +108,15 @@ def main(argv: list[str]) -> None:
     logging.info("operative gin config:\n%s", operative)
     for line in describe_runtime(experiment.mesh):
         logging.info("%s", line)
+    if FLAGS.dry_run:
+        for line in train.effective_batch_lines(experiment):
+            logging.info("%s", line)
+        logging.info(
+            "dry run: the configuration is valid (%d train / %d test examples); nothing compiled",
+            len(experiment.train_examples),
+            len(experiment.test_examples),
+        )
+        return
     if FLAGS.eval_only or FLAGS.export_only:
         _run_one_off(experiment)
         return

@@ -1,5 +1,6 @@
 """The trainer end to end: CLI, config dump, fail-fast bad input, exact resume, optimizers."""
 
+import functools
 import json
 import os
 import re
@@ -28,6 +29,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
 # Timings and throughputs differ run to run; everything else must match exactly.
 NONDETERMINISTIC = ("_seconds", "_per_s", "mfu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_tokenizer_load_per_spec():
+    """Each experiment built here would convert SmolLM2's GGUF tokenizer again (about 3 s);
+    no test in this module checks tokenizer loading, so they share one (the CLI runs load
+    their own)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loading, "load_tokenizer", functools.cache(loading.load_tokenizer))
+        yield
 
 
 def _cli(workdir, *bindings, timeout=600, flags=()):
@@ -144,6 +155,14 @@ def test_bad_bindings_fail_fast(tmp_path, binding, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Compiling" not in result.stderr and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_dry_run_checks_everything_and_compiles_nothing(tmp_path):
+    result = _cli(tmp_path / "run", flags=["--dry_run"], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dry run: the configuration is valid (64 train / 8 test examples)" in result.stderr
+    assert "batch per step: 2 prompts x 4 samples" in result.stderr
+    assert "Compiling" not in result.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
