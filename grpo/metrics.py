@@ -128,6 +128,15 @@ def eval_reply_lines(eval_set: str, records: list[Mapping[str, Any]]) -> list[di
     return [{"set": eval_set, **r} for r in records]
 
 
+def _wandb_table(records: list[Mapping[str, Any]]) -> Any:
+    """A W&B table of the records: one row each, nested values as JSON text."""
+    import wandb  # imported when W&B was enabled
+
+    columns = list(records[0])
+    cell = lambda v: json.dumps(v) if isinstance(v, dict | list) else v
+    return wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in records])
+
+
 class MetricsWriter:
     """Writes one record per step to every sink; a no-op unless `is_primary`.
 
@@ -190,8 +199,11 @@ class MetricsWriter:
         logging.info(format_step_line(step, self._total_steps, scalars))
 
     def write_completions(self, step: int, records: list[Mapping[str, Any]]) -> None:
-        """Appends one JSON line per completion (`records`: JSON-serialisable dicts)."""
+        """Appends one JSON line per completion (`records`: JSON-serialisable dicts); with W&B
+        also logs them as a table, `completions`."""
         self._append(self._completions, step, records)
+        if self._wandb is not None and records:
+            self._wandb.log({"completions": _wandb_table(records)}, step=step)
 
     def write_eval_completions(
         self, step: int, eval_set: str, records: list[Mapping[str, Any]]

@@ -127,14 +127,24 @@ def test_wandb_logs_when_importable_and_enabled(tmp_path, monkeypatch):
         log=lambda data, step: calls.append(("log", step, data)),
         finish=lambda: calls.append(("finish",)),
     )
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw["project"])) or run)
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw["project"])) or run,
+        Table=lambda columns, data: ("table", columns, data),
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     with MetricsWriter(tmp_path, total_steps=3, tensorboard=False) as writer:  # not enabled
         writer.write(1, {"loss": 1.0})
     assert calls == []
     with MetricsWriter(tmp_path, total_steps=3, tensorboard=False, wandb_project="grpo") as writer:
+        writer.write_completions(2, [{"completion": "12", "rewards": {"format": 0.5}}])
         writer.write(2, {"loss": 0.5})
-    assert calls == [("init", "grpo"), ("log", 2, {"loss": 0.5}), ("finish",)]
+    table = ("table", ["completion", "rewards"], [["12", '{"format": 0.5}']])
+    assert calls == [
+        ("init", "grpo"),
+        ("log", 2, {"completions": table}),
+        ("log", 2, {"loss": 0.5}),
+        ("finish",),
+    ]
 
 
 def test_non_primary_writes_nothing(tmp_path, caplog):
