@@ -1,0 +1,237 @@
+"""What a run is made of, before anything runs: the loop's knobs (`TrainConfig`, validated when
+built) and the assembled `Experiment` the gin factories return (grpo/configurables.py), with the
+checks and the batch accounting that need both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from grpo import sharding
+from grpo.data.prompts import QUESTION, SYSTEM_PROMPT, check_question_template
+from grpo.models.config import ModelConfig
+from grpo.phases import reward as reward_phase
+from grpo.phases.advantage import SCALES as ADVANTAGE_SCALES
+from grpo.phases.rollout import SamplingConfig
+from grpo.phases.update import LossConfig
+
+# With extra train sets, each train example names its set under this key ("main": the
+# make_dataset one), and the step reports reward_mean/<set> and accuracy/<set>.
+SOURCE, MAIN_SET = "source_set", "main"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Loop knobs. Batch knobs count prompts or completions, as their names say (global)."""
+
+    num_steps: int = 100
+    prompts_per_step: int = 16
+    num_generations: int = 8  # completions per prompt: the GRPO group size
+    num_iterations: int = 1  # optimizer updates per rollout batch (old policy = the rollout's)
+    # > 0 (with make_loss.beta > 0): every N steps the KL reference moves toward the policy,
+    # ref <- alpha * policy + (1 - alpha) * ref (TRL's sync_ref_model); checkpoints keep it.
+    ref_sync_every_steps: int = 0
+    ref_sync_alpha: float = 0.6
+    # > 1: DAPO's dynamic sampling, up to this many rollout rounds per step to fill it with
+    # groups whose rewards differ (grpo/phases/dynamic_sampling.py); 1: one round, every group.
+    max_sampling_rounds: int = 1
+    # At most this many completions per forward/backward pass (gradient accumulation over the
+    # step's micro-batches; memory); None: the whole step batch at once.
+    completions_per_micro_batch: int | None = None
+    advantage_scale: str = "group"  # group | batch | none
+    eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)
+    eval_at_start: bool = False  # also evaluate the starting policy (written as step 0)
+    eval_examples: int | None = None  # None: the whole test split
+    eval_prompts_per_batch: int = 64  # prompts per eval rollout (x eval_samples rows)
+    eval_samples: int = 0  # k > 0: also k sampled replies per example (mean and pass@k)
+    eval_temperature: float | None = None  # of those k replies; None: the training sampler's
+    # More test sets, each a gin scope of make_dataset (`gsm8k/make_dataset.source = ...`),
+    # evaluated beside the main one as eval_accuracy/<name> (and the other eval metrics).
+    extra_eval_sets: tuple[str, ...] = ()
+    # More training data, each a gin scope of make_dataset whose train split joins the main
+    # one's (`math/make_dataset.source = ...`); every epoch shuffles them together.
+    extra_train_sets: tuple[str, ...] = ()
+    checkpoint_every_steps: int = 10
+    checkpoints_to_keep: int = 2
+    # Every N steps: print two completions and write all of the step's to completions.jsonl.
+    show_completions_every_steps: int = 10
+    # Every eval also writes each greedy reply (per set) to eval_completions.jsonl.
+    write_eval_completions: bool = False
+    system_prompt: str | None = SYSTEM_PROMPT  # None: the chat template's own default
+    # The user turn: the question where it says {question}, e.g. an instruction after it.
+    question_template: str = QUESTION
+    # Variables for the chat template, e.g. {'enable_thinking': False} for Qwen3.
+    chat_template_kwargs: dict[str, Any] | None = None
+    prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    # Examples whose prompt (chat template included) is longer are dropped from both splits at
+    # start, so every prompt fits a bucket; None: the largest bucket.
+    max_prompt_tokens: int | None = None
+    completion_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
+    reward_timeout_s: float = 5.0
+    # accuracy and eval: also accept the reply's last number when it has no explicit answer
+    answer_last_number_fallback: bool = False
+    # accuracy and eval: compare answers as numbers, or as math ('math_verify', MATH-style data)
+    answer_match: str = "numeric"
+    seed: int = 0
+    export_dir: str | None = None  # write a transformers-loadable folder at the end
+    # Export the policy here whenever `best_export_metric` beats every earlier eval of the run
+    # (its step and value in grpo_export.json): RL runs can get worse late.
+    best_export_dir: str | None = None
+    # What "best" means: eval_accuracy, eval_mean_at_k or eval_pass_at_k (with eval_samples),
+    # each optionally of an extra eval set (`eval_accuracy/gsm8k`).
+    best_export_metric: str = "eval_accuracy"
+    wandb_project: str | None = None  # log to W&B too (when `wandb` is installed)
+
+    def __post_init__(self):
+        for name in (
+            "num_steps",
+            "prompts_per_step",
+            "num_generations",
+            "num_iterations",
+            "max_sampling_rounds",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_samples < 0:
+            raise ValueError(f"TrainConfig.eval_samples must be >= 0, got {self.eval_samples}")
+        if self.eval_temperature is not None and self.eval_temperature <= 0:
+            raise ValueError(
+                f"TrainConfig.eval_temperature must be > 0 (greedy is eval_accuracy), "
+                f"got {self.eval_temperature}"
+            )
+        reward_phase.check_answer_match(self.answer_match)
+        if self.ref_sync_every_steps < 0 or not 0 < self.ref_sync_alpha <= 1:
+            raise ValueError(
+                f"TrainConfig.ref_sync_every_steps must be >= 0 and ref_sync_alpha in (0, 1], "
+                f"got {self.ref_sync_every_steps} and {self.ref_sync_alpha}"
+            )
+        for setting in ("extra_eval_sets", "extra_train_sets"):
+            names = tuple(getattr(self, setting))
+            object.__setattr__(self, setting, names)  # gin hands over lists
+            if len(set(names)) != len(names) or not all(n.isidentifier() for n in names):
+                raise ValueError(
+                    f"TrainConfig.{setting} must be distinct gin scope names, got {names}"
+                )
+        check_question_template(self.question_template)
+        if self.best_export_metric not in self.best_metrics:
+            raise ValueError(
+                f"TrainConfig.best_export_metric={self.best_export_metric!r} is not a metric the "
+                f"eval reports; valid: {', '.join(self.best_metrics)}"
+            )
+        for name in ("system_prompt", "question_template"):
+            _refuse_escape_slips(f"TrainConfig.{name}", getattr(self, name) or "")
+        if self.max_prompt_tokens is not None and not (
+            1 <= self.max_prompt_tokens <= max(self.prompt_buckets)
+        ):
+            raise ValueError(
+                f"TrainConfig.max_prompt_tokens must be in [1, {max(self.prompt_buckets)}] (the "
+                f"largest prompt bucket), got {self.max_prompt_tokens}"
+            )
+        if self.advantage_scale not in ADVANTAGE_SCALES:
+            raise ValueError(
+                f"advantage_scale must be one of {'|'.join(ADVANTAGE_SCALES)}, "
+                f"got {self.advantage_scale}"
+            )
+
+    @property
+    def best_metrics(self) -> list[str]:
+        """The eval metrics where higher is better, for `best_export_metric`."""
+        names = ["eval_accuracy"] + (
+            ["eval_mean_at_k", "eval_pass_at_k"] if self.eval_samples else []
+        )
+        return names + [f"{name}/{s}" for s in self.extra_eval_sets for name in names]
+
+    @property
+    def prompt_token_limit(self) -> int:
+        return self.max_prompt_tokens or max(self.prompt_buckets)
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    @property
+    def num_micro_batches(self) -> int:
+        per_micro = min(
+            self.completions_per_micro_batch or self.completions_per_step,
+            self.completions_per_step,
+        )
+        if self.completions_per_step % per_micro:
+            raise ValueError(
+                f"completions_per_micro_batch={per_micro} must divide the "
+                f"{self.completions_per_step} completions of a step"
+            )
+        return self.completions_per_step // per_micro
+
+
+# Control characters no prompt means to hold: what `\boxed`, `\frac`, `\vec` or `\approx`
+# become when written with one backslash in a gin or Python string.
+_ESCAPE_SLIPS = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\v": "\\v"}
+
+
+def _refuse_escape_slips(name: str, text: str) -> None:
+    for char, escape in _ESCAPE_SLIPS.items():
+        if char in text:
+            raise ValueError(
+                f"{name} holds the control character {escape} (a LaTeX command written with one "
+                f"backslash? in gin write \\\\ for \\): {text!r}"
+            )
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What the factories build: model, data, phase configs, optimizer, mesh."""
+
+    model: ModelConfig
+    params: Any  # host (numpy) params, as loaded
+    tokenizer: Any
+    train_examples: Sequence[dict]
+    test_examples: Sequence[dict]
+    sampling: SamplingConfig
+    loss: LossConfig
+    rewards: reward_phase.RewardConfig
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule  # over optimizer steps: num_steps x num_iterations
+    mesh: Mesh
+    train: TrainConfig
+    # name -> test examples, evaluated beside test_examples (TrainConfig.extra_eval_sets)
+    extra_eval_sets: dict[str, Sequence[dict]] = dataclasses.field(default_factory=dict)
+
+
+def effective_batch_lines(exp: Experiment) -> list[str]:
+    """How many prompts, completions and tokens a step holds, globally and per unit."""
+    cfg = exp.train
+    procs = jax.process_count()
+    max_tokens = max(cfg.prompt_buckets) + exp.sampling.max_new_tokens
+    per_micro = cfg.completions_per_step // cfg.num_micro_batches
+    return [
+        f"batch per step: {cfg.prompts_per_step} prompts x {cfg.num_generations} samples = "
+        f"{cfg.completions_per_step} completions, <= {cfg.completions_per_step * max_tokens} "
+        f"tokens; {cfg.num_iterations} update(s) per step",
+        f"batch per process ({procs}): {cfg.prompts_per_step // procs} prompts, "
+        f"{cfg.completions_per_step // procs} completions",
+        f"batch per micro-batch ({cfg.num_micro_batches}): {per_micro} completions, "
+        f"<= {per_micro * max_tokens} tokens",
+    ]
+
+
+def check_batch_layout(exp: Experiment) -> None:
+    """Fails before anything compiles when the batch cannot be laid out on the mesh."""
+    cfg = exp.train
+    divisor = sharding.batch_divisor(exp.mesh)
+    per_micro = cfg.completions_per_step // cfg.num_micro_batches
+    if per_micro % divisor:
+        raise ValueError(
+            f"{per_micro} completions per micro-batch do not split over dp x fsdp = {divisor} "
+            "devices; change prompts_per_step, num_generations or completions_per_micro_batch"
+        )
+    if cfg.prompts_per_step % jax.process_count():
+        raise ValueError(
+            f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
+            f"{jax.process_count()} processes"
+        )
