@@ -371,7 +371,7 @@ def _rollout_and_score(
     rewards = reward_phase.add_overlong_penalty(
         rewards, local_lengths, rewards=exp.rewards, max_length=exp.sampling.max_new_tokens
     )
-    correct = _check_answers(cfg, texts, local_examples).astype(np.float32)
+    correct = _answer_checks(cfg, texts, local_examples, rewards)
     rewards = reward_phase.add_length_reward(
         rewards, local_lengths, correct, rewards=exp.rewards, group_size=cfg.num_generations
     )
@@ -537,6 +537,20 @@ def _throughput(
         model_flops = flops.training_flops(exp.model, rows, prompt_len, completion_len)
         out["mfu"] = model_flops * iterations / timings["update"] / (peak * jax.device_count())
     return out
+
+
+def _answer_checks(
+    cfg: TrainConfig, texts: list[str], examples: list[dict], rewards: reward_phase.RewardResult
+) -> np.ndarray:
+    """float32: whether each reply is right. When a scored reward makes the same check (e.g.
+    `correctness`), its scores are the answer (a failed call is wrong either way); no second
+    pass over the replies."""
+    same = reward_phase.ANSWER_CHECK_REWARDS.get(
+        (cfg.answer_match, cfg.answer_last_number_fallback)
+    )
+    if same in rewards.per_function:
+        return (rewards.per_function[same] > 0).astype(np.float32)
+    return _check_answers(cfg, texts, examples).astype(np.float32)
 
 
 def _check_answers(cfg: TrainConfig, texts: list[str], examples: list[dict]) -> np.ndarray:

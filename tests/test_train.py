@@ -870,3 +870,20 @@ def test_mixed_train_sets_report_each_sets_reward_and_accuracy(tmp_path, length_
             correct = [c["correct"] for c in mine if c["set"] == name]
             assert row[f"accuracy/{name}"] == pytest.approx(np.mean(correct))
     assert {c["set"] for c in completions} == {"main", "harder"}  # both sets were drawn
+
+
+def test_accuracy_reuses_a_reward_that_makes_the_same_answer_check(monkeypatch):
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the answers were checked twice")
+
+    monkeypatch.setattr(reward, "check_answers", no_second_pass)
+    scored = reward.RewardResult(
+        total=np.zeros(3, np.float32),
+        per_function={"correctness_last_number": np.array([1.0, 0.0, 1.0], np.float32)},
+        failures={},
+    )
+    cfg = train.TrainConfig(answer_last_number_fallback=True)
+    correct = train._answer_checks(cfg, ["a", "b", "c"], [{}] * 3, scored)
+    np.testing.assert_array_equal(correct, [1.0, 0.0, 1.0])
+    with pytest.raises(AssertionError, match="checked twice"):  # another check: a pass of its own
+        train._answer_checks(train.TrainConfig(), ["a", "b", "c"], [{}] * 3, scored)

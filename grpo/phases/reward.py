@@ -324,6 +324,14 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
 }
 
 
+# The built-in rewards that are an answer check, by `is_correct`'s (match, last_number_fallback):
+# a run scoring one of them need not check the answers again for its accuracy.
+ANSWER_CHECK_REWARDS = {
+    ("numeric", False): "correctness",
+    ("numeric", True): "correctness_last_number",
+    ("math_verify", False): "correctness_math_verify",
+}
+
 OVERLONG = "overlong"  # the length penalty's name among the per-function rewards
 LENGTH_REWARD = "length_reward"  # Kimi k1.5's length reward's
 
