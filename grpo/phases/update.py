@@ -276,11 +276,6 @@ def _split(tree: Any, num_micro_batches: int) -> Any:
     return jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), tree)
 
 
-def _unsplit(x_MxRx: jax.Array) -> jax.Array:
-    """The inverse of `_split`: (M, B/M, ...) -> (B, ...) in the batch's row order."""
-    return x_MxRx.swapaxes(0, 1).reshape(-1, *x_MxRx.shape[2:])
-
-
 def loss_mask(batch: Batch, *, config: LossConfig) -> jax.Array:
     """The tokens the loss counts: the completions' own, less truncated completions if masked."""
     if not config.mask_truncated_completions:
@@ -360,9 +355,12 @@ def compute_gradients(
         _, entropy_MxRxC = jax.lax.scan(
             lambda _, mb: (None, logps_and_entropy(params, mb)[1]), None, micro_batches
         )
-        entropy_BxC = jax.lax.stop_gradient(_unsplit(entropy_MxRxC))
-        keep_BxC = high_entropy_mask(entropy_BxC, mask_BxC, loss.top_entropy_quantile)
-        keep = _split(keep_BxC, num_micro_batches)
+        # A quantile ignores the order of its values, so the split layout serves as it is.
+        keep = high_entropy_mask(
+            jax.lax.stop_gradient(entropy_MxRxC),
+            _split(mask_BxC, num_micro_batches),
+            loss.top_entropy_quantile,
+        )
     zero_grads = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
     zero_sums = {name: jnp.zeros((), jnp.float32) for name in ("loss", "entropy", *TOKEN_STATS)}
     (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (micro_batches, keep))
