@@ -244,7 +244,7 @@ def build_experiment() -> Experiment:
     train = TrainConfig()
     mesh = make_mesh()
     # Optimizer first: a misspelled name fails before any model is loaded or compiled.
-    lr_schedule = make_lr_schedule(train.num_steps * train.num_iterations)
+    lr_schedule = make_lr_schedule(train.num_steps * train.updates_per_step)
     tx = make_optimizer(lr_schedule)
     rewards = make_rewards()
     bundle = make_model()

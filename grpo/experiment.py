@@ -33,7 +33,12 @@ class TrainConfig:
     num_steps: int = 100
     prompts_per_step: int = 16
     num_generations: int = 8  # completions per prompt: the GRPO group size
-    num_iterations: int = 1  # optimizer updates per rollout batch (old policy = the rollout's)
+    # Passes over each step's batch (old policy = the rollout's, so clipping acts after the first)
+    num_iterations: int = 1
+    # Prompts (whole groups) per optimizer update: each pass splits the step's batch into
+    # prompts_per_step / prompts_per_update mini-batches, one update each (verl's
+    # ppo_mini_batch_size; TRL's steps_per_generation); None: one update on the whole batch.
+    prompts_per_update: int | None = None
     # > 0 (with make_loss.beta > 0): every N steps the KL reference moves toward the policy,
     # ref <- alpha * policy + (1 - alpha) * ref (TRL's sync_ref_model); checkpoints keep it.
     ref_sync_every_steps: int = 0
@@ -98,6 +103,14 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prompts_per_update is not None and not (
+            1 <= self.prompts_per_update <= self.prompts_per_step
+            and self.prompts_per_step % self.prompts_per_update == 0
+        ):
+            raise ValueError(
+                f"TrainConfig.prompts_per_update={self.prompts_per_update} must divide "
+                f"prompts_per_step={self.prompts_per_step} (or be None: one update per pass)"
+            )
         if self.eval_samples < 0:
             raise ValueError(f"TrainConfig.eval_samples must be >= 0, got {self.eval_samples}")
         if self.eval_temperature is not None and self.eval_temperature <= 0:
@@ -156,17 +169,31 @@ class TrainConfig:
         return self.prompts_per_step * self.num_generations
 
     @property
+    def updates_per_pass(self) -> int:
+        """Optimizer updates per pass over a step's batch: its mini-batches."""
+        return self.prompts_per_step // (self.prompts_per_update or self.prompts_per_step)
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per GRPO step (what TrainState.step and the lr schedule count)."""
+        return self.num_iterations * self.updates_per_pass
+
+    @property
+    def completions_per_update(self) -> int:
+        return self.completions_per_step // self.updates_per_pass
+
+    @property
     def num_micro_batches(self) -> int:
-        per_micro = min(
-            self.completions_per_micro_batch or self.completions_per_step,
-            self.completions_per_step,
-        )
-        if self.completions_per_step % per_micro:
+        """Micro-batches per optimizer update (gradient accumulation)."""
+        per_update = self.completions_per_update
+        per_micro = min(self.completions_per_micro_batch or per_update, per_update)
+        if per_update % per_micro:
+            noun = "an update" if self.prompts_per_update else "a step"
             raise ValueError(
-                f"completions_per_micro_batch={per_micro} must divide the "
-                f"{self.completions_per_step} completions of a step"
+                f"completions_per_micro_batch={per_micro} must divide the {per_update} "
+                f"completions of {noun}"
             )
-        return self.completions_per_step // per_micro
+        return per_update // per_micro
 
 
 # Control characters no prompt means to hold: what `\boxed`, `\frac`, `\vec` or `\approx`
@@ -196,7 +223,7 @@ class Experiment:
     loss: LossConfig
     rewards: reward_phase.RewardConfig
     tx: optax.GradientTransformation
-    lr_schedule: optax.Schedule  # over optimizer steps: num_steps x num_iterations
+    lr_schedule: optax.Schedule  # over optimizer updates: num_steps x train.updates_per_step
     mesh: Mesh
     train: TrainConfig
     # name -> test examples, evaluated beside test_examples (TrainConfig.extra_eval_sets)
@@ -208,14 +235,17 @@ def effective_batch_lines(exp: Experiment) -> list[str]:
     cfg = exp.train
     procs = jax.process_count()
     max_tokens = max(cfg.prompt_buckets) + exp.sampling.max_new_tokens
-    per_micro = cfg.completions_per_step // cfg.num_micro_batches
+    per_update = cfg.completions_per_update
+    per_micro = per_update // cfg.num_micro_batches
     return [
         f"batch per step: {cfg.prompts_per_step} prompts x {cfg.num_generations} samples = "
         f"{cfg.completions_per_step} completions, <= {cfg.completions_per_step * max_tokens} "
-        f"tokens; {cfg.num_iterations} update(s) per step",
+        f"tokens; {cfg.updates_per_step} update(s) per step ({cfg.num_iterations} pass(es) x "
+        f"{cfg.updates_per_pass} mini-batch(es))",
         f"batch per process ({procs}): {cfg.prompts_per_step // procs} prompts, "
         f"{cfg.completions_per_step // procs} completions",
-        f"batch per micro-batch ({cfg.num_micro_batches}): {per_micro} completions, "
+        f"batch per update: {per_update // cfg.num_generations} prompts, {per_update} completions",
+        f"batch per micro-batch ({cfg.num_micro_batches} per update): {per_micro} completions, "
         f"<= {per_micro * max_tokens} tokens",
     ]
 
@@ -224,11 +254,12 @@ def check_batch_layout(exp: Experiment) -> None:
     """Fails before anything compiles when the batch cannot be laid out on the mesh."""
     cfg = exp.train
     divisor = sharding.batch_divisor(exp.mesh)
-    per_micro = cfg.completions_per_step // cfg.num_micro_batches
+    per_micro = cfg.completions_per_update // cfg.num_micro_batches
     if per_micro % divisor:
         raise ValueError(
             f"{per_micro} completions per micro-batch do not split over dp x fsdp = {divisor} "
-            "devices; change prompts_per_step, num_generations or completions_per_micro_batch"
+            "devices; change prompts_per_step, prompts_per_update, num_generations or "
+            "completions_per_micro_batch"
         )
     if cfg.prompts_per_step % jax.process_count():
         raise ValueError(

@@ -168,7 +168,7 @@ def _restore(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
     )
     restored = checkpointer.restore(step, abstract(state), None if ref is None else abstract(ref))
-    steps = int(restored.state.step) // exp.train.num_iterations
+    steps = int(restored.state.step) // exp.train.updates_per_step
     return _Resumed(
         restored.state, restored.data, steps, ref if restored.ref is None else restored.ref
     )
@@ -206,11 +206,15 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
             tx=exp.tx,
             loss=exp.loss,
             num_micro_batches=cfg.num_micro_batches,
+            updates_per_batch=cfg.updates_per_pass,
+            group_size=cfg.num_generations,
             lr_schedule=exp.lr_schedule,
             state_sharding=jax.tree.map(lambda x: x.sharding, state),
         ),
         ref_logps_fn=(
-            make_reference_logps_fn(exp.model, exp.loss, num_micro_batches=cfg.num_micro_batches)
+            make_reference_logps_fn(
+                exp.model, exp.loss, num_micro_batches=cfg.num_micro_batches * cfg.updates_per_pass
+            )
             if exp.loss.beta > 0
             else None
         ),

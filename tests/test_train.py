@@ -1,5 +1,6 @@
 """The trainer end to end: CLI, config dump, fail-fast bad input, exact resume, optimizers."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -187,6 +188,16 @@ def test_completions_per_micro_batch_caps_a_pass(prompts, per_micro, micro_batch
     assert config.num_micro_batches == micro_batches
 
 
+def test_prompts_per_update_splits_each_pass_into_mini_batches():
+    config = train.TrainConfig(
+        prompts_per_step=16, prompts_per_update=4, num_iterations=2, completions_per_micro_batch=8
+    )
+    assert (config.updates_per_pass, config.updates_per_step) == (4, 8)
+    assert (config.completions_per_update, config.num_micro_batches) == (32, 4)
+    with pytest.raises(ValueError, match="completions_per_micro_batch=24 must divide the 32 "):
+        _ = dataclasses.replace(config, completions_per_micro_batch=24).num_micro_batches
+
+
 def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
     config = train.TrainConfig(prompts_per_step=3, completions_per_micro_batch=16)
     with pytest.raises(ValueError, match="completions_per_micro_batch=16 must divide the 24"):
@@ -197,6 +208,8 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
     "kwargs, message",
     [
         (dict(num_steps=0), "TrainConfig.num_steps must be >= 1, got 0"),
+        (dict(prompts_per_update=3), "prompts_per_update=3 must divide prompts_per_step=16"),
+        (dict(prompts_per_update=0), "prompts_per_update=0 must divide prompts_per_step=16"),
         (dict(eval_samples=-1), "TrainConfig.eval_samples must be >= 0"),
         (dict(eval_temperature=0.0), "TrainConfig.eval_temperature must be > 0"),
         (dict(advantage_scale="std"), "advantage_scale must be one of group|batch|none|rloo"),
@@ -282,13 +295,16 @@ def _deterministic(rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["plain", "dynamic", "lora", "ref_sync"])
+@pytest.mark.parametrize("variant", ["plain", "dynamic", "lora", "ref_sync", "mini_batches"])
 def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, variant):
     # dynamic: extra rollout rounds draw prompts inside a step; the stream must still resume
     # where the step left it. lora: the checkpoint holds the adapters; the base is reloaded.
     # ref_sync: the KL reference becomes the policy at step 2 (alpha 1), so step 3's KL is 0;
     # the checkpoint must carry that reference (the reloaded model's would give KL > 0).
+    # mini_batches: two optimizer updates per step; the resumed run must still count GRPO steps.
     common = ["TrainConfig.eval_every_steps=0"]
+    if variant == "mini_batches":
+        common += ["TrainConfig.prompts_per_update=1", "make_loss.beta=0.1"]
     if variant == "ref_sync":
         common += [
             "make_loss.beta=0.1",
@@ -318,6 +334,8 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
         assert sum(r["sampling_rounds"] for r in rows_a[2:]) > 2, "resumed steps took one round"
     if variant == "ref_sync":
         assert [r["kl"] == 0.0 for r in rows_a] == [True, False, True, False]
+    if variant == "mini_batches":  # the schedule spans 8 updates: the last is still above 0
+        assert rows_a[-1]["learning_rate"] > 0 and rows_a[0]["kl"] > 0
     params_a = load_file(straight / "export" / "model.safetensors")
     params_b = load_file(resumed / "export" / "model.safetensors")
     assert params_a.keys() == params_b.keys()

@@ -22,7 +22,10 @@ valid token of the whole batch, from a forward pass before the gradient pass, so
 depend on the micro-batching.
 
 `old_logps` are the rollout's log-probs: with several updates on one rollout
-(`num_iterations > 1`) the ratio moves away from 1 after the first update and clipping acts.
+(`num_iterations > 1`, or a batch split into `updates_per_batch` mini-batches, each one optimizer
+step: verl's ppo_mini_batch_size, TRL's steps_per_generation) the ratio moves away from 1 after
+the first update and clipping acts. Each mini-batch holds whole groups and is normalised by its
+own N, as a batch of its own would be.
 """
 
 from __future__ import annotations
@@ -276,6 +279,17 @@ def _split(tree: Any, num_micro_batches: int) -> Any:
     return jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), tree)
 
 
+def _split_groups(tree: Any, num_parts: int, group_size: int) -> Any:
+    """(B, ...) -> (U, B/U, ...), part u holding the groups u, u+U, u+2U, ... whole (group g:
+    rows gG to gG+G-1). Strided by group, as `_split` is by row: with the batch in contiguous
+    blocks over devices, each part takes groups from every device that holds U or more."""
+    u, g = num_parts, group_size
+    return jax.tree.map(
+        lambda x: x.reshape(-1, u, g, *x.shape[1:]).swapaxes(0, 1).reshape(u, -1, *x.shape[1:]),
+        tree,
+    )
+
+
 def loss_mask(batch: Batch, *, config: LossConfig) -> jax.Array:
     """The tokens the loss counts: the completions' own, less truncated completions if masked."""
     if not config.mask_truncated_completions:
@@ -375,21 +389,28 @@ def make_update_fn(
     tx: optax.GradientTransformation,
     loss: LossConfig,
     num_micro_batches: int = 1,
+    updates_per_batch: int = 1,
+    group_size: int = 1,
     lr_schedule: optax.Schedule | None = None,
     state_sharding: TrainState | None = None,
 ):
     """A jitted `update(state, batch, frozen=None) -> (state, metrics)` that donates `state`;
     `frozen`: the base params under LoRA adapters (`state.params`), else None.
 
-    metrics (fp32 scalars): loss, kl, entropy, clip_frac_low, clip_frac_high, ratio_mean,
-    grad_norm (before clipping), and learning_rate when `lr_schedule` is given.
+    The batch makes `updates_per_batch` optimizer steps, one per mini-batch of whole groups of
+    `group_size` rows (see `_split_groups`), in order; each accumulates its gradient over
+    `num_micro_batches` micro-batches.
+
+    metrics (fp32 scalars, each the mean over the batch's updates): loss, kl, entropy,
+    clip_frac_low, clip_frac_high, ratio_mean, grad_norm (before clipping), and learning_rate
+    when `lr_schedule` is given.
     state_sharding: the state's shardings (a TrainState of NamedShardings), pinned on the new
     state; without it XLA may pick other layouts for the outputs (e.g. a norm scale sharded
     like its reduce-scattered gradient), which defeats donation and drifts from step to step.
     """
 
-    def update(
-        state: TrainState, batch: Batch, frozen: Any = None
+    def one_update(
+        state: TrainState, batch: Batch, frozen: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         grads, metrics = compute_gradients(
             state.params,
@@ -412,7 +433,25 @@ def make_update_fn(
             new_state = jax.lax.with_sharding_constraint(new_state, state_sharding)
         return new_state, metrics
 
+    def update(
+        state: TrainState, batch: Batch, frozen: Any = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        if updates_per_batch == 1:
+            return one_update(state, batch, frozen)
+        _check_updates(batch.completion_mask_BxC.shape[0], updates_per_batch, group_size)
+        parts = _split_groups(batch, updates_per_batch, group_size)
+        state, metrics_U = jax.lax.scan(lambda s, b: one_update(s, b, frozen), state, parts)
+        return state, jax.tree.map(lambda m: m.mean(axis=0), metrics_U)
+
     return jax.jit(update, donate_argnums=0)
+
+
+def _check_updates(rows: int, updates_per_batch: int, group_size: int) -> None:
+    if updates_per_batch < 1 or group_size < 1 or rows % (updates_per_batch * group_size):
+        raise ValueError(
+            f"updates_per_batch={updates_per_batch} does not split the batch of {rows} "
+            f"completions into whole groups of {group_size}"
+        )
 
 
 def make_reference_logps_fn(model: ModelConfig, loss: LossConfig, *, num_micro_batches: int = 1):

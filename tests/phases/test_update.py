@@ -487,6 +487,41 @@ def test_second_iteration_on_a_rollout_moves_the_ratio(params, batch):
     np.testing.assert_allclose(first["grad_norm"], optax.global_norm(grads), rtol=1e-5)
 
 
+def test_split_groups_keeps_groups_whole_and_strides_them():
+    rows = np.arange(12)  # 6 groups of 2: part u takes the groups u, u + 2, u + 4
+    parts = update._split_groups(rows, 2, 2)
+    np.testing.assert_array_equal(parts, [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]])
+    np.testing.assert_array_equal(update._split_groups(rows, 3, 2)[1], [2, 3, 8, 9])
+
+
+def test_mini_batches_are_sequential_updates_on_whole_groups(params, batch):
+    # 8 rows = 4 groups of 2; 2 updates per batch must equal one update on groups 0 and 2, then
+    # one on groups 1 and 3 (each normalised by its own N), with their metrics averaged. SGD
+    # with momentum: the second update also depends on the first's optimizer state.
+    schedule = optim.make_lr_schedule(10, type="constant", peak_value=0.5, warmup_steps=0)
+    tx = optim.make_optimizer(schedule, name="sgd")
+    kwargs = dict(model=MODEL, tx=tx, loss=_loss(), lr_schedule=schedule)
+    state, metrics = update.make_update_fn(updates_per_batch=2, group_size=2, **kwargs)(
+        _state(params, tx), batch
+    )
+    one = update.make_update_fn(**kwargs)
+    rows = lambda *index: jax.tree.map(lambda x: x[np.array(index)], batch)
+    expected, first = one(_state(params, tx), rows(0, 1, 4, 5))
+    expected, second = one(expected, rows(2, 3, 6, 7))
+    assert int(state.step) == int(expected.step) == 2
+    _assert_trees_close(state.params, expected.params, atol=1e-6, rtol=1e-5)
+    _assert_trees_close(state.opt_state, expected.opt_state, atol=1e-6, rtol=1e-5)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, first, second)
+    _assert_trees_close(metrics, mean, atol=1e-6, rtol=1e-5)
+    # The first mini-batch is on-policy; the second is scored after the first's step.
+    np.testing.assert_allclose(float(first["ratio_mean"]), 1.0, atol=1e-6)
+    assert abs(float(second["ratio_mean"]) - 1.0) > 1e-3
+    with pytest.raises(ValueError, match="updates_per_batch=2 does not split the batch of 8 "):
+        update.make_update_fn(updates_per_batch=2, group_size=3, **kwargs)(
+            _state(params, tx), batch
+        )
+
+
 @pytest.mark.eight_devices
 def test_sharded_micro_batched_update_matches_unsharded_gradient(params, batch):
     # (dp=2, fsdp=2, tp=2) mesh, 2 micro-batches, KL on: one SGD step must equal
