@@ -21,7 +21,7 @@ from grpo.experiment import MAIN_SET, SOURCE, Experiment, TrainConfig
 from grpo.models import loading, presets, transformer
 from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
 from grpo.phases import reward, rollout, update
-from grpo.train import encode_questions
+from grpo.sampling import encode_questions
 
 make_optimizer = gin.external_configurable(optim.make_optimizer, "make_optimizer")
 make_lr_schedule = gin.external_configurable(optim.make_lr_schedule, "make_lr_schedule")

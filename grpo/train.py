@@ -1,7 +1,9 @@
 """The GRPO step loop: rollout -> reward -> advantage -> update, with eval, metrics, checkpoints.
 
 Everything here is plain Python over the pure phases; gin never reaches this module. `train`
-takes a fully built `Experiment` (see grpo/configurables.py) and a workdir.
+takes a fully built `Experiment` (see grpo/configurables.py) and a workdir. The sampling glue
+lives in grpo/sampling.py, the eval in grpo/evaluation.py, cross-process gathers in
+grpo/gather.py.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -24,10 +26,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from grpo import flops, optim, sharding
+from grpo import evaluation, flops, gather, optim, sampling, sharding
 from grpo.checkpoint import Checkpointer
 from grpo.data.gsm8k import PromptStream
-from grpo.data.prompts import encode_prompts
 from grpo.experiment import (
     SOURCE,
     Experiment,
@@ -41,7 +42,7 @@ from grpo.models.config import ModelConfig
 from grpo.phases import dynamic_sampling
 from grpo.phases import reward as reward_phase
 from grpo.phases.advantage import group_advantages
-from grpo.phases.rollout import SamplingConfig, generate, pad_prompts, trim_completions
+from grpo.phases.rollout import trim_completions
 from grpo.phases.update import make_reference_logps_fn, make_update_fn
 from grpo.types import Batch, Rollout, TrainState
 
@@ -233,81 +234,9 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
     )
 
 
-def _all_rows(x: Any) -> np.ndarray:
-    """A global array (or process-local numpy rows) gathered whole onto every process."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
-    return np.asarray(x)
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-    """This process's contiguous rows of a batch-sharded global array."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    shards = {s.index[0].start or 0: np.asarray(s.data) for s in x.addressable_shards}
-    return np.concatenate([shards[k] for k in sorted(shards)])
-
-
-def encode_questions(cfg: TrainConfig, tokenizer: Any, examples: Sequence[dict]) -> list[list[int]]:
-    """The prompt token ids of each example's question, as the run's prompt settings say."""
-    return encode_prompts(
-        tokenizer,
-        [e["question"] for e in examples],
-        system_prompt=cfg.system_prompt,
-        template_kwargs=cfg.chat_template_kwargs,
-        question_template=cfg.question_template,
-    )
-
-
-def _prompts_for(exp: Experiment, examples: Sequence[dict], repeat: int):
-    """Tokenised, left-padded prompts, each repeated `repeat` times; bucket agreed by processes."""
-    ids = [p for p in encode_questions(exp.train, exp.tokenizer, examples) for _ in range(repeat)]
-    longest = int(_all_rows(np.array([max(len(p) for p in ids)])).max())
-    fits = [b for b in exp.train.prompt_buckets if b >= longest]
-    if not fits:  # build_experiment drops the examples whose prompt is longer
-        raise ValueError(f"a prompt of {longest} tokens exceeds every prompt bucket")
-    return pad_prompts(ids, pad_id=exp.sampling.pad_id, buckets=fits[:1])
-
-
-def _decode(exp: Experiment, rollout_tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-    return [
-        exp.tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
-        for row, m in zip(rollout_tokens, mask, strict=True)
-    ]
-
-
-def _sample(exp: Experiment, params: Any, examples: Sequence[dict], key, sampling, samples: int):
-    """Rollout of `samples` completions per example (rows group-contiguous); returns the global
-    Rollout and this process's texts.
-
-    Each prompt is prefilled once and its cache shared by its samples when the global prompt
-    count divides over the batch axes; otherwise the prompts are repeated here, one row each.
-    """
-    prefill_once = len(examples) * jax.process_count() % sharding.batch_divisor(exp.mesh) == 0
-    repeat = 1 if prefill_once else samples
-    tokens, mask = _prompts_for(exp, examples, repeat)
-    prompt_tokens, prompt_mask = sharding.shard_batch(exp.mesh, (tokens, mask))
-    rollout = generate(
-        params,
-        prompt_tokens,
-        prompt_mask,
-        key,
-        model=exp.model,
-        sampling=sampling,
-        num_samples=samples // repeat,
-        mesh=exp.mesh,
-    )
-    texts = _decode(
-        exp, _local_rows(rollout.completion_tokens_BxC), _local_rows(rollout.completion_mask_BxC)
-    )
-    return rollout, texts
-
-
 def _rollout_metrics(scored: _Scored, group: int) -> dict:
     rewards, lengths = scored.rewards, scored.lengths
-    total = _all_rows(rewards.total)
+    total = gather.all_rows(rewards.total)
     groups = total.reshape(-1, group)
     metrics = {
         "reward_mean": total.mean(),
@@ -315,13 +244,13 @@ def _rollout_metrics(scored: _Scored, group: int) -> dict:
         "frac_reward_zero_std": (groups.std(axis=1) == 0).mean(),
         "completion_length_mean": lengths.mean(),
         "completion_length_max": lengths.max(),
-        "truncation_rate": _all_rows(scored.rollout.truncated_B).mean(),
-        "accuracy": _all_rows(scored.correct).mean(),
+        "truncation_rate": gather.all_rows(scored.rollout.truncated_B).mean(),
+        "accuracy": gather.all_rows(scored.correct).mean(),
     }
     for name, values in rewards.per_function.items():
-        metrics[f"reward/{name}"] = _all_rows(values).mean()
+        metrics[f"reward/{name}"] = gather.all_rows(values).mean()
     for name, count in rewards.failures.items():
-        metrics[f"reward_failures/{name}"] = int(_all_rows(np.array([count])).sum())
+        metrics[f"reward_failures/{name}"] = int(gather.all_rows(np.array([count])).sum())
     if SOURCE in scored.examples[0]:
         metrics.update(_per_set_metrics(scored, total))
     return metrics
@@ -329,8 +258,8 @@ def _rollout_metrics(scored: _Scored, group: int) -> dict:
 
 def _per_set_metrics(scored: _Scored, total: np.ndarray) -> dict[str, float]:
     """reward_mean/<set> and accuracy/<set> over the step's rows from each train set."""
-    sets = np.array(_all_json([e[SOURCE] for e in scored.examples]))
-    correct = _all_rows(scored.correct)
+    sets = np.array(gather.all_json([e[SOURCE] for e in scored.examples]))
+    correct = gather.all_rows(scored.correct)
     metrics = {}
     for name in sorted(set(sets)):
         rows = sets == name
@@ -362,7 +291,7 @@ def _rollout_and_score(
     tick = time.perf_counter()
     examples = next(rt.stream)
     params = _policy_params(rt)
-    rollout, texts = _sample(exp, params, examples, key, exp.sampling, cfg.num_generations)
+    rollout, texts = sampling.sample(exp, params, examples, key, exp.sampling, cfg.num_generations)
     rollout = jax.block_until_ready(trim_completions(rollout, cfg.completion_buckets))
     timings["rollout"] += time.perf_counter() - tick
 
@@ -371,7 +300,7 @@ def _rollout_and_score(
     rewards = reward_phase.score(
         texts, local_examples, rewards=exp.rewards, timeout_s=cfg.reward_timeout_s
     )
-    local_lengths = _local_rows(rollout.lengths_B)
+    local_lengths = gather.local_rows(rollout.lengths_B)
     rewards = reward_phase.add_overlong_penalty(
         rewards, local_lengths, rewards=exp.rewards, max_length=exp.sampling.max_new_tokens
     )
@@ -380,7 +309,7 @@ def _rollout_and_score(
         rewards, local_lengths, correct, rewards=exp.rewards, group_size=cfg.num_generations
     )
     timings["reward"] += time.perf_counter() - tick
-    lengths = _all_rows(rollout.lengths_B).astype(np.float32)
+    lengths = gather.all_rows(rollout.lengths_B).astype(np.float32)
     return _Scored(
         rollout,
         rewards,
@@ -410,7 +339,7 @@ def _dynamic_sampling(
             "per_function": scored.rewards.per_function,
             "correct": scored.correct,
         }
-        scores.append(jax.tree.map(_all_rows, local_scores))
+        scores.append(jax.tree.map(gather.all_rows, local_scores))
         totals = np.concatenate([score["total"] for score in scores])
         informative = dynamic_sampling.informative_groups(totals, cfg.num_generations)
         if informative.sum() >= cfg.prompts_per_step:
@@ -419,10 +348,10 @@ def _dynamic_sampling(
     rows = dynamic_sampling.group_rows(picked, cfg.num_generations)
     mine = np.array_split(rows, jax.process_count())[jax.process_index()]
     pool = dynamic_sampling.concat_rollouts(
-        [jax.tree.map(_all_rows, r.rollout) for r in rounds], pad_id=exp.sampling.pad_id
+        [jax.tree.map(gather.all_rows, r.rollout) for r in rounds], pad_id=exp.sampling.pad_id
     )
     local = sharding.shard_batch(exp.mesh, jax.tree.map(lambda x: x[mine], pool))
-    pool_examples = [e for r in rounds for e in _all_json(r.examples)]
+    pool_examples = [e for r in rounds for e in gather.all_json(r.examples)]
     kept = jax.tree.map(lambda *per_round: np.concatenate(per_round)[mine], *scores)
     failures = rounds[0].rewards.failures
     return _Scored(
@@ -433,7 +362,9 @@ def _dynamic_sampling(
             failures={n: sum(r.rewards.failures[n] for r in rounds) for n in failures},
         ),
         correct=kept["correct"],
-        texts=_decode(exp, pool.completion_tokens_BxC[mine], pool.completion_mask_BxC[mine]),
+        texts=sampling.decode(
+            exp, pool.completion_tokens_BxC[mine], pool.completion_mask_BxC[mine]
+        ),
         examples=[pool_examples[i] for i in mine],
         lengths=pool.lengths_B[rows].astype(np.float32),
         sampled_tokens=sum(r.sampled_tokens for r in rounds),
@@ -490,7 +421,8 @@ def _completion_records(scored: _Scored, advantages_B: jax.Array) -> list[dict]:
     gathered onto every process (for completions.jsonl)."""
     rewards = scored.rewards
     advantages, lengths, truncated = (
-        _local_rows(x) for x in (advantages_B, scored.rollout.lengths_B, scored.rollout.truncated_B)
+        gather.local_rows(x)
+        for x in (advantages_B, scored.rollout.lengths_B, scored.rollout.truncated_B)
     )
     local = [
         {
@@ -507,21 +439,7 @@ def _completion_records(scored: _Scored, advantages_B: jax.Array) -> list[dict]:
         }
         for i, (text, example) in enumerate(zip(scored.texts, scored.examples, strict=True))
     ]
-    return _all_json(local)
-
-
-def _all_json(local: list[Any]) -> list[Any]:
-    """Every process's JSON-serialisable rows, in process order (gathered as utf-8 bytes)."""
-    if jax.process_count() == 1:
-        return list(local)
-    encoded = [json.dumps(row).encode() for row in local]
-    sizes = np.array([len(row) for row in encoded], np.int32)
-    width = int(_all_rows(np.array([sizes.max(initial=1)])).max())
-    padded = np.zeros((len(encoded), width), np.uint8)
-    for row, data in zip(padded, encoded, strict=True):
-        row[: len(data)] = np.frombuffer(data, np.uint8)
-    all_sizes, all_padded = _all_rows(sizes), _all_rows(padded)
-    return [json.loads(bytes(row[:n])) for row, n in zip(all_padded, all_sizes, strict=True)]
+    return gather.all_json(local)
 
 
 def _throughput(
@@ -554,132 +472,7 @@ def _answer_checks(
     )
     if same in rewards.per_function:
         return (rewards.per_function[same] > 0).astype(np.float32)
-    return _check_answers(cfg, texts, examples).astype(np.float32)
-
-
-def _check_answers(cfg: TrainConfig, texts: list[str], examples: list[dict]) -> np.ndarray:
-    return reward_phase.check_answers(
-        texts,
-        examples,
-        match=cfg.answer_match,
-        last_number_fallback=cfg.answer_last_number_fallback,
-        timeout_s=cfg.reward_timeout_s,
-    )
-
-
-@dataclasses.dataclass
-class _Replies:
-    """Every process's replies to some test examples, `samples` each, in example order."""
-
-    correct: np.ndarray  # bool [examples, samples]
-    lengths: np.ndarray  # int [examples, samples]: completion tokens
-    truncated: np.ndarray  # bool [examples, samples]: no end token within the budget
-    texts: list[str]  # examples x samples, when asked for; else empty
-
-
-def _eval_replies(
-    exp: Experiment,
-    params: Any,
-    test_examples: Sequence[dict],
-    sampling: SamplingConfig,
-    samples: int,
-    *,
-    keep_texts: bool = False,
-) -> _Replies:
-    """Samples `samples` replies to each of `test_examples` and checks them.
-
-    Every batch keeps one compiled shape (the last is padded with copies of its last example);
-    each process samples its share of a batch and the results are gathered onto every process.
-    """
-    cfg = exp.train
-    examples = list(test_examples)
-    procs, index = jax.process_count(), jax.process_index()
-    divisor = sharding.batch_divisor(exp.mesh)
-    per_batch = max(divisor, cfg.eval_prompts_per_batch // divisor * divisor)
-    columns: list[list[np.ndarray]] = [[], [], []]
-    texts: list[str] = []
-    for start in range(0, len(examples), per_batch):
-        chunk = examples[start : start + per_batch]
-        padded = chunk + [chunk[-1]] * (per_batch - len(chunk))
-        mine = padded[index * per_batch // procs : (index + 1) * per_batch // procs]
-        key = jax.random.fold_in(jax.random.key(0), start)  # the same draws at every eval
-        rollout, local_texts = _sample(exp, params, mine, key, sampling, samples)
-        correct = _check_answers(cfg, local_texts, [e for e in mine for _ in range(samples)])
-        rows = len(chunk) * samples  # the padding's replies are dropped
-        for column, values in zip(
-            columns, (correct, rollout.lengths_B, rollout.truncated_B), strict=True
-        ):
-            column.append(_all_rows(values)[:rows].reshape(len(chunk), samples))
-        if keep_texts:
-            texts += _all_json(local_texts)[:rows]
-    empty = np.zeros((0, samples))
-    correct, lengths, truncated = (np.concatenate(c) if c else empty for c in columns)
-    return _Replies(correct.astype(bool), lengths.astype(int), truncated.astype(bool), texts)
-
-
-# Called with an eval set's name ("test": the main one) and a record per greedy reply.
-OnReplies = Callable[[str, list[dict]], None]
-
-
-def evaluate(exp: Experiment, params: Any, on_replies: OnReplies | None = None) -> dict[str, float]:
-    """Greedy pass@1 accuracy on the test examples (`eval_accuracy`) and the greedy replies'
-    mean length and truncation rate; with `eval_samples` = k > 0 also k replies per example at
-    the training sampler's settings (at `eval_temperature`, if set): the mean accuracy over
-    them (`eval_mean_at_k`) and the fraction of examples with a right one (`eval_pass_at_k`).
-    Each extra eval set adds the same as `<metric>/<name>`. `on_replies` gets the greedy
-    replies of each set (question, reference answer, completion, correct, length, truncated).
-    """
-    metrics = _evaluate_examples(exp, params, exp.test_examples, "test", on_replies)
-    for name, examples in exp.extra_eval_sets.items():
-        scored = _evaluate_examples(exp, params, examples, name, on_replies)
-        metrics.update({f"{metric}/{name}": value for metric, value in scored.items()})
-    return metrics
-
-
-def _evaluate_examples(
-    exp: Experiment,
-    params: Any,
-    examples: Sequence[dict],
-    name: str,
-    on_replies: OnReplies | None,
-) -> dict[str, float]:
-    examples = examples[: exp.train.eval_examples]
-    fraction = lambda x: float(x.mean()) if x.size else 0.0
-    greedy_sampling = dataclasses.replace(
-        exp.sampling, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0
-    )
-    greedy = _eval_replies(
-        exp, params, examples, greedy_sampling, 1, keep_texts=on_replies is not None
-    )
-    metrics = {
-        "eval_accuracy": fraction(greedy.correct),
-        "eval_length_mean": fraction(greedy.lengths),
-        "eval_truncation_rate": fraction(greedy.truncated),
-    }
-    if on_replies is not None:
-        on_replies(name, _reply_records(examples, greedy))
-    if exp.train.eval_samples:
-        sampling = exp.sampling
-        if exp.train.eval_temperature is not None:
-            sampling = dataclasses.replace(sampling, temperature=exp.train.eval_temperature)
-        correct = _eval_replies(exp, params, examples, sampling, exp.train.eval_samples).correct
-        metrics["eval_mean_at_k"] = fraction(correct)
-        metrics["eval_pass_at_k"] = fraction(correct.any(axis=1))
-    return metrics
-
-
-def _reply_records(examples: Sequence[dict], greedy: _Replies) -> list[dict]:
-    return [
-        {
-            "question": example["question"],
-            "answer": reward_phase.extract_reference_answer(example["answer"]),
-            "completion": text,
-            "correct": bool(greedy.correct[i, 0]),
-            "length": int(greedy.lengths[i, 0]),
-            "truncated": bool(greedy.truncated[i, 0]),
-        }
-        for i, (example, text) in enumerate(zip(examples, greedy.texts, strict=True))
-    ]
+    return evaluation.check_answers(cfg, texts, examples).astype(np.float32)
 
 
 class _Preemption:
@@ -768,9 +561,9 @@ def _export(
 
     adapters = None
     if frozen is not None:
-        adapters = jax.tree.map(_all_rows, params)
+        adapters = jax.tree.map(gather.all_rows, params)
         params = _merged(lora.attach(frozen, params), exp.model)
-    host_params = jax.tree.map(_all_rows, params)
+    host_params = jax.tree.map(gather.all_rows, params)
     if jax.process_index() == 0:
         export_hf(export_dir, host_params, exp.model, exp.tokenizer, adapters=adapters, info=info)
         logging.info("exported a Hugging Face folder to %s", export_dir)
@@ -806,7 +599,7 @@ def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> 
 
     on_replies = keep if exp.train.write_eval_completions else None
     with jax.set_mesh(exp.mesh):
-        result = {"step": done, **evaluate(exp, lora.attach(frozen, params), on_replies)}
+        result = {"step": done, **evaluation.evaluate(exp, lora.attach(frozen, params), on_replies)}
     if primary and replies:
         with open(os.path.join(workdir, EVAL_COMPLETIONS_FILE), "a") as f:
             append_records(f, done, replies)
@@ -881,7 +674,7 @@ def _timed_eval(exp: Experiment, rt: Runtime, step: int, summary: dict) -> dict[
     on_replies = None
     if exp.train.write_eval_completions:
         on_replies = functools.partial(rt.metrics.write_eval_completions, step)
-    metrics = evaluate(exp, _policy_params(rt), on_replies)
+    metrics = evaluation.evaluate(exp, _policy_params(rt), on_replies)
     metrics["eval_seconds"] = time.perf_counter() - tick
     summary["eval_accuracy"] = metrics["eval_accuracy"]
     return metrics

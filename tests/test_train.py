@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +16,13 @@ import pytest
 from safetensors.numpy import load_file
 
 import gin
+from grpo import evaluation, sampling, train
 from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
-from grpo import train
 from grpo.data.gsm8k import load_examples
 from grpo.models import loading, splash
 from grpo.models.config import ModelConfig
 from grpo.phases import reward
-from grpo.phases.rollout import SamplingConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
@@ -244,13 +242,13 @@ def _half_flat_reward(completion, example):
 
 def _record_generate(monkeypatch, record):
     """Makes the trainer's rollout call `record(prompt_tokens, kwargs)` before sampling."""
-    generate = train.generate
+    generate = sampling.generate
 
     def recording_generate(params, tokens, mask, key, **kwargs):
         record(tokens, kwargs)
         return generate(params, tokens, mask, key, **kwargs)
 
-    monkeypatch.setattr(train, "generate", recording_generate)
+    monkeypatch.setattr(sampling, "generate", recording_generate)
 
 
 @pytest.fixture
@@ -465,69 +463,6 @@ def test_dynamic_sampling_keeps_a_first_round_whose_groups_all_differ(tmp_path, 
     assert _steps_without(dynamic, "sampling_rounds") == _deterministic(one)
 
 
-@pytest.mark.parametrize("eval_temperature, sampled_at", [(None, 0.7), (0.6, 0.6)])
-def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperature, sampled_at):
-    # 10 examples in batches of 4 (the last padded with copies of example 9), 3 replies each.
-    # Reply j to example i is right iff i is even and i % 3 == j: 5 examples have exactly one
-    # right reply. Greedy (one reply, j = 0): examples 0 and 6. A reply to example i is i
-    # tokens long, truncated when i >= 8.
-    examples = [{"question": str(i), "answer": "#### 0"} for i in range(10)]
-
-    sampled_with = []
-
-    def fake_sample(exp, params, mine, key, sampling, samples):
-        sampled_with.append((sampling.temperature, samples))
-        lengths = np.array([int(e["question"]) for e in mine for _ in range(samples)])
-        rollout = types.SimpleNamespace(lengths_B=lengths, truncated_B=lengths >= 8)
-        return rollout, [f"{e['question']}|{j}" for e in mine for j in range(samples)]
-
-    def fake_is_correct(text, example, last_number_fallback, match):
-        i, j = (int(part) for part in text.split("|"))
-        assert example["question"] == str(i)
-        return i % 2 == 0 and i % 3 == j
-
-    monkeypatch.setattr(train, "_sample", fake_sample)
-    monkeypatch.setattr(reward, "is_correct", fake_is_correct)
-    exp = types.SimpleNamespace(
-        train=train.TrainConfig(
-            eval_prompts_per_batch=4, eval_samples=3, eval_temperature=eval_temperature
-        ),
-        test_examples=examples,
-        # An extra set of examples 0-3: greedy right on 0; replies right on 0 (j=0) and 2 (j=2).
-        extra_eval_sets={"head": examples[:4]},
-        mesh=types.SimpleNamespace(shape={"dp": 2, "fsdp": 2}),
-        sampling=SamplingConfig(max_new_tokens=8, temperature=0.7, end_ids=(1,), pad_id=0),
-    )
-    replies = {}
-    assert train.evaluate(exp, None, lambda name, records: replies.setdefault(name, records)) == {
-        "eval_accuracy": 2 / 10,
-        "eval_length_mean": 4.5,
-        "eval_truncation_rate": 2 / 10,
-        "eval_mean_at_k": 5 / 30,
-        "eval_pass_at_k": 5 / 10,
-        "eval_accuracy/head": 1 / 4,
-        "eval_length_mean/head": 1.5,
-        "eval_truncation_rate/head": 0.0,
-        "eval_mean_at_k/head": 2 / 12,
-        "eval_pass_at_k/head": 2 / 4,
-    }
-    # Greedy, then at the eval's temperature (None: the training sampler's 0.7); each set.
-    assert sampled_with == [(0.0, 1)] * 3 + [(sampled_at, 3)] * 3 + [(0.0, 1), (sampled_at, 3)]
-    # Every greedy reply of each set, in order, without the padding's.
-    assert replies.keys() == {"test", "head"}
-    assert replies["test"][6] == {
-        "question": "6",
-        "answer": "0",
-        "completion": "6|0",
-        "correct": True,
-        "length": 6,
-        "truncated": False,
-    }
-    assert [r["completion"] for r in replies["test"]] == [f"{i}|0" for i in range(10)]
-    assert [r["correct"] for r in replies["head"]] == [True, False, False, False]
-    assert [r["truncated"] for r in replies["test"]] == [i >= 8 for i in range(10)]
-
-
 @pytest.mark.slow
 def test_lora_trains_adapters_on_a_frozen_base(tmp_path, length_reward, monkeypatch):
     placed = []  # host trees placed on the mesh as model params
@@ -580,7 +515,7 @@ def test_best_export_keeps_the_best_eval_across_a_resume(tmp_path, length_reward
         accuracy = next(accuracies)
         return {"eval_accuracy": 1 - accuracy, "eval_accuracy/hard": accuracy}
 
-    monkeypatch.setattr(train, "evaluate", stand_in)
+    monkeypatch.setattr(evaluation, "evaluate", stand_in)
     best, final = tmp_path / "best", tmp_path / "final"
     common = [
         "TrainConfig.eval_every_steps=1",
@@ -610,7 +545,7 @@ def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
         sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(params))
     )
     stand_in = lambda exp, params, on_replies=None: {"eval_accuracy": fingerprint(params)}
-    monkeypatch.setattr(train, "evaluate", stand_in)
+    monkeypatch.setattr(evaluation, "evaluate", stand_in)
     bindings = (
         "make_model.lora_rank=4",
         "TrainConfig.num_steps=2",
@@ -733,7 +668,7 @@ def test_math_style_data_trains_with_math_verify_answers(tmp_path, monkeypatch):
     for split, first in (("train", 1), ("test", 50)):
         rows = _expansion_rows(8 if split == "train" else 4, first)
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sample = train._sample
+    sample = sampling.sample
 
     def answering_sample(exp, params, examples, key, sampling, samples):
         rollout, texts = sample(exp, params, examples, key, sampling, samples)
@@ -744,7 +679,7 @@ def test_math_style_data_trains_with_math_verify_answers(tmp_path, monkeypatch):
         ]
         return rollout, replies
 
-    monkeypatch.setattr(train, "_sample", answering_sample)
+    monkeypatch.setattr(sampling, "sample", answering_sample)
     _train_in_process(
         tmp_path / "run",
         f"make_dataset.source='{data}'",
@@ -792,7 +727,7 @@ def test_examples_with_prompts_over_the_limit_are_dropped_at_start(length_reward
 
 def test_the_question_template_reaches_the_sampled_prompts(length_reward):
     exp = _experiment("TrainConfig.question_template='{question} Be brief.'")
-    tokens, mask = train._prompts_for(exp, exp.train_examples[:2], 1)
+    tokens, mask = sampling.prompts_for(exp, exp.train_examples[:2], 1)
     text = exp.tokenizer.decode(np.asarray(tokens)[0][np.asarray(mask)[0].astype(bool)])
     assert exp.train_examples[0]["question"] + " Be brief." in text
 

@@ -1,0 +1,142 @@
+"""The eval: greedy replies to each test set (and optionally k sampled ones), checked against the
+reference answers. Every process samples its share of each batch; all get every result."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from grpo import gather, sampling, sharding
+from grpo.experiment import Experiment, TrainConfig
+from grpo.phases import reward as reward_phase
+from grpo.phases.rollout import SamplingConfig
+
+# Called with an eval set's name ("test": the main one) and a record per greedy reply.
+OnReplies = Callable[[str, list[dict]], None]
+
+
+def evaluate(exp: Experiment, params: Any, on_replies: OnReplies | None = None) -> dict[str, float]:
+    """Greedy pass@1 accuracy on the test examples (`eval_accuracy`) and the greedy replies'
+    mean length and truncation rate; with `eval_samples` = k > 0 also k replies per example at
+    the training sampler's settings (at `eval_temperature`, if set): the mean accuracy over
+    them (`eval_mean_at_k`) and the fraction of examples with a right one (`eval_pass_at_k`).
+    Each extra eval set adds the same as `<metric>/<name>`. `on_replies` gets the greedy
+    replies of each set (question, reference answer, completion, correct, length, truncated).
+    """
+    metrics = _evaluate_examples(exp, params, exp.test_examples, "test", on_replies)
+    for name, examples in exp.extra_eval_sets.items():
+        scored = _evaluate_examples(exp, params, examples, name, on_replies)
+        metrics.update({f"{metric}/{name}": value for metric, value in scored.items()})
+    return metrics
+
+
+def _evaluate_examples(
+    exp: Experiment,
+    params: Any,
+    examples: Sequence[dict],
+    name: str,
+    on_replies: OnReplies | None,
+) -> dict[str, float]:
+    examples = examples[: exp.train.eval_examples]
+    fraction = lambda x: float(x.mean()) if x.size else 0.0
+    greedy_sampler = dataclasses.replace(
+        exp.sampling, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0
+    )
+    greedy = _eval_replies(
+        exp, params, examples, greedy_sampler, 1, keep_texts=on_replies is not None
+    )
+    metrics = {
+        "eval_accuracy": fraction(greedy.correct),
+        "eval_length_mean": fraction(greedy.lengths),
+        "eval_truncation_rate": fraction(greedy.truncated),
+    }
+    if on_replies is not None:
+        on_replies(name, _reply_records(examples, greedy))
+    if exp.train.eval_samples:
+        sampler = exp.sampling
+        if exp.train.eval_temperature is not None:
+            sampler = dataclasses.replace(sampler, temperature=exp.train.eval_temperature)
+        correct = _eval_replies(exp, params, examples, sampler, exp.train.eval_samples).correct
+        metrics["eval_mean_at_k"] = fraction(correct)
+        metrics["eval_pass_at_k"] = fraction(correct.any(axis=1))
+    return metrics
+
+
+def _reply_records(examples: Sequence[dict], greedy: _Replies) -> list[dict]:
+    return [
+        {
+            "question": example["question"],
+            "answer": reward_phase.extract_reference_answer(example["answer"]),
+            "completion": text,
+            "correct": bool(greedy.correct[i, 0]),
+            "length": int(greedy.lengths[i, 0]),
+            "truncated": bool(greedy.truncated[i, 0]),
+        }
+        for i, (example, text) in enumerate(zip(examples, greedy.texts, strict=True))
+    ]
+
+
+def check_answers(cfg: TrainConfig, texts: list[str], examples: list[dict]) -> np.ndarray:
+    """bool: whether each reply answers its example right, by the run's answer rule (each check
+    under the reward time limit; a failed one is wrong)."""
+    return reward_phase.check_answers(
+        texts,
+        examples,
+        match=cfg.answer_match,
+        last_number_fallback=cfg.answer_last_number_fallback,
+        timeout_s=cfg.reward_timeout_s,
+    )
+
+
+@dataclasses.dataclass
+class _Replies:
+    """Every process's replies to some test examples, `samples` each, in example order."""
+
+    correct: np.ndarray  # bool [examples, samples]
+    lengths: np.ndarray  # int [examples, samples]: completion tokens
+    truncated: np.ndarray  # bool [examples, samples]: no end token within the budget
+    texts: list[str]  # examples x samples, when asked for; else empty
+
+
+def _eval_replies(
+    exp: Experiment,
+    params: Any,
+    test_examples: Sequence[dict],
+    sampler: SamplingConfig,
+    samples: int,
+    *,
+    keep_texts: bool = False,
+) -> _Replies:
+    """Samples `samples` replies to each of `test_examples` and checks them.
+
+    Every batch keeps one compiled shape (the last is padded with copies of its last example);
+    each process samples its share of a batch and the results are gathered onto every process.
+    """
+    cfg = exp.train
+    examples = list(test_examples)
+    procs, index = jax.process_count(), jax.process_index()
+    divisor = sharding.batch_divisor(exp.mesh)
+    per_batch = max(divisor, cfg.eval_prompts_per_batch // divisor * divisor)
+    columns: list[list[np.ndarray]] = [[], [], []]
+    texts: list[str] = []
+    for start in range(0, len(examples), per_batch):
+        chunk = examples[start : start + per_batch]
+        padded = chunk + [chunk[-1]] * (per_batch - len(chunk))
+        mine = padded[index * per_batch // procs : (index + 1) * per_batch // procs]
+        key = jax.random.fold_in(jax.random.key(0), start)  # the same draws at every eval
+        rollout, local_texts = sampling.sample(exp, params, mine, key, sampler, samples)
+        correct = check_answers(cfg, local_texts, [e for e in mine for _ in range(samples)])
+        rows = len(chunk) * samples  # the padding's replies are dropped
+        for column, values in zip(
+            columns, (correct, rollout.lengths_B, rollout.truncated_B), strict=True
+        ):
+            column.append(gather.all_rows(values)[:rows].reshape(len(chunk), samples))
+        if keep_texts:
+            texts += gather.all_json(local_texts)[:rows]
+    empty = np.zeros((0, samples))
+    correct, lengths, truncated = (np.concatenate(c) if c else empty for c in columns)
+    return _Replies(correct.astype(bool), lengths.astype(int), truncated.astype(bool), texts)

@@ -1,0 +1,75 @@
+"""The eval on stand-in replies: greedy and sampled accuracy, pass@k, padding, extra sets."""
+
+import types
+
+import numpy as np
+import pytest
+
+from grpo import evaluation, sampling
+from grpo.experiment import TrainConfig
+from grpo.phases import reward
+from grpo.phases.rollout import SamplingConfig
+
+
+@pytest.mark.parametrize("eval_temperature, sampled_at", [(None, 0.7), (0.6, 0.6)])
+def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperature, sampled_at):
+    # 10 examples in batches of 4 (the last padded with copies of example 9), 3 replies each.
+    # Reply j to example i is right iff i is even and i % 3 == j: 5 examples have exactly one
+    # right reply. Greedy (one reply, j = 0): examples 0 and 6. A reply to example i is i
+    # tokens long, truncated when i >= 8.
+    examples = [{"question": str(i), "answer": "#### 0"} for i in range(10)]
+
+    sampled_with = []
+
+    def fake_sample(exp, params, mine, key, sampling, samples):
+        sampled_with.append((sampling.temperature, samples))
+        lengths = np.array([int(e["question"]) for e in mine for _ in range(samples)])
+        rollout = types.SimpleNamespace(lengths_B=lengths, truncated_B=lengths >= 8)
+        return rollout, [f"{e['question']}|{j}" for e in mine for j in range(samples)]
+
+    def fake_is_correct(text, example, last_number_fallback, match):
+        i, j = (int(part) for part in text.split("|"))
+        assert example["question"] == str(i)
+        return i % 2 == 0 and i % 3 == j
+
+    monkeypatch.setattr(sampling, "sample", fake_sample)
+    monkeypatch.setattr(reward, "is_correct", fake_is_correct)
+    exp = types.SimpleNamespace(
+        train=TrainConfig(
+            eval_prompts_per_batch=4, eval_samples=3, eval_temperature=eval_temperature
+        ),
+        test_examples=examples,
+        # An extra set of examples 0-3: greedy right on 0; replies right on 0 (j=0) and 2 (j=2).
+        extra_eval_sets={"head": examples[:4]},
+        mesh=types.SimpleNamespace(shape={"dp": 2, "fsdp": 2}),
+        sampling=SamplingConfig(max_new_tokens=8, temperature=0.7, end_ids=(1,), pad_id=0),
+    )
+    replies = {}
+    keep = lambda name, records: replies.setdefault(name, records)
+    assert evaluation.evaluate(exp, None, keep) == {
+        "eval_accuracy": 2 / 10,
+        "eval_length_mean": 4.5,
+        "eval_truncation_rate": 2 / 10,
+        "eval_mean_at_k": 5 / 30,
+        "eval_pass_at_k": 5 / 10,
+        "eval_accuracy/head": 1 / 4,
+        "eval_length_mean/head": 1.5,
+        "eval_truncation_rate/head": 0.0,
+        "eval_mean_at_k/head": 2 / 12,
+        "eval_pass_at_k/head": 2 / 4,
+    }
+    # Greedy, then at the eval's temperature (None: the training sampler's 0.7); each set.
+    assert sampled_with == [(0.0, 1)] * 3 + [(sampled_at, 3)] * 3 + [(0.0, 1), (sampled_at, 3)]
+    # Every greedy reply of each set, in order, without the padding's.
+    assert replies.keys() == {"test", "head"}
+    assert replies["test"][6] == {
+        "question": "6",
+        "answer": "0",
+        "completion": "6|0",
+        "correct": True,
+        "length": 6,
+        "truncated": False,
+    }
+    assert [r["completion"] for r in replies["test"]] == [f"{i}|0" for i in range(10)]
+    assert [r["correct"] for r in replies["head"]] == [True, False, False, False]
+    assert [r["truncated"] for r in replies["test"]] == [i >= 8 for i in range(10)]
