@@ -46,6 +46,9 @@ class TrainConfig:
     # > 1: DAPO's dynamic sampling, up to this many rollout rounds per step to fill it with
     # groups whose rewards differ (grpo/phases/dynamic_sampling.py); 1: one round, every group.
     max_sampling_rounds: int = 1
+    # True: a prompt whose every completion in a round was right leaves the train set from the
+    # next epoch on (Polaris, Skywork-OR1), as checkpoints record; metric `retired_prompts`.
+    retire_solved_prompts: bool = False
     # At most this many completions per forward/backward pass (gradient accumulation over the
     # step's micro-batches; memory); None: the whole step batch at once.
     completions_per_micro_batch: int | None = None

@@ -290,6 +290,7 @@ def _rollout_and_score(
     cfg = exp.train
     tick = time.perf_counter()
     examples = next(rt.stream)
+    indices = rt.stream.last_indices
     params = _policy_params(rt)
     rollout, texts = sampling.sample(exp, params, examples, key, exp.sampling, cfg.num_generations)
     rollout = jax.block_until_ready(trim_completions(rollout, cfg.completion_buckets))
@@ -305,6 +306,8 @@ def _rollout_and_score(
         rewards, local_lengths, rewards=exp.rewards, max_length=exp.sampling.max_new_tokens
     )
     correct = _answer_checks(cfg, texts, local_examples, rewards)
+    if cfg.retire_solved_prompts:
+        _retire_solved(rt.stream, indices, correct, cfg.num_generations)
     rewards = reward_phase.add_length_reward(
         rewards, local_lengths, correct, rewards=exp.rewards, group_size=cfg.num_generations
     )
@@ -319,6 +322,16 @@ def _rollout_and_score(
         lengths,
         sampled_tokens=int(lengths.sum()),
     )
+
+
+def _retire_solved(
+    stream: PromptStream, indices: list[int], correct: np.ndarray, group: int
+) -> None:
+    """Retires the prompts (this process's `indices`) whose every completion is `correct`;
+    every process retires every process's, so their stream positions stay equal."""
+    solved = correct.reshape(len(indices), group).all(axis=1)
+    everyone = gather.all_rows(np.where(solved, np.asarray(indices, np.int32), -1))
+    stream.retire(everyone[everyone >= 0].tolist())
 
 
 def _dynamic_sampling(
@@ -406,6 +419,8 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     metrics = _rollout_metrics(scored, cfg.num_generations)
     if cfg.max_sampling_rounds > 1:
         metrics["sampling_rounds"] = scored.rounds
+    if cfg.retire_solved_prompts:
+        metrics["retired_prompts"] = rt.stream.num_retired
     metrics.update({k: float(v) for k, v in update_metrics.items()})
     metrics.update(_throughput(exp, rollout, scored.sampled_tokens, timings))
     metrics.update({f"{k}_seconds": v for k, v in timings.items()})

@@ -194,10 +194,13 @@ def test_two_processes_train_like_one(two_processes, tmp_path):
 def test_dynamic_sampling_and_lora_on_two_processes_train_as_one(tmp_path):
     # Every process gathers every round and picks the same groups, then takes its own rows:
     # the steps match one process's, extra rounds included. The runs train LoRA adapters too
-    # (each process builds the same adapters; the frozen base is sharded like the params).
+    # (each process builds the same adapters; the frozen base is sharded like the params),
+    # two optimizer updates a step, and gather each round's solved prompts (none, here).
     bindings = (
         "make_rewards.names=('half_flat',)",
         "make_model.lora_rank=4",
+        "TrainConfig.prompts_per_update=2",
+        "TrainConfig.retire_solved_prompts=True",
         "TrainConfig.max_sampling_rounds=4",
         "TrainConfig.num_steps=2",
         "TrainConfig.eval_every_steps=0",

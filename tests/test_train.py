@@ -293,14 +293,30 @@ def _deterministic(rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["plain", "dynamic", "lora", "ref_sync", "mini_batches"])
+def _small_answers_right(completion, example, **kwargs):
+    """Every reply to a problem whose answer is below 6 is right; none to the others."""
+    return int(example["answer"].rsplit("####", 1)[1]) < 6
+
+
+@pytest.mark.parametrize(
+    "variant", ["plain", "dynamic", "lora", "ref_sync", "mini_batches", "retire"]
+)
 def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, variant):
     # dynamic: extra rollout rounds draw prompts inside a step; the stream must still resume
     # where the step left it. lora: the checkpoint holds the adapters; the base is reloaded.
     # ref_sync: the KL reference becomes the policy at step 2 (alpha 1), so step 3's KL is 0;
     # the checkpoint must carry that reference (the reloaded model's would give KL > 0).
     # mini_batches: two optimizer updates per step; the resumed run must still count GRPO steps.
+    # retire: 4 problems, 2 a step; the two with answers below 6 are always solved in epoch 0
+    # (steps 1-2) and must stay out of steps 3-4, also after the resume.
     common = ["TrainConfig.eval_every_steps=0"]
+    if variant == "retire":
+        monkeypatch.setattr(reward, "is_correct", _small_answers_right)
+        common += [
+            "TrainConfig.retire_solved_prompts=True",
+            "make_dataset.num_train=4",
+            "TrainConfig.show_completions_every_steps=1",
+        ]
     if variant == "mini_batches":
         common += ["TrainConfig.prompts_per_update=1", "make_loss.beta=0.1"]
     if variant == "ref_sync":
@@ -334,11 +350,25 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
         assert [r["kl"] == 0.0 for r in rows_a] == [True, False, True, False]
     if variant == "mini_batches":  # the schedule spans 8 updates: the last is still above 0
         assert rows_a[-1]["learning_rate"] > 0 and rows_a[0]["kl"] > 0
+    if variant == "retire":
+        _check_solved_prompts_retired(straight, rows_a)
     params_a = load_file(straight / "export" / "model.safetensors")
     params_b = load_file(resumed / "export" / "model.safetensors")
     assert params_a.keys() == params_b.keys()
     for name in params_a:
         np.testing.assert_array_equal(params_a[name], params_b[name], err_msg=name)
+
+
+def _check_solved_prompts_retired(workdir, rows):
+    completions = metrics_lib.read_metrics(workdir / "completions.jsonl")
+    solved = lambda record: int(record["answer"]) < 6
+    assert all(r["correct"] == solved(r) for r in completions)
+    epoch_0 = [r for r in completions if r["step"] <= 2]
+    assert len({r["question"] for r in epoch_0}) == 4
+    assert len({r["question"] for r in epoch_0 if solved(r)}) == 2  # synthetic answers 7 5 3 29
+    at_step_1 = len({r["question"] for r in epoch_0 if r["step"] == 1 and solved(r)})
+    assert [r["retired_prompts"] for r in rows] == [at_step_1, 2, 2, 2]
+    assert not any(solved(r) for r in completions if r["step"] > 2)
 
 
 @pytest.mark.slow

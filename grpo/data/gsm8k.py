@@ -246,43 +246,68 @@ class StreamSpec:
         return self.batch_size * self.process_count
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of epoch `epoch`: a permutation seeded by the pair, so (s, e+1) != (s+1, e)."""
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+def epoch_order(
+    num_examples: int, seed: int, epoch: int, retired: Sequence[Sequence[int]] = ()
+) -> np.ndarray:
+    """The order of epoch `epoch`: a permutation seeded by the pair, so (s, e+1) != (s+1, e),
+    less the examples retired in an earlier epoch (`retired`: [example, epoch] pairs)."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    gone = [example for example, when in retired if when < epoch]
+    return order[~np.isin(order, gone)] if gone else order
 
 
 def check_position(position: dict, num_examples: int) -> tuple[int, int]:
-    """Validates a saved `{"epoch", "index"}` position and returns it as a tuple."""
+    """Validates a saved `{"epoch", "index"}` position (with `"retired"`: [example, epoch]
+    pairs, when a run retires solved prompts) and returns (epoch, index)."""
     epoch, index = position.get("epoch"), position.get("index")
-    if set(position) != {"epoch", "index"} or not all(
+    retired = position.get("retired", [])
+    if not {"epoch", "index"} <= set(position) <= {"epoch", "index", "retired"} or not all(
         isinstance(v, int) and v >= 0 for v in (epoch, index)
     ):
         raise ValueError(f"bad stream position {position!r}: want {{'epoch': e, 'index': i}}")
-    if index > num_examples:
+    if index > num_examples or not all(
+        len(pair) == 2 and 0 <= pair[0] < num_examples and 0 <= pair[1] for pair in retired
+    ):
         raise ValueError(f"bad stream position {position!r}: only {num_examples} examples")
     return epoch, index
 
 
-def take_batch(
-    examples: Sequence[Example], spec: StreamSpec, position: dict
-) -> tuple[list[Example], dict]:
-    """This process's slice of the global batch at `position`, and the position after it."""
-    num_examples = len(examples)
+def _unretired_order(
+    num_examples: int, spec: StreamSpec, epoch: int, retired: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """Epoch `epoch`'s order less its retired examples, or with all of them when the rest do
+    not fill one global batch."""
+    order = epoch_order(num_examples, spec.seed, epoch, retired)
+    if len(order) < spec.global_batch_size:
+        return epoch_order(num_examples, spec.seed, epoch)
+    return order
+
+
+def batch_indices(num_examples: int, spec: StreamSpec, position: dict) -> tuple[list[int], dict]:
+    """The example indices of this process's slice of the global batch at `position`, and the
+    position after it. An epoch whose unretired examples do not fill one global batch takes
+    every example again."""
     if num_examples < spec.global_batch_size:
         raise ValueError(
             f"{num_examples} examples is fewer than one global batch ({spec.global_batch_size})"
         )
     epoch, index = check_position(position, num_examples)
-    if index + spec.global_batch_size > num_examples:  # drop the epoch's partial last batch
+    order = _unretired_order(num_examples, spec, epoch, position.get("retired", []))
+    if index + spec.global_batch_size > len(order):  # drop the epoch's partial last batch
         epoch, index = epoch + 1, 0
+        order = _unretired_order(num_examples, spec, epoch, position.get("retired", []))
+        if len(order) == num_examples and position.get("retired"):
+            logging.warning("epoch %d: too few unretired examples for a batch; taking all", epoch)
     start = index + spec.process_index * spec.batch_size
-    order = epoch_order(num_examples, spec.seed, epoch)[start : start + spec.batch_size]
-    batch = [examples[i] for i in order]
-    return batch, {"epoch": epoch, "index": index + spec.global_batch_size}
+    after = {**position, "epoch": epoch, "index": index + spec.global_batch_size}
+    return order[start : start + spec.batch_size].tolist(), after
 
 
 class PromptStream(Iterator[list[Example]]):
-    """Endless iterator over this process's prompt batches; `position` saves, `restore` resumes."""
+    """Endless iterator over this process's prompt batches; `position` saves, `restore` resumes.
+
+    `retire` takes examples out of every later epoch (e.g. prompts the policy always solves);
+    the position carries them, so a resumed stream retires the same ones."""
 
     def __init__(
         self,
@@ -296,19 +321,36 @@ class PromptStream(Iterator[list[Example]]):
     ):
         self.examples = examples
         self.spec = StreamSpec(batch_size, seed, process_index, process_count)
-        self._position = {"epoch": 0, "index": 0}
+        self._position: dict = {"epoch": 0, "index": 0}
+        self.last_indices: list[int] = []  # the example indices of the last batch
         if position is not None:
             self.restore(position)
 
     @property
     def position(self) -> dict:
         """Where the next batch starts; JSON-serialisable and the same on every process."""
-        return dict(self._position)
+        return json.loads(json.dumps(self._position))
 
     def restore(self, position: dict) -> None:
         check_position(position, len(self.examples))
-        self._position = dict(position)
+        self._position = json.loads(json.dumps(position))
+
+    @property
+    def num_retired(self) -> int:
+        return len(self._position.get("retired", []))
+
+    def retire(self, indices: Sequence[int]) -> None:
+        """Leaves the examples at `indices` out of every epoch after the current one. Every
+        process must retire the same indices, so that their positions stay equal."""
+        retired = self._position.get("retired", [])
+        known = {example for example, _ in retired}
+        epoch = self._position["epoch"]
+        new = [[i, epoch] for i in sorted(set(map(int, indices)) - known)]
+        if new:
+            self._position["retired"] = retired + new
 
     def __next__(self) -> list[Example]:
-        batch, self._position = take_batch(self.examples, self.spec, self._position)
-        return batch
+        self.last_indices, self._position = batch_indices(
+            len(self.examples), self.spec, self._position
+        )
+        return [self.examples[i] for i in self.last_indices]

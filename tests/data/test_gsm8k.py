@@ -223,10 +223,44 @@ def test_each_epoch_is_a_fresh_permutation():
     assert other_seed[0] + other_seed[1] != epochs[0]
 
 
+def test_retired_examples_leave_the_later_epochs_only():
+    # 10 examples, batch 3: 3 batches an epoch. Retiring 4 examples in epoch 0 leaves 6 (two
+    # batches) for epoch 1; the rest of epoch 0 still holds them.
+    stream = PromptStream(EXAMPLES, batch_size=3, seed=5)
+    plain = _take(PromptStream(EXAMPLES, batch_size=3, seed=5), 3)
+    first = _questions(next(stream))
+    assert first == plain[0] and len(stream.last_indices) == 3
+    assert [f"q{i}" for i in stream.last_indices] == first
+    retired = stream.last_indices + [plain[2][0].removeprefix("q")]
+    stream.retire([int(i) for i in retired] + stream.last_indices[:1])  # repeats count once
+    assert stream.num_retired == 4
+    assert _take(stream, 2) == plain[1:]
+    epoch_1 = _take(stream, 2)
+    assert stream.position["epoch"] == 1 and stream.position["index"] == 6
+    gone = {f"q{i}" for i in retired}
+    assert len(set(epoch_1[0] + epoch_1[1])) == 6 and not gone & set(epoch_1[0] + epoch_1[1])
+    # The position carries the retired examples: a restored stream goes on alike.
+    saved = json.loads(json.dumps(stream.position))
+    resumed = PromptStream(EXAMPLES, batch_size=3, seed=5, position=saved)
+    assert _take(resumed, 4) == _take(stream, 4)
+
+
+def test_too_few_unretired_examples_take_every_example_again():
+    stream = PromptStream(EXAMPLES, batch_size=3, seed=5)
+    next(stream)
+    stream.retire(range(8))  # 2 left: fewer than a batch
+    _take(stream, 2)
+    epoch_1 = _take(stream, 3)
+    assert stream.position["epoch"] == 1
+    assert len({q for batch in epoch_1 for q in batch}) == 9  # a whole epoch, as without
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(batch_size=6, process_count=2), "fewer than one global batch"),
+        (dict(batch_size=2, position={"epoch": 0, "index": 0, "retired": [[10, 0]]}), "only 10"),
+        (dict(batch_size=2, position={"epoch": 0, "index": 0, "done": []}), "bad stream position"),
         (dict(batch_size=2, process_index=2, process_count=2), "process_index < process_count"),
         (dict(batch_size=2, position={"epoch": 0}), "bad stream position"),
         (dict(batch_size=2, position={"epoch": 0, "index": 11}), "only 10 examples"),
