@@ -10,10 +10,19 @@ model FLOPs (MFU), not hardware FLOPs.
 The log-prob pass runs every prompt + completion slot through the layers but computes logits
 only for the completion slots, so the unembedding counts C tokens, the layers P + C. The input
 embedding is a gather (no FLOPs); with tied embeddings its table is the unembedding.
+
+Under LoRA the base is frozen: its matmuls' backward is the input gradient alone (2N, not 4N;
+grpo/models/lora.py forms no weight gradient for them), and each adapter counts as a matmul
+of its own, 6 x its parameters per token.
 """
 
 from __future__ import annotations
 
+import math
+
+import jax
+
+from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix; the first match wins, so longer
@@ -47,15 +56,36 @@ def layer_matmul_params(model: ModelConfig) -> int:
     return model.num_layers * (attention + 3 * d * model.intermediate_size)
 
 
-def forward_flops(model: ModelConfig, rows: int, prompt_len: int, completion_len: int) -> float:
-    """FLOPs of one log-prob forward over `rows` sequences of prompt_len + completion_len slots."""
+def adapter_params(model: ModelConfig) -> int:
+    """The LoRA adapters' parameters, all layers (0 without LoRA)."""
+    if model.lora is None:
+        return 0
+    shapes = lora.adapter_shapes(transformer.param_shapes(model)["layers"], model.lora)
+    factors = jax.tree.leaves(shapes["layers"]["lora"], is_leaf=lambda x: isinstance(x, tuple))
+    return sum(math.prod(shape) for shape in factors)
+
+
+def _forward_parts(
+    model: ModelConfig, rows: int, prompt_len: int, completion_len: int
+) -> tuple[float, float]:
+    """(weight matmuls, attention) FLOPs of one log-prob forward over `rows` sequences."""
     context = prompt_len + completion_len
     layers = 2 * layer_matmul_params(model) * context
-    attention = 4 * model.num_layers * model.num_heads * model.head_dim * context * context
     unembed = 2 * model.vocab_size * model.hidden_size * completion_len
-    return float(rows) * (layers + attention + unembed)
+    attention = 4 * model.num_layers * model.num_heads * model.head_dim * context * context
+    return float(rows) * (layers + unembed), float(rows) * attention
+
+
+def forward_flops(model: ModelConfig, rows: int, prompt_len: int, completion_len: int) -> float:
+    """FLOPs of one log-prob forward over `rows` sequences of prompt_len + completion_len slots."""
+    return sum(_forward_parts(model, rows, prompt_len, completion_len))
 
 
 def training_flops(model: ModelConfig, rows: int, prompt_len: int, completion_len: int) -> float:
-    """FLOPs of one forward + backward of the log-prob pass (backward = 2 x forward)."""
-    return 3 * forward_flops(model, rows, prompt_len, completion_len)
+    """FLOPs of one forward + backward of the log-prob pass: backward = 2 x forward, but for a
+    frozen LoRA base (1 x) plus its adapters (6 x their params per token)."""
+    weights, attention = _forward_parts(model, rows, prompt_len, completion_len)
+    if model.lora is None:
+        return 3 * (weights + attention)
+    adapters = 6 * adapter_params(model) * rows * (prompt_len + completion_len)
+    return 2 * weights + 3 * attention + adapters

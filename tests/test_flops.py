@@ -4,6 +4,7 @@ import pytest
 
 from grpo import flops
 from grpo.models import presets
+from grpo.models.config import LoraConfig
 
 
 def test_forward_flops_by_hand():
@@ -15,6 +16,18 @@ def test_forward_flops_by_hand():
     # 4*L*H*dh*5*5 = 4*2*4*8*25 = 6400; unembedding over the 3 completion slots 2*128*32*3 = 24576.
     assert flops.forward_flops(model, 1, 2, 3) == 184320 + 6400 + 24576
     assert flops.training_flops(model, 2, 2, 3) == 3 * 2 * (184320 + 6400 + 24576)
+
+
+def test_lora_training_flops_by_hand():
+    # Rank 4 on all seven targets, per layer r x (in + out): q 4*(32+32), k and v 4*(32+16) each,
+    # o 4*(32+32), gate and up 4*(32+64) each, down 4*(64+32): 2048; two layers 4096.
+    model = presets.preset("tiny-qwen2", lora=LoraConfig(rank=4))
+    assert flops.adapter_params(model) == 4096
+    # Two sequences as above: the frozen weights' backward is the input gradient alone (forward
+    # + backward = 2 x forward), attention 3 x, the adapters 6 x 4096 per token.
+    expected = 2 * 2 * (184320 + 24576) + 3 * 2 * 6400 + 6 * 4096 * 2 * 5
+    assert flops.training_flops(model, 2, 2, 3) == expected
+    assert flops.adapter_params(presets.preset("tiny-qwen2")) == 0
 
 
 def test_training_flops_per_token_is_six_times_params_for_a_tied_model():

@@ -7,6 +7,12 @@ The adapters are their own pytree, `{"layers": {"lora": {target: {"a": [L, *in, 
 weights as it reaches the layer (`merge_layer`), and the sampler merges every layer once before
 decoding (`merge`): both then run on the same effective weights, so the log-probs the sampler
 records are the trainer's.
+
+The gradient does not flow through the merged weights, which would form every targeted
+weight's full-size gradient x^T dy (full fine-tuning's FLOPs): `layer_weights` holds them
+constant, and each targeted projection adds `gradient_path`, zero in value with the
+derivative of s (x A) B. The forward stays the merged one, and the adapters get the same
+gradient through rank-r products only.
 """
 
 from __future__ import annotations
@@ -75,6 +81,50 @@ def merge_layer(p: Params, lora: LoraConfig | None) -> Params:
         delta = _low_rank_product(factors["a"], factors["b"])
         merged[target] = merged[target].astype(jnp.float32) + lora.scale * delta
     return merged
+
+
+def layer_weights(p: Params, lora: LoraConfig | None) -> tuple[Params, Params]:
+    """One layer's merged weights for the trainer (`merge_layer`; the targeted ones held constant
+    for autodiff) and its adapters ({} without): their gradient comes from `gradient_path`."""
+    adapters = p.get("lora", {})
+    merged = merge_layer(p, lora)
+    held = {k: jax.lax.stop_gradient(v) if k in adapters else v for k, v in merged.items()}
+    return held, adapters
+
+
+def gradient_path(x: jax.Array, factors: Params, scale: float) -> jax.Array:
+    """Zero, with the gradient of s (x A) B in A and B (none in x): added to the output of
+    x [..., *in] times a merged weight [*in, *out] held constant, it gives the adapters their
+    gradient without the weight-sized one. Runs in x's dtype."""
+    a = factors["a"].astype(x.dtype)
+    b = factors["b"].astype(x.dtype)
+    in_ndim = a.ndim - 1
+    xa = _rows_times(jax.lax.stop_gradient(x), a.reshape(-1, a.shape[-1]), in_ndim)
+    zero = _zero_product(xa, b.reshape(b.shape[0], -1))
+    return scale * zero.reshape(*x.shape[:-in_ndim], *b.shape[1:])
+
+
+@jax.custom_jvp
+def _zero_product(xa: jax.Array, b: jax.Array) -> jax.Array:
+    """Zeros shaped like xa [..., r] times b [r, n], with that product's derivative: the forward
+    computes nothing (XLA drops the added zeros), the backward the two rank-r products."""
+    return jnp.zeros((*xa.shape[:-1], b.shape[1]), xa.dtype)
+
+
+@_zero_product.defjvp
+def _zero_product_jvp(primals, tangents):
+    (xa, b), (xa_dot, b_dot) = primals, tangents
+    return _zero_product(xa, b), _rows_times(xa_dot, b, 1) + _rows_times(xa, b_dot, 1)
+
+
+def _rows_times(x: jax.Array, m: jax.Array, contract_ndim: int) -> jax.Array:
+    """x [..., *k] times m [prod(k), n] -> [..., n], as a matmul with a size-1 batch axis: the
+    layer's remat policy keeps only matmul outputs without batch axes, so these [..., r] and
+    [..., *out] products are recomputed in the backward pass, not held (see below)."""
+    lead = x.shape[: x.ndim - contract_ndim]
+    x_1xNxK = x.reshape(1, -1, m.shape[0])
+    out = jax.lax.dot_general(x_1xNxK, m[None], (((2,), (1,)), ((0,), (0,))))
+    return out.reshape(*lead, m.shape[1])
 
 
 def _low_rank_product(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -258,12 +258,20 @@ def _layer(
     given this layer's cache buffers, the buffers with the new slots written in place.
     `attend(q, k, v)` is the attention with its mask bound."""
     dtype = jnp.dtype(config.dtype)
-    p = lora.merge_layer(p, config.lora)  # the weights W + s A B, if LoRA adapters are attached
+    # The weights W + s A B, if LoRA adapters are attached; their gradient path per projection.
+    p, adapters = lora.layer_weights(p, config.lora)
     w = jax.tree.map(lambda a: a.astype(dtype), p)
+
+    def project(spec: str, x: jax.Array, name: str) -> jax.Array:
+        y = jnp.einsum(spec, x, w[name])
+        if name in adapters:
+            y = y + lora.gradient_path(x, adapters[name], config.lora.scale)
+        return y
+
     h = rms_norm(x_BxTxD, w["attn_norm"], config.rms_norm_eps)
-    q = jnp.einsum("btd,dnh->btnh", h, w["q"])
-    k = jnp.einsum("btd,dkh->btkh", h, w["k"])
-    v = jnp.einsum("btd,dkh->btkh", h, w["v"])
+    q = project("btd,dnh->btnh", h, "q")
+    k = project("btd,dkh->btkh", h, "k")
+    v = project("btd,dkh->btkh", h, "v")
     if config.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if config.qk_norm:
@@ -281,12 +289,10 @@ def _layer(
             cache_v, v.astype(cache_v.dtype), (zero, write_index, zero, zero)
         )
     attn = attend(q, k[:, :attend_len], v[:, :attend_len])
-    x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn, w["o"])
+    x_BxTxD = x_BxTxD + project("btnh,nhd->btd", attn, "o")
     h = rms_norm(x_BxTxD, w["mlp_norm"], config.rms_norm_eps)
-    gated = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["gate"])) * jnp.einsum(
-        "btd,df->btf", h, w["up"]
-    )
-    x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", gated, w["down"])
+    gated = jax.nn.silu(project("btd,df->btf", h, "gate")) * project("btd,df->btf", h, "up")
+    x_BxTxD = x_BxTxD + project("btf,fd->btd", gated, "down")
     return x_BxTxD, (k, v)
 
 

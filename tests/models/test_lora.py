@@ -166,6 +166,37 @@ def test_lora_forward_keeps_no_weight_sized_residual():
     assert not weight_shapes & set(with_lora)
 
 
+def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """The output shape of every matmul in `jaxpr`, nested ones (scan, remat) included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's, or a Jaxpr
+                if hasattr(inner, "eqns"):
+                    shapes += _dot_output_shapes(inner)
+    return shapes
+
+
+def test_adapter_gradients_form_no_weight_sized_product():
+    # The merged weights are held constant for autodiff; each projection's rank-r path carries
+    # the adapters' gradient. Autodiff through the merge would multiply x^T dy into every
+    # targeted weight's shape (full fine-tuning's weight-gradient FLOPs) and only then project
+    # it onto A and B.
+    base, adapters = _base(), _adapters()
+    objective = lambda ad: jnp.sum(_forward(lora.attach(base, ad)) ** 2)
+    shapes = _dot_output_shapes(jax.make_jaxpr(jax.grad(objective))(adapters).jaxpr)
+    weights = {tuple(sorted(np.shape(base["layers"][t])[1:])) for t in LORA_TARGETS}
+    weight_sized = lambda shapes: [s for s in shapes if tuple(sorted(s)) in weights]
+    assert shapes and not weight_sized(shapes)
+    # ...while the full model's gradient does form them (the check sees the scan's matmuls).
+    full = lambda layers: jnp.sum(_forward({**base, "layers": layers}) ** 2)
+    full_shapes = _dot_output_shapes(jax.make_jaxpr(jax.grad(full))(base["layers"]).jaxpr)
+    assert len(weight_sized(full_shapes)) >= len(LORA_TARGETS)
+
+
 _completion_logprobs = jax.jit(tf.completion_logprobs, static_argnames=("config", "temperature"))
 
 
