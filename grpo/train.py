@@ -238,6 +238,7 @@ def _rollout_metrics(scored: _Scored, group: int) -> dict:
     rewards, lengths = scored.rewards, scored.lengths
     total = gather.all_rows(rewards.total)
     groups = total.reshape(-1, group)
+    correct = gather.all_rows(scored.correct).reshape(-1, group) > 0
     metrics = {
         "reward_mean": total.mean(),
         "reward_std": total.std(),
@@ -245,7 +246,10 @@ def _rollout_metrics(scored: _Scored, group: int) -> dict:
         "completion_length_mean": lengths.mean(),
         "completion_length_max": lengths.max(),
         "truncation_rate": gather.all_rows(scored.rollout.truncated_B).mean(),
-        "accuracy": gather.all_rows(scored.correct).mean(),
+        "accuracy": correct.mean(),
+        # The groups every completion of which is right (wrong): no gradient from either.
+        "solve_all": correct.all(axis=1).mean(),
+        "solve_none": (~correct.any(axis=1)).mean(),
     }
     for name, values in rewards.per_function.items():
         metrics[f"reward/{name}"] = gather.all_rows(values).mean()

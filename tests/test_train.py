@@ -77,6 +77,8 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         "clip_frac_low",
         "clip_frac_high",
         "frac_reward_zero_std",
+        "solve_all",
+        "solve_none",
         "truncation_rate",
         "rollout_seconds",
         "update_seconds",
@@ -368,6 +370,12 @@ def _check_solved_prompts_retired(workdir, rows):
     assert len({r["question"] for r in epoch_0 if solved(r)}) == 2  # synthetic answers 7 5 3 29
     at_step_1 = len({r["question"] for r in epoch_0 if r["step"] == 1 and solved(r)})
     assert [r["retired_prompts"] for r in rows] == [at_step_1, 2, 2, 2]
+    assert [(r["solve_all"], r["solve_none"]) for r in rows] == [
+        (at_step_1 / 2, 1 - at_step_1 / 2),
+        (1 - at_step_1 / 2, at_step_1 / 2),
+        (0.0, 1.0),
+        (0.0, 1.0),
+    ]
     assert not any(solved(r) for r in completions if r["step"] > 2)
 
 
