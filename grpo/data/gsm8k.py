@@ -265,11 +265,20 @@ def check_position(position: dict, num_examples: int) -> tuple[int, int]:
         isinstance(v, int) and v >= 0 for v in (epoch, index)
     ):
         raise ValueError(f"bad stream position {position!r}: want {{'epoch': e, 'index': i}}")
-    if index > num_examples or not all(
-        len(pair) == 2 and 0 <= pair[0] < num_examples and 0 <= pair[1] for pair in retired
-    ):
+    if not all(_is_retirement(pair) for pair in retired):
+        raise ValueError(f"bad stream position {position!r}: want 'retired': [[example, epoch]]")
+    if index > num_examples or any(example >= num_examples for example, _ in retired):
         raise ValueError(f"bad stream position {position!r}: only {num_examples} examples")
     return epoch, index
+
+
+def _is_retirement(pair: Any) -> bool:
+    """Whether `pair` is [example index, epoch it was retired in]."""
+    return (
+        isinstance(pair, list | tuple)
+        and len(pair) == 2
+        and all(isinstance(v, int) and v >= 0 for v in pair)
+    )
 
 
 def _unretired_order(
@@ -337,6 +346,7 @@ class PromptStream(Iterator[list[Example]]):
 
     @property
     def num_retired(self) -> int:
+        """How many examples have been retired so far."""
         return len(self._position.get("retired", []))
 
     def retire(self, indices: Sequence[int]) -> None:

@@ -260,6 +260,7 @@ def test_too_few_unretired_examples_take_every_example_again():
     [
         (dict(batch_size=6, process_count=2), "fewer than one global batch"),
         (dict(batch_size=2, position={"epoch": 0, "index": 0, "retired": [[10, 0]]}), "only 10"),
+        (dict(batch_size=2, position={"epoch": 0, "index": 0, "retired": [3]}), "want 'retired'"),
         (dict(batch_size=2, position={"epoch": 0, "index": 0, "done": []}), "bad stream position"),
         (dict(batch_size=2, process_index=2, process_count=2), "process_index < process_count"),
         (dict(batch_size=2, position={"epoch": 0}), "bad stream position"),
