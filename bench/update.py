@@ -49,6 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lora_rank", type=int, default=0, help="> 0: train LoRA adapters on a frozen base"
     )
     parser.add_argument(
+        "--updates",
+        type=int,
+        default=1,
+        help="optimizer updates per batch, one per mini-batch (TrainConfig.prompts_per_update); "
+        "--micro_batches then counts per update",
+    )
+    parser.add_argument(
         "--top_entropy_quantile",
         type=float,
         default=1.0,
@@ -73,8 +80,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters}, {args.warmup}")
-    if args.micro_batches < 1 or args.batch % args.micro_batches:
-        parser.error(f"--micro_batches={args.micro_batches} does not divide --batch={args.batch}")
+    if min(args.micro_batches, args.updates) < 1 or args.batch % (
+        args.micro_batches * args.updates
+    ):
+        parser.error(
+            f"--updates={args.updates} x --micro_batches={args.micro_batches} does not divide "
+            f"--batch={args.batch}"
+        )
+    if args.torch_baseline and args.updates > 1:
+        parser.error("--torch_baseline times one update per batch: leave --updates at 1")
     if args.lora_rank and args.tpu_target:
         parser.error("--lora_rank is sized with --gpu_target or on this machine, not --tpu_target")
     return args
@@ -92,9 +106,20 @@ def loss_config(args: argparse.Namespace) -> update.LossConfig:
     )
 
 
+def _update_fn(config: ModelConfig, tx, loss: update.LossConfig, args: argparse.Namespace):
+    return update.make_update_fn(
+        model=config,
+        tx=tx,
+        loss=loss,
+        num_micro_batches=args.micro_batches,
+        updates_per_batch=args.updates,
+    )
+
+
 def reference_logps(config: ModelConfig, loss: update.LossConfig, params, batch: Batch, args):
     """(compile + first call seconds, mean seconds, batch with ref_logps) for beta > 0."""
-    ref_fn = update.make_reference_logps_fn(config, loss, num_micro_batches=args.micro_batches)
+    micro_batches = args.micro_batches * args.updates  # the trainer's: same micro-batch size
+    ref_fn = update.make_reference_logps_fn(config, loss, num_micro_batches=micro_batches)
     first, ref_logps = common.timed(lambda: ref_fn(params, batch))
     seconds = [common.timed(lambda: ref_fn(params, batch))[0] for _ in range(args.iters)]
     return first, sum(seconds) / len(seconds), batch.replace(ref_logps_BxC=ref_logps)
@@ -111,6 +136,7 @@ def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
         "completion_len": args.completion_len,
         "tokens": args.batch * (args.prompt_len + args.completion_len),
         "micro_batches": args.micro_batches,
+        "updates": args.updates,
         "dtype": config.dtype,
         "remat": config.remat,
         "attention": config.attention_impl,
@@ -143,9 +169,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     if mesh is not None:
         params, batch = tpu_target.on_mesh(mesh, config, params, batch)
     state = _abstract_state(params, tx)
-    update_fn = update.make_update_fn(
-        model=config, tx=tx, loss=loss, num_micro_batches=args.micro_batches
-    )
+    update_fn = _update_fn(config, tx, loss, args)
     header = _header(args, config)
     target = gpu_target.TARGETS.get(args.gpu_target) or tpu_target.TARGETS.get(args.tpu_target)
     if target is not None:
@@ -245,9 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["ref_tokens_per_s"] = round(tokens / ref_s, 1)
     # The state owns `params` from here on (donated each step); the reference pass is done.
     state = common.train_state(params, tx)
-    update_fn = update.make_update_fn(
-        model=config, tx=tx, loss=loss, num_micro_batches=args.micro_batches
-    )
+    update_fn = _update_fn(config, tx, loss, args)
     compile_s, compiled = common.timed(lambda: update_fn.lower(state, batch, frozen).compile())
     for _ in range(args.warmup):
         state, _ = jax.block_until_ready(compiled(state, batch, frozen))

@@ -38,6 +38,16 @@ def test_update_bench_times_the_high_entropy_token_mask():
     assert result["top_entropy_quantile"] == 0.2 and result["update_tokens_per_s"] > 0
 
 
+def test_update_bench_times_mini_batch_updates():
+    result = update.main(
+        [*TINY, "--batch=4", "--prompt_len=8", "--completion_len=8", "--iters=1", "--warmup=0"]
+        + ["--updates=2", "--beta=0.1"]
+    )
+    assert result["updates"] == 2 and result["update_tokens_per_s"] > 0
+    with pytest.raises(SystemExit):
+        update.main([*TINY, "--batch=4", "--updates=3"])
+
+
 def test_update_bench_sizes_lora_with_no_base_optimizer_state_or_reference_copy():
     # 0.5B, abstract (nothing allocated): tiny-qwen2's gigabytes round to 0.
     shape = ["--preset=qwen2.5-0.5b", "--batch=4", "--prompt_len=8", "--completion_len=8"]
