@@ -40,5 +40,7 @@ def test_recipe_builds_valid_configs_on_the_reference_run(recipe, clean_gin):
         assert cfg.answer_match == "math_verify" and "correctness_math_verify" in rewards.names
         assert cfg.system_prompt.endswith("<answer> \\frac{3}{2} </answer>")
     assert cfg.prompts_per_step == 16  # the run file's, untouched by the overlay
+    if "dr_grpo" in recipe:  # no per-completion length or group-std normalisation
+        assert loss.aggregation == "seq_mean_token_sum_norm" and cfg.advantage_scale == "none"
     if "gspo" in recipe:  # the paper's four mini-batches per rollout
         assert cfg.updates_per_step == 4
