@@ -163,6 +163,8 @@ def test_dry_run_checks_everything_and_compiles_nothing(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dry run: the configuration is valid (64 train / 8 test examples)" in result.stderr
     assert "batch per step: 2 prompts x 4 samples" in result.stderr
+    assert "1 update(s) per step (1 pass(es) x 1 mini-batch(es))" in result.stderr
+    assert "batch per update: 2 prompts, 8 completions" in result.stderr
     assert "Compiling" not in result.stderr and not (tmp_path / "run").exists()
 
 
