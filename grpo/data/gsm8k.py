@@ -37,7 +37,9 @@ class Columns:
     """Where a row keeps its problem and its reference answer, and what that answer holds.
 
     `question` and `answer` name columns; a dotted name reads a nested field
-    (`reward_model.ground_truth`). `answer_format` is one of:
+    (`reward_model.ground_truth`). A question held as a chat prompt of one user turn (verl's
+    `prompt: [{"role": "user", "content": ...}]`) reads as that turn's content.
+    `answer_format` is one of:
       - `gsm8k`: reasoning ending in a `#### <final answer>` line;
       - `boxed`: a worked solution whose last `\\boxed{...}` is the final answer (MATH);
       - `final`: the final answer alone (a string or a number).
@@ -169,9 +171,22 @@ def _kept(row: dict, name: str) -> object:
 
 def _question(row: dict, columns: Columns) -> str:
     question = _field(row, columns.question)
+    if isinstance(question, list):  # a chat prompt, e.g. verl's [{"role": "user", ...}]
+        question = _user_turn(question, columns.question)
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"missing, empty or non-string {columns.question!r}")
     return question
+
+
+def _user_turn(messages: list, name: str) -> object:
+    """The content of a chat prompt that is one user turn; our chat template wraps it again."""
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    if roles != ["user"]:
+        raise ValueError(
+            f"{name!r} is a chat prompt with turns {roles}; only one user turn is read (set "
+            "TrainConfig.system_prompt for a system turn)"
+        )
+    return messages[0].get("content")
 
 
 def _gsm8k_answer(row: dict, columns: Columns) -> str:

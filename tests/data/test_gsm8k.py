@@ -1,6 +1,7 @@
 """Loading GSM8K-format files and the resumable, sharded prompt stream."""
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -110,6 +111,32 @@ def test_final_answers_from_a_nested_field(load, tmp_path):
         {"question": "Sum?", "answer": "#### 204"},
         {"question": "Set?", "answer": "#### \\{1, 2\\}"},  # one line, so #### reads it all
     ]
+
+
+def test_a_chat_prompt_of_one_user_turn_is_the_question(load, tmp_path):
+    # verl's preprocessed parquet keeps the prompt as chat messages.
+    rows = [{"prompt": [{"role": "user", "content": "Sum?"}], "reward_model": {"ground_truth": 4}}]
+    path = _write_parquet(tmp_path / "rl.parquet", rows)
+    examples = load(path, columns=Columns("prompt", "reward_model.ground_truth", "final"))
+    assert examples == [{"question": "Sum?", "answer": "#### 4"}]
+
+
+@pytest.mark.parametrize(
+    "prompt, problem",
+    [
+        (
+            [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+            "'prompt' is a chat prompt with turns ['system', 'user']; only one user turn is read",
+        ),
+        ([{"role": "user", "content": ""}], "missing, empty or non-string 'prompt'"),
+        (["q"], "'prompt' is a chat prompt with turns [None]"),
+    ],
+)
+def test_other_chat_prompts_are_refused_naming_the_row(load, tmp_path, prompt, problem):
+    rows = [{"prompt": [{"role": "user", "content": "Sum?"}], "a": 4}, {"prompt": prompt, "a": 4}]
+    path = _write_jsonl(tmp_path / "rl.jsonl", rows)
+    with pytest.raises(ValueError, match=re.escape(f"row 1: {problem}")):
+        load(path, columns=Columns("prompt", "a", "final"))
 
 
 @pytest.mark.parametrize(
