@@ -3,6 +3,7 @@ reference answers. Every process samples its share of each batch; all get every 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,9 +24,10 @@ def evaluate(exp: Experiment, params: Any, on_replies: OnReplies | None = None) 
     """Greedy pass@1 accuracy on the test examples (`eval_accuracy`) and the greedy replies'
     mean length and truncation rate; with `eval_samples` = k > 0 also k replies per example at
     the training sampler's settings (at `eval_temperature`, if set): the mean accuracy over
-    them (`eval_mean_at_k`) and the fraction of examples with a right one (`eval_pass_at_k`).
-    Each extra eval set adds the same as `<metric>/<name>`. `on_replies` gets the greedy
-    replies of each set (question, reference answer, completion, correct, length, truncated).
+    them (`eval_mean_at_k`), the fraction of examples with a right one (`eval_pass_at_k`) and
+    of examples whose majority answer is right (`eval_maj_at_k`). Each extra eval set adds the
+    same as `<metric>/<name>`. `on_replies` gets the greedy replies of each set (question,
+    reference answer, completion, correct, length, truncated).
     """
     metrics = _evaluate_examples(exp, params, exp.test_examples, "test", on_replies)
     for name, examples in exp.extra_eval_sets.items():
@@ -60,10 +62,32 @@ def _evaluate_examples(
         sampler = exp.sampling
         if exp.train.eval_temperature is not None:
             sampler = dataclasses.replace(sampler, temperature=exp.train.eval_temperature)
-        correct = _eval_replies(exp, params, examples, sampler, exp.train.eval_samples).correct
-        metrics["eval_mean_at_k"] = fraction(correct)
-        metrics["eval_pass_at_k"] = fraction(correct.any(axis=1))
+        sampled = _eval_replies(
+            exp, params, examples, sampler, exp.train.eval_samples, keep_texts=True
+        )
+        metrics["eval_mean_at_k"] = fraction(sampled.correct)
+        metrics["eval_pass_at_k"] = fraction(sampled.correct.any(axis=1))
+        metrics["eval_maj_at_k"] = fraction(_majority_correct(exp.train, sampled))
     return metrics
+
+
+def _majority_correct(cfg: TrainConfig, replies: _Replies) -> np.ndarray:
+    """bool [examples]: whether the answer most of an example's replies give (ties: the one
+    given first) is right; an example whose replies give no answer counts as wrong."""
+    fallback = cfg.answer_last_number_fallback
+    keys = [reward_phase.answer_key(t, last_number_fallback=fallback) for t in replies.texts]
+    samples = replies.correct.shape[1]
+    verdicts = []
+    for i, right in enumerate(replies.correct):
+        votes = keys[i * samples : (i + 1) * samples]
+        counts = collections.Counter(v for v in votes if v is not None)
+        if not counts:
+            verdicts.append(False)
+            continue
+        most = max(counts.values())
+        winner = next(j for j, v in enumerate(votes) if v is not None and counts[v] == most)
+        verdicts.append(bool(right[winner]))
+    return np.array(verdicts, bool)
 
 
 def _reply_records(examples: Sequence[dict], greedy: _Replies) -> list[dict]:

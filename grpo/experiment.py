@@ -91,8 +91,8 @@ class TrainConfig:
     # Export the policy here whenever `best_export_metric` beats every earlier eval of the run
     # (its step and value in grpo_export.json): RL runs can get worse late.
     best_export_dir: str | None = None
-    # What "best" means: eval_accuracy, eval_mean_at_k or eval_pass_at_k (with eval_samples),
-    # each optionally of an extra eval set (`eval_accuracy/gsm8k`).
+    # What "best" means: eval_accuracy, or with eval_samples eval_mean_at_k, eval_pass_at_k or
+    # eval_maj_at_k; each optionally of an extra eval set (`eval_accuracy/gsm8k`).
     best_export_metric: str = "eval_accuracy"
     wandb_project: str | None = None  # log to W&B too (when `wandb` is installed)
 
@@ -159,7 +159,7 @@ class TrainConfig:
     def best_metrics(self) -> list[str]:
         """The eval metrics where higher is better, for `best_export_metric`."""
         names = ["eval_accuracy"] + (
-            ["eval_mean_at_k", "eval_pass_at_k"] if self.eval_samples else []
+            ["eval_mean_at_k", "eval_pass_at_k", "eval_maj_at_k"] if self.eval_samples else []
         )
         return names + [f"{name}/{s}" for s in self.extra_eval_sets for name in names]
 

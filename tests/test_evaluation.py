@@ -52,11 +52,13 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperatu
         "eval_truncation_rate": 2 / 10,
         "eval_mean_at_k": 5 / 30,
         "eval_pass_at_k": 5 / 10,
+        "eval_maj_at_k": 0.0,  # these replies give no answer to vote with (see below)
         "eval_accuracy/head": 1 / 4,
         "eval_length_mean/head": 1.5,
         "eval_truncation_rate/head": 0.0,
         "eval_mean_at_k/head": 2 / 12,
         "eval_pass_at_k/head": 2 / 4,
+        "eval_maj_at_k/head": 0.0,
     }
     # Greedy, then at the eval's temperature (None: the training sampler's 0.7); each set.
     assert sampled_with == [(0.0, 1)] * 3 + [(sampled_at, 3)] * 3 + [(0.0, 1), (sampled_at, 3)]
@@ -73,3 +75,33 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperatu
     assert [r["completion"] for r in replies["test"]] == [f"{i}|0" for i in range(10)]
     assert [r["correct"] for r in replies["head"]] == [True, False, False, False]
     assert [r["truncated"] for r in replies["test"]] == [i >= 8 for i in range(10)]
+
+
+def test_majority_vote_counts_the_answer_most_replies_give(monkeypatch):
+    # The reference is 5 for every example; 3 replies each. Numbers vote by value ($5 = 5.0 = 5).
+    votes = [
+        ["<answer>7</answer>", "#### $5", "<answer>5.0</answer>"],  # 5 wins 2-1: right
+        ["<answer>7</answer>", "<answer>5</answer>", "#### 7.0"],  # 7 wins: wrong
+        ["no answer", "none either", "\\boxed{5.0}"],  # the only vote: right
+        ["<answer>7</answer>", "<answer>5</answer>", "no answer"],  # a tie: the first, 7, wrong
+        ["no answer", "none", "nothing"],  # no vote: wrong
+    ]
+    examples = [{"question": str(i), "answer": "#### 5"} for i in range(len(votes))]
+
+    def fake_sample(exp, params, mine, key, sampler, samples):
+        replies = [votes[int(e["question"])] if samples > 1 else [""] for e in mine]
+        rows = [text for texts in replies for text in texts]
+        lengths = np.ones(len(rows), int)
+        return types.SimpleNamespace(lengths_B=lengths, truncated_B=lengths > 1), rows
+
+    monkeypatch.setattr(sampling, "sample", fake_sample)
+    exp = types.SimpleNamespace(
+        train=TrainConfig(eval_prompts_per_batch=4, eval_samples=3),
+        test_examples=examples,
+        extra_eval_sets={},
+        mesh=types.SimpleNamespace(shape={"dp": 1, "fsdp": 1}),
+        sampling=SamplingConfig(max_new_tokens=8, temperature=0.7, end_ids=(1,), pad_id=0),
+    )
+    metrics = evaluation.evaluate(exp, None)
+    assert metrics["eval_maj_at_k"] == 2 / 5
+    assert metrics["eval_mean_at_k"] == 5 / 15 and metrics["eval_pass_at_k"] == 4 / 5

@@ -64,7 +64,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     start, *rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
     assert start["step"] == 0 and "eval_accuracy" in start and "reward_mean" not in start
     for row in (start, rows[2]):
-        for metric in ("eval_accuracy", "eval_mean_at_k", "eval_pass_at_k"):
+        for metric in ("eval_accuracy", "eval_mean_at_k", "eval_pass_at_k", "eval_maj_at_k"):
             assert 0 <= row[f"{metric}/harder"] <= 1
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in (

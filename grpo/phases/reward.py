@@ -172,6 +172,20 @@ def extract_answer(completion: str, *, last_number_fallback: bool = False) -> st
     return None
 
 
+def answer_key(completion: str, *, last_number_fallback: bool = False) -> str | None:
+    """A reply's final answer as a vote (majority voting): a number by its value, so `$18`,
+    `18.0` and `18` vote alike, else the answer's text with its spaces collapsed; None when the
+    reply has no answer."""
+    answer = extract_answer(completion, last_number_fallback=last_number_fallback)
+    if answer is None:
+        return None
+    if is_plain_number(answer):
+        value = parse_number(answer.replace(",", ""))
+        if value is not None:
+            return f"{value:.12g}"
+    return " ".join(answer.split())
+
+
 def extract_reference_answer(answer_text: str) -> str:
     """The final answer of a GSM8K `answer` string: what follows its last `####`, as written."""
     _, hashes, final = answer_text.rpartition(_HASHES)

@@ -578,3 +578,18 @@ def test_length_reward_joins_the_weighted_total(monkeypatch):
     monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length_reward", _boom)
     with pytest.raises(ValueError, match="'length_reward' names the length reward"):
         reward.RewardConfig(names=("length_reward",), weights=(1.0,), length_reward_weight=1.0)
+
+
+@pytest.mark.parametrize(
+    "completion, fallback, key",
+    [
+        ("so #### 1,234", False, "1234"),
+        ("<answer> $1234.0 </answer>", False, "1234"),  # votes with the line above
+        ("<answer>3/4</answer>", False, "0.75"),
+        ("<answer> x^2  + 1 </answer>", False, "x^2 + 1"),  # not a number: its text
+        ("it is 12", False, None),  # no explicit answer
+        ("it is 12", True, "12"),
+    ],
+)
+def test_answer_key_votes_numbers_by_value(completion, fallback, key):
+    assert reward.answer_key(completion, last_number_fallback=fallback) == key
