@@ -49,8 +49,8 @@ class TrainConfig:
     # True: a prompt whose every completion in a round was right leaves the train set from the
     # next epoch on (Polaris, Skywork-OR1), as checkpoints record; metric `retired_prompts`.
     retire_solved_prompts: bool = False
-    # At most this many completions per forward/backward pass (gradient accumulation over the
-    # step's micro-batches; memory); None: the whole step batch at once.
+    # At most this many completions per forward/backward pass (gradient accumulation over an
+    # update's micro-batches; memory); None: the whole update's batch at once.
     completions_per_micro_batch: int | None = None
     advantage_scale: str = "group"  # group | batch | none
     eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)
