@@ -50,6 +50,9 @@ RUN_TIMEOUT_S = 300  # a hang (say, one process waiting in a collective) fails i
 # params within rtol (but for rare sign flips, below). rtol is ~8 ulps; atol (~3x the loss's
 # measured gap) covers the loss.
 RTOL, ATOL = 1e-6, 5e-8
+# abs_log_ratio_mean is itself float noise here: the sampler's and the trainer's fp32 log-probs
+# differ by ~7e-8 per token (measured on tiny.gin), and each run rounds them its own way.
+METRIC_ATOL = {"abs_log_ratio_mean": 2e-7}
 # Lion (tiny.gin's optimizer) moves each weight by the lr times the sign of its momentum, so a
 # momentum a few ulps from zero may take either sign when the cross-process sums round
 # differently (the vocabulary-parallel log-softmax sums its softmax statistics across devices):
@@ -156,6 +159,19 @@ def two_processes(tmp_path_factory):
     return run
 
 
+def _assert_metrics_close(rows_one: list[dict], rows_two: list[dict]) -> None:
+    for row_one, row_two in zip(rows_one, rows_two, strict=True):
+        assert row_one.keys() == row_two.keys()
+        for key, value in row_one.items():
+            np.testing.assert_allclose(
+                row_two[key],
+                value,
+                rtol=RTOL,
+                atol=METRIC_ATOL.get(key, ATOL),
+                err_msg=f"step {row_one['step']} {key}",
+            )
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(two_processes, tmp_path):
     one = _Run(tmp_path / "one", _export(tmp_path / "one"), num_processes=1)
@@ -165,12 +181,7 @@ def test_two_processes_train_like_one(two_processes, tmp_path):
     assert [r["step"] for r in rows_two] == [1, 2, 3, 4]
     assert "eval_accuracy" in rows_two[1] and "eval_accuracy" in rows_two[3]
     assert rows_two[-1]["grad_norm"] > 0  # the runs really trained
-    for row_one, row_two in zip(rows_one, rows_two, strict=True):
-        assert row_one.keys() == row_two.keys()
-        for key, value in row_one.items():
-            np.testing.assert_allclose(
-                row_two[key], value, rtol=RTOL, atol=ATOL, err_msg=f"step {row_one['step']} {key}"
-            )
+    _assert_metrics_close(rows_one, rows_two)
     # completions.jsonl: every process's rows, gathered onto process 0 in batch order.
     logged = [
         metrics_lib.read_metrics(run.workdir / "completions.jsonl") for run in (one, two_processes)
@@ -210,12 +221,7 @@ def test_dynamic_sampling_and_lora_on_two_processes_train_as_one(tmp_path):
         _finish(run)
     two, one = (_deterministic(run.rows()) for run in runs)
     assert max(r["sampling_rounds"] for r in one) > 1, "the seed should need a second round"
-    for row_one, row_two in zip(one, two, strict=True):
-        assert row_one.keys() == row_two.keys()
-        for key, value in row_one.items():
-            np.testing.assert_allclose(
-                row_two[key], value, rtol=RTOL, atol=ATOL, err_msg=f"step {row_one['step']} {key}"
-            )
+    _assert_metrics_close(one, two)
 
 
 @pytest.mark.slow

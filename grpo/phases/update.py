@@ -45,7 +45,10 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 # Token-mean diagnostics: fraction (or mean) over the valid tokens of the batch.
-TOKEN_STATS = ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean")
+# abs_log_ratio_mean: |log pi - log pi_old| per token (token level, also under GSPO); on a step's
+# first update the policy is the sampler's, so it measures how far the trainer's recomputed
+# log-probs are from the ones the sampler recorded (verl's rollout_probs_diff).
+TOKEN_STATS = ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "abs_log_ratio_mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +174,7 @@ def _per_token(
         "clip_frac_low": (adv_Bx1 < 0) & (ratio_BxC < low),
         "clip_frac_high": (adv_Bx1 > 0) & (ratio_BxC > high),
         "ratio_mean": ratio_BxC,
+        "abs_log_ratio_mean": jnp.abs(logps_BxC - old_logps_BxC),
     }
     return loss_BxC, stats
 
@@ -401,9 +405,8 @@ def make_update_fn(
     `group_size` rows (see `_split_groups`), in order; each accumulates its gradient over
     `num_micro_batches` micro-batches.
 
-    metrics (fp32 scalars, each the mean over the batch's updates): loss, kl, entropy,
-    clip_frac_low, clip_frac_high, ratio_mean, grad_norm (before clipping), and learning_rate
-    when `lr_schedule` is given.
+    metrics (fp32 scalars, each the mean over the batch's updates): loss, entropy, TOKEN_STATS,
+    grad_norm (before clipping), and learning_rate when `lr_schedule` is given.
     state_sharding: the state's shardings (a TrainState of NamedShardings), pinned on the new
     state; without it XLA may pick other layouts for the outputs (e.g. a norm scale sharded
     like its reduce-scattered gradient), which defeats donation and drifts from step to step.

@@ -52,6 +52,8 @@ def test_policy_loss_by_hand(aggregation, max_len, expected):
     np.testing.assert_allclose(float(aux["clip_frac_low"]), 1 / 5, rtol=1e-6)
     np.testing.assert_allclose(float(aux["clip_frac_high"]), 1 / 5, rtol=1e-6)
     np.testing.assert_allclose(float(aux["ratio_mean"]), (1.5 + 0.5 + 1 + 0.7 + 1.1) / 5, rtol=1e-6)
+    abs_logs = sum(abs(math.log(r)) for r in (1.5, 0.5, 1.0, 0.7, 1.1)) / 5
+    np.testing.assert_allclose(float(aux["abs_log_ratio_mean"]), abs_logs, rtol=1e-6)
     assert float(aux["kl"]) == 0.0
 
 
@@ -480,6 +482,8 @@ def test_second_iteration_on_a_rollout_moves_the_ratio(params, batch):
     np.testing.assert_allclose(float(first["ratio_mean"]), 1.0, atol=1e-6)
     assert float(first["clip_frac_low"]) == float(first["clip_frac_high"]) == 0.0
     assert abs(float(second["ratio_mean"]) - 1.0) > 1e-2
+    # The first update scores the sampler's own policy: no log-prob gap; the second sees one.
+    assert float(first["abs_log_ratio_mean"]) < 1e-6 < 1e-3 < float(second["abs_log_ratio_mean"])
     assert float(second["clip_frac_low"]) + float(second["clip_frac_high"]) > 0
     np.testing.assert_allclose(float(first["learning_rate"]), 0.02, rtol=1e-6)
     # grad_norm is the norm of the raw (unclipped) gradient.
