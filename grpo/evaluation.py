@@ -63,23 +63,21 @@ def _evaluate_examples(
         if exp.train.eval_temperature is not None:
             sampler = dataclasses.replace(sampler, temperature=exp.train.eval_temperature)
         sampled = _eval_replies(
-            exp, params, examples, sampler, exp.train.eval_samples, keep_texts=True
+            exp, params, examples, sampler, exp.train.eval_samples, keep_votes=True
         )
         metrics["eval_mean_at_k"] = fraction(sampled.correct)
         metrics["eval_pass_at_k"] = fraction(sampled.correct.any(axis=1))
-        metrics["eval_maj_at_k"] = fraction(_majority_correct(exp.train, sampled))
+        metrics["eval_maj_at_k"] = fraction(_majority_correct(sampled))
     return metrics
 
 
-def _majority_correct(cfg: TrainConfig, replies: _Replies) -> np.ndarray:
+def _majority_correct(replies: _Replies) -> np.ndarray:
     """bool [examples]: whether the answer most of an example's replies give (ties: the one
     given first) is right; an example whose replies give no answer counts as wrong."""
-    fallback = cfg.answer_last_number_fallback
-    keys = [reward_phase.answer_key(t, last_number_fallback=fallback) for t in replies.texts]
     samples = replies.correct.shape[1]
     verdicts = []
     for i, right in enumerate(replies.correct):
-        votes = keys[i * samples : (i + 1) * samples]
+        votes = replies.votes[i * samples : (i + 1) * samples]
         counts = collections.Counter(v for v in votes if v is not None)
         if not counts:
             verdicts.append(False)
@@ -124,6 +122,7 @@ class _Replies:
     lengths: np.ndarray  # int [examples, samples]: completion tokens
     truncated: np.ndarray  # bool [examples, samples]: no end token within the budget
     texts: list[str]  # examples x samples, when asked for; else empty
+    votes: list[str | None]  # each reply's `reward.answer_key`, when asked for; else empty
 
 
 def _eval_replies(
@@ -134,6 +133,7 @@ def _eval_replies(
     samples: int,
     *,
     keep_texts: bool = False,
+    keep_votes: bool = False,
 ) -> _Replies:
     """Samples `samples` replies to each of `test_examples` and checks them.
 
@@ -147,6 +147,8 @@ def _eval_replies(
     per_batch = max(divisor, cfg.eval_prompts_per_batch // divisor * divisor)
     columns: list[list[np.ndarray]] = [[], [], []]
     texts: list[str] = []
+    votes: list[str | None] = []
+    fallback = cfg.answer_last_number_fallback
     for start in range(0, len(examples), per_batch):
         chunk = examples[start : start + per_batch]
         padded = chunk + [chunk[-1]] * (per_batch - len(chunk))
@@ -161,6 +163,9 @@ def _eval_replies(
             column.append(gather.all_rows(values)[:rows].reshape(len(chunk), samples))
         if keep_texts:
             texts += gather.all_json(local_texts)[:rows]
+        if keep_votes:  # each process reads its own replies' answers
+            keys = [reward_phase.answer_key(t, last_number_fallback=fallback) for t in local_texts]
+            votes += gather.all_json(keys)[:rows]
     empty = np.zeros((0, samples))
     correct, lengths, truncated = (np.concatenate(c) if c else empty for c in columns)
-    return _Replies(correct.astype(bool), lengths.astype(int), truncated.astype(bool), texts)
+    return _Replies(correct.astype(bool), lengths.astype(int), truncated.astype(bool), texts, votes)

@@ -256,14 +256,14 @@ def _rollout_metrics(scored: _Scored, group: int) -> dict:
     for name, count in rewards.failures.items():
         metrics[f"reward_failures/{name}"] = int(gather.all_rows(np.array([count])).sum())
     if SOURCE in scored.examples[0]:
-        metrics.update(_per_set_metrics(scored, total))
+        metrics.update(_per_set_metrics(scored, total, correct.reshape(-1)))
     return metrics
 
 
-def _per_set_metrics(scored: _Scored, total: np.ndarray) -> dict[str, float]:
-    """reward_mean/<set> and accuracy/<set> over the step's rows from each train set."""
+def _per_set_metrics(scored: _Scored, total: np.ndarray, correct: np.ndarray) -> dict[str, float]:
+    """reward_mean/<set> and accuracy/<set> over the step's rows from each train set
+    (`total`, `correct`: every process's rows)."""
     sets = np.array(gather.all_json([e[SOURCE] for e in scored.examples]))
-    correct = gather.all_rows(scored.correct)
     metrics = {}
     for name in sorted(set(sets)):
         rows = sets == name

@@ -117,29 +117,22 @@ def _zero_product_jvp(primals, tangents):
     return _zero_product(xa, b), _rows_times(xa_dot, b, 1) + _rows_times(xa, b_dot, 1)
 
 
-def _rows_times(x: jax.Array, m: jax.Array, contract_ndim: int) -> jax.Array:
-    """x [..., *k] times m [prod(k), n] -> [..., n], as a matmul with a size-1 batch axis: the
-    layer's remat policy keeps only matmul outputs without batch axes, so these [..., r] and
-    [..., *out] products are recomputed in the backward pass, not held (see below)."""
+def _rows_times(x: jax.Array, m: jax.Array, contract_ndim: int, precision: Any = None) -> jax.Array:
+    """x [..., *k] times m [prod(k), n] -> [..., n], written as a matmul with a size-1 batch
+    axis: the layer's remat policy saves the outputs of matmuls without batch axes, and would
+    hold these products (a weight-sized A B, activation-sized x A) through the backward pass;
+    with the axis they are recomputed (tests/models/test_lora.py checks the saved residuals)."""
     lead = x.shape[: x.ndim - contract_ndim]
     x_1xNxK = x.reshape(1, -1, m.shape[0])
-    out = jax.lax.dot_general(x_1xNxK, m[None], (((2,), (1,)), ((0,), (0,))))
+    out = jax.lax.dot_general(x_1xNxK, m[None], (((2,), (1,)), ((0,), (0,))), precision=precision)
     return out.reshape(*lead, m.shape[1])
 
 
 def _low_rank_product(a: jax.Array, b: jax.Array) -> jax.Array:
     """A [*in, r] times B [r, *out] -> [*in, *out], in fp32 at full precision (TPUs default to
-    bf16 passes; the rank is small, so is the cost).
-
-    Written as a matmul with a size-1 batch axis: the layer's remat policy saves the outputs of
-    matmuls without batch axes, and would keep this weight-sized product of every layer for
-    the backward pass (tests/models/test_lora.py checks the saved residuals).
-    """
-    a_1xIxR = a.reshape(1, -1, a.shape[-1]).astype(jnp.float32)
-    b_1xRxO = b.reshape(1, b.shape[0], -1).astype(jnp.float32)
-    product = jax.lax.dot_general(
-        a_1xIxR, b_1xRxO, (((2,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST
-    )
+    bf16 passes; the rank is small, so is the cost)."""
+    b_RxO = b.reshape(b.shape[0], -1).astype(jnp.float32)
+    product = _rows_times(a.astype(jnp.float32), b_RxO, 1, jax.lax.Precision.HIGHEST)
     return product.reshape(*a.shape[:-1], *b.shape[1:])
 
 

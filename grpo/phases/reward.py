@@ -180,7 +180,7 @@ def answer_key(completion: str, *, last_number_fallback: bool = False) -> str | 
     if answer is None:
         return None
     if is_plain_number(answer):
-        value = parse_number(answer.replace(",", ""))
+        value = parse_number(answer)
         if value is not None:
             return f"{value:.12g}"
     return " ".join(answer.split())
