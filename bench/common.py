@@ -90,13 +90,20 @@ def make_tx(name: str):
 
 
 def random_batch(
-    config: ModelConfig, rows: int, prompt_len: int, completion_len: int, seed: int = 0
+    config: ModelConfig,
+    rows: int,
+    prompt_len: int,
+    completion_len: int,
+    seed: int = 0,
+    min_completion_len: int | None = None,
 ) -> Batch:
-    """A host (numpy) Batch with every slot valid, the most tokens a shape holds; no reference
-    log-probs. Host arrays, so a PyTorch baseline can run before JAX claims the device."""
+    """A host (numpy) Batch with every prompt slot valid and every completion slot too, the most
+    tokens a shape holds; or, given `min_completion_len`, completions of lengths drawn uniformly
+    from [min_completion_len, completion_len]. No reference log-probs. Host arrays, so a PyTorch
+    baseline can run before JAX claims the device."""
     rng = np.random.default_rng(seed)
     tokens = lambda n: rng.integers(0, config.vocab_size, (rows, n)).astype(np.int32)
-    return Batch(
+    batch = Batch(
         prompt_tokens_BxP=tokens(prompt_len),
         prompt_mask_BxP=np.ones((rows, prompt_len), bool),
         completion_tokens_BxC=tokens(completion_len),
@@ -107,6 +114,13 @@ def random_batch(
         ).astype(np.float32),
         advantages_B=rng.standard_normal(rows).astype(np.float32),
         truncated_B=np.ones(rows, bool),  # every completion fills its budget
+    )
+    if min_completion_len is None:
+        return batch
+    lengths = rng.integers(min_completion_len, completion_len + 1, rows)
+    return batch.replace(
+        completion_mask_BxC=np.arange(completion_len)[None] < lengths[:, None],
+        truncated_B=lengths == completion_len,
     )
 
 

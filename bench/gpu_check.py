@@ -14,7 +14,8 @@ SmolLM2 tokenizer into `.gpu/tokenizer`, both git-ignored). On the device (`carr
       --no-cache-dir --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" && \
       PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --part=1 --out=$OUT
 
-then `--part=2` in a second call. Rehearse the whole plan here with tiny shapes:
+then `--part=2` in a second call (and `--part=3` in a session with time left, or after one
+that ran parts 1 and 2). Rehearse the whole plan here with tiny shapes:
 `python -m bench.gpu_check --tiny --out=/tmp/gpu_check`.
 """
 
@@ -67,13 +68,15 @@ def checks(tokenizer: str) -> list[Check]:
     rollout and MFU targets (MFU with cuDNN attention: the H200 roofline of einsum attention is
     0.44 at best, BUILD_NOTES), then LoRA's update if time is left; part 2: the adamw smoke
     run, the memory target (XLA's GPU compile already estimates it here), the update with einsum
-    attention, the GPU tests. A call that starts a machine spends a minute or more of the
-    session's 15 before part 1 begins."""
+    attention, the GPU tests; part 3: the update on completions of random lengths with and
+    without width buckets (TrainConfig.micro_batch_width_buckets). A call that starts a
+    machine spends a minute or more of the session's 15 before part 1 begins."""
     update_1p5b = ("bench.update", "--preset=qwen2.5-1.5b", "--batch=64", "--prompt_len=256")
     # 4 micro-batches: the best H200 roofline that fits (BUILD_NOTES: update shape choices).
     update_1p5b += ("--completion_len=768", "--micro_batches=4", "--iters=2")
     update_tiny = ("bench.update", "--preset=tiny-qwen2", "--batch=8", "--prompt_len=16")
     update_tiny += ("--completion_len=16", "--micro_batches=2", "--iters=1")
+    varied, varied_tiny = ("--min_completion_len=64",), ("--min_completion_len=2",)
     return [
         Check(
             "smoke_lion",
@@ -142,6 +145,19 @@ def checks(tokenizer: str) -> list[Check]:
             ("pytest", "-q", "tests/models/test_mixed_precision.py"),
             # fp32 parity tolerances assume fp32 matmuls; JAX on a GPU defaults to TF32.
             env=(("JAX_DEFAULT_MATMUL_PRECISION", "highest"),),
+        ),
+        # Part 3: length-sorted micro-batches at K widths against all at full width (8
+        # micro-batches: the later flag wins).
+        *(
+            Check(
+                f"update_width_buckets_{k}",
+                3,
+                100,
+                update_1p5b
+                + ("--attention=cudnn", "--micro_batches=8", *varied, f"--width_buckets={k}"),
+                update_tiny + ("--attention=auto", *varied_tiny, f"--width_buckets={k}"),
+            )
+            for k in (1, 4)
         ),
     ]
 
@@ -223,7 +239,7 @@ def save_tokenizer(path: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", type=int, choices=(1, 2), default=None, help="default: all")
+    parser.add_argument("--part", type=int, choices=(1, 2, 3), default=None, help="default: all")
     parser.add_argument("--only", default="", help="comma-separated check names")
     parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check")
     parser.add_argument("--deadline_s", type=float, default=540, help="for this whole command")

@@ -4,7 +4,9 @@
         --micro_batches=8 --torch_baseline
 
 Random weights of a named shape (grpo/models/presets.py) and a random Batch with every slot valid
-(B x (P + C) tokens). The update is compiled ahead of time (its memory analysis is printed), run
+(B x (P + C) tokens), or with `--min_completion_len` completions of random lengths, where
+`--width_buckets` > 1 lets length-sorted micro-batches run narrower (tokens/s and MFU then count
+the valid tokens only). The update is compiled ahead of time (its memory analysis is printed), run
 `--warmup` times, then timed over `--iters` calls that each end in `block_until_ready`. With
 `--beta > 0` the reference log-prob pass is built and timed too (the trainer runs it once per
 rollout, before the update). MFU counts model FLOPs (grpo/flops.py: 6 x matmul params per token,
@@ -61,6 +63,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1.0,
         help="< 1: only the top tokens by entropy learn (one more forward pass per update)",
     )
+    parser.add_argument(
+        "--min_completion_len",
+        type=int,
+        default=None,
+        help="completion lengths drawn uniformly from [this, --completion_len]; default: all full",
+    )
+    parser.add_argument(
+        "--width_buckets",
+        type=int,
+        default=1,
+        help="> 1: length-sorted micro-batches, each at the narrowest of this many widths "
+        "(TrainConfig.micro_batch_width_buckets)",
+    )
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
         "--gpu_target",
@@ -89,6 +104,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     if args.torch_baseline and args.updates > 1:
         parser.error("--torch_baseline times one update per batch: leave --updates at 1")
+    if args.torch_baseline and args.min_completion_len is not None:
+        parser.error("--torch_baseline runs every slot: leave out --min_completion_len")
+    if args.min_completion_len is not None and not 1 <= args.min_completion_len <= (
+        args.completion_len
+    ):
+        parser.error(f"--min_completion_len must be in [1, --completion_len={args.completion_len}]")
+    if args.width_buckets < 1:
+        parser.error(f"--width_buckets must be >= 1, got {args.width_buckets}")
     if args.lora_rank and args.tpu_target:
         parser.error("--lora_rank is sized with --gpu_target or on this machine, not --tpu_target")
     return args
@@ -112,6 +135,7 @@ def _update_fn(config: ModelConfig, tx, loss: update.LossConfig, args: argparse.
         tx=tx,
         loss=loss,
         num_micro_batches=args.micro_batches,
+        width_buckets=args.width_buckets,
         updates_per_batch=args.updates,
     )
 
@@ -119,7 +143,9 @@ def _update_fn(config: ModelConfig, tx, loss: update.LossConfig, args: argparse.
 def reference_logps(config: ModelConfig, loss: update.LossConfig, params, batch: Batch, args):
     """(compile + first call seconds, mean seconds, batch with ref_logps) for beta > 0."""
     micro_batches = args.micro_batches * args.updates  # the trainer's: same micro-batch size
-    ref_fn = update.make_reference_logps_fn(config, loss, num_micro_batches=micro_batches)
+    ref_fn = update.make_reference_logps_fn(
+        config, loss, num_micro_batches=micro_batches, width_buckets=args.width_buckets
+    )
     first, ref_logps = common.timed(lambda: ref_fn(params, batch))
     seconds = [common.timed(lambda: ref_fn(params, batch))[0] for _ in range(args.iters)]
     return first, sum(seconds) / len(seconds), batch.replace(ref_logps_BxC=ref_logps)
@@ -144,6 +170,8 @@ def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
         "beta": args.beta,
         "lora_rank": args.lora_rank,
         "top_entropy_quantile": args.top_entropy_quantile,
+        "min_completion_len": args.min_completion_len,
+        "width_buckets": args.width_buckets,
     }
 
 
@@ -189,6 +217,8 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     # temporaries, and the reference params.
     estimate = common.live_gb(memory)
     model_flops = flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
+    # The roofline reads every op of the program: with width buckets, every branch's.
+    roofline = args.gpu_target and args.width_buckets == 1
     return {
         **header,
         "compile_s": round(compile_s, 2),
@@ -199,7 +229,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
         "model_gflops_per_token": round(
             model_flops / (args.batch * (args.prompt_len + args.completion_len)) / 1e9, 4
         ),
-        **(_roofline(compiled, args.gpu_target, model_flops) if args.gpu_target else {}),
+        **(_roofline(compiled, args.gpu_target, model_flops) if roofline else {}),
         **(tpu_target.fit(args.tpu_target, compiled, estimate + ref_params_gb) if mesh else {}),
         # Per chip and iteration of each loop (micro-batches, then the layers and log-prob chunks
         # of one micro-batch).
@@ -253,8 +283,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return compile_only(args)
     config = model_config(args)
     loss = loss_config(args)
-    host_batch = common.random_batch(config, args.batch, args.prompt_len, args.completion_len)
-    tokens = args.batch * (args.prompt_len + args.completion_len)
+    host_batch = common.random_batch(
+        config,
+        args.batch,
+        args.prompt_len,
+        args.completion_len,
+        min_completion_len=args.min_completion_len,
+    )
+    lengths = host_batch.completion_mask_BxC.sum(axis=1)
+    tokens = int(args.batch * args.prompt_len + lengths.sum())  # valid tokens: the useful work
     # PyTorch first, and its memory released, before JAX initialises (and claims) the device.
     torch_s = torch_forward_backward_s(config, host_batch, args) if args.torch_baseline else None
     tx = common.make_tx(args.optimizer)
@@ -280,12 +317,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             state, metrics = jax.block_until_ready(compiled(state, batch, frozen))
             seconds.append(time.perf_counter() - start)
     step_s = sum(seconds) / len(seconds)
-    model_flops = flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
+    model_flops = sum(flops.training_flops(config, 1, args.prompt_len, int(n)) for n in lengths)
     peak = common.peak_flops_per_s(args.peak_tflops)
     result.update(
         compile_s=round(compile_s, 2),
         step_s=round(step_s, 4),
         step_s_min=round(min(seconds), 4),
+        valid_tokens=tokens,
         update_tokens_per_s=round(tokens / step_s, 1),
         model_gflops_per_token=round(model_flops / tokens / 1e9, 4),
         achieved_tflops=round(model_flops / step_s / 1e12, 4),

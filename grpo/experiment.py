@@ -52,6 +52,11 @@ class TrainConfig:
     # At most this many completions per forward/backward pass (gradient accumulation over an
     # update's micro-batches; memory); None: the whole update's batch at once.
     completions_per_micro_batch: int | None = None
+    # K > 1: the update and the KL reference pass sort an update's completions by length and run
+    # each micro-batch at the narrowest of K widths (C/K, 2C/K, ..., C for a step's completion
+    # width C) that holds it, instead of all at C; one compiled program with K branches, so
+    # compile time grows with K. Same loss up to float summation order; pays with micro-batches.
+    micro_batch_width_buckets: int = 1
     advantage_scale: str = "group"  # group | batch | none
     eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)
     eval_at_start: bool = False  # also evaluate the starting policy (written as step 0)
@@ -103,6 +108,7 @@ class TrainConfig:
             "num_generations",
             "num_iterations",
             "max_sampling_rounds",
+            "micro_batch_width_buckets",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")

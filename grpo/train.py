@@ -207,6 +207,7 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
             tx=exp.tx,
             loss=exp.loss,
             num_micro_batches=cfg.num_micro_batches,
+            width_buckets=cfg.micro_batch_width_buckets,
             updates_per_batch=cfg.updates_per_pass,
             group_size=cfg.num_generations,
             lr_schedule=exp.lr_schedule,
@@ -214,7 +215,10 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
         ),
         ref_logps_fn=(
             make_reference_logps_fn(
-                exp.model, exp.loss, num_micro_batches=cfg.num_micro_batches * cfg.updates_per_pass
+                exp.model,
+                exp.loss,
+                num_micro_batches=cfg.num_micro_batches * cfg.updates_per_pass,
+                width_buckets=cfg.micro_batch_width_buckets,
             )
             if exp.loss.beta > 0
             else None

@@ -48,6 +48,17 @@ def test_update_bench_times_mini_batch_updates():
         update.main([*TINY, "--batch=4", "--updates=3"])
 
 
+def test_update_bench_counts_valid_tokens_of_random_lengths_in_width_buckets():
+    result = update.main(
+        [*TINY, "--batch=4", "--prompt_len=8", "--completion_len=8", "--iters=1", "--warmup=0"]
+        + ["--micro_batches=2", "--min_completion_len=1", "--width_buckets=2", "--beta=0.1"]
+    )
+    assert result["width_buckets"] == 2 and result["ref_tokens_per_s"] > 0
+    assert 4 * 8 + 4 <= result["valid_tokens"] < result["tokens"] == 4 * 16
+    with pytest.raises(SystemExit):
+        update.main([*TINY, "--min_completion_len=1", "--torch_baseline"])
+
+
 def test_update_bench_sizes_lora_with_no_base_optimizer_state_or_reference_copy():
     # 0.5B, abstract (nothing allocated): tiny-qwen2's gigabytes round to 0.
     shape = ["--preset=qwen2.5-0.5b", "--batch=4", "--prompt_len=8", "--completion_len=8"]

@@ -321,8 +321,13 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
             "make_dataset.num_train=4",
             "TrainConfig.show_completions_every_steps=1",
         ]
-    if variant == "mini_batches":
-        common += ["TrainConfig.prompts_per_update=1", "make_loss.beta=0.1"]
+    if variant == "mini_batches":  # and the KL reference pass in length-sorted micro-batches
+        common += [
+            "TrainConfig.prompts_per_update=1",
+            "make_loss.beta=0.1",
+            "TrainConfig.micro_batch_width_buckets=2",
+        ]
+        width_buckets = _record_width_buckets(monkeypatch)
     if variant == "ref_sync":
         common += [
             "make_loss.beta=0.1",
@@ -354,6 +359,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
         assert [r["kl"] == 0.0 for r in rows_a] == [True, False, True, False]
     if variant == "mini_batches":  # the schedule spans 8 updates: the last is still above 0
         assert rows_a[-1]["learning_rate"] > 0 and rows_a[0]["kl"] > 0
+        assert set(width_buckets) == {("update", 1, 2), ("reference", 2, 2)}
     if variant == "retire":
         _check_solved_prompts_retired(straight, rows_a)
     params_a = load_file(straight / "export" / "model.safetensors")
@@ -361,6 +367,20 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
     assert params_a.keys() == params_b.keys()
     for name in params_a:
         np.testing.assert_array_equal(params_a[name], params_b[name], err_msg=name)
+
+
+def _record_width_buckets(monkeypatch) -> list[tuple[str, int, int]]:
+    """(pass, micro-batches, width buckets) of each update and reference function built."""
+    built = []
+    for name, attribute in (("update", "make_update_fn"), ("reference", "make_reference_logps_fn")):
+        make = getattr(train, attribute)
+
+        def record(*args, name=name, make=make, **kwargs):
+            built.append((name, kwargs["num_micro_batches"], kwargs["width_buckets"]))
+            return make(*args, **kwargs)
+
+        monkeypatch.setattr(train, attribute, record)
+    return built
 
 
 def _check_solved_prompts_retired(workdir, rows):

@@ -21,6 +21,13 @@ loss weight; N is unchanged. The threshold is the (1 - rho) quantile of the entr
 valid token of the whole batch, from a forward pass before the gradient pass, so it does not
 depend on the micro-batching.
 
+With `width_buckets` = K > 1 the batch's rows are sorted by completion length before the split
+into micro-batches, and each micro-batch runs at the smallest of the widths C/K, 2C/K, ..., C
+(rounded up) that holds its longest completion: a step whose completions are mostly short no
+longer pays C slots for every row, forward and backward. A `lax.switch` picks the width on the
+device, so this stays one compiled program (K branches; compile time grows with K). The loss is
+a sum over rows, so only the floating-point summation order changes.
+
 `old_logps` are the rollout's log-probs: with several updates on one rollout
 (`num_iterations > 1`, or a batch split into `updates_per_batch` mini-batches, each one optimizer
 step: verl's ppo_mini_batch_size, TRL's steps_per_generation) the ratio moves away from 1 after
@@ -31,12 +38,14 @@ own N, as a batch of its own would be.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from grpo import sharding
 from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.types import Batch, TrainState
@@ -294,6 +303,58 @@ def _split_groups(tree: Any, num_parts: int, group_size: int) -> Any:
     )
 
 
+# The Batch fields with a completion axis: what a micro-batch of a narrower width cuts.
+_COMPLETION_FIELDS = (
+    "completion_tokens_BxC",
+    "completion_mask_BxC",
+    "old_logps_BxC",
+    "ref_logps_BxC",
+)
+
+
+def bucket_widths(width: int, buckets: int) -> tuple[int, ...]:
+    """The widths a micro-batch may run at: ceil(width x k / buckets) for k = 1..buckets."""
+    if buckets < 1:
+        raise ValueError(f"width_buckets must be >= 1, got {buckets}")
+    return tuple(sorted({-(-width * k // buckets) for k in range(1, buckets + 1)}))
+
+
+def _used_width_B(mask_BxC: jax.Array) -> jax.Array:
+    """The slots each row needs: up to and including its last True (0 for an empty row)."""
+    slots = jnp.arange(1, mask_BxC.shape[1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(mask_BxC, slots, 0), axis=1)
+
+
+def _length_sorted(tree: Any, used_B: jax.Array, num_micro_batches: int) -> tuple[Any, jax.Array]:
+    """The rows reordered so that `_split`'s micro-batch m holds the m-th run of B/M rows by
+    used width, shortest first; and the order (new row i is old row order[i]).
+
+    The reordered batch keeps the batch sharding, so each micro-batch still spreads its rows
+    over every device."""
+    m = num_micro_batches
+    order = jnp.argsort(used_B, stable=True).reshape(m, -1).T.reshape(-1)
+    take = lambda x: sharding.constrain(x[order], ("batch",) + (None,) * (x.ndim - 1))
+    return jax.tree.map(take, tree), order
+
+
+def _at_fitting_width(widths: tuple[int, ...], mask_bxC: jax.Array, run_at: Any) -> Any:
+    """run_at(w) for the smallest w in `widths` that holds every row of `mask_bxC`."""
+    if len(widths) == 1:
+        return run_at(widths[0])
+    index = jnp.searchsorted(jnp.asarray(widths), jnp.max(_used_width_B(mask_bxC)))
+    return jax.lax.switch(index, [functools.partial(run_at, w) for w in widths])
+
+
+def _cut(mb: Batch, width: int) -> Batch:
+    """The micro-batch's first `width` completion slots."""
+    cut = {f: getattr(mb, f)[:, :width] for f in _COMPLETION_FIELDS if getattr(mb, f) is not None}
+    return mb.replace(**cut)
+
+
+def _padded_to(x_bxW: jax.Array, width: int) -> jax.Array:
+    return jnp.pad(x_bxW, ((0, 0), (0, width - x_bxW.shape[1])))
+
+
 def loss_mask(batch: Batch, *, config: LossConfig) -> jax.Array:
     """The tokens the loss counts: the completions' own, less truncated completions if masked."""
     if not config.mask_truncated_completions:
@@ -320,6 +381,7 @@ def compute_gradients(
     model: ModelConfig,
     loss: LossConfig,
     num_micro_batches: int = 1,
+    width_buckets: int = 1,
     frozen: Any = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of the GRPO loss over the whole batch, accumulated over micro-batches under
@@ -328,11 +390,20 @@ def compute_gradients(
     `params` are the trainable ones: the whole model, or LoRA adapters on the `frozen` base
     (models/lora.py), which gets no gradient.
 
-    Micro-batch m holds rows m, m+M, ... (see `_split`); the sums are normalised once, by the
-    whole batch's N, so any num_micro_batches dividing B gives the same gradient.
+    Micro-batch m holds rows m, m+M, ... (see `_split`), of the batch sorted by length when
+    `width_buckets` > 1 (each micro-batch then runs at the narrowest bucket width that holds
+    it); the sums are normalised once, by the whole batch's N, so any num_micro_batches dividing
+    B and any width_buckets give the same gradient.
     """
     _check_batch(batch, loss=loss, num_micro_batches=num_micro_batches)
+    width = batch.completion_mask_BxC.shape[1]
+    widths = bucket_widths(width, width_buckets)
+    # Cut micro-batches keep the batch's width as Dr. GRPO's default L.
+    loss = dataclasses.replace(loss, max_completion_length=loss.max_completion_length or width)
     mask_BxC = loss_mask(batch, config=loss)
+    if len(widths) > 1:  # the loss mask: slots it leaves out count in no term
+        batch, _ = _length_sorted(batch, _used_width_B(mask_BxC), num_micro_batches)
+        mask_BxC = loss_mask(batch, config=loss)
 
     def logps_and_entropy(p, mb: Batch) -> tuple[jax.Array, jax.Array]:
         return transformer.completion_logprobs(
@@ -356,23 +427,27 @@ def compute_gradients(
             loss_mask(mb, config=loss),
             entropy_BxC,
             keep_BxC,
-            config=loss,  # micro-batches keep the width C: Dr. GRPO's default L is unchanged
+            config=loss,
         )
         return sums["loss"], sums
 
     grad_fn = jax.grad(numerators, has_aux=True)
 
     def accumulate(carry, xs):
-        grads, sums = grad_fn(params, *xs)
+        mb, keep = xs
+        grads_at = lambda w: grad_fn(params, _cut(mb, w), None if keep is None else keep[:, :w])
+        grads, sums = _at_fitting_width(widths, loss_mask(mb, config=loss), grads_at)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    def entropy(_, mb: Batch):
+        entropy_at = lambda w: _padded_to(logps_and_entropy(params, _cut(mb, w))[1], width)
+        return None, _at_fitting_width(widths, loss_mask(mb, config=loss), entropy_at)
 
     micro_batches = _split(batch, num_micro_batches)
     keep = None
     if loss.top_entropy_quantile < 1:  # the whole batch's entropies set the threshold
-        _, entropy_MxRxC = jax.lax.scan(
-            lambda _, mb: (None, logps_and_entropy(params, mb)[1]), None, micro_batches
-        )
+        _, entropy_MxRxC = jax.lax.scan(entropy, None, micro_batches)
         # A quantile ignores the order of its values, so the split layout serves as it is.
         keep = high_entropy_mask(
             jax.lax.stop_gradient(entropy_MxRxC),
@@ -393,6 +468,7 @@ def make_update_fn(
     tx: optax.GradientTransformation,
     loss: LossConfig,
     num_micro_batches: int = 1,
+    width_buckets: int = 1,
     updates_per_batch: int = 1,
     group_size: int = 1,
     lr_schedule: optax.Schedule | None = None,
@@ -403,7 +479,7 @@ def make_update_fn(
 
     The batch makes `updates_per_batch` optimizer steps, one per mini-batch of whole groups of
     `group_size` rows (see `_split_groups`), in order; each accumulates its gradient over
-    `num_micro_batches` micro-batches.
+    `num_micro_batches` micro-batches, of `width_buckets` possible widths (`compute_gradients`).
 
     metrics (fp32 scalars, each the mean over the batch's updates): loss, entropy, TOKEN_STATS,
     grad_norm (before clipping), and learning_rate when `lr_schedule` is given.
@@ -421,6 +497,7 @@ def make_update_fn(
             model=model,
             loss=loss,
             num_micro_batches=num_micro_batches,
+            width_buckets=width_buckets,
             frozen=frozen,
         )
         metrics["grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
@@ -457,11 +534,16 @@ def _check_updates(rows: int, updates_per_batch: int, group_size: int) -> None:
         )
 
 
-def make_reference_logps_fn(model: ModelConfig, loss: LossConfig, *, num_micro_batches: int = 1):
-    """A jitted `fn(ref_params, batch) -> ref_logps_BxC` (fp32), for loss.beta > 0 only.
+def make_reference_logps_fn(
+    model: ModelConfig, loss: LossConfig, *, num_micro_batches: int = 1, width_buckets: int = 1
+):
+    """A jitted `fn(ref_params, batch) -> ref_logps_BxC` (fp32, meaningful on completion tokens
+    only), for loss.beta > 0 only.
 
     Runs the policy's own forward and temperature on the frozen reference parameters, in
-    `num_micro_batches` sequential chunks to bound activation memory.
+    `num_micro_batches` sequential chunks to bound activation memory; with `width_buckets` > 1
+    the chunks are of similar lengths, each at the narrowest bucket width that holds it (as the
+    update's micro-batches, `compute_gradients`).
     """
     if loss.beta == 0:
         raise ValueError("loss beta == 0 uses no reference policy: build no reference log-probs")
@@ -469,21 +551,41 @@ def make_reference_logps_fn(model: ModelConfig, loss: LossConfig, *, num_micro_b
     def ref_logps(ref_params: Any, batch: Batch) -> jax.Array:
         rows, width = batch.completion_tokens_BxC.shape
         _check_micro_batches(rows, num_micro_batches)
+        widths = bucket_widths(width, width_buckets)
         inputs = (
             batch.prompt_tokens_BxP,
             batch.prompt_mask_BxP,
             batch.completion_tokens_BxC,
             batch.completion_mask_BxC,
         )
-        one = lambda xs: transformer.completion_logprobs(
-            ref_params,
-            *xs,
-            config=model,
-            temperature=loss.temperature,
-            chunk=loss.logprob_chunk,
-        )[0]
+        order = None
+        if len(widths) > 1:
+            used_B = _used_width_B(batch.completion_mask_BxC)
+            inputs, order = _length_sorted(inputs, used_B, num_micro_batches)
+
+        def one(xs):
+            prompt, prompt_mask, completion, completion_mask = xs
+
+            def logps_at(w: int) -> jax.Array:
+                logps_bxW, _ = transformer.completion_logprobs(
+                    ref_params,
+                    prompt,
+                    prompt_mask,
+                    completion[:, :w],
+                    completion_mask[:, :w],
+                    config=model,
+                    temperature=loss.temperature,
+                    chunk=loss.logprob_chunk,
+                )
+                return _padded_to(logps_bxW, width)
+
+            return _at_fitting_width(widths, completion_mask, logps_at)
+
         logps_MxbxC = jax.lax.map(one, _split(inputs, num_micro_batches))
         # Undo the strided split: (M, B/M, C) -> (B/M, M, C) -> (B, C).
-        return logps_MxbxC.swapaxes(0, 1).reshape(rows, width)
+        logps_BxC = logps_MxbxC.swapaxes(0, 1).reshape(rows, width)
+        if order is None:
+            return logps_BxC
+        return sharding.constrain(logps_BxC[jnp.argsort(order)], ("batch", None))
 
     return jax.jit(ref_logps)

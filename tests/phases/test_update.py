@@ -17,6 +17,7 @@ from grpo.models import transformer as tf
 from grpo.phases import update
 from grpo.phases.update import LossConfig
 from grpo.types import Batch, TrainState
+from tests.models.jaxpr_utils import all_eqns
 
 # ---------------------------------------------------------------- the loss from log-probs, by hand
 # Two sequences of width 3. Sequence 0 (A = +1) has ratios (1.5, 0.5, 1.0); sequence 1 (A = -2)
@@ -431,6 +432,76 @@ def test_micro_batches_match_full_batch(params, batch, aggregation, gspo):
     _assert_trees_close(metrics_4, metrics, atol=1e-6)
 
 
+def test_bucket_widths():
+    assert update.bucket_widths(1024, 4) == (256, 512, 768, 1024)
+    assert update.bucket_widths(6, 3) == (2, 4, 6)
+    assert update.bucket_widths(5, 4) == (2, 3, 4, 5)  # rounded up
+    assert update.bucket_widths(2, 4) == (1, 2)  # no width twice
+    assert update.bucket_widths(6, 1) == (6,)
+    with pytest.raises(ValueError, match="width_buckets must be >= 1, got 0"):
+        update.bucket_widths(6, 0)
+
+
+def test_length_sorted_micro_batches_hold_runs_of_similar_lengths():
+    mask = np.arange(6)[None] < COMPLETION_LENS[:, None]
+    mask[2, 3] = True  # a hole: row 2 needs 4 slots, not its 2 valid ones
+    used = update._used_width_B(jnp.asarray(mask))
+    np.testing.assert_array_equal(used, [6, 3, 4, 5, 2, 6, 4, 0])
+    rows, order = update._length_sorted(jnp.arange(8), used, 4)
+    np.testing.assert_array_equal(rows, order)  # new row i is old row order[i]
+    # Sorted by used width: rows 7 1 | 4 1... stable: 7(0) 4(2) 1(3) 2(4) 6(4) 3(5) 0(6) 5(6).
+    np.testing.assert_array_equal(update._split(rows, 4), [[7, 4], [1, 2], [6, 3], [0, 5]])
+
+
+def _bucketed_grad_fn(loss: LossConfig, num_micro_batches: int, width_buckets: int):
+    return jax.jit(
+        functools.partial(
+            update.compute_gradients,
+            model=MODEL,
+            loss=loss,
+            num_micro_batches=num_micro_batches,
+            width_buckets=width_buckets,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "loss_kwargs",
+    [
+        {},
+        {"aggregation": "seq_mean_token_sum_norm"},  # L stays the batch's width
+        {"aggregation": "seq_mean_token_mean", "beta": 0.05, "mask_truncated_completions": True},
+        {"importance_sampling_level": "sequence", "epsilon_low": 3e-4, "epsilon_high": 4e-4},
+        {"top_entropy_quantile": 0.3, "entropy_coeff": 0.01},
+    ],
+    ids=["token_mean", "dr_grpo", "kl_truncated", "gspo", "top_entropy"],
+)
+def test_width_buckets_give_the_full_width_gradient(params, batch, loss_kwargs):
+    # Lengths 6 3 1 5 2 6 4 0 in 4 micro-batches of 2 sorted rows need widths 1 2 4 6 (of
+    # buckets 2 4 6); the truncated-masked run (rows 0 and 5 out) needs 0 1 3 4.
+    loss = _loss(**loss_kwargs)
+    batch = _perturbed(batch, with_ref=loss.beta > 0)
+    expected_grads, expected = _grad_fn(loss, 4)(params, batch)
+    grads, metrics = _bucketed_grad_fn(loss, 4, 3)(params, batch)
+    _assert_trees_close(grads, expected_grads, atol=1e-6)
+    _assert_trees_close(metrics, expected, atol=1e-6)
+
+
+def test_width_buckets_run_each_micro_batch_at_its_own_width(params, batch):
+    # The switch's branches run the model on P + 2, P + 4 and P + 6 slots: a narrower micro-batch
+    # takes a narrower forward and backward, not a masked full-width one.
+    jaxpr = jax.make_jaxpr(_bucketed_grad_fn(_loss(), 4, 3))(params, batch).jaxpr
+    switches = [e for e in all_eqns(jaxpr) if e.primitive.name == "cond"]
+    assert [len(e.params["branches"]) for e in switches] == [3]
+    slots = set()
+    for branch in switches[0].params["branches"]:
+        for eqn in all_eqns(branch.jaxpr):
+            shape = eqn.outvars[0].aval.shape if eqn.outvars else ()
+            if eqn.primitive.name == "concatenate" and shape[:1] == (2,) and len(shape) == 2:
+                slots.add(shape[1])
+    assert slots == {P + 2, P + 4, P + 6}
+
+
 def test_top_entropy_quantile_uses_the_whole_batch_threshold(params, batch):
     # The reference: the whole batch's log-probs and entropies through policy_loss, which takes
     # the quantile over them; compute_gradients must agree with any micro-batching.
@@ -527,9 +598,11 @@ def test_mini_batches_are_sequential_updates_on_whole_groups(params, batch):
 
 
 @pytest.mark.eight_devices
-def test_sharded_micro_batched_update_matches_unsharded_gradient(params, batch):
+@pytest.mark.parametrize("width_buckets", [1, 2])
+def test_sharded_micro_batched_update_matches_unsharded_gradient(params, batch, width_buckets):
     # (dp=2, fsdp=2, tp=2) mesh, 2 micro-batches, KL on: one SGD step must equal
-    # params - lr * (the unsharded full-batch gradient), with the same metrics.
+    # params - lr * (the unsharded full-batch gradient), with the same metrics. With 2 width
+    # buckets the rows are sorted across devices first and the short micro-batch runs at 3.
     batch = _perturbed(batch, with_ref=True)
     loss = _loss(beta=0.05)
     grads, expected = _grad_fn(loss)(params, batch)
@@ -548,7 +621,12 @@ def test_sharded_micro_batched_update_matches_unsharded_gradient(params, batch):
     )
     state = jax.device_put(state, state_sharding)
     step = update.make_update_fn(
-        model=MODEL, tx=tx, loss=loss, num_micro_batches=2, state_sharding=state_sharding
+        model=MODEL,
+        tx=tx,
+        loss=loss,
+        num_micro_batches=2,
+        width_buckets=width_buckets,
+        state_sharding=state_sharding,
     )
     with jax.set_mesh(mesh):  # as grpo.train runs it: the log-probs split the vocabulary
         got_state, got = step(state, sharding.shard_batch(mesh, jax.tree.map(np.asarray, batch)))
@@ -585,6 +663,13 @@ def test_reference_logps(params, batch):
     ref_params = _init_params(5)
     fn = update.make_reference_logps_fn(MODEL, _loss(beta=0.1), num_micro_batches=2)
     got = fn(ref_params, batch)
-    np.testing.assert_allclose(got, _logps(ref_params, batch), atol=1e-6)
+    expected = _logps(ref_params, batch)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # Length-sorted chunks at their own widths, back in the batch's row order.
+    bucketed = update.make_reference_logps_fn(
+        MODEL, _loss(beta=0.1), num_micro_batches=4, width_buckets=3
+    )(ref_params, batch)
+    valid = lambda x: jnp.where(batch.completion_mask_BxC, x, 0.0)
+    np.testing.assert_allclose(valid(bucketed), valid(expected), atol=1e-6)
     with pytest.raises(ValueError, match="beta == 0 uses no reference policy"):
         update.make_reference_logps_fn(MODEL, _loss())
