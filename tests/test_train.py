@@ -321,13 +321,8 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
             "make_dataset.num_train=4",
             "TrainConfig.show_completions_every_steps=1",
         ]
-    if variant == "mini_batches":  # and the KL reference pass in length-sorted micro-batches
-        common += [
-            "TrainConfig.prompts_per_update=1",
-            "make_loss.beta=0.1",
-            "TrainConfig.micro_batch_width_buckets=2",
-        ]
-        width_buckets = _record_width_buckets(monkeypatch)
+    if variant == "mini_batches":
+        common += ["TrainConfig.prompts_per_update=1", "make_loss.beta=0.1"]
     if variant == "ref_sync":
         common += [
             "make_loss.beta=0.1",
@@ -359,7 +354,6 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
         assert [r["kl"] == 0.0 for r in rows_a] == [True, False, True, False]
     if variant == "mini_batches":  # the schedule spans 8 updates: the last is still above 0
         assert rows_a[-1]["learning_rate"] > 0 and rows_a[0]["kl"] > 0
-        assert set(width_buckets) == {("update", 1, 2), ("reference", 2, 2)}
     if variant == "retire":
         _check_solved_prompts_retired(straight, rows_a)
     params_a = load_file(straight / "export" / "model.safetensors")
@@ -422,13 +416,16 @@ def test_kl_to_the_frozen_reference_with_one_prefill_per_prompt(
 ):
     # 4 prompts divide over tiny.gin's dp x fsdp = 4 batch shards, so each prompt is prefilled
     # once and its 4 samples share the cache. (Tests with 2 prompts cover the fallback: rows
-    # repeated on the host.) The run also adds the overlong penalty and the length reward.
+    # repeated on the host.) The run also adds the overlong penalty and the length reward, and
+    # runs the update's and the reference pass's 2 micro-batches length-sorted, in 2 widths.
     calls = []
     _record_generate(
         monkeypatch, lambda tokens, kwargs: calls.append((tokens.shape[0], kwargs["num_samples"]))
     )
+    width_buckets = _record_width_buckets(monkeypatch)
     _train_in_process(
         tmp_path,
+        "TrainConfig.micro_batch_width_buckets=2",
         "make_loss.beta=0.04",
         "make_optimizer.name='adamw'",
         "TrainConfig.num_steps=2",
@@ -439,6 +436,7 @@ def test_kl_to_the_frozen_reference_with_one_prefill_per_prompt(
         "make_rewards.length_reward_weight=0.3",
     )
     assert calls == [(4, 4), (4, 4)]
+    assert set(width_buckets) == {("update", 2, 2), ("reference", 2, 2)}
     rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
     for row in rows:  # a truncated completion's penalty is -1; one in the buffer's is in (-1, 0]
         assert -1.0 <= row["reward/overlong"] <= -row["truncation_rate"]
