@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -337,7 +338,9 @@ def _length_sorted(tree: Any, used_B: jax.Array, num_micro_batches: int) -> tupl
     return jax.tree.map(take, tree), order
 
 
-def _at_fitting_width(widths: tuple[int, ...], mask_bxC: jax.Array, run_at: Any) -> Any:
+def _at_fitting_width(
+    widths: tuple[int, ...], mask_bxC: jax.Array, run_at: Callable[[int], Any]
+) -> Any:
     """run_at(w) for the smallest w in `widths` that holds every row of `mask_bxC`."""
     if len(widths) == 1:
         return run_at(widths[0])
