@@ -255,7 +255,13 @@ def effective_batch_lines(exp: Experiment) -> list[str]:
         f"{cfg.completions_per_step // procs} completions",
         f"batch per update: {per_update // cfg.num_generations} prompts, {per_update} completions",
         f"batch per micro-batch ({cfg.num_micro_batches} per update): {per_micro} completions, "
-        f"<= {per_micro * max_tokens} tokens",
+        f"<= {per_micro * max_tokens} tokens"
+        + (
+            f"; sorted by length, each at the narrowest of {cfg.micro_batch_width_buckets} "
+            "widths that holds it"
+            if cfg.micro_batch_width_buckets > 1
+            else ""
+        ),
     ]
 
 

@@ -159,12 +159,18 @@ def test_bad_bindings_fail_fast(tmp_path, binding, message):
 
 
 def test_dry_run_checks_everything_and_compiles_nothing(tmp_path):
-    result = _cli(tmp_path / "run", flags=["--dry_run"], timeout=120)
+    result = _cli(
+        tmp_path / "run",
+        "TrainConfig.micro_batch_width_buckets=3",
+        flags=["--dry_run"],
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dry run: the configuration is valid (64 train / 8 test examples)" in result.stderr
     assert "batch per step: 2 prompts x 4 samples" in result.stderr
     assert "1 update(s) per step (1 pass(es) x 1 mini-batch(es))" in result.stderr
     assert "batch per update: 2 prompts, 8 completions" in result.stderr
+    assert "sorted by length, each at the narrowest of 3 widths" in result.stderr
     assert "Compiling" not in result.stderr and not (tmp_path / "run").exists()
 
 
@@ -210,6 +216,7 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
     "kwargs, message",
     [
         (dict(num_steps=0), "TrainConfig.num_steps must be >= 1, got 0"),
+        (dict(micro_batch_width_buckets=0), "TrainConfig.micro_batch_width_buckets must be >= 1"),
         (dict(prompts_per_update=3), "prompts_per_update=3 must divide prompts_per_step=16"),
         (dict(prompts_per_update=0), "prompts_per_update=0 must divide prompts_per_step=16"),
         (dict(eval_samples=-1), "TrainConfig.eval_samples must be >= 0"),
