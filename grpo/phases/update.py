@@ -344,7 +344,8 @@ def _at_fitting_width(
     """run_at(w) for the smallest w in `widths` that holds every row of `mask_bxC`."""
     if len(widths) == 1:
         return run_at(widths[0])
-    index = jnp.searchsorted(jnp.asarray(widths), jnp.max(_used_width_B(mask_bxC)))
+    # The count of widths too narrow (a sum, not searchsorted: that is a loop on the device).
+    index = jnp.sum(jnp.asarray(widths) < jnp.max(_used_width_B(mask_bxC)))
     return jax.lax.switch(index, [functools.partial(run_at, w) for w in widths])
 
 
