@@ -355,6 +355,22 @@ def _cut(mb: Batch, width: int) -> Batch:
     return mb.replace(**cut)
 
 
+def _logps_and_entropy(
+    params: Any, mb: Batch, *, model: ModelConfig, loss: LossConfig
+) -> tuple[jax.Array, jax.Array]:
+    """The policy's log-probs and entropies of a (micro-)batch's completion tokens (fp32)."""
+    return transformer.completion_logprobs(
+        params,
+        mb.prompt_tokens_BxP,
+        mb.prompt_mask_BxP,
+        mb.completion_tokens_BxC,
+        mb.completion_mask_BxC,
+        config=model,
+        temperature=loss.temperature,
+        chunk=loss.logprob_chunk,
+    )
+
+
 def _padded_to(x_bxW: jax.Array, width: int) -> jax.Array:
     return jnp.pad(x_bxW, ((0, 0), (0, width - x_bxW.shape[1])))
 
@@ -410,16 +426,7 @@ def compute_gradients(
         mask_BxC = loss_mask(batch, config=loss)
 
     def logps_and_entropy(p, mb: Batch) -> tuple[jax.Array, jax.Array]:
-        return transformer.completion_logprobs(
-            lora.attach(frozen, p),
-            mb.prompt_tokens_BxP,
-            mb.prompt_mask_BxP,
-            mb.completion_tokens_BxC,
-            mb.completion_mask_BxC,
-            config=model,
-            temperature=loss.temperature,
-            chunk=loss.logprob_chunk,
-        )
+        return _logps_and_entropy(lora.attach(frozen, p), mb, model=model, loss=loss)
 
     def numerators(p, mb: Batch, keep_BxC: jax.Array | None):
         logps_BxC, entropy_BxC = logps_and_entropy(p, mb)
@@ -556,36 +563,18 @@ def make_reference_logps_fn(
         rows, width = batch.completion_tokens_BxC.shape
         _check_micro_batches(rows, num_micro_batches)
         widths = bucket_widths(width, width_buckets)
-        inputs = (
-            batch.prompt_tokens_BxP,
-            batch.prompt_mask_BxP,
-            batch.completion_tokens_BxC,
-            batch.completion_mask_BxC,
-        )
         order = None
         if len(widths) > 1:
             used_B = _used_width_B(batch.completion_mask_BxC)
-            inputs, order = _length_sorted(inputs, used_B, num_micro_batches)
+            batch, order = _length_sorted(batch, used_B, num_micro_batches)
 
-        def one(xs):
-            prompt, prompt_mask, completion, completion_mask = xs
+        def one(mb: Batch) -> jax.Array:
+            logps_at = lambda w: _padded_to(
+                _logps_and_entropy(ref_params, _cut(mb, w), model=model, loss=loss)[0], width
+            )
+            return _at_fitting_width(widths, mb.completion_mask_BxC, logps_at)
 
-            def logps_at(w: int) -> jax.Array:
-                logps_bxW, _ = transformer.completion_logprobs(
-                    ref_params,
-                    prompt,
-                    prompt_mask,
-                    completion[:, :w],
-                    completion_mask[:, :w],
-                    config=model,
-                    temperature=loss.temperature,
-                    chunk=loss.logprob_chunk,
-                )
-                return _padded_to(logps_bxW, width)
-
-            return _at_fitting_width(widths, completion_mask, logps_at)
-
-        logps_MxbxC = jax.lax.map(one, _split(inputs, num_micro_batches))
+        logps_MxbxC = jax.lax.map(one, _split(batch, num_micro_batches))
         # Undo the strided split: (M, B/M, C) -> (B/M, M, C) -> (B, C).
         logps_BxC = logps_MxbxC.swapaxes(0, 1).reshape(rows, width)
         if order is None:
