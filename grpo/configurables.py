@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,7 +18,7 @@ from absl import logging
 import gin
 from grpo import optim, sharding
 from grpo.data import gsm8k
-from grpo.experiment import MAIN_SET, SOURCE, Experiment, TrainConfig
+from grpo.experiment import MAIN_SET, SOURCE, Experiment, TrainConfig, check_batch_layout
 from grpo.models import loading, presets, transformer
 from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
 from grpo.phases import reward, rollout, update
@@ -34,7 +35,7 @@ TrainConfig = gin.external_configurable(TrainConfig, "TrainConfig")
 @dataclasses.dataclass
 class ModelBundle:
     config: ModelConfig
-    params: Any  # host numpy arrays
+    read_params: Callable[[], Any]  # host numpy arrays, read (or initialised) when called
     tokenizer: Any
 
 
@@ -75,17 +76,25 @@ def make_model(
     if adapter is not None:
         loading.read_adapter_config(adapter)  # a missing or unsupported adapter fails first
     if preset is None:
-        config, params, tok = loading.load_model(source, **overrides)
+        config, read_params, tok = loading.open_model(source, **overrides)
     else:
         tok = loading.load_tokenizer(tokenizer or source)
         eos = () if tok.eos_token_id is None else (tok.eos_token_id,)
         config = presets.preset(preset, vocab_size=len(tok), eos_token_ids=eos, **overrides)
-        # One compile for the whole tree, not one per leaf.
-        init = jax.jit(functools.partial(transformer.init_params, config))
-        params = jax.device_get(init(jax.random.key(seed)))
+        read_params = functools.partial(_random_params, config, seed)
     if adapter is not None:
-        params = loading.merge_peft_adapter(params, config, adapter)
-    return ModelBundle(config, params, tok)
+        read_params = functools.partial(_with_adapter, read_params, config, adapter)
+    return ModelBundle(config, read_params, tok)
+
+
+def _random_params(config: ModelConfig, seed: int) -> Any:
+    # One compile for the whole tree, not one per leaf.
+    init = jax.jit(functools.partial(transformer.init_params, config))
+    return jax.device_get(init(jax.random.key(seed)))
+
+
+def _with_adapter(read_params: Callable[[], Any], config: ModelConfig, adapter: str) -> Any:
+    return loading.merge_peft_adapter(read_params(), config, adapter)
 
 
 @gin.configurable
@@ -239,8 +248,10 @@ def _drop_long_prompts(
     return kept
 
 
-def build_experiment() -> Experiment:
-    """Calls every factory (gin binds their arguments) and assembles the experiment."""
+def build_experiment(*, read_params: bool = True) -> Experiment:
+    """Calls every factory (gin binds their arguments) and assembles the experiment. The
+    weights are read (or initialised, which compiles) last, once the whole configuration has
+    passed its checks; `read_params=False` (a dry run) leaves `params` None."""
     train = TrainConfig()
     mesh = make_mesh()
     # Optimizer first: a misspelled name fails before any model is loaded or compiled.
@@ -274,9 +285,9 @@ def build_experiment() -> Experiment:
         max_completion_length=loss.max_completion_length or sampling.max_new_tokens,
     )
     logging.info("end ids %s, pad id %d", end_ids, pad_id)
-    return Experiment(
+    experiment = Experiment(
         model=bundle.config,
-        params=bundle.params,
+        params=None,
         tokenizer=bundle.tokenizer,
         train_examples=train_examples,
         test_examples=test_examples,
@@ -289,3 +300,7 @@ def build_experiment() -> Experiment:
         train=train,
         extra_eval_sets=extra_eval_sets,
     )
+    check_batch_layout(experiment)
+    if read_params:
+        experiment.params = bundle.read_params()
+    return experiment

@@ -224,7 +224,7 @@ class Experiment:
     """What the factories build: model, data, phase configs, optimizer, mesh."""
 
     model: ModelConfig
-    params: Any  # host (numpy) params, as loaded
+    params: Any  # host (numpy) params, as loaded; None in a dry run
     tokenizer: Any
     train_examples: Sequence[dict]
     test_examples: Sequence[dict]

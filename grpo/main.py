@@ -42,8 +42,9 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
     "dry_run",
     False,
-    "Load the model and data and check the whole configuration, print what the run would do, "
-    "and exit before anything compiles or is written.",
+    "Read the model's config and tokenizer and the data, check the whole configuration, print "
+    "what the run would do, and exit before the weights are read, anything compiles or is "
+    "written.",
 )
 flags.DEFINE_integer(
     "checkpoint_step",
@@ -100,8 +101,7 @@ def main(argv: list[str]) -> None:
         from grpo import configurables, train  # after initialize: nothing may touch devices first
 
         parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-        experiment = configurables.build_experiment()
-        train.check_batch_layout(experiment)
+        experiment = configurables.build_experiment(read_params=not FLAGS.dry_run)
     except (ValueError, FileNotFoundError) as err:  # bad input: one line, before any compile
         logging.error("invalid configuration: %s", err)
         sys.exit(2)

@@ -40,10 +40,12 @@ def _one_tokenizer_load_per_spec():
         yield
 
 
-def _cli(workdir, *bindings, timeout=600, flags=()):
+def _cli(workdir, *bindings, timeout=600, flags=(), log_compiles=False):
+    """`grpo.main` on tiny.gin; `log_compiles`: JAX logs "Compiling ..." for every compile."""
     cmd = [sys.executable, "-m", "grpo.main", f"--gin_file={TINY}", f"--workdir={workdir}"]
     cmd += [f"--gin_bindings={b}" for b in bindings] + list(flags)
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ, JAX_LOG_COMPILES="1") if log_compiles else None
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow
@@ -149,10 +151,12 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         (("make_model.lora_rank=4", "make_model.lora_targets=('qkv',)"), "LoRA targets must be"),
         ("TrainConfig.ref_sync_every_steps=2", "needs a reference of its own to move"),
         ("make_dataset.num_train=1", "1 train examples are fewer than one step's"),
+        ("TrainConfig.completions_per_micro_batch=2", "do not split over dp x fsdp = 4"),
     ],
 )
 def test_bad_bindings_fail_fast(tmp_path, binding, message):
-    result = _cli(tmp_path, *([binding] if isinstance(binding, str) else binding), timeout=120)
+    bindings = [binding] if isinstance(binding, str) else binding
+    result = _cli(tmp_path, *bindings, timeout=120, log_compiles=True)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Compiling" not in result.stderr and not (tmp_path / "metrics.jsonl").exists()
@@ -164,6 +168,7 @@ def test_dry_run_checks_everything_and_compiles_nothing(tmp_path):
         "TrainConfig.micro_batch_width_buckets=3",
         flags=["--dry_run"],
         timeout=120,
+        log_compiles=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dry run: the configuration is valid (64 train / 8 test examples)" in result.stderr
@@ -172,6 +177,20 @@ def test_dry_run_checks_everything_and_compiles_nothing(tmp_path):
     assert "batch per update: 2 prompts, 8 completions" in result.stderr
     assert "sorted by length, each at the narrowest of 3 widths" in result.stderr
     assert "Compiling" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_real_weights_are_read_once_every_check_has_passed(monkeypatch, length_reward):
+    reads = []
+    monkeypatch.setattr(loading, "params_from_hf_state_dict", lambda *args: reads.append(args))
+    monkeypatch.setattr(loading, "_open_gguf", functools.cache(loading._open_gguf))  # parse once
+    real = "make_model.preset=None"  # SmolLM2's GGUF weights, not tiny.gin's random ones
+    with pytest.raises(ValueError, match="do not split over dp x fsdp"):
+        _experiment(real, "TrainConfig.completions_per_micro_batch=2")
+    assert not reads
+    assert _experiment(real, read_params=False).params is None  # --dry_run
+    assert not reads
+    _experiment(real)
+    assert len(reads) == 1
 
 
 @pytest.mark.parametrize(
@@ -267,7 +286,7 @@ def length_reward(monkeypatch):
     monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _length_reward)
 
 
-def _experiment(*bindings):
+def _experiment(*bindings, read_params=True):
     """tiny.gin's experiment with the length reward and `bindings`, built as main builds it."""
     gin.clear_config()
     grpo_main.parse_gin(
@@ -276,7 +295,7 @@ def _experiment(*bindings):
     from grpo import configurables
 
     try:
-        return configurables.build_experiment()
+        return configurables.build_experiment(read_params=read_params)
     finally:
         gin.clear_config()
 

@@ -12,6 +12,7 @@ No torch anywhere: safetensors and GGUF are read with numpy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -254,6 +255,14 @@ def _read_hf_tensors(folder: str) -> _LazyTensors:
 
 def load_hf_folder(path: str, **config_overrides: Any) -> tuple[ModelConfig, Params]:
     """A Hugging Face folder (config.json + model.safetensors or a sharded index)."""
+    config, read_params = _open_hf_folder(path, config_overrides)
+    return config, read_params()
+
+
+def _open_hf_folder(
+    path: str, config_overrides: dict[str, Any]
+) -> tuple[ModelConfig, Callable[[], Params]]:
+    """The folder's config, and a function that reads its weights (checked present here)."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model folder)")
@@ -265,7 +274,7 @@ def load_hf_folder(path: str, **config_overrides: Any) -> tuple[ModelConfig, Par
         raise ValueError(f"{config_file}: missing key {err}") from err
     except ValueError as err:
         raise ValueError(f"{config_file}: {_one_line(err)}") from err
-    return config, params_from_hf_state_dict(_read_hf_tensors(path), config)
+    return config, functools.partial(params_from_hf_state_dict, _read_hf_tensors(path), config)
 
 
 # --------------------------------------------------------------------------- GGUF
@@ -369,12 +378,14 @@ def _gguf_tensors(
 
 def load_gguf(path: str, **config_overrides: Any) -> tuple[ModelConfig, Params]:
     """A llama.cpp GGUF file (llama, qwen2 or qwen3 architecture), dequantised to param_dtype."""
-    return _load_gguf(_open_gguf(path), path, config_overrides)
+    config, read_params = _open_gguf_model(_open_gguf(path), path, config_overrides)
+    return config, read_params()
 
 
-def _load_gguf(
+def _open_gguf_model(
     reader: gguf.GGUFReader, path: str, config_overrides: dict[str, Any]
-) -> tuple[ModelConfig, Params]:
+) -> tuple[ModelConfig, Callable[[], Params]]:
+    """The file's config, and a function that dequantises its weights."""
     arch = _gguf_architecture(reader, path)
     hf_config = _gguf_hf_config(reader, arch)
     try:
@@ -382,7 +393,8 @@ def _load_gguf(
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: {_one_line(err)}") from err
     _check_gguf_rope(reader, path, arch, config)
-    return config, params_from_hf_state_dict(_gguf_tensors(reader, path, arch, config), config)
+    tensors = _gguf_tensors(reader, path, arch, config)
+    return config, functools.partial(params_from_hf_state_dict, tensors, config)
 
 
 def _check_gguf_rope(reader: gguf.GGUFReader, path: str, arch: str, config: ModelConfig) -> None:
@@ -491,13 +503,20 @@ def _resolve(spec: str) -> str:
 
 def load_model(spec: str, **config_overrides: Any) -> tuple[ModelConfig, Params, Any]:
     """(config, params, tokenizer) from a `.gguf` file, an HF folder, the SmolLM2 name or hub id."""
+    config, read_params, tokenizer = open_model(spec, **config_overrides)
+    return config, read_params(), tokenizer
+
+
+def open_model(spec: str, **config_overrides: Any) -> tuple[ModelConfig, Callable[[], Params], Any]:
+    """`load_model`, but the weights wait: (config, a function that reads them, tokenizer). A
+    run checks its whole configuration against the config before it reads gigabytes."""
     path = _resolve(spec)
     if path.endswith(".gguf"):
         reader = _open_gguf(path)  # parsing its metadata takes seconds: share it
-        config, params = _load_gguf(reader, path, config_overrides)
-        return config, params, _gguf_tokenizer(reader, path)
-    config, params = load_hf_folder(path, **config_overrides)
-    return config, params, load_tokenizer(path)
+        config, read_params = _open_gguf_model(reader, path, config_overrides)
+        return config, read_params, _gguf_tokenizer(reader, path)
+    config, read_params = _open_hf_folder(path, config_overrides)
+    return config, read_params, load_tokenizer(path)
 
 
 # --------------------------------------------------------------------------- PEFT adapters
