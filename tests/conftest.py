@@ -12,6 +12,8 @@ if "xla_force_host_platform_device_count" not in _flags:
 # Persist XLA compiles across the in-process and subprocess runs of one test session.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/grpo-test-jax-cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# Converted GGUF tokenizers (grpo.models.loading), kept apart from the user's ~/.cache/grpo.
+os.environ.setdefault("GRPO_CACHE_DIR", "/tmp/grpo-test-cache")
 
 
 def pytest_runtest_setup(item):

@@ -30,16 +30,6 @@ TINY = os.path.join(REPO, "gin/tests/tiny.gin")
 NONDETERMINISTIC = ("_seconds", "_per_s", "mfu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_tokenizer_load_per_spec():
-    """Each experiment built here would convert SmolLM2's GGUF tokenizer again (about 3 s);
-    no test in this module checks tokenizer loading, so they share one (the CLI runs load
-    their own)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loading, "load_tokenizer", functools.cache(loading.load_tokenizer))
-        yield
-
-
 def _cli(workdir, *bindings, timeout=600, flags=(), log_compiles=False):
     """`grpo.main` on tiny.gin; `log_compiles`: JAX logs "Compiling ..." for every compile."""
     cmd = [sys.executable, "-m", "grpo.main", f"--gin_file={TINY}", f"--workdir={workdir}"]

