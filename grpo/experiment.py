@@ -109,9 +109,30 @@ class TrainConfig:
             "num_iterations",
             "max_sampling_rounds",
             "micro_batch_width_buckets",
+            "checkpoints_to_keep",
+            "eval_prompts_per_batch",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every_steps", "checkpoint_every_steps", "show_completions_every_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"TrainConfig.{name} must be >= 0 (0: never), got {getattr(self, name)}"
+                )
+        for name in ("eval_examples", "completions_per_micro_batch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(
+                    f"TrainConfig.{name} must be >= 1 or None (all), got {getattr(self, name)}"
+                )
+        for name in ("prompt_buckets", "completion_buckets"):
+            buckets = tuple(getattr(self, name))
+            object.__setattr__(self, name, buckets)  # gin hands over lists
+            if not buckets or min(buckets) < 1:
+                raise ValueError(f"TrainConfig.{name} must be token counts >= 1, got {buckets}")
+        if not self.reward_timeout_s > 0:
+            raise ValueError(
+                f"TrainConfig.reward_timeout_s must be > 0, got {self.reward_timeout_s}"
+            )
         if self.prompts_per_update is not None and not (
             1 <= self.prompts_per_update <= self.prompts_per_step
             and self.prompts_per_step % self.prompts_per_update == 0
