@@ -322,12 +322,12 @@ def _deterministic(rows):
     return [{k: v for k, v in r.items() if not k.endswith(NONDETERMINISTIC)} for r in rows]
 
 
-@pytest.mark.slow
 def _small_answers_right(completion, example, **kwargs):
     """Every reply to a problem whose answer is below 6 is right; none to the others."""
     return int(example["answer"].rsplit("####", 1)[1]) < 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "variant", ["plain", "dynamic", "lora", "ref_sync", "mini_batches", "retire"]
 )
