@@ -112,18 +112,14 @@ class TrainConfig:
             "checkpoints_to_keep",
             "eval_prompts_per_batch",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+            if (value := getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {value}")
         for name in ("eval_every_steps", "checkpoint_every_steps", "show_completions_every_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"TrainConfig.{name} must be >= 0 (0: never), got {getattr(self, name)}"
-                )
+            if (value := getattr(self, name)) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0 (0: never), got {value}")
         for name in ("eval_examples", "completions_per_micro_batch"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(
-                    f"TrainConfig.{name} must be >= 1 or None (all), got {getattr(self, name)}"
-                )
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1 or None (all), got {value}")
         for name in ("prompt_buckets", "completion_buckets"):
             buckets = tuple(getattr(self, name))
             object.__setattr__(self, name, buckets)  # gin hands over lists

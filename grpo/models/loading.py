@@ -451,7 +451,7 @@ def _gguf_tokenizer(reader: gguf.GGUFReader, path: str) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
 
 
-def tokenizer_cache_dir() -> str:
+def _tokenizer_cache_dir() -> str:
     """Where GGUF tokenizers are kept once converted: $GRPO_CACHE_DIR/tokenizers, else under
     $XDG_CACHE_HOME/grpo (~/.cache/grpo)."""
     root = os.environ.get(CACHE_DIR_ENV) or os.path.join(
@@ -472,7 +472,7 @@ def _cached_tokenizer_folder(path: str) -> str:
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, *_converter_identity())
     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-    return os.path.join(tokenizer_cache_dir(), f"{os.path.basename(path)}.{digest}")
+    return os.path.join(_tokenizer_cache_dir(), f"{os.path.basename(path)}.{digest}")
 
 
 def _gguf_tokenizer_cached(path: str, reader: gguf.GGUFReader | None = None) -> Any:

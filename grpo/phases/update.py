@@ -421,9 +421,9 @@ def compute_gradients(
     # Cut micro-batches keep the batch's width as Dr. GRPO's default L.
     loss = dataclasses.replace(loss, max_completion_length=loss.max_completion_length or width)
     mask_BxC = loss_mask(batch, config=loss)
-    if len(widths) > 1:  # the loss mask: slots it leaves out count in no term
-        batch, _ = _length_sorted(batch, _used_width_B(mask_BxC), num_micro_batches)
-        mask_BxC = loss_mask(batch, config=loss)
+    if len(widths) > 1:  # by the loss mask: slots it leaves out count in no term
+        used_B = _used_width_B(mask_BxC)
+        (batch, mask_BxC), _ = _length_sorted((batch, mask_BxC), used_B, num_micro_batches)
 
     def logps_and_entropy(p, mb: Batch) -> tuple[jax.Array, jax.Array]:
         return _logps_and_entropy(lora.attach(frozen, p), mb, model=model, loss=loss)
