@@ -62,6 +62,10 @@ def make_lr_schedule(
         raise ValueError(f"lr schedule needs total_steps >= 1, got {total_steps}")
     if not 0.0 <= warmup_ratio <= 1.0:
         raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
+    rates = dict(peak_value=peak_value, init_value=init_value, end_value=end_value)
+    negative = {name: rate for name, rate in rates.items() if rate < 0}
+    if negative:  # a negative rate ascends the loss
+        raise ValueError(f"learning rates must be >= 0, got {negative}")
     if warmup_steps is None:
         warmup_steps = round(total_steps * warmup_ratio)
     if not 0 <= warmup_steps <= total_steps:
@@ -129,6 +133,13 @@ def make_optimizer(
         raise ValueError(f"clip_norm must be positive or None, got {clip_norm}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    # A decay of 1 never forgets its first value (Adam's bias correction divides by 0).
+    decays = dict(b1=b1, b2=b2, momentum=momentum)
+    outside = {name: decay for name, decay in decays.items() if not 0 <= decay < 1}
+    if outside:
+        raise ValueError(f"b1, b2 and momentum must be in [0, 1), got {outside}")
     hyper = dict(b1=b1, b2=b2, eps=eps, momentum=momentum, weight_decay=weight_decay)
     optimizer = _OPTIMIZERS[name](learning_rate, hyper)
     if clip_norm is None:

@@ -41,9 +41,13 @@ def make_mesh(
     sizes = [dp, fsdp, tp]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh (dp={dp}, fsdp={fsdp}, tp={tp}): at most one size may be -1")
+    if any(size < 1 and size != -1 for size in sizes):
+        raise ValueError(
+            f"mesh (dp={dp}, fsdp={fsdp}, tp={tp}): sizes must be >= 1 (or one -1: the rest)"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if known <= 0 or len(devices) % known:
+        if len(devices) % known:
             raise ValueError(
                 f"mesh (dp={dp}, fsdp={fsdp}, tp={tp}) does not divide {len(devices)} devices"
             )

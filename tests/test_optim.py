@@ -66,6 +66,8 @@ def test_schedule_warmup_steps_ends_and_init():
         (dict(total_steps=10, warmup_steps=11), "warmup_steps=11 must be in"),
         (dict(total_steps=10, warmup_ratio=1.5), "warmup_ratio must be in"),
         (dict(total_steps=10, type="cosine"), "valid: \\['constant', 'linear', 'warmup_cosine'\\]"),
+        (dict(total_steps=10, peak_value=-1e-6), "learning rates must be >= 0.*peak_value"),
+        (dict(total_steps=10, end_value=-1e-7), "learning rates must be >= 0.*end_value"),
     ],
 )
 def test_schedule_rejects_bad_arguments(kwargs, message):
@@ -102,6 +104,20 @@ def test_clipping_comes_first():
     unclipped = optim.make_optimizer(1.0, name="sgd", clip_norm=None, weight_decay=0.0)
     updates, _ = unclipped.update(grads, unclipped.init(params), params)
     np.testing.assert_allclose(float(optax.global_norm(updates)), 200.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="adamw", b2=1.0), "b1, b2 and momentum must be in \\[0, 1\\).*'b2': 1.0"),
+        (dict(name="lion", b1=-0.1), "'b1': -0.1"),
+        (dict(name="sgd", momentum=1.0), "'momentum': 1.0"),
+        (dict(name="adam", eps=-1e-8), "eps must be >= 0"),
+    ],
+)
+def test_optimizer_rejects_hyper_parameters_that_cannot_train(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        optim.make_optimizer(1e-3, **kwargs)
 
 
 def test_unknown_optimizer_lists_valid_names():

@@ -22,6 +22,8 @@ def test_mesh_fills_minus_one():
         ((3, -1, 1), "does not divide"),
         ((2, 2, 4), "needs 16 devices"),
         ((-1, -1, 1), "at most one"),
+        ((0, 2, 4), "sizes must be >= 1"),
+        ((-2, 2, -1), "sizes must be >= 1"),
     ],
 )
 def test_mesh_rejects_bad_sizes(sizes, message):

@@ -131,6 +131,8 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         ("make_optimiser.name='adamw'", "make_optimiser"),  # misspelled configurable
         ("make_optimizer.nmae='adamw'", "nmae"),  # misspelled parameter
         ("make_optimizer.name='adamx'", "unknown optimizer 'adamx'"),  # bad value
+        ("make_lr_schedule.peak_value=-1e-6", "learning rates must be >= 0"),
+        ("make_model.dtype='fp8'", "dtype must be bfloat16|float32"),  # a preset: no weights
         ("make_rewards.overlong_buffer=17", "exceeds the token budget"),  # tiny.gin: 16 tokens
         ("make_model.lora_targets=('q',)", "need make_model.lora_rank > 0"),  # not ignored
         ("make_model.adapter='/no/such/adapter'", "no PEFT adapter in /no/such/adapter"),

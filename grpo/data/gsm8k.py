@@ -95,6 +95,8 @@ def load_examples(
     the rows whose fields (dotted names too) hold one of the listed values, before the cap:
     `{"level": ["Level 4", "Level 5"]}`.
     """
+    if num_examples is not None and num_examples < 0:  # rows[:-n] would drop the last n
+        raise ValueError(f"{split}: num_examples must be >= 0 (None: all), got {num_examples}")
     if source == "synthetic":
         if columns != Columns() or row_filter:
             raise ValueError(f"synthetic problems have no columns to map or filter: {columns}")

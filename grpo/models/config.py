@@ -14,6 +14,8 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
+# Activations and weights: float16 would need loss scaling, and an export names only these two.
+DTYPES = ("bfloat16", "float32")
 
 # The projections a LoRA adapter may target, and how many of each weight's axes (after the
 # layer axis) are its input: q/k/v/gate/up/down map one axis to the rest; o maps heads x
@@ -108,6 +110,9 @@ class ModelConfig:
             )
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
+        for knob, value in (("dtype", self.dtype), ("param_dtype", self.param_dtype)):
+            if value not in DTYPES:
+                raise ValueError(f"{knob} must be {'|'.join(DTYPES)}, got {value!r}")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

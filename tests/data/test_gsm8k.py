@@ -50,6 +50,8 @@ def test_file_round_trip(load, tmp_path, name, write):
     write(path, extra)
     assert load(path) == ROWS
     assert load(path, num_examples=5) == ROWS[:5]
+    with pytest.raises(ValueError, match="num_examples must be >= 0"):
+        load(path, num_examples=-1)  # not every row but the last
 
 
 def test_directory_picks_each_split(load, tmp_path):

@@ -306,6 +306,15 @@ def test_unsupported_hf_architecture(tmp_path):
     _assert_one_line(excinfo, tmp_path / "config.json", "'gpt2'")
 
 
+@pytest.mark.parametrize("knob", ["dtype", "param_dtype"])
+def test_unsupported_dtypes_are_refused_from_the_config_alone(tmp_path, knob):
+    with open(tmp_path / "config.json", "w") as f:  # no weights: the config must decide
+        json.dump(_tiny("tiny-qwen2").to_hf(), f)
+    with pytest.raises(ValueError) as excinfo:
+        loading.load_hf_folder(str(tmp_path), **{knob: "float16"})
+    _assert_one_line(excinfo, tmp_path / "config.json", f"{knob} must be bfloat16|float32")
+
+
 def test_unsupported_gguf_architecture(tmp_path):
     path = str(tmp_path / "gpt2.gguf")
     writer = gguf.GGUFWriter(path, "gpt2")
