@@ -144,6 +144,11 @@ class TrainConfig:
                 f"TrainConfig.eval_temperature must be > 0 (greedy is eval_accuracy), "
                 f"got {self.eval_temperature}"
             )
+        if self.eval_temperature is not None and not self.eval_samples:
+            raise ValueError(
+                "TrainConfig.eval_temperature is the temperature of the eval's sampled replies: "
+                "it needs TrainConfig.eval_samples > 0"
+            )
         reward_phase.check_answer_match(self.answer_match)
         if self.ref_sync_every_steps < 0 or not 0 < self.ref_sync_alpha <= 1:
             raise ValueError(

@@ -242,6 +242,7 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(prompts_per_update=0), "prompts_per_update=0 must divide prompts_per_step=16"),
         (dict(eval_samples=-1), "TrainConfig.eval_samples must be >= 0"),
         (dict(eval_temperature=0.0), "TrainConfig.eval_temperature must be > 0"),
+        (dict(eval_temperature=0.6), "needs TrainConfig.eval_samples > 0"),  # else unused
         (dict(advantage_scale="std"), "advantage_scale must be one of group|batch|none|rloo"),
         (dict(max_prompt_tokens=1025), "max_prompt_tokens must be in [1, 1024]"),
         (dict(question_template="Solve: {q}"), "must hold {question} once"),
