@@ -11,6 +11,7 @@ weights are stacked on a leading `layers` axis, so norm scales are 2-D here.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -92,20 +93,23 @@ def _coupled(decay: float, inner: optax.GradientTransformation) -> optax.Gradien
     return optax.chain(optax.add_decayed_weights(decay, mask=decay_mask), inner)
 
 
-# name -> builder(learning_rate, hyper-parameters); each takes the knobs it documents below.
+# name -> builder(learning_rate, *, the hyper-parameters it uses): make_optimizer reads each
+# builder's keyword names to hand it its knobs and to refuse the ones it would ignore.
 _OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "lion": lambda lr, h: optax.lion(
-        lr, b1=h["b1"], b2=h["b2"], weight_decay=h["weight_decay"], mask=decay_mask
+    "lion": lambda lr, *, b1, b2, weight_decay: optax.lion(
+        lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask
     ),
-    "adamw": lambda lr, h: optax.adamw(
-        lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=h["weight_decay"], mask=decay_mask
+    "adamw": lambda lr, *, b1, b2, eps, weight_decay: optax.adamw(
+        lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
     ),
-    "adam": lambda lr, h: _coupled(
-        h["weight_decay"], optax.adam(lr, b1=h["b1"], b2=h["b2"], eps=h["eps"])
+    "adam": lambda lr, *, b1, b2, eps, weight_decay: _coupled(
+        weight_decay, optax.adam(lr, b1=b1, b2=b2, eps=eps)
     ),
-    "sgd": lambda lr, h: _coupled(h["weight_decay"], optax.sgd(lr, momentum=h["momentum"] or None)),
-    "adafactor": lambda lr, h: optax.adafactor(
-        lr, weight_decay_rate=h["weight_decay"] or None, weight_decay_mask=decay_mask
+    "sgd": lambda lr, *, momentum, weight_decay: _coupled(
+        weight_decay, optax.sgd(lr, momentum=momentum or None)
+    ),
+    "adafactor": lambda lr, *, weight_decay: optax.adafactor(
+        lr, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask
     ),
 }
 
@@ -137,11 +141,18 @@ def make_optimizer(
         raise ValueError(f"eps must be >= 0, got {eps}")
     # A decay of 1 never forgets its first value (Adam's bias correction divides by 0).
     decays = dict(b1=b1, b2=b2, momentum=momentum)
-    outside = {name: decay for name, decay in decays.items() if not 0 <= decay < 1}
+    outside = {knob: decay for knob, decay in decays.items() if not 0 <= decay < 1}
     if outside:
         raise ValueError(f"b1, b2 and momentum must be in [0, 1), got {outside}")
+    build = _OPTIMIZERS[name]
+    knobs = inspect.signature(build).parameters
     hyper = dict(b1=b1, b2=b2, eps=eps, momentum=momentum, weight_decay=weight_decay)
-    optimizer = _OPTIMIZERS[name](learning_rate, hyper)
+    defaults = inspect.signature(make_optimizer).parameters
+    ignored = [k for k, v in hyper.items() if k not in knobs and v != defaults[k].default]
+    if ignored:  # set for another optimizer, most likely
+        unused = ", ".join(f"make_optimizer.{k}" for k in ignored)
+        raise ValueError(f"optimizer {name!r} does not use {unused}")
+    optimizer = build(learning_rate, **{k: v for k, v in hyper.items() if k in knobs})
     if clip_norm is None:
         return optimizer
     return optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)

@@ -113,9 +113,15 @@ def test_clipping_comes_first():
         (dict(name="lion", b1=-0.1), "'b1': -0.1"),
         (dict(name="sgd", momentum=1.0), "'momentum': 1.0"),
         (dict(name="adam", eps=-1e-8), "eps must be >= 0"),
+        (dict(name="lion", eps=1e-6), "optimizer 'lion' does not use make_optimizer.eps"),
+        (
+            dict(name="sgd", b2=0.999, eps=1e-6),
+            "optimizer 'sgd' does not use make_optimizer.b2, make_optimizer.eps",
+        ),
+        (dict(name="adafactor", momentum=0.5), "'adafactor' does not use make_optimizer.momentum"),
     ],
 )
-def test_optimizer_rejects_hyper_parameters_that_cannot_train(kwargs, message):
+def test_optimizer_rejects_hyper_parameters_it_cannot_use(kwargs, message):
     with pytest.raises(ValueError, match=message):
         optim.make_optimizer(1e-3, **kwargs)
 
