@@ -38,7 +38,7 @@ def _cosine(peak: float, end: float, steps: int) -> optax.Schedule:
 _DECAYS: dict[str, Callable[[float, float, int], optax.Schedule]] = {
     "warmup_cosine": _cosine,
     "linear": lambda peak, end, steps: optax.linear_schedule(peak, end, steps),
-    "constant": lambda peak, end, steps: optax.constant_schedule(peak),  # end_value unused
+    "constant": lambda peak, end, steps: optax.constant_schedule(peak),  # end_value refused
 }
 
 
@@ -67,6 +67,8 @@ def make_lr_schedule(
     negative = {name: rate for name, rate in rates.items() if rate < 0}
     if negative:  # a negative rate ascends the loss
         raise ValueError(f"learning rates must be >= 0, got {negative}")
+    if type == "constant" and end_value:
+        raise ValueError("a constant schedule stays at peak_value: it does not use end_value")
     if warmup_steps is None:
         warmup_steps = round(total_steps * warmup_ratio)
     if not 0 <= warmup_steps <= total_steps:

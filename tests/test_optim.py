@@ -68,6 +68,7 @@ def test_schedule_warmup_steps_ends_and_init():
         (dict(total_steps=10, type="cosine"), "valid: \\['constant', 'linear', 'warmup_cosine'\\]"),
         (dict(total_steps=10, peak_value=-1e-6), "learning rates must be >= 0.*peak_value"),
         (dict(total_steps=10, end_value=-1e-7), "learning rates must be >= 0.*end_value"),
+        (dict(total_steps=10, type="constant", end_value=1e-7), "does not use end_value"),
     ],
 )
 def test_schedule_rejects_bad_arguments(kwargs, message):
