@@ -273,6 +273,11 @@ def build_experiment(*, read_params: bool = True) -> Experiment:
             f"make_sampling.max_new_tokens={sampling.max_new_tokens}"
         )
     loss = make_loss()
+    if loss.max_completion_length is not None and loss.aggregation != "seq_mean_token_sum_norm":
+        raise ValueError(
+            "make_loss.max_completion_length is Dr. GRPO's constant L: it needs "
+            "make_loss.aggregation='seq_mean_token_sum_norm'"
+        )
     if train.ref_sync_every_steps and (loss.beta <= 0 or bundle.config.lora is not None):
         raise ValueError(
             "TrainConfig.ref_sync_every_steps needs a reference of its own to move: "

@@ -24,6 +24,7 @@ from grpo.phases.update import LossConfig
 # With extra train sets, each train example names its set under this key ("main": the
 # make_dataset one), and the step reports reward_mean/<set> and accuracy/<set>.
 SOURCE, MAIN_SET = "source_set", "main"
+REF_SYNC_ALPHA = 0.6  # TRL's ref_model_mixup_alpha
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ class TrainConfig:
     # > 0 (with make_loss.beta > 0): every N steps the KL reference moves toward the policy,
     # ref <- alpha * policy + (1 - alpha) * ref (TRL's sync_ref_model); checkpoints keep it.
     ref_sync_every_steps: int = 0
-    ref_sync_alpha: float = 0.6
+    ref_sync_alpha: float = REF_SYNC_ALPHA
     # > 1: DAPO's dynamic sampling, up to this many rollout rounds per step to fill it with
     # groups whose rewards differ (grpo/phases/dynamic_sampling.py); 1: one round, every group.
     max_sampling_rounds: int = 1
@@ -154,6 +155,10 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.ref_sync_every_steps must be >= 0 and ref_sync_alpha in (0, 1], "
                 f"got {self.ref_sync_every_steps} and {self.ref_sync_alpha}"
+            )
+        if not self.ref_sync_every_steps and self.ref_sync_alpha != REF_SYNC_ALPHA:
+            raise ValueError(
+                "TrainConfig.ref_sync_alpha needs ref_sync_every_steps > 0 (else unused)"
             )
         for setting in ("extra_eval_sets", "extra_train_sets"):
             names = tuple(getattr(self, setting))

@@ -133,6 +133,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         ("make_optimizer.name='adamx'", "unknown optimizer 'adamx'"),  # bad value
         ("make_lr_schedule.peak_value=-1e-6", "learning rates must be >= 0"),
         ("make_model.dtype='fp8'", "dtype must be bfloat16|float32"),  # a preset: no weights
+        ("make_loss.max_completion_length=16", "it needs make_loss.aggregation="),  # else unused
         ("make_rewards.overlong_buffer=17", "exceeds the token budget"),  # tiny.gin: 16 tokens
         ("make_model.lora_targets=('q',)", "need make_model.lora_rank > 0"),  # not ignored
         ("make_model.adapter='/no/such/adapter'", "no PEFT adapter in /no/such/adapter"),
@@ -248,6 +249,7 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(question_template="Solve: {q}"), "must hold {question} once"),
         (dict(extra_eval_sets=("a", "a")), "extra_eval_sets must be distinct gin scope names"),
         (dict(ref_sync_alpha=0.0), "ref_sync_alpha in (0, 1]"),
+        (dict(ref_sync_alpha=0.9), "ref_sync_alpha needs ref_sync_every_steps > 0"),
         (dict(best_export_metric="eval_pass_at_k"), "valid: eval_accuracy"),  # no eval_samples
         (dict(best_export_metric="eval_length_mean"), "is not a metric the eval reports"),
         (dict(extra_eval_sets=("math-500",)), "extra_eval_sets must be distinct gin scope names"),

@@ -348,6 +348,7 @@ ANSWER_CHECK_REWARDS = {
 
 OVERLONG = "overlong"  # the length penalty's name among the per-function rewards
 LENGTH_REWARD = "length_reward"  # Kimi k1.5's length reward's
+OVERLONG_WEIGHT = 1.0
 
 
 def get_reward_fn(name: str) -> RewardFn:
@@ -385,7 +386,7 @@ class RewardConfig:
     # DAPO's soft overlong punishment over the last `overlong_buffer` tokens of the budget
     # (0: off), added to the total with `overlong_weight`; see `overlong_penalty`.
     overlong_buffer: int = 0
-    overlong_weight: float = 1.0
+    overlong_weight: float = OVERLONG_WEIGHT
     # Kimi k1.5's length reward within each group (see `length_reward`), added to the total
     # with this weight (0: off; the paper uses it after a warm-up phase).
     length_reward_weight: float = 0.0
@@ -412,6 +413,8 @@ class RewardConfig:
                 f"RewardConfig overlong_buffer must be >= 0 and overlong_weight finite; got "
                 f"{self.overlong_buffer} and {self.overlong_weight}"
             )
+        if not self.overlong_buffer and self.overlong_weight != OVERLONG_WEIGHT:
+            raise ValueError("RewardConfig overlong_weight needs overlong_buffer > 0 (else unused)")
         if self.overlong_buffer and OVERLONG in self.names:
             raise ValueError(f"RewardConfig: {OVERLONG!r} names the length penalty, not a function")
         if not math.isfinite(self.length_reward_weight):

@@ -110,6 +110,8 @@ class LossConfig:
             raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.beta == 0 and self.kl_estimator != "k3":
+            raise ValueError(f"kl_estimator={self.kl_estimator!r} needs beta > 0 (else no KL term)")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.max_completion_length is not None and self.max_completion_length < 1:

@@ -339,7 +339,7 @@ def test_overlong_penalty_joins_the_weighted_total():
     np.testing.assert_array_equal(penalised.per_function["overlong"], [0.0, -0.5, -1.0])
     np.testing.assert_array_equal(penalised.per_function["correctness"], [1.0, 1.0, 0.0])
     assert penalised.failures == {"correctness": 0}
-    off = dataclasses.replace(config, overlong_buffer=0)
+    off = dataclasses.replace(config, overlong_buffer=0, overlong_weight=1.0)
     lengths = np.array([9, 9, 10])
     assert reward.add_overlong_penalty(result, lengths, rewards=off, max_length=10) is result
 
@@ -463,6 +463,7 @@ def test_config_validation(names, weights, message):
     [
         (dict(overlong_buffer=-1), "overlong_buffer must be >= 0"),
         (dict(overlong_buffer=8, overlong_weight=float("nan")), "overlong_weight finite"),
+        (dict(overlong_weight=0.5), "overlong_weight needs overlong_buffer > 0"),
     ],
 )
 def test_overlong_config_validation(kwargs, message):

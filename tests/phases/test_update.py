@@ -209,6 +209,7 @@ def test_sequence_level_ratio_clips_whole_completions():
         (dict(aggregation="sum"), "aggregation must be one of"),
         (dict(importance_sampling_level="seq"), "importance_sampling_level must be one of"),
         (dict(kl_estimator="mse"), "kl_estimator must be one of"),
+        (dict(kl_estimator="k2"), "kl_estimator='k2' needs beta > 0"),  # else unused
         (dict(epsilon_low=-0.1), "clip epsilons must be >= 0"),
         (dict(dual_clip=1.0), "dual_clip must be > 1"),
         (dict(beta=-1.0), "beta must be >= 0"),
