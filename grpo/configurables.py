@@ -248,6 +248,19 @@ def _drop_long_prompts(
     return kept
 
 
+def _check_attention_platform(model: ModelConfig, platform: str) -> None:
+    """Each attention kernel runs where it was written for (splash also runs interpreted on a
+    CPU, as the tests run it); otherwise the first update fails, after a rollout."""
+    impl = model.attention_impl
+    if impl == "cudnn" and (platform != "gpu" or model.dtype != "bfloat16"):
+        raise ValueError(
+            "make_model.attention_impl='cudnn' needs an NVIDIA GPU and make_model.dtype="
+            f"'bfloat16' (this run: {platform}, {model.dtype}); use 'xla' or 'auto'"
+        )
+    if impl == "splash" and platform == "gpu":
+        raise ValueError("make_model.attention_impl='splash' is a TPU kernel: on a GPU use 'cudnn'")
+
+
 def build_experiment(*, read_params: bool = True) -> Experiment:
     """Calls every factory (gin binds their arguments) and assembles the experiment. The
     weights are read (or initialised, which compiles) last, once the whole configuration has
@@ -259,6 +272,7 @@ def build_experiment(*, read_params: bool = True) -> Experiment:
     tx = make_optimizer(lr_schedule)
     rewards = make_rewards()
     bundle = make_model()
+    _check_attention_platform(bundle.config, mesh.devices.flat[0].platform)
     if train.chat_template_kwargs and not getattr(bundle.tokenizer, "chat_template", None):
         raise ValueError(
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "

@@ -16,11 +16,11 @@ import pytest
 from safetensors.numpy import load_file
 
 import gin
-from grpo import evaluation, sampling, train
+from grpo import configurables, evaluation, sampling, train
 from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
 from grpo.data.gsm8k import load_examples
-from grpo.models import loading, splash
+from grpo.models import loading, presets, splash
 from grpo.models.config import ModelConfig
 from grpo.phases import reward
 
@@ -134,6 +134,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         ("make_lr_schedule.peak_value=-1e-6", "learning rates must be >= 0"),
         ("make_model.dtype='fp8'", "dtype must be bfloat16|float32"),  # a preset: no weights
         ("make_loss.max_completion_length=16", "it needs make_loss.aggregation="),  # else unused
+        ("make_model.attention_impl='cudnn'", "'cudnn' needs an NVIDIA GPU"),  # not after a rollout
         ("make_rewards.overlong_buffer=17", "exceeds the token budget"),  # tiny.gin: 16 tokens
         ("make_model.lora_targets=('q',)", "need make_model.lora_rank > 0"),  # not ignored
         ("make_model.adapter='/no/such/adapter'", "no PEFT adapter in /no/such/adapter"),
@@ -184,6 +185,18 @@ def test_real_weights_are_read_once_every_check_has_passed(monkeypatch, length_r
     assert not reads
     _experiment(real)
     assert len(reads) == 1
+
+
+def test_attention_kernels_are_refused_off_their_platform():
+    tiny = lambda **kw: presets.preset("tiny-qwen2", **kw)
+    check = configurables._check_attention_platform
+    check(tiny(attention_impl="cudnn"), "gpu")  # bf16 activations by default
+    with pytest.raises(ValueError, match=r"dtype='bfloat16' \(this run: gpu, float32\)"):
+        check(tiny(attention_impl="cudnn", dtype="float32"), "gpu")
+    with pytest.raises(ValueError, match="a TPU kernel: on a GPU use 'cudnn'"):
+        check(tiny(attention_impl="splash"), "gpu")
+    check(tiny(attention_impl="splash"), "cpu")  # interpreted, as the tests run it
+    check(tiny(attention_impl="auto"), "gpu")
 
 
 @pytest.mark.parametrize(
@@ -297,8 +310,6 @@ def _experiment(*bindings, read_params=True):
     grpo_main.parse_gin(
         [TINY], ["make_rewards.names=('length',)", "make_rewards.weights=(1.0,)", *bindings], [REPO]
     )
-    from grpo import configurables
-
     try:
         return configurables.build_experiment(read_params=read_params)
     finally:

@@ -81,7 +81,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # activations / matmul inputs
     param_dtype: str = "float32"
     # Attention of the trainer's full-sequence forward (decoding always uses "xla"): "xla",
-    # our einsum attention (the reference); "cudnn": cuDNN's fused kernel (GPU, bf16/fp16) through
+    # our einsum attention (the reference); "cudnn": cuDNN's fused kernel (GPU, bf16) through
     # jax.nn.dot_product_attention, on rows gathered valid-first so cuDNN's own causal +
     # padding mask applies; "splash": the Pallas splash kernel (TPU; models/splash.py);
     # "auto": splash on a TPU, else xla.
