@@ -18,7 +18,14 @@ from absl import logging
 import gin
 from grpo import optim, sharding
 from grpo.data import gsm8k
-from grpo.experiment import MAIN_SET, SOURCE, Experiment, TrainConfig, check_batch_layout
+from grpo.experiment import (
+    MAIN_SET,
+    SOURCE,
+    Experiment,
+    TrainConfig,
+    check_batch_layout,
+    check_writable_dir,
+)
 from grpo.models import loading, presets, transformer
 from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
 from grpo.phases import reward, rollout, update
@@ -266,6 +273,12 @@ def build_experiment(*, read_params: bool = True) -> Experiment:
     weights are read (or initialised, which compiles) last, once the whole configuration has
     passed its checks; `read_params=False` (a dry run) leaves `params` None."""
     train = TrainConfig()
+    for knob, folder in (
+        ("export_dir", train.export_dir),
+        ("best_export_dir", train.best_export_dir),
+    ):
+        if folder is not None:
+            check_writable_dir(folder, f"TrainConfig.{knob}")
     mesh = make_mesh()
     # Optimizer first: a misspelled name fails before any model is loaded or compiled.
     lr_schedule = make_lr_schedule(train.num_steps * train.updates_per_step)

@@ -6,6 +6,8 @@ checks and the batch accounting that need both.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -244,6 +246,22 @@ def _refuse_escape_slips(name: str, text: str) -> None:
                 f"{name} holds the control character {escape} (a LaTeX command written with one "
                 f"backslash? in gin write \\\\ for \\): {text!r}"
             )
+
+
+def check_writable_dir(path: str, knob: str) -> None:
+    """ValueError unless `path` is a directory this process can write in, or can create: found
+    at start, not when the run first saves (or exports, after the last step). Probed by making
+    and removing an empty directory in it (or in its nearest existing ancestor), since
+    permission bits do not bind root."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{knob}={path}: {existing} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing))
+    except OSError as err:
+        raise ValueError(f"{knob}={path}: cannot write in {existing} ({err.strerror})") from err
 
 
 @dataclasses.dataclass

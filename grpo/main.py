@@ -99,7 +99,12 @@ def main(argv: list[str]) -> None:
     try:
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         from grpo import configurables, train  # after initialize: nothing may touch devices first
+        from grpo.experiment import check_writable_dir
 
+        if FLAGS.export_only:  # reads the workdir, writes here
+            check_writable_dir(FLAGS.export_only, "--export_only")
+        else:
+            check_writable_dir(FLAGS.workdir, "--workdir")
         parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
         experiment = configurables.build_experiment(read_params=not FLAGS.dry_run)
     except (ValueError, FileNotFoundError) as err:  # bad input: one line, before any compile

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 import gin
 from grpo import configurables, evaluation, sampling, train
+from grpo import experiment as experiment_lib
 from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
 from grpo.data.gsm8k import load_examples
@@ -185,6 +186,34 @@ def test_real_weights_are_read_once_every_check_has_passed(monkeypatch, length_r
     assert not reads
     _experiment(real)
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "workdir",
+        "TrainConfig.export_dir",  # written after the last step
+        "TrainConfig.best_export_dir",
+    ],
+)
+def test_output_folders_that_cannot_be_written_fail_fast(tmp_path, where):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    workdir = blocker / "run" if where == "workdir" else tmp_path / "run"
+    bindings = [] if where == "workdir" else [f"{where}='{blocker / 'hf'}'"]
+    result = _cli(workdir, *bindings, timeout=120, log_compiles=True)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{blocker} is a file, not a directory" in result.stderr
+    assert "Compiling" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_refuses_writes_is_named(tmp_path, monkeypatch):
+    def refuse(dir):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(experiment_lib.tempfile, "mkdtemp", refuse)
+    with pytest.raises(ValueError, match=f"--workdir={tmp_path}/new: cannot write in {tmp_path} "):
+        experiment_lib.check_writable_dir(str(tmp_path / "new"), "--workdir")
 
 
 def test_attention_kernels_are_refused_off_their_platform():
