@@ -9,7 +9,6 @@ with `--export_only=DIR` writes it as a Hugging Face folder (`--checkpoint_step`
 from __future__ import annotations
 
 import logging as std_logging
-import os
 import signal
 import sys
 import time
@@ -72,14 +71,6 @@ def describe_runtime(mesh) -> list[str]:
     ]
 
 
-def _write_config(workdir: str, text: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, "config.gin.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(workdir, "config.gin"))
-
-
 def _quiet_orbax(record) -> bool:
     """Orbax logs every save at INFO (dozens of lines); keep its warnings and errors only."""
     return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
@@ -126,10 +117,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.eval_only or FLAGS.export_only:
         _run_one_off(experiment)
         return
-    if jax.process_index() == 0:
-        _write_config(FLAGS.workdir, operative)
     try:
-        summary = train.train(experiment, FLAGS.workdir)
+        summary = train.train(experiment, FLAGS.workdir, config_text=operative)
     except train.Preempted as stop:
         logging.warning("%s", stop)
         sys.exit(128 + signal.SIGTERM)

@@ -47,6 +47,7 @@ from grpo.phases.update import make_reference_logps_fn, make_update_fn
 from grpo.types import Batch, Rollout, TrainState
 
 EVAL_FILE = "eval.jsonl"  # what `evaluate_workdir` (main.py --eval_only) appends to
+CONFIG_FILE = "config.gin"  # the operative gin config of the run's latest start
 
 
 @dataclasses.dataclass
@@ -647,12 +648,16 @@ def _progress(steps: range, total: int):
     return tqdm.tqdm(steps, total=total, initial=steps.start - 1, disable=not show, unit="step")
 
 
-def train(exp: Experiment, workdir: str) -> dict[str, Any]:
-    """Runs the loop from the last checkpoint in `workdir` (or the start) to num_steps."""
+def train(exp: Experiment, workdir: str, config_text: str | None = None) -> dict[str, Any]:
+    """Runs the loop from the last checkpoint in `workdir` (or the start) to num_steps.
+    `config_text` (the operative gin config) goes to `<workdir>/config.gin` once the state is
+    restored: a resume that does not fit the checkpoints leaves the config that wrote them."""
     check_batch_layout(exp)
     for line in effective_batch_lines(exp):
         logging.info("%s", line)
     rt = _build_runtime(exp, workdir)
+    if config_text is not None and jax.process_index() == 0:
+        _write_config(workdir, config_text)
     preemption = _Preemption()
     started = time.perf_counter()
     summary: dict[str, Any] = {"steps": rt.start_step}
@@ -669,6 +674,13 @@ def train(exp: Experiment, workdir: str) -> dict[str, Any]:
         rt.metrics.close()
     summary["wall_seconds"] = time.perf_counter() - started
     return summary
+
+
+def _write_config(workdir: str, text: str) -> None:
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
 def _best_so_far(cfg: TrainConfig, start_step: int) -> float:
