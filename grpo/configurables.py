@@ -73,6 +73,12 @@ def make_model(
         raise ValueError(f"make_model.lora_rank must be >= 0 (0: no LoRA), got {lora_rank}")
     if not lora_rank and (lora_alpha != 32.0 or tuple(lora_targets) != tuple(LORA_TARGETS)):
         raise ValueError("make_model.lora_alpha and lora_targets need make_model.lora_rank > 0")
+    if not lora_rank and param_dtype == "bfloat16":  # no fp32 master copy to carry small steps
+        raise ValueError(
+            "make_model.param_dtype='bfloat16' would train the weights in bf16, where a step "
+            "under 1/256 of a weight rounds away (at lr 1e-6 a weight of 0.02 never moves); "
+            "keep 'float32', or train LoRA adapters on a bf16 base (make_model.lora_rank > 0)"
+        )
     overrides = dict(
         dtype=dtype,
         param_dtype=param_dtype,

@@ -138,6 +138,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         ("make_optimizer.name='adamx'", "unknown optimizer 'adamx'"),  # bad value
         ("make_lr_schedule.peak_value=-1e-6", "learning rates must be >= 0"),
         ("make_model.dtype='fp8'", "dtype must be bfloat16|float32"),  # a preset: no weights
+        ("make_model.param_dtype='bfloat16'", "a step under 1/256 of a weight rounds away"),
         ("make_loss.max_completion_length=16", "it needs make_loss.aggregation="),  # else unused
         ("make_model.attention_impl='cudnn'", "'cudnn' needs an NVIDIA GPU"),  # not after a rollout
         ("make_rewards.overlong_buffer=17", "exceeds the token budget"),  # tiny.gin: 16 tokens
