@@ -299,6 +299,7 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(ref_sync_alpha=0.9), "ref_sync_alpha needs ref_sync_every_steps > 0"),
         (dict(best_export_metric="eval_pass_at_k"), "valid: eval_accuracy"),  # no eval_samples
         (dict(best_export_metric="eval_length_mean"), "is not a metric the eval reports"),
+        (dict(best_export_dir="/tmp/best", eval_every_steps=0), "eval_every_steps=0 makes none"),
         (dict(extra_eval_sets=("math-500",)), "extra_eval_sets must be distinct gin scope names"),
         (dict(extra_train_sets=("a", "a")), "extra_train_sets must be distinct gin scope names"),
         (dict(system_prompt="Write \frac{1}{2}"), "holds the control character \\f (a LaTeX"),
