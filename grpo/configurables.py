@@ -88,6 +88,11 @@ def make_model(
     )
     if adapter is not None:
         loading.read_adapter_config(adapter)  # a missing or unsupported adapter fails first
+    if preset is None and (tokenizer not in (None, source) or seed):
+        raise ValueError(
+            "make_model.tokenizer and seed are a preset's (random weights); real weights bring "
+            f"their own tokenizer and values: set make_model.preset, or drop them for {source}"
+        )
     if preset is None:
         config, read_params, tok = loading.open_model(source, **overrides)
     else:

@@ -184,6 +184,9 @@ def test_real_weights_are_read_once_every_check_has_passed(monkeypatch, length_r
     monkeypatch.setattr(loading, "params_from_hf_state_dict", lambda *args: reads.append(args))
     monkeypatch.setattr(loading, "_open_gguf", functools.cache(loading._open_gguf))  # parse once
     real = "make_model.preset=None"  # SmolLM2's GGUF weights, not tiny.gin's random ones
+    for unused in ("make_model.seed=1", "make_model.tokenizer='Qwen/Qwen2.5-0.5B-Instruct'"):
+        with pytest.raises(ValueError, match="make_model.tokenizer and seed are a preset's"):
+            _experiment(real, unused, read_params=False)
     with pytest.raises(ValueError, match="do not split over dp x fsdp"):
         _experiment(real, "TrainConfig.completions_per_micro_batch=2")
     assert not reads
