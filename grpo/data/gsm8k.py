@@ -232,6 +232,8 @@ def _read_file(file: Path, cache_dir: str | None) -> list[dict]:
     import pyarrow
 
     builder = _FORMATS[file.suffix]
+    if not file.stat().st_size:  # `datasets` raises a bare StopIteration
+        raise ValueError(f"{file}: the file is empty")
     try:
         dataset = datasets.load_dataset(
             builder, data_files=str(file), split="train", cache_dir=cache_dir

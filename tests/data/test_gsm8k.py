@@ -186,6 +186,9 @@ def test_unreadable_file_is_one_line_error(load, tmp_path):
     with pytest.raises(ValueError, match=r"broken\.jsonl: cannot read as json") as error:
         load(path)
     assert "\n" not in str(error.value)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: the file is empty"):
+        load(tmp_path / "empty.jsonl")
 
 
 def test_missing_paths(load, tmp_path):
