@@ -112,7 +112,15 @@ def load_examples(
     else:
         import datasets  # heavy; only needed on this path
 
-        rows = datasets.load_dataset(source, config, split=split, cache_dir=cache_dir).to_list()
+        try:
+            dataset = datasets.load_dataset(source, config, split=split, cache_dir=cache_dir)
+        except (ConnectionError, FileNotFoundError) as err:  # offline, or no such dataset
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise FileNotFoundError(
+                f"{source}: not a local file, and the Hugging Face Hub was unreachable or has "
+                f"no such dataset ({first_line})"
+            ) from err
+        rows = dataset.to_list()
         where = f"{source}[{config}:{split}]"
     if row_filter:
         rows = _filtered(rows, row_filter, where)

@@ -191,6 +191,16 @@ def test_unreadable_file_is_one_line_error(load, tmp_path):
         load(tmp_path / "empty.jsonl")
 
 
+def test_a_hub_dataset_out_of_reach_is_one_line_error(load, monkeypatch):
+    import datasets
+
+    # The answer an offline machine gets, at once (asking the Hub here retries for ~25 s).
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="no-such-dataset: not a local file, ") as error:
+        load("grpo-tests/no-such-dataset")
+    assert "\n" not in str(error.value)
+
+
 def test_missing_paths(load, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.jsonl: no such file or directory$"):
         load(tmp_path / "nope.jsonl")
