@@ -16,7 +16,7 @@ import jax
 from absl import logging
 
 import gin
-from grpo import optim, sharding
+from grpo import knobs, optim, sharding
 from grpo.data import gsm8k
 from grpo.experiment import (
     MAIN_SET,
@@ -31,9 +31,12 @@ from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
 from grpo.phases import reward, rollout, update
 from grpo.sampling import encode_questions
 
-make_optimizer = gin.external_configurable(optim.make_optimizer, "make_optimizer")
-make_lr_schedule = gin.external_configurable(optim.make_lr_schedule, "make_lr_schedule")
-make_mesh = gin.external_configurable(sharding.make_mesh, "make_mesh")
+# The factories check their arguments' types (grpo/knobs.py); the config classes check theirs.
+make_optimizer = gin.external_configurable(knobs.checked(optim.make_optimizer), "make_optimizer")
+make_lr_schedule = gin.external_configurable(
+    knobs.checked(optim.make_lr_schedule), "make_lr_schedule"
+)
+make_mesh = gin.external_configurable(knobs.checked(sharding.make_mesh), "make_mesh")
 make_loss = gin.external_configurable(update.LossConfig, "make_loss")
 make_rewards = gin.external_configurable(reward.RewardConfig, "make_rewards")
 TrainConfig = gin.external_configurable(TrainConfig, "TrainConfig")
@@ -47,6 +50,7 @@ class ModelBundle:
 
 
 @gin.configurable
+@knobs.checked
 def make_model(
     source: str = "smollm2-135m-instruct",
     *,
@@ -116,6 +120,7 @@ def _with_adapter(read_params: Callable[[], Any], config: ModelConfig, adapter: 
 
 
 @gin.configurable
+@knobs.checked
 def make_dataset(
     source: str = "synthetic",
     *,
@@ -160,6 +165,7 @@ def make_dataset(
 
 
 @gin.configurable
+@knobs.checked
 def make_sampling(
     *,
     end_ids: tuple[int, ...],

@@ -15,7 +15,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from grpo import sharding
+from grpo import knobs, sharding
 from grpo.data.prompts import QUESTION, SYSTEM_PROMPT, check_question_template
 from grpo.models.config import ModelConfig
 from grpo.phases import reward as reward_phase
@@ -105,6 +105,7 @@ class TrainConfig:
     wandb_project: str | None = None  # log to W&B too (when `wandb` is installed)
 
     def __post_init__(self):
+        knobs.check_fields(self, "TrainConfig")
         for name in (
             "num_steps",
             "prompts_per_step",

@@ -59,7 +59,10 @@ def parse_gin(files: list[str], bindings: list[str], search_paths: list[str]) ->
 
     for path in search_paths:
         gin.add_config_file_search_path(path)
-    gin.parse_config_files_and_bindings(files, bindings, finalize_config=True)
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=True)
+    except (OSError, SyntaxError) as err:  # a gin file not found, a line that does not parse
+        raise ValueError(f"gin: {err}") from err
 
 
 def describe_runtime(mesh) -> list[str]:

@@ -141,6 +141,9 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         ("make_model.param_dtype='bfloat16'", "a step under 1/256 of a weight rounds away"),
         ("make_loss.max_completion_length=16", "it needs make_loss.aggregation="),  # else unused
         ("make_model.attention_impl='cudnn'", "'cudnn' needs an NVIDIA GPU"),  # not after a rollout
+        ("TrainConfig.num_steps='3'", "TrainConfig.num_steps must be int, got '3' (str)"),
+        ("make_sampling.max_new_tokens=None", "max_new_tokens must be int, got None"),
+        ("TrainConfig.num_steps = ", "gin: Unable to parse value"),
         ("make_rewards.overlong_buffer=17", "exceeds the token budget"),  # tiny.gin: 16 tokens
         ("make_model.lora_targets=('q',)", "need make_model.lora_rank > 0"),  # not ignored
         ("make_model.adapter='/no/such/adapter'", "no PEFT adapter in /no/such/adapter"),
@@ -241,6 +244,7 @@ def test_attention_kernels_are_refused_off_their_platform():
     [
         (["--checkpoint_step=2"], "--checkpoint_step needs --eval_only or --export_only"),
         (["--eval_only", "--export_only=/tmp/x"], "--eval_only and --export_only: one at a time"),
+        (["--gin_file=gin/no_such.gin"], "invalid configuration: gin: Unable to open file"),
     ],
 )
 def test_bad_flag_combinations_fail_fast(tmp_path, flags, message):

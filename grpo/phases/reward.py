@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from grpo import knobs
+
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 # Marked with `batched_reward`: all of a process's completions and examples in one call.
 BatchedRewardFn = Callable[[list[str], list[Mapping[str, Any]]], Sequence[float]]
@@ -392,6 +394,7 @@ class RewardConfig:
     length_reward_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        knobs.check_fields(self, "RewardConfig")
         # gin hands over lists; tuples keep the config hashable.
         object.__setattr__(self, "names", tuple(self.names))
         object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from grpo import sharding
+from grpo import knobs, sharding
 from grpo.models import lora
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
@@ -57,6 +57,7 @@ class SamplingConfig:
     decode_segments: int = 1
 
     def __post_init__(self):
+        knobs.check_fields(self, "SamplingConfig")
         # Gin and callers may pass a list; keep the config hashable.
         object.__setattr__(self, "end_ids", tuple(int(i) for i in self.end_ids))
         if self.max_new_tokens < 1:

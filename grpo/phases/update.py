@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from grpo import sharding
+from grpo import knobs, sharding
 from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.types import Batch, TrainState
@@ -91,6 +91,7 @@ class LossConfig:
     top_entropy_quantile: float = 1.0
 
     def __post_init__(self):
+        knobs.check_fields(self, "LossConfig")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.kl_estimator not in KL_ESTIMATORS:

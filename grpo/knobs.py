@@ -1,0 +1,97 @@
+"""Type checks for configuration knobs against their annotations.
+
+gin passes whatever Python literal a binding holds, so a quoted number, a float for a count or
+None for a budget would otherwise fail deep inside a phase, after compiling, with a message
+that names no knob. `check_fields` (for the config dataclasses, from `__post_init__`) and
+`checked` (for the factory functions gin calls) fail at once instead, naming the knob.
+
+The annotations here are simple: int, float, str, bool, None, unions of them, `tuple[X, ...]`,
+`dict[K, V]`, classes and callables. Counts accept any integer (numpy's too) but not a bool;
+a float accepts an integer; a tuple accepts a list (gin writes either). Forms outside these
+pass unchecked.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import functools
+import inspect
+import numbers
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether `value` is of the annotated type `hint` (the rules in the module doc)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, arg) for arg in args)
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if hint is tuple or origin is tuple:
+        return isinstance(value, (tuple, list)) and _items_match(value, args)
+    if hint is dict or origin is dict:
+        key, item = args or (Any, Any)
+        return isinstance(value, dict) and all(
+            matches(k, key) and matches(v, item) for k, v in value.items()
+        )
+    if origin is collections.abc.Callable:
+        return callable(value)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _items_match(items: tuple | list, args: tuple) -> bool:
+    if not args:
+        return True
+    if len(args) == 2 and args[1] is Ellipsis:
+        return all(matches(item, args[0]) for item in items)
+    return len(items) == len(args) and all(map(matches, items, args))
+
+
+def check(knob: str, value: Any, hint: Any) -> None:
+    """ValueError naming `knob` unless `value` matches `hint`."""
+    if not matches(value, hint):
+        wanted = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+        raise ValueError(f"{knob} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def check_fields(instance: Any, prefix: str) -> None:
+    """Every field of a dataclass instance against its annotation, as `prefix.field`."""
+    hints = typing.get_type_hints(type(instance))
+    for field in dataclasses.fields(instance):
+        check(f"{prefix}.{field.name}", getattr(instance, field.name), hints[field.name])
+
+
+def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` checking the arguments it is called with against its annotations, as
+    `fn_name.argument` (the name gin binds them by)."""
+
+    @functools.cache
+    def hints() -> dict[str, Any]:  # resolved at the first call: names may be defined later
+        return typing.get_type_hints(fn)
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for name, value in signature.bind(*args, **kwargs).arguments.items():
+            if name in hints():
+                check(f"{fn.__name__}.{name}", value, hints()[name])
+        return fn(*args, **kwargs)
+
+    return wrapper
