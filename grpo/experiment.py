@@ -129,6 +129,8 @@ class TrainConfig:
             object.__setattr__(self, name, buckets)  # gin hands over lists
             if not buckets or min(buckets) < 1:
                 raise ValueError(f"TrainConfig.{name} must be token counts >= 1, got {buckets}")
+        if self.seed < 0:  # numpy's shuffles of the prompt order take no negative seed
+            raise ValueError(f"TrainConfig.seed must be >= 0, got {self.seed}")
         if not self.reward_timeout_s > 0:
             raise ValueError(
                 f"TrainConfig.reward_timeout_s must be > 0, got {self.reward_timeout_s}"

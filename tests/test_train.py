@@ -293,6 +293,7 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(prompt_buckets=()), "TrainConfig.prompt_buckets must be token counts >= 1, got ()"),
         (dict(completion_buckets=[64, 0]), "completion_buckets must be token counts >= 1"),
         (dict(reward_timeout_s=0.0), "TrainConfig.reward_timeout_s must be > 0, got 0.0"),
+        (dict(seed=-1), "TrainConfig.seed must be >= 0, got -1"),
         (dict(prompts_per_update=3), "prompts_per_update=3 must divide prompts_per_step=16"),
         (dict(prompts_per_update=0), "prompts_per_update=0 must divide prompts_per_step=16"),
         (dict(eval_samples=-1), "TrainConfig.eval_samples must be >= 0"),
