@@ -136,13 +136,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         ("make_optimiser.name='adamw'", "make_optimiser"),  # misspelled configurable
         ("make_optimizer.nmae='adamw'", "nmae"),  # misspelled parameter
         ("make_optimizer.name='adamx'", "unknown optimizer 'adamx'"),  # bad value
-        ("make_lr_schedule.peak_value=-1e-6", "learning rates must be >= 0"),
-        ("make_model.dtype='fp8'", "dtype must be bfloat16|float32"),  # a preset: no weights
-        ("make_model.param_dtype='bfloat16'", "a step under 1/256 of a weight rounds away"),
-        ("make_loss.max_completion_length=16", "it needs make_loss.aggregation="),  # else unused
-        ("make_model.attention_impl='cudnn'", "'cudnn' needs an NVIDIA GPU"),  # not after a rollout
         ("TrainConfig.num_steps='3'", "TrainConfig.num_steps must be int, got '3' (str)"),
-        ("make_sampling.max_new_tokens=None", "max_new_tokens must be int, got None"),
         ("TrainConfig.num_steps = ", "gin: Unable to parse value"),
         ("make_rewards.overlong_buffer=17", "exceeds the token budget"),  # tiny.gin: 16 tokens
         ("make_model.lora_targets=('q',)", "need make_model.lora_rank > 0"),  # not ignored
@@ -163,6 +157,24 @@ def test_bad_bindings_fail_fast(tmp_path, binding, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Compiling" not in result.stderr and not (tmp_path / "metrics.jsonl").exists()
+
+
+# The same refusals in-process (each CLI case above costs a process start): every one comes
+# from the configuration alone, before the weights would be read.
+@pytest.mark.parametrize(
+    "binding, message",
+    [
+        ("make_lr_schedule.peak_value=-1e-6", "learning rates must be >= 0"),
+        ("make_model.dtype='fp8'", "dtype must be bfloat16|float32"),
+        ("make_model.param_dtype='bfloat16'", "a step under 1/256 of a weight rounds away"),
+        ("make_loss.max_completion_length=16", "it needs make_loss.aggregation="),  # else unused
+        ("make_model.attention_impl='cudnn'", "'cudnn' needs an NVIDIA GPU"),  # not after a rollout
+        ("make_sampling.max_new_tokens=None", "max_new_tokens must be int, got None"),
+    ],
+)
+def test_bad_bindings_are_refused_by_the_configuration_alone(length_reward, binding, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _experiment(binding, read_params=False)
 
 
 def test_dry_run_checks_everything_and_compiles_nothing(tmp_path):
