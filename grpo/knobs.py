@@ -70,9 +70,14 @@ def check(knob: str, value: Any, hint: Any) -> None:
         raise ValueError(f"{knob} must be {wanted}, got {value!r} ({type(value).__name__})")
 
 
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates every string annotation: once per class
+
+
 def check_fields(instance: Any, prefix: str) -> None:
     """Every field of a dataclass instance against its annotation, as `prefix.field`."""
-    hints = typing.get_type_hints(type(instance))
+    hints = _field_hints(type(instance))
     for field in dataclasses.fields(instance):
         check(f"{prefix}.{field.name}", getattr(instance, field.name), hints[field.name])
 
