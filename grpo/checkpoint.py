@@ -31,6 +31,10 @@ class Restored(NamedTuple):
     ref: Any = None  # the saved reference params, when asked for and saved
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint on disk does not fit the run's state (another model, LoRA or optimizer)."""
+
+
 class Checkpointer:
     """Saves every `save_interval_steps` steps, keeps the newest `max_to_keep` (None: all).
 
@@ -136,7 +140,7 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except ValueError as e:  # orbax: another tree structure, shape or dtype on disk
             first_line = str(e).strip().splitlines()[0]
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"checkpoint step {step} in {self.directory} does not fit this run's state "
                 "(written with another model, LoRA or optimizer setting? resume with that config, "
                 f"or use a new workdir): {first_line}"

@@ -92,7 +92,8 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     try:
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        from grpo import configurables, train  # after initialize: nothing may touch devices first
+        # After initialize: nothing may touch devices first.
+        from grpo import checkpoint, configurables, train
         from grpo.experiment import check_writable_dir
 
         if FLAGS.export_only:  # reads the workdir, writes here
@@ -122,6 +123,9 @@ def main(argv: list[str]) -> None:
         return
     try:
         summary = train.train(experiment, FLAGS.workdir, config_text=operative)
+    except checkpoint.CheckpointMismatch as err:  # bad input, found at the restore: one line
+        logging.error("%s", err)
+        sys.exit(2)
     except train.Preempted as stop:
         logging.warning("%s", stop)
         sys.exit(128 + signal.SIGTERM)
@@ -138,8 +142,9 @@ def main(argv: list[str]) -> None:
 
 
 def _run_one_off(experiment) -> None:
-    """--eval_only or --export_only on a checkpoint of --workdir; a missing step exits 2."""
-    from grpo import train
+    """--eval_only or --export_only on a checkpoint of --workdir; a missing step, or one that
+    does not fit the config, exits 2."""
+    from grpo import checkpoint, train
 
     try:
         if FLAGS.eval_only:
@@ -150,7 +155,7 @@ def _run_one_off(experiment) -> None:
                 experiment, FLAGS.workdir, FLAGS.export_only, FLAGS.checkpoint_step
             )
             logging.info("exported step %d to %s", step, FLAGS.export_only)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, checkpoint.CheckpointMismatch) as err:
         logging.error("%s", err)
         sys.exit(2)
 

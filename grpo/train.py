@@ -193,7 +193,11 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
     ref_moves = bool(cfg.ref_sync_every_steps)
     checkpointer = _checkpointer(exp, workdir)
     # A moving reference resumes as saved (a checkpoint without one: it had not moved yet).
-    resumed = _restore(exp, checkpointer, state, ref=ref_params if ref_moves else None)
+    try:
+        resumed = _restore(exp, checkpointer, state, ref=ref_params if ref_moves else None)
+    except Exception:
+        checkpointer.close()
+        raise
     if resumed.data is not None:
         stream.restore(resumed.data["stream"])
         logging.info("resumed from %s at step %d", checkpointer.latest_step(), resumed.steps)

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from grpo.checkpoint import Checkpointer
+from grpo.checkpoint import Checkpointer, CheckpointMismatch
 from grpo.types import TrainState
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +122,9 @@ def test_restoring_onto_another_layout_says_why_in_one_line(tmp_path, params):
         ckpt.save(1, _make_state(), force=True)
     other = _make_state().replace(params=params, opt_state=optax.adamw(1e-2).init(params))
     with Checkpointer(tmp_path) as ckpt:
-        with pytest.raises(ValueError, match="step 1 .* does not fit this run's state") as error:
+        with pytest.raises(
+            CheckpointMismatch, match="step 1 .* does not fit this run's state"
+        ) as error:
             ckpt.restore(None, _abstract(other))
     assert "\n" not in str(error.value)
 

@@ -124,9 +124,14 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     assert result.returncode == 2
     assert "no checkpoint for step 1" in result.stderr and "available: [2, 3]" in result.stderr
     assert "Traceback" not in result.stderr
-    # A resume that does not fit the checkpoints keeps the config that wrote them.
+    # A resume that does not fit the checkpoints fails in one line and keeps the config that
+    # wrote them.
     result = _cli(tmp_path, "TrainConfig.num_steps=4", "make_optimizer.name='adamw'")
-    assert result.returncode == 1 and "does not fit this run's state" in result.stderr
+    assert result.returncode == 2 and "does not fit this run's state" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = _cli(tmp_path, "make_optimizer.name='adamw'", flags=[f"--export_only={export}"])
+    assert result.returncode == 2 and "does not fit this run's state" in result.stderr
+    assert "Traceback" not in result.stderr
     assert (tmp_path / "config.gin").read_text() == config
 
 
