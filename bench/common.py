@@ -96,15 +96,17 @@ def random_batch(
     completion_len: int,
     seed: int = 0,
     min_completion_len: int | None = None,
+    prompt_group: int = 1,
 ) -> Batch:
     """A host (numpy) Batch with every prompt slot valid and every completion slot too, the most
     tokens a shape holds; or, given `min_completion_len`, completions of lengths drawn uniformly
-    from [min_completion_len, completion_len]. No reference log-probs. Host arrays, so a PyTorch
-    baseline can run before JAX claims the device."""
+    from [min_completion_len, completion_len]. Rows come in groups of `prompt_group` that share
+    a prompt, as a step's do. No reference log-probs. Host arrays, so a PyTorch baseline can run
+    before JAX claims the device."""
     rng = np.random.default_rng(seed)
-    tokens = lambda n: rng.integers(0, config.vocab_size, (rows, n)).astype(np.int32)
+    tokens = lambda n, r=rows: rng.integers(0, config.vocab_size, (r, n)).astype(np.int32)
     batch = Batch(
-        prompt_tokens_BxP=tokens(prompt_len),
+        prompt_tokens_BxP=np.repeat(tokens(prompt_len, rows // prompt_group), prompt_group, 0),
         prompt_mask_BxP=np.ones((rows, prompt_len), bool),
         completion_tokens_BxC=tokens(completion_len),
         completion_mask_BxC=np.ones((rows, completion_len), bool),

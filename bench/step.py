@@ -46,12 +46,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps")
+    parser.add_argument(
+        "--shared_prompts",
+        action="store_true",
+        help="the update and reference pass run each prompt once for its group "
+        "(TrainConfig.shared_prompt_forward); --micro_batches must divide --prompts",
+    )
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error(f"--warmup and --steps must be >= 1, got {args.warmup} and {args.steps}")
     rows = args.prompts * args.group
     if args.micro_batches < 1 or rows % args.micro_batches:
         parser.error(f"--micro_batches={args.micro_batches} does not divide {rows} completions")
+    if args.shared_prompts and args.prompts % args.micro_batches:
+        parser.error(f"--shared_prompts: --micro_batches must divide --prompts={args.prompts}")
     return args
 
 
@@ -78,13 +86,22 @@ class StepRunner:
             end_ids=(vocab - 1,),
             pad_id=0,
         )
+        self.prompt_group = args.group if args.shared_prompts else 1
         self.update_fn = update.make_update_fn(
-            model=self.config, tx=self.tx, loss=self.loss, num_micro_batches=args.micro_batches
+            model=self.config,
+            tx=self.tx,
+            loss=self.loss,
+            num_micro_batches=args.micro_batches,
+            group_size=args.group,
+            shared_prompts=args.shared_prompts,
         )
         self.ref_fn = None
         if args.beta > 0:
             self.ref_fn = update.make_reference_logps_fn(
-                self.config, self.loss, num_micro_batches=args.micro_batches
+                self.config,
+                self.loss,
+                num_micro_batches=args.micro_batches,
+                prompt_group=self.prompt_group,
             )
         self.compiled_update = None  # compiled ahead of time on the first batch
 
@@ -152,7 +169,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_s = sum(phase_s.values())
     rows = args.prompts * args.group
     config = runner.config
-    update_flops = flops.training_flops(config, rows, args.prompt_len, args.new_tokens)
+    update_flops = flops.training_flops(
+        config, rows, args.prompt_len, args.new_tokens, runner.prompt_group
+    )
     peak = common.peak_flops_per_s(args.peak_tflops)
     result: dict[str, Any] = {
         "bench": "step",
@@ -163,6 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "micro_batches": args.micro_batches,
+        "shared_prompts": args.shared_prompts,
         "beta": args.beta,
         "optimizer": args.optimizer,
         "remat": config.remat,

@@ -6,8 +6,10 @@
 Random weights of a named shape (grpo/models/presets.py) and a random Batch with every slot valid
 (B x (P + C) tokens), or with `--min_completion_len` completions of random lengths, where
 `--width_buckets` > 1 lets length-sorted micro-batches run narrower (tokens/s and MFU then count
-the valid tokens only). The update is compiled ahead of time (its memory analysis is printed), run
-`--warmup` times, then timed over `--iters` calls that each end in `block_until_ready`. With
+the valid tokens only). With `--shared_prompts` G rows share each prompt, which runs once for
+them (tokens/s counts every row's tokens; MFU the FLOPs run, grpo/flops.py). The update is
+compiled ahead of time (its memory analysis is printed), run `--warmup` times, then timed over
+`--iters` calls that each end in `block_until_ready`. With
 `--beta > 0` the reference log-prob pass is built and timed too (the trainer runs it once per
 rollout, before the update). MFU counts model FLOPs (grpo/flops.py: 6 x matmul params per token,
 plus attention, plus the unembedding over completion slots; remat not counted) over the update's
@@ -76,6 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="> 1: length-sorted micro-batches, each at the narrowest of this many widths "
         "(TrainConfig.micro_batch_width_buckets)",
     )
+    parser.add_argument(
+        "--shared_prompts",
+        type=int,
+        default=1,
+        help="G > 1: rows in groups of G share a prompt, run once per group "
+        "(TrainConfig.shared_prompt_forward); micro-batches hold whole groups",
+    )
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
         "--gpu_target",
@@ -112,6 +121,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--min_completion_len must be in [1, --completion_len={args.completion_len}]")
     if args.width_buckets < 1:
         parser.error(f"--width_buckets must be >= 1, got {args.width_buckets}")
+    if args.shared_prompts < 1 or args.batch % (
+        args.micro_batches * args.updates * args.shared_prompts
+    ):
+        parser.error(
+            f"--shared_prompts={args.shared_prompts} must split every micro-batch of --batch="
+            f"{args.batch} into whole groups"
+        )
+    if args.shared_prompts > 1 and (args.width_buckets > 1 or args.torch_baseline):
+        parser.error("--shared_prompts: leave out --width_buckets and --torch_baseline")
     if args.lora_rank and args.tpu_target:
         parser.error("--lora_rank is sized with --gpu_target or on this machine, not --tpu_target")
     return args
@@ -137,6 +155,8 @@ def _update_fn(config: ModelConfig, tx, loss: update.LossConfig, args: argparse.
         num_micro_batches=args.micro_batches,
         width_buckets=args.width_buckets,
         updates_per_batch=args.updates,
+        group_size=args.shared_prompts,
+        shared_prompts=args.shared_prompts > 1,
     )
 
 
@@ -144,7 +164,11 @@ def reference_logps(config: ModelConfig, loss: update.LossConfig, params, batch:
     """(compile + first call seconds, mean seconds, batch with ref_logps) for beta > 0."""
     micro_batches = args.micro_batches * args.updates  # the trainer's: same micro-batch size
     ref_fn = update.make_reference_logps_fn(
-        config, loss, num_micro_batches=micro_batches, width_buckets=args.width_buckets
+        config,
+        loss,
+        num_micro_batches=micro_batches,
+        width_buckets=args.width_buckets,
+        prompt_group=args.shared_prompts,
     )
     first, ref_logps = common.timed(lambda: ref_fn(params, batch))
     seconds = [common.timed(lambda: ref_fn(params, batch))[0] for _ in range(args.iters)]
@@ -172,6 +196,7 @@ def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
         "top_entropy_quantile": args.top_entropy_quantile,
         "min_completion_len": args.min_completion_len,
         "width_buckets": args.width_buckets,
+        "shared_prompts": args.shared_prompts,
     }
 
 
@@ -188,7 +213,13 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     params, frozen = common.trainable_and_frozen(
         config, jax.eval_shape(lambda: common.random_params(config))
     )
-    host_batch = common.random_batch(config, args.batch, args.prompt_len, args.completion_len)
+    host_batch = common.random_batch(
+        config,
+        args.batch,
+        args.prompt_len,
+        args.completion_len,
+        prompt_group=args.shared_prompts,
+    )
     if loss.beta > 0:
         host_batch = host_batch.replace(ref_logps_BxC=host_batch.old_logps_BxC)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_batch)
@@ -216,7 +247,9 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     # Live during the update: its arguments, outputs not aliased to donated arguments, its
     # temporaries, and the reference params.
     estimate = common.live_gb(memory)
-    model_flops = flops.training_flops(config, args.batch, args.prompt_len, args.completion_len)
+    model_flops = flops.training_flops(
+        config, args.batch, args.prompt_len, args.completion_len, args.shared_prompts
+    )
     # The roofline reads every op of the program: with width buckets, every branch's.
     roofline = args.gpu_target and args.width_buckets == 1
     return {
@@ -289,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.prompt_len,
         args.completion_len,
         min_completion_len=args.min_completion_len,
+        prompt_group=args.shared_prompts,
     )
     lengths = host_batch.completion_mask_BxC.sum(axis=1)
     tokens = int(args.batch * args.prompt_len + lengths.sum())  # valid tokens: the useful work
@@ -317,7 +351,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             state, metrics = jax.block_until_ready(compiled(state, batch, frozen))
             seconds.append(time.perf_counter() - start)
     step_s = sum(seconds) / len(seconds)
-    model_flops = sum(flops.training_flops(config, 1, args.prompt_len, int(n)) for n in lengths)
+    model_flops = sum(
+        flops.training_flops(config, 1, args.prompt_len, int(n), args.shared_prompts)
+        for n in lengths
+    )
     peak = common.peak_flops_per_s(args.peak_tflops)
     result.update(
         compile_s=round(compile_s, 2),

@@ -285,6 +285,17 @@ def _check_attention_platform(model: ModelConfig, platform: str) -> None:
         raise ValueError("make_model.attention_impl='splash' is a TPU kernel: on a GPU use 'cudnn'")
 
 
+def _check_shared_prompt_attention(model: ModelConfig, platform: str) -> None:
+    """The shared-prompt forward attends with einsum attention (a completion's keys are its
+    prompt's and its own); a kernel asked for, or TPU's default splash, would go unused."""
+    impl = model.attention_impl
+    if impl in ("splash", "cudnn") or (impl == "auto" and platform == "tpu"):
+        raise ValueError(
+            f"TrainConfig.shared_prompt_forward uses einsum attention, not attention_impl="
+            f"{impl!r} (on {platform}): set make_model.attention_impl='xla' or turn it off"
+        )
+
+
 def build_experiment(*, read_params: bool = True) -> Experiment:
     """Calls every factory (gin binds their arguments) and assembles the experiment. The
     weights are read (or initialised, which compiles) last, once the whole configuration has
@@ -303,6 +314,8 @@ def build_experiment(*, read_params: bool = True) -> Experiment:
     rewards = make_rewards()
     bundle = make_model()
     _check_attention_platform(bundle.config, mesh.devices.flat[0].platform)
+    if train.shared_prompt_forward:
+        _check_shared_prompt_attention(bundle.config, mesh.devices.flat[0].platform)
     if train.chat_template_kwargs and not getattr(bundle.tokenizer, "chat_template", None):
         raise ValueError(
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "

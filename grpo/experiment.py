@@ -60,6 +60,12 @@ class TrainConfig:
     # width C) that holds it, instead of all at C; one compiled program with K branches, so
     # compile time grows with K. Same loss up to float summation order; pays with micro-batches.
     micro_batch_width_buckets: int = 1
+    # True: the update and the KL reference pass run each prompt's forward once for its whole
+    # group, not once per completion (its gradient summed over the group): fewer tokens per
+    # pass, most where prompts are long against completions. Micro-batches then hold whole
+    # groups; einsum attention (make_model.attention_impl 'xla' or 'auto' off a TPU); no width
+    # buckets. Same loss up to float summation order.
+    shared_prompt_forward: bool = False
     advantage_scale: str = "group"  # group | batch | none
     eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)
     eval_at_start: bool = False  # also evaluate the starting policy (written as step 0)
@@ -192,10 +198,26 @@ class TrainConfig:
                 f"TrainConfig.max_prompt_tokens must be in [1, {max(self.prompt_buckets)}] (the "
                 f"largest prompt bucket), got {self.max_prompt_tokens}"
             )
+        if self.shared_prompt_forward:
+            self._check_shared_prompt_forward()
         if self.advantage_scale not in ADVANTAGE_SCALES:
             raise ValueError(
                 f"advantage_scale must be one of {'|'.join(ADVANTAGE_SCALES)}, "
                 f"got {self.advantage_scale}"
+            )
+
+    def _check_shared_prompt_forward(self) -> None:
+        if self.micro_batch_width_buckets > 1:
+            raise ValueError(
+                "TrainConfig.shared_prompt_forward keeps each group in one micro-batch, and "
+                "micro_batch_width_buckets > 1 sorts a group's rows apart: use one of the two"
+            )
+        per_micro = self.completions_per_update // self.num_micro_batches
+        if per_micro % self.num_generations:
+            raise ValueError(
+                f"TrainConfig.shared_prompt_forward needs whole groups in a micro-batch: "
+                f"{per_micro} completions per micro-batch are not a multiple of "
+                f"num_generations={self.num_generations} (completions_per_micro_batch)"
             )
 
     @property
@@ -308,14 +330,25 @@ def effective_batch_lines(exp: Experiment) -> list[str]:
         f"{cfg.completions_per_step // procs} completions",
         f"batch per update: {per_update // cfg.num_generations} prompts, {per_update} completions",
         f"batch per micro-batch ({cfg.num_micro_batches} per update): {per_micro} completions, "
-        f"<= {per_micro * max_tokens} tokens"
+        f"<= {_micro_batch_tokens(cfg, per_micro, exp.sampling.max_new_tokens)} tokens"
         + (
             f"; sorted by length, each at the narrowest of {cfg.micro_batch_width_buckets} "
             "widths that holds it"
             if cfg.micro_batch_width_buckets > 1
             else ""
+        )
+        + (
+            f"; each of its {per_micro // cfg.num_generations} prompts run once for its group"
+            if cfg.shared_prompt_forward
+            else ""
         ),
     ]
+
+
+def _micro_batch_tokens(cfg: TrainConfig, completions: int, max_new_tokens: int) -> int:
+    """The most token slots a forward pass over `completions` rows runs."""
+    prompts = completions // cfg.num_generations if cfg.shared_prompt_forward else completions
+    return prompts * max(cfg.prompt_buckets) + completions * max_new_tokens
 
 
 def check_batch_layout(exp: Experiment) -> None:

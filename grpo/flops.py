@@ -9,7 +9,10 @@ model FLOPs (MFU), not hardware FLOPs.
 
 The log-prob pass runs every prompt + completion slot through the layers but computes logits
 only for the completion slots, so the unembedding counts C tokens, the layers P + C. The input
-embedding is a gather (no FLOPs); with tied embeddings its table is the unembedding.
+embedding is a gather (no FLOPs); with tied embeddings its table is the unembedding. With
+`prompt_group` G > 1 (TrainConfig.shared_prompt_forward) each prompt runs once for its G rows:
+the layers count rows / G x P + rows x C slots, attention the prompts' P x P and each
+completion's C x (P + C): the FLOPs the pass runs, not those of the per-row pass it replaces.
 
 Under LoRA the base is frozen: its matmuls' backward is the input gradient alone (2N, not 4N;
 grpo/models/lora.py forms no weight gradient for them), and each adapter counts as a matmul
@@ -65,27 +68,43 @@ def adapter_params(model: ModelConfig) -> int:
     return sum(math.prod(shape) for shape in factors)
 
 
+def _slots_and_pairs(
+    rows: int, prompt_len: int, completion_len: int, prompt_group: int
+) -> tuple[float, float]:
+    """(token slots through the layers, query-key pairs attended) of one log-prob forward."""
+    context = prompt_len + completion_len
+    if prompt_group == 1:
+        return float(rows) * context, float(rows) * context * context
+    prompts = rows / prompt_group
+    slots = prompts * prompt_len + rows * completion_len
+    return slots, prompts * prompt_len * prompt_len + rows * completion_len * context
+
+
 def _forward_parts(
-    model: ModelConfig, rows: int, prompt_len: int, completion_len: int
+    model: ModelConfig, rows: int, prompt_len: int, completion_len: int, prompt_group: int = 1
 ) -> tuple[float, float]:
     """(weight matmuls, attention) FLOPs of one log-prob forward over `rows` sequences."""
-    context = prompt_len + completion_len
-    layers = 2 * layer_matmul_params(model) * context
-    unembed = 2 * model.vocab_size * model.hidden_size * completion_len
-    attention = 4 * model.num_layers * model.num_heads * model.head_dim * context * context
-    return float(rows) * (layers + unembed), float(rows) * attention
+    slots, pairs = _slots_and_pairs(rows, prompt_len, completion_len, prompt_group)
+    layers = 2 * layer_matmul_params(model) * slots
+    unembed = 2 * model.vocab_size * model.hidden_size * completion_len * float(rows)
+    attention = 4 * model.num_layers * model.num_heads * model.head_dim * pairs
+    return layers + unembed, attention
 
 
-def forward_flops(model: ModelConfig, rows: int, prompt_len: int, completion_len: int) -> float:
+def forward_flops(
+    model: ModelConfig, rows: int, prompt_len: int, completion_len: int, prompt_group: int = 1
+) -> float:
     """FLOPs of one log-prob forward over `rows` sequences of prompt_len + completion_len slots."""
-    return sum(_forward_parts(model, rows, prompt_len, completion_len))
+    return sum(_forward_parts(model, rows, prompt_len, completion_len, prompt_group))
 
 
-def training_flops(model: ModelConfig, rows: int, prompt_len: int, completion_len: int) -> float:
+def training_flops(
+    model: ModelConfig, rows: int, prompt_len: int, completion_len: int, prompt_group: int = 1
+) -> float:
     """FLOPs of one forward + backward of the log-prob pass: backward = 2 x forward, but for a
     frozen LoRA base (1 x) plus its adapters (6 x their params per token)."""
-    weights, attention = _forward_parts(model, rows, prompt_len, completion_len)
+    weights, attention = _forward_parts(model, rows, prompt_len, completion_len, prompt_group)
     if model.lora is None:
         return 3 * (weights + attention)
-    adapters = 6 * adapter_params(model) * rows * (prompt_len + completion_len)
-    return 2 * weights + 3 * attention + adapters
+    slots, _ = _slots_and_pairs(rows, prompt_len, completion_len, prompt_group)
+    return 2 * weights + 3 * attention + 6 * adapter_params(model) * slots

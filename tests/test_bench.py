@@ -38,14 +38,20 @@ def test_update_bench_times_the_high_entropy_token_mask():
     assert result["top_entropy_quantile"] == 0.2 and result["update_tokens_per_s"] > 0
 
 
-def test_update_bench_times_mini_batch_updates():
+def test_update_bench_times_mini_batch_updates_with_shared_prompts():
     result = update.main(
         [*TINY, "--batch=4", "--prompt_len=8", "--completion_len=8", "--iters=1", "--warmup=0"]
-        + ["--updates=2", "--beta=0.1"]
+        + ["--updates=2", "--beta=0.1", "--shared_prompts=2"]
     )
     assert result["updates"] == 2 and result["update_tokens_per_s"] > 0
-    with pytest.raises(SystemExit):
-        update.main([*TINY, "--batch=4", "--updates=3"])
+    assert result["shared_prompts"] == 2 and result["ref_tokens_per_s"] > 0
+    for bad in (
+        ["--updates=3"],
+        ["--shared_prompts=3"],
+        ["--shared_prompts=2", "--width_buckets=2"],
+    ):
+        with pytest.raises(SystemExit):
+            update.main([*TINY, "--batch=4", *bad])
 
 
 def test_update_bench_counts_valid_tokens_of_random_lengths_in_width_buckets():
@@ -75,8 +81,9 @@ def test_update_bench_sizes_lora_with_no_base_optimizer_state_or_reference_copy(
 def test_step_bench_times_every_phase_with_reference():
     result = step.main(
         [*TINY, "--prompts=2", "--group=2", "--prompt_len=8", "--new_tokens=8", "--steps=1"]
-        + ["--beta=0.1"]
+        + ["--beta=0.1", "--shared_prompts"]
     )
+    assert result["shared_prompts"] is True
     phases = [result[f"{name}_s"] for name in step.PHASES]
     assert all(seconds > 0 for seconds in phases)
     assert result["step_s"] == pytest.approx(sum(phases), abs=1e-3)

@@ -18,6 +18,19 @@ def test_forward_flops_by_hand():
     assert flops.training_flops(model, 2, 2, 3) == 3 * 2 * (184320 + 6400 + 24576)
 
 
+def test_shared_prompt_flops_by_hand():
+    # tiny-qwen2, 4 rows in 2 groups of 2, P=2, C=3: 2 prompts x 2 slots + 4 x 3 completion
+    # slots = 16 through the layers (20 per row), so 2*18432*16 = 589824; attention pairs
+    # 2 x 2*2 + 4 x 3*5 = 68, 4*2*4*8*68 = 17408; the unembedding as before, 4 x 24576.
+    model = presets.preset("tiny-qwen2")
+    expected = 589824 + 17408 + 4 * 24576
+    assert flops.forward_flops(model, 4, 2, 3, prompt_group=2) == expected
+    assert flops.training_flops(model, 4, 2, 3, prompt_group=2) == 3 * expected
+    lora_model = presets.preset("tiny-qwen2", lora=LoraConfig(rank=4))
+    lora_expected = 2 * (589824 + 4 * 24576) + 3 * 17408 + 6 * 4096 * 16
+    assert flops.training_flops(lora_model, 4, 2, 3, prompt_group=2) == lora_expected
+
+
 def test_lora_training_flops_by_hand():
     # Rank 4 on all seven targets, per layer r x (in + out): q 4*(32+32), k and v 4*(32+16) each,
     # o 4*(32+32), gate and up 4*(32+64) each, down 4*(64+32): 2048; two layers 4096.

@@ -22,6 +22,7 @@ from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
 from grpo.data.gsm8k import load_examples
 from grpo.models import loading, presets, splash
+from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
 from grpo.phases import reward
 
@@ -175,11 +176,31 @@ def test_bad_bindings_fail_fast(tmp_path, binding, message):
         ("make_loss.max_completion_length=16", "it needs make_loss.aggregation="),  # else unused
         ("make_model.attention_impl='cudnn'", "'cudnn' needs an NVIDIA GPU"),  # not after a rollout
         ("make_sampling.max_new_tokens=None", "max_new_tokens must be int, got None"),
+        (
+            ("TrainConfig.shared_prompt_forward=True", "make_model.attention_impl='splash'"),
+            "shared_prompt_forward uses einsum attention, not attention_impl='splash'",
+        ),
     ],
 )
 def test_bad_bindings_are_refused_by_the_configuration_alone(length_reward, binding, message):
+    bindings = [binding] if isinstance(binding, str) else binding
     with pytest.raises(ValueError, match=re.escape(message)):
-        _experiment(binding, read_params=False)
+        _experiment(*bindings, read_params=False)
+
+
+def test_the_effective_batch_counts_each_shared_prompt_once(length_reward):
+    # tiny.gin: 2 prompts x 4 samples in one micro-batch; prompts up to 128 tokens, 16 new.
+    lines = {
+        shared: experiment_lib.effective_batch_lines(
+            _experiment(f"TrainConfig.shared_prompt_forward={shared}", read_params=False)
+        )[-1]
+        for shared in (False, True)
+    }
+    assert lines[False] == "batch per micro-batch (1 per update): 8 completions, <= 1152 tokens"
+    assert lines[True] == (
+        "batch per micro-batch (1 per update): 8 completions, <= 384 tokens; each of its 2 "
+        "prompts run once for its group"
+    )
 
 
 def test_dry_run_checks_everything_and_compiles_nothing(tmp_path):
@@ -330,6 +351,14 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(system_prompt="Write \frac{1}{2}"), "holds the control character \\f (a LaTeX"),
         (dict(question_template="{question} \boxed{}"), "holds the control character \\b"),
         (dict(answer_match="sympy"), "answer match must be one of numeric, math_verify"),
+        (
+            dict(shared_prompt_forward=True, micro_batch_width_buckets=2),
+            "micro_batch_width_buckets > 1 sorts a group's rows apart",
+        ),
+        (
+            dict(shared_prompt_forward=True, completions_per_micro_batch=4),  # groups of 8
+            "4 completions per micro-batch are not a multiple of num_generations=8",
+        ),
     ],
 )
 def test_train_config_refuses_bad_values(kwargs, message):
@@ -573,6 +602,43 @@ def test_splash_attention_trains_like_einsum_attention(tmp_path, length_reward, 
     assert rows["xla"]["grad_norm"] > 0
     for key in ("loss", "entropy", "grad_norm", "reward_mean"):
         assert rows["splash"][key] == pytest.approx(rows["xla"][key], rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_shared_prompt_forward_trains_like_the_per_completion_forward(
+    tmp_path, length_reward, monkeypatch
+):
+    # tiny.gin's mesh (dp 2 x fsdp 2 x tp 2); 4 prompts x 4 a step in 2 mini-batch updates of
+    # 2 micro-batches, so each micro-batch is one group: one prompt row over 4 batch shards.
+    # The KL reference pass shares prompts too. Same sampled completions, same losses.
+    groups_traced = []
+    shared_forward = tf.forward_shared_prompts
+    monkeypatch.setattr(
+        tf,
+        "forward_shared_prompts",
+        lambda *args, **kw: groups_traced.append(kw["group"]) or shared_forward(*args, **kw),
+    )
+    rows = {}
+    for shared in (False, True):
+        _train_in_process(
+            tmp_path / str(shared),
+            "make_loss.beta=0.04",
+            "TrainConfig.num_steps=2",
+            "TrainConfig.prompts_per_step=4",
+            "TrainConfig.prompts_per_update=2",
+            "TrainConfig.completions_per_micro_batch=4",
+            "TrainConfig.eval_every_steps=0",
+            f"TrainConfig.shared_prompt_forward={shared}",
+        )
+        rows[shared] = _deterministic(
+            metrics_lib.read_metrics(tmp_path / str(shared) / "metrics.jsonl")
+        )
+    assert groups_traced and set(groups_traced) == {4}  # the update's and the reference's
+    assert rows[True][-1]["kl"] > 0
+    for plain, shared in zip(rows[False], rows[True], strict=True):
+        assert plain.keys() == shared.keys()
+        for key, value in plain.items():
+            assert shared[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
 
 
 def _steps_without(rows, key):

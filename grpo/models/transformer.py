@@ -491,6 +491,72 @@ def positions_from_mask(valid_BxT: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1, 0)
 
 
+def _causal(queries: int, keys: int) -> jax.Array:
+    """[T, S] bool: queries in the last T of S slots, each seeing itself and earlier slots."""
+    return jnp.arange(keys)[None, :] <= jnp.arange(keys - queries, keys)[:, None]
+
+
+def forward_shared_prompts(
+    params: Params,
+    prompt_NxP: jax.Array,
+    prompt_valid_NxP: jax.Array,
+    completion_BxC: jax.Array,
+    completion_valid_BxC: jax.Array,
+    *,
+    config: ModelConfig,
+    group: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`forward` over rows whose prompts repeat: completion rows g*group ... g*group+group-1
+    (B = N x group) all continue prompt g. Each prompt runs once, and its completions attend to
+    its keys and values; returns the final-norm hidden states of the prompts (N,P,D) and of the
+    completions (B,C,D), those of `forward` over the concatenated rows. The gradient reaching a
+    prompt is the sum over its group. Einsum attention: a completion's keys are its prompt's
+    followed by its own, which splash and cuDNN (self-attention only) do not take.
+    """
+    dtype = jnp.dtype(config.dtype)
+    inv_freq = rope_inv_freq(config)
+    p, c = prompt_NxP.shape[1], completion_BxC.shape[1]
+    repeat = functools.partial(jnp.repeat, repeats=group, axis=0)
+    valid_BxS = jnp.concatenate([repeat(prompt_valid_NxP), completion_valid_BxC], axis=1)
+    completion_positions_BxC = positions_from_mask(valid_BxS)[:, p:]
+    prompt_positions_NxP = positions_from_mask(prompt_valid_NxP)
+    attend_prompt = functools.partial(
+        _attention,
+        mask_BxTxS=_causal(p, p)[None] & prompt_valid_NxP[:, None, :],
+        valid_BxT=prompt_valid_NxP,
+        impl="xla",
+    )
+    attend_completion = functools.partial(
+        _attention,
+        mask_BxTxS=_causal(c, p + c)[None] & valid_BxS[:, None, :],
+        valid_BxT=completion_valid_BxC,
+        impl="xla",
+    )
+    layer_fn = functools.partial(_layer, config, inv_freq)
+    prompt_end = jnp.asarray(p, jnp.int32)
+
+    def body(carry, layer_in):
+        x_prompt, x_completion = carry
+        w, _ = layer_in
+        x_prompt, prompt_kv = layer_fn(
+            x_prompt, w, prompt_positions_NxP, attend_prompt, None, jnp.zeros((), jnp.int32)
+        )
+        # Each completion's keys and values: its prompt's, then its own (written at slot P).
+        pad = ((0, 0), (0, c), (0, 0), (0, 0))
+        kv = tuple(jnp.pad(repeat(a), pad) for a in prompt_kv)
+        x_completion, _ = layer_fn(
+            x_completion, w, completion_positions_BxC, attend_completion, kv, prompt_end
+        )
+        return (x_prompt, x_completion), None
+
+    if config.remat != "none":
+        body = jax.checkpoint(body, policy=_remat_policy(config), prevent_cse=False)
+    embed = params["embed"].astype(dtype)
+    x = _over_layers(body, (embed[prompt_NxP], embed[completion_BxC]), params["layers"])
+    norm = lambda h: rms_norm(h, params["final_norm"].astype(dtype), config.rms_norm_eps)
+    return norm(x[0]), norm(x[1])
+
+
 def completion_logprobs(
     params: Params,
     prompt_BxP: jax.Array,
@@ -501,18 +567,34 @@ def completion_logprobs(
     config: ModelConfig,
     temperature: float = 1.0,
     chunk: int = 128,
+    prompt_group: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """The trainer's recomputation: log-probs and entropies of each completion token (B, C).
 
     Prompts are left-padded, completions right-padded; token c of the completion is predicted by
-    the hidden state of the slot just before it.
+    the hidden state of the slot just before it. With `prompt_group` = G > 1 the prompts hold
+    one row per G consecutive completions (B/G rows), and each runs once
+    (`forward_shared_prompts`).
     """
     p = prompt_BxP.shape[1]
     c = completion_BxC.shape[1]
-    tokens = jnp.concatenate([prompt_BxP, completion_BxC], axis=1)
-    valid = jnp.concatenate([prompt_valid_BxP, completion_valid_BxC], axis=1)
-    hidden, _ = forward(params, tokens, positions_from_mask(valid), valid, config=config)
-    hidden_BxCxD = jax.lax.dynamic_slice_in_dim(hidden, p - 1, c, axis=1)
+    if prompt_group > 1:
+        hidden_prompt, hidden_completion = forward_shared_prompts(
+            params,
+            prompt_BxP,
+            prompt_valid_BxP,
+            completion_BxC,
+            completion_valid_BxC,
+            config=config,
+            group=prompt_group,
+        )
+        last_prompt_slot = jnp.repeat(hidden_prompt[:, -1:], prompt_group, axis=0)
+        hidden_BxCxD = jnp.concatenate([last_prompt_slot, hidden_completion[:, :-1]], axis=1)
+    else:
+        tokens = jnp.concatenate([prompt_BxP, completion_BxC], axis=1)
+        valid = jnp.concatenate([prompt_valid_BxP, completion_valid_BxC], axis=1)
+        hidden, _ = forward(params, tokens, positions_from_mask(valid), valid, config=config)
+        hidden_BxCxD = jax.lax.dynamic_slice_in_dim(hidden, p - 1, c, axis=1)
     return token_logprobs(
         params, hidden_BxCxD, completion_BxC, config=config, temperature=temperature, chunk=chunk
     )

@@ -28,6 +28,11 @@ longer pays C slots for every row, forward and backward. A `lax.switch` picks th
 device, so this stays one compiled program (K branches; compile time grows with K). The loss is
 a sum over rows, so only the floating-point summation order changes.
 
+With `prompt_group` = G > 1 (TrainConfig.shared_prompt_forward) the rows come in whole groups of
+G completions of one prompt: micro-batches hold whole groups, and each prompt runs once for its
+group (`transformer.forward_shared_prompts`), its gradient summed over the group's completions.
+Again only the summation order changes.
+
 `old_logps` are the rollout's log-probs: with several updates on one rollout
 (`num_iterations > 1`, or a batch split into `updates_per_batch` mini-batches, each one optimizer
 step: verl's ppo_mini_batch_size, TRL's steps_per_generation) the ratio moves away from 1 after
@@ -286,20 +291,14 @@ def policy_loss(
     return metrics.pop("loss"), metrics
 
 
-def _split(tree: Any, num_micro_batches: int) -> Any:
-    """(B, ...) -> (M, B/M, ...), micro-batch m holding rows m, m+M, m+2M, ...
+def _split(tree: Any, num_parts: int, group_size: int = 1) -> Any:
+    """(B, ...) -> (U, B/U, ...), part u holding the groups u, u+U, u+2U, ... whole (group g:
+    rows gG to gG+G-1; G = 1: rows u, u+U, ...).
 
     Strided rather than contiguous so that, with the batch sharded in contiguous blocks over
-    devices, every micro-batch takes rows from every device and the split moves no data.
+    devices, every part takes rows from every device (that holds U or more groups) and the
+    split moves no data.
     """
-    m = num_micro_batches
-    return jax.tree.map(lambda x: x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1), tree)
-
-
-def _split_groups(tree: Any, num_parts: int, group_size: int) -> Any:
-    """(B, ...) -> (U, B/U, ...), part u holding the groups u, u+U, u+2U, ... whole (group g:
-    rows gG to gG+G-1). Strided by group, as `_split` is by row: with the batch in contiguous
-    blocks over devices, each part takes groups from every device that holds U or more."""
     u, g = num_parts, group_size
     return jax.tree.map(
         lambda x: x.reshape(-1, u, g, *x.shape[1:]).swapaxes(0, 1).reshape(u, -1, *x.shape[1:]),
@@ -359,18 +358,22 @@ def _cut(mb: Batch, width: int) -> Batch:
 
 
 def _logps_and_entropy(
-    params: Any, mb: Batch, *, model: ModelConfig, loss: LossConfig
+    params: Any, mb: Batch, *, model: ModelConfig, loss: LossConfig, prompt_group: int = 1
 ) -> tuple[jax.Array, jax.Array]:
-    """The policy's log-probs and entropies of a (micro-)batch's completion tokens (fp32)."""
+    """The policy's log-probs and entropies of a (micro-)batch's completion tokens (fp32).
+    `prompt_group` > 1: the rows are whole groups of that many, and each group's prompt runs
+    once (`transformer.forward_shared_prompts`)."""
+    every = slice(None, None, prompt_group)  # a group's rows share its prompt: take the first
     return transformer.completion_logprobs(
         params,
-        mb.prompt_tokens_BxP,
-        mb.prompt_mask_BxP,
+        mb.prompt_tokens_BxP[every],
+        mb.prompt_mask_BxP[every],
         mb.completion_tokens_BxC,
         mb.completion_mask_BxC,
         config=model,
         temperature=loss.temperature,
         chunk=loss.logprob_chunk,
+        prompt_group=prompt_group,
     )
 
 
@@ -385,15 +388,27 @@ def loss_mask(batch: Batch, *, config: LossConfig) -> jax.Array:
     return batch.completion_mask_BxC & ~batch.truncated_B[:, None]
 
 
-def _check_micro_batches(rows: int, num_micro_batches: int) -> None:
+def _check_micro_batches(
+    rows: int, num_micro_batches: int, prompt_group: int = 1, width_buckets: int = 1
+) -> None:
     if num_micro_batches < 1 or rows % num_micro_batches:
         raise ValueError(
             f"num_micro_batches={num_micro_batches} does not divide the batch of {rows} completions"
         )
+    if prompt_group > 1 and rows % (num_micro_batches * prompt_group):
+        raise ValueError(
+            f"shared prompts: {num_micro_batches} micro-batches do not split the batch of {rows} "
+            f"completions into whole groups of {prompt_group}"
+        )
+    if prompt_group > 1 and width_buckets > 1:
+        raise ValueError("shared prompts keep groups whole; width buckets sort rows apart")
 
 
-def _check_batch(batch: Batch, *, loss: LossConfig, num_micro_batches: int) -> None:
-    _check_micro_batches(batch.completion_mask_BxC.shape[0], num_micro_batches)
+def _check_batch(
+    batch: Batch, *, loss: LossConfig, num_micro_batches: int, prompt_group: int, width_buckets: int
+) -> None:
+    rows = batch.completion_mask_BxC.shape[0]
+    _check_micro_batches(rows, num_micro_batches, prompt_group, width_buckets)
     _check_reference(batch.ref_logps_BxC, loss)  # before any forward pass
 
 
@@ -405,6 +420,7 @@ def compute_gradients(
     loss: LossConfig,
     num_micro_batches: int = 1,
     width_buckets: int = 1,
+    prompt_group: int = 1,
     frozen: Any = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of the GRPO loss over the whole batch, accumulated over micro-batches under
@@ -416,9 +432,17 @@ def compute_gradients(
     Micro-batch m holds rows m, m+M, ... (see `_split`), of the batch sorted by length when
     `width_buckets` > 1 (each micro-batch then runs at the narrowest bucket width that holds
     it); the sums are normalised once, by the whole batch's N, so any num_micro_batches dividing
-    B and any width_buckets give the same gradient.
+    B and any width_buckets give the same gradient. With `prompt_group` = G > 1 (rows in whole
+    groups of G that share a prompt) micro-batch m holds groups m, m+M, ... (`_split`)
+    and each prompt runs once per micro-batch; the gradient is the same.
     """
-    _check_batch(batch, loss=loss, num_micro_batches=num_micro_batches)
+    _check_batch(
+        batch,
+        loss=loss,
+        num_micro_batches=num_micro_batches,
+        prompt_group=prompt_group,
+        width_buckets=width_buckets,
+    )
     width = batch.completion_mask_BxC.shape[1]
     widths = bucket_widths(width, width_buckets)
     # Cut micro-batches keep the batch's width as Dr. GRPO's default L.
@@ -429,7 +453,9 @@ def compute_gradients(
         (batch, mask_BxC), _ = _length_sorted((batch, mask_BxC), used_B, num_micro_batches)
 
     def logps_and_entropy(p, mb: Batch) -> tuple[jax.Array, jax.Array]:
-        return _logps_and_entropy(lora.attach(frozen, p), mb, model=model, loss=loss)
+        return _logps_and_entropy(
+            lora.attach(frozen, p), mb, model=model, loss=loss, prompt_group=prompt_group
+        )
 
     def numerators(p, mb: Batch, keep_BxC: jax.Array | None):
         logps_BxC, entropy_BxC = logps_and_entropy(p, mb)
@@ -458,14 +484,15 @@ def compute_gradients(
         entropy_at = lambda w: _padded_to(logps_and_entropy(params, _cut(mb, w))[1], width)
         return None, _at_fitting_width(widths, loss_mask(mb, config=loss), entropy_at)
 
-    micro_batches = _split(batch, num_micro_batches)
+    split = functools.partial(_split, num_parts=num_micro_batches, group_size=prompt_group)
+    micro_batches = split(batch)
     keep = None
     if loss.top_entropy_quantile < 1:  # the whole batch's entropies set the threshold
         _, entropy_MxRxC = jax.lax.scan(entropy, None, micro_batches)
         # A quantile ignores the order of its values, so the split layout serves as it is.
         keep = high_entropy_mask(
             jax.lax.stop_gradient(entropy_MxRxC),
-            _split(mask_BxC, num_micro_batches),
+            split(mask_BxC),
             loss.top_entropy_quantile,
         )
     zero_grads = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
@@ -485,6 +512,7 @@ def make_update_fn(
     width_buckets: int = 1,
     updates_per_batch: int = 1,
     group_size: int = 1,
+    shared_prompts: bool = False,
     lr_schedule: optax.Schedule | None = None,
     state_sharding: TrainState | None = None,
 ):
@@ -492,8 +520,9 @@ def make_update_fn(
     `frozen`: the base params under LoRA adapters (`state.params`), else None.
 
     The batch makes `updates_per_batch` optimizer steps, one per mini-batch of whole groups of
-    `group_size` rows (see `_split_groups`), in order; each accumulates its gradient over
+    `group_size` rows (see `_split`), in order; each accumulates its gradient over
     `num_micro_batches` micro-batches, of `width_buckets` possible widths (`compute_gradients`).
+    `shared_prompts`: each group's prompt runs once per micro-batch (`prompt_group`).
 
     metrics (fp32 scalars, each the mean over the batch's updates): loss, entropy, TOKEN_STATS,
     grad_norm (before clipping), and learning_rate when `lr_schedule` is given.
@@ -512,6 +541,7 @@ def make_update_fn(
             loss=loss,
             num_micro_batches=num_micro_batches,
             width_buckets=width_buckets,
+            prompt_group=group_size if shared_prompts else 1,
             frozen=frozen,
         )
         metrics["grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
@@ -533,7 +563,7 @@ def make_update_fn(
         if updates_per_batch == 1:
             return one_update(state, batch, frozen)
         _check_updates(batch.completion_mask_BxC.shape[0], updates_per_batch, group_size)
-        parts = _split_groups(batch, updates_per_batch, group_size)
+        parts = _split(batch, updates_per_batch, group_size)
         state, metrics_U = jax.lax.scan(lambda s, b: one_update(s, b, frozen), state, parts)
         return state, jax.tree.map(lambda m: m.mean(axis=0), metrics_U)
 
@@ -549,7 +579,12 @@ def _check_updates(rows: int, updates_per_batch: int, group_size: int) -> None:
 
 
 def make_reference_logps_fn(
-    model: ModelConfig, loss: LossConfig, *, num_micro_batches: int = 1, width_buckets: int = 1
+    model: ModelConfig,
+    loss: LossConfig,
+    *,
+    num_micro_batches: int = 1,
+    width_buckets: int = 1,
+    prompt_group: int = 1,
 ):
     """A jitted `fn(ref_params, batch) -> ref_logps_BxC` (fp32, meaningful on completion tokens
     only), for loss.beta > 0 only.
@@ -557,14 +592,15 @@ def make_reference_logps_fn(
     Runs the policy's own forward and temperature on the frozen reference parameters, in
     `num_micro_batches` sequential chunks to bound activation memory; with `width_buckets` > 1
     the chunks are of similar lengths, each at the narrowest bucket width that holds it (as the
-    update's micro-batches, `compute_gradients`).
+    update's micro-batches, `compute_gradients`); with `prompt_group` > 1, of whole groups, each
+    prompt run once.
     """
     if loss.beta == 0:
         raise ValueError("loss beta == 0 uses no reference policy: build no reference log-probs")
 
     def ref_logps(ref_params: Any, batch: Batch) -> jax.Array:
         rows, width = batch.completion_tokens_BxC.shape
-        _check_micro_batches(rows, num_micro_batches)
+        _check_micro_batches(rows, num_micro_batches, prompt_group, width_buckets)
         widths = bucket_widths(width, width_buckets)
         order = None
         if len(widths) > 1:
@@ -573,13 +609,17 @@ def make_reference_logps_fn(
 
         def one(mb: Batch) -> jax.Array:
             logps_at = lambda w: _padded_to(
-                _logps_and_entropy(ref_params, _cut(mb, w), model=model, loss=loss)[0], width
+                _logps_and_entropy(
+                    ref_params, _cut(mb, w), model=model, loss=loss, prompt_group=prompt_group
+                )[0],
+                width,
             )
             return _at_fitting_width(widths, mb.completion_mask_BxC, logps_at)
 
-        logps_MxbxC = jax.lax.map(one, _split(batch, num_micro_batches))
-        # Undo the strided split: (M, B/M, C) -> (B/M, M, C) -> (B, C).
-        logps_BxC = logps_MxbxC.swapaxes(0, 1).reshape(rows, width)
+        logps_MxbxC = jax.lax.map(one, _split(batch, num_micro_batches, prompt_group))
+        # Undo the strided split: (M, B/M, C) -> (B/(MG), M, G, C) -> (B, C).
+        logps_MxnxGxC = logps_MxbxC.reshape(num_micro_batches, -1, prompt_group, width)
+        logps_BxC = logps_MxnxGxC.swapaxes(0, 1).reshape(rows, width)
         if order is None:
             return logps_BxC
         return sharding.constrain(logps_BxC[jnp.argsort(order)], ("batch", None))

@@ -535,6 +535,11 @@ def test_top_entropy_quantile_uses_the_whole_batch_threshold(params, batch):
 def test_batch_errors(params, batch):
     with pytest.raises(ValueError, match="num_micro_batches=3 does not divide the batch of 8"):
         update.compute_gradients(params, batch, model=MODEL, loss=_loss(), num_micro_batches=3)
+    shared = functools.partial(update.compute_gradients, params, batch, model=MODEL, loss=_loss())
+    with pytest.raises(ValueError, match="8 micro-batches do not split the batch of 8 .* of 2"):
+        shared(num_micro_batches=8, prompt_group=2)
+    with pytest.raises(ValueError, match="width buckets sort rows apart"):
+        shared(num_micro_batches=2, prompt_group=2, width_buckets=2)
     with pytest.raises(ValueError, match="beta > 0 needs reference log-probs"):
         update.compute_gradients(params, batch, model=MODEL, loss=_loss(beta=0.1))
     with pytest.raises(ValueError, match="reference log-probs given but loss beta == 0"):
@@ -573,9 +578,9 @@ def test_second_iteration_on_a_rollout_moves_the_ratio(params, batch):
 
 def test_split_groups_keeps_groups_whole_and_strides_them():
     rows = np.arange(12)  # 6 groups of 2: part u takes the groups u, u + 2, u + 4
-    parts = update._split_groups(rows, 2, 2)
+    parts = update._split(rows, 2, 2)
     np.testing.assert_array_equal(parts, [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]])
-    np.testing.assert_array_equal(update._split_groups(rows, 3, 2)[1], [2, 3, 8, 9])
+    np.testing.assert_array_equal(update._split(rows, 3, 2)[1], [2, 3, 8, 9])
 
 
 def test_mini_batches_are_sequential_updates_on_whole_groups(params, batch):
@@ -677,6 +682,46 @@ def test_sharded_update_gathers_or_sums_nothing_vocabulary_sized(params, batch, 
     assert gathered and not any(map(vocabulary_sized, gathered)), gathered
     shard = MODEL.vocab_size * MODEL.hidden_size // (fsdp * tp)
     assert all(math.prod(s) <= shard for s in filter(vocabulary_sized, summed)), summed
+
+
+def _grouped(batch, group: int = 2):
+    """The batch with every group of `group` rows continuing its first row's prompt."""
+    first = np.repeat(np.arange(0, len(PROMPT_LENS), group), group)
+    return batch.replace(
+        prompt_tokens_BxP=batch.prompt_tokens_BxP[first],
+        prompt_mask_BxP=batch.prompt_mask_BxP[first],
+    )
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_shared_prompts_give_the_per_completion_gradient(params, batch, micro_batches):
+    # Groups of 2 rows share a prompt (4 prompts of different lengths); with the prompts run
+    # once per group, the gradient, the KL term and the whole-batch entropy threshold must be
+    # those of running each completion's prompt. With 2 micro-batches each holds 2 whole groups.
+    grouped = _perturbed(_grouped(batch), with_ref=True)
+    loss = _loss(beta=0.05, top_entropy_quantile=0.5)
+    expected_grads, expected = _grad_fn(loss)(params, grouped)
+    shared = functools.partial(
+        update.compute_gradients,
+        model=MODEL,
+        loss=loss,
+        num_micro_batches=micro_batches,
+        prompt_group=2,
+    )
+    grads, metrics = jax.jit(shared)(params, grouped)
+    _assert_trees_close(grads, expected_grads, atol=1e-6, rtol=1e-5)
+    _assert_trees_close(metrics, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_shared_prompt_reference_logps_come_back_in_row_order(params, batch):
+    # 2 micro-batches of whole groups: rows 0 1 4 5, then 2 3 6 7.
+    grouped = _grouped(batch)
+    ref_params = _init_params(5)
+    got = update.make_reference_logps_fn(
+        MODEL, _loss(beta=0.1), num_micro_batches=2, prompt_group=2
+    )(ref_params, grouped)
+    valid = lambda x: jnp.where(grouped.completion_mask_BxC, x, 0.0)
+    np.testing.assert_allclose(valid(got), valid(_logps(ref_params, grouped)), atol=1e-6)
 
 
 def test_reference_logps(params, batch):
