@@ -213,13 +213,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     params, frozen = common.trainable_and_frozen(
         config, jax.eval_shape(lambda: common.random_params(config))
     )
-    host_batch = common.random_batch(
-        config,
-        args.batch,
-        args.prompt_len,
-        args.completion_len,
-        prompt_group=args.shared_prompts,
-    )
+    host_batch = _host_batch(config, args)
     if loss.beta > 0:
         host_batch = host_batch.replace(ref_logps_BxC=host_batch.old_logps_BxC)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_batch)
@@ -270,6 +264,17 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _host_batch(config: ModelConfig, args: argparse.Namespace) -> Batch:
+    return common.random_batch(
+        config,
+        args.batch,
+        args.prompt_len,
+        args.completion_len,
+        min_completion_len=args.min_completion_len,
+        prompt_group=args.shared_prompts,
+    )
+
+
 def _gb_per_device(tree) -> float:
     """GB of abstract arrays held by one device (all of an array without a sharding)."""
     shard = lambda x: x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
@@ -316,14 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return compile_only(args)
     config = model_config(args)
     loss = loss_config(args)
-    host_batch = common.random_batch(
-        config,
-        args.batch,
-        args.prompt_len,
-        args.completion_len,
-        min_completion_len=args.min_completion_len,
-        prompt_group=args.shared_prompts,
-    )
+    host_batch = _host_batch(config, args)
     lengths = host_batch.completion_mask_BxC.sum(axis=1)
     tokens = int(args.batch * args.prompt_len + lengths.sum())  # valid tokens: the useful work
     # PyTorch first, and its memory released, before JAX initialises (and claims) the device.

@@ -608,9 +608,10 @@ def test_splash_attention_trains_like_einsum_attention(tmp_path, length_reward, 
 def test_shared_prompt_forward_trains_like_the_per_completion_forward(
     tmp_path, length_reward, monkeypatch
 ):
-    # tiny.gin's mesh (dp 2 x fsdp 2 x tp 2); 4 prompts x 4 a step in 2 mini-batch updates of
-    # 2 micro-batches, so each micro-batch is one group: one prompt row over 4 batch shards.
-    # The KL reference pass shares prompts too. Same sampled completions, same losses.
+    # tiny.gin's mesh (dp 2 x fsdp 2 x tp 2); 4 prompts x 4 in 2 mini-batch updates of 2
+    # micro-batches, so each micro-batch is one group: one prompt row over 4 batch shards. The
+    # KL reference pass shares prompts too (the second update's KL is > 0). Same sampled
+    # completions, same metrics.
     groups_traced = []
     shared_forward = tf.forward_shared_prompts
     monkeypatch.setattr(
@@ -623,7 +624,7 @@ def test_shared_prompt_forward_trains_like_the_per_completion_forward(
         _train_in_process(
             tmp_path / str(shared),
             "make_loss.beta=0.04",
-            "TrainConfig.num_steps=2",
+            "TrainConfig.num_steps=1",
             "TrainConfig.prompts_per_step=4",
             "TrainConfig.prompts_per_update=2",
             "TrainConfig.completions_per_micro_batch=4",
