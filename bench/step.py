@@ -93,7 +93,7 @@ class StepRunner:
             loss=self.loss,
             num_micro_batches=args.micro_batches,
             group_size=args.group,
-            shared_prompts=args.shared_prompts,
+            prompt_group=self.prompt_group,
         )
         self.ref_fn = None
         if args.beta > 0:

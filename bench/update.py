@@ -156,7 +156,7 @@ def _update_fn(config: ModelConfig, tx, loss: update.LossConfig, args: argparse.
         width_buckets=args.width_buckets,
         updates_per_batch=args.updates,
         group_size=args.shared_prompts,
-        shared_prompts=args.shared_prompts > 1,
+        prompt_group=args.shared_prompts,
     )
 
 

@@ -229,6 +229,12 @@ class TrainConfig:
         return names + [f"{name}/{s}" for s in self.extra_eval_sets for name in names]
 
     @property
+    def prompt_group(self) -> int:
+        """Completion rows per prompt run in the update and reference passes: the group with
+        `shared_prompt_forward`, else 1 (every row runs its prompt)."""
+        return self.num_generations if self.shared_prompt_forward else 1
+
+    @property
     def prompt_token_limit(self) -> int:
         return self.max_prompt_tokens or max(self.prompt_buckets)
 
@@ -347,7 +353,7 @@ def effective_batch_lines(exp: Experiment) -> list[str]:
 
 def _micro_batch_tokens(cfg: TrainConfig, completions: int, max_new_tokens: int) -> int:
     """The most token slots a forward pass over `completions` rows runs."""
-    prompts = completions // cfg.num_generations if cfg.shared_prompt_forward else completions
+    prompts = completions // cfg.prompt_group
     return prompts * max(cfg.prompt_buckets) + completions * max_new_tokens
 
 

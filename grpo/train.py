@@ -215,7 +215,7 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
             width_buckets=cfg.micro_batch_width_buckets,
             updates_per_batch=cfg.updates_per_pass,
             group_size=cfg.num_generations,
-            shared_prompts=cfg.shared_prompt_forward,
+            prompt_group=cfg.prompt_group,
             lr_schedule=exp.lr_schedule,
             state_sharding=jax.tree.map(lambda x: x.sharding, state),
         ),
@@ -225,7 +225,7 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
                 exp.loss,
                 num_micro_batches=cfg.num_micro_batches * cfg.updates_per_pass,
                 width_buckets=cfg.micro_batch_width_buckets,
-                prompt_group=cfg.num_generations if cfg.shared_prompt_forward else 1,
+                prompt_group=cfg.prompt_group,
             )
             if exp.loss.beta > 0
             else None
@@ -486,8 +486,9 @@ def _throughput(
     }
     peak = flops.peak_flops(jax.devices()[0].device_kind)
     if peak is not None:
-        group = exp.train.num_generations if exp.train.shared_prompt_forward else 1
-        model_flops = flops.training_flops(exp.model, rows, prompt_len, completion_len, group)
+        model_flops = flops.training_flops(
+            exp.model, rows, prompt_len, completion_len, exp.train.prompt_group
+        )
         out["mfu"] = model_flops * iterations / timings["update"] / (peak * jax.device_count())
     return out
 

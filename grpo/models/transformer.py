@@ -576,8 +576,6 @@ def completion_logprobs(
     one row per G consecutive completions (B/G rows), and each runs once
     (`forward_shared_prompts`).
     """
-    p = prompt_BxP.shape[1]
-    c = completion_BxC.shape[1]
     if prompt_group > 1:
         hidden_prompt, hidden_completion = forward_shared_prompts(
             params,
@@ -594,6 +592,7 @@ def completion_logprobs(
         tokens = jnp.concatenate([prompt_BxP, completion_BxC], axis=1)
         valid = jnp.concatenate([prompt_valid_BxP, completion_valid_BxC], axis=1)
         hidden, _ = forward(params, tokens, positions_from_mask(valid), valid, config=config)
+        p, c = prompt_BxP.shape[1], completion_BxC.shape[1]
         hidden_BxCxD = jax.lax.dynamic_slice_in_dim(hidden, p - 1, c, axis=1)
     return token_logprobs(
         params, hidden_BxCxD, completion_BxC, config=config, temperature=temperature, chunk=chunk

@@ -512,7 +512,7 @@ def make_update_fn(
     width_buckets: int = 1,
     updates_per_batch: int = 1,
     group_size: int = 1,
-    shared_prompts: bool = False,
+    prompt_group: int = 1,
     lr_schedule: optax.Schedule | None = None,
     state_sharding: TrainState | None = None,
 ):
@@ -522,7 +522,7 @@ def make_update_fn(
     The batch makes `updates_per_batch` optimizer steps, one per mini-batch of whole groups of
     `group_size` rows (see `_split`), in order; each accumulates its gradient over
     `num_micro_batches` micro-batches, of `width_buckets` possible widths (`compute_gradients`).
-    `shared_prompts`: each group's prompt runs once per micro-batch (`prompt_group`).
+    `prompt_group` > 1 (the group size): each group's prompt runs once per micro-batch.
 
     metrics (fp32 scalars, each the mean over the batch's updates): loss, entropy, TOKEN_STATS,
     grad_norm (before clipping), and learning_rate when `lr_schedule` is given.
@@ -541,7 +541,7 @@ def make_update_fn(
             loss=loss,
             num_micro_batches=num_micro_batches,
             width_buckets=width_buckets,
-            prompt_group=group_size if shared_prompts else 1,
+            prompt_group=prompt_group,
             frozen=frozen,
         )
         metrics["grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
