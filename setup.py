@@ -15,7 +15,7 @@ setup(
         "chex>=0.1.88",
         "gin-config>=0.5",
         "absl-py>=2.0",
-        "orbax-checkpoint>=0.11",
+        "orbax-checkpoint>=0.11.14",  # partial_restore: eval and export read params alone
         "transformers>=4.45",
         "datasets>=3.0",
         "safetensors>=0.4",

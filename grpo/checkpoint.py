@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from grpo.types import TrainState
@@ -121,6 +123,55 @@ class Checkpointer:
         sharding gets the one recorded at save time. With `abstract_ref`, also the saved
         reference params onto it (`ref` stays None when the step saved none).
         """
+        step = self._existing_step(step)
+        items = dict(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        )
+        if abstract_ref is not None and "ref" in self._manager.item_metadata(step):
+            items["ref"] = ocp.args.StandardRestore(abstract_ref)
+        restored = _restore_or_explain(
+            self._manager, step, items, "another model, LoRA or optimizer setting"
+        )
+        ref = restored.ref if "ref" in items else None
+        return Restored(state=restored.state, data=restored.data, meta=restored.meta, ref=ref)
+
+    def restore_params(self, step: int | None, abstract_params: Any) -> tuple[Any, int]:
+        """(params, update count) of `step` (None: the latest), the params onto
+        `abstract_params` as `restore` places them. Nothing else of the state is read, so the
+        optimizer that wrote it does not matter (eval and export need only the policy)."""
+        step = self._existing_step(step)
+        hint = "another model or LoRA setting"
+        # A reader of its own that handles "state" as a plain pytree, which can restore part
+        # of it; our manager binds it to the standard handler, which cannot. It never saves.
+        reader = ocp.CheckpointManager(
+            self.directory,
+            item_handlers=dict(
+                state=ocp.PyTreeCheckpointHandler(),
+                data=ocp.JsonCheckpointHandler(),
+                meta=ocp.JsonCheckpointHandler(),
+                ref=ocp.PyTreeCheckpointHandler(),
+            ),
+            options=ocp.CheckpointManagerOptions(create=False),
+        )
+        try:
+            on_disk = reader.item_metadata(step).state["params"]
+            if (difference := _layout_difference(on_disk, abstract_params)) is not None:
+                raise CheckpointMismatch(_mismatch(step, self.directory, hint, difference))
+            target = {"step": np.zeros((), np.int32), "params": abstract_params}
+            state = ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,  # the optimizer state and the key stay on disk
+            )
+            restored = _restore_or_explain(reader, step, dict(state=state), hint).state
+        finally:
+            reader.close()
+        return restored["params"], int(restored["step"])
+
+    def _existing_step(self, step: int | None) -> int:
+        """`step`, or the latest when None; FileNotFoundError when there is no such step."""
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -129,24 +180,7 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory} (available: {self.all_steps()})"
             )
-        items = dict(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        )
-        if abstract_ref is not None and "ref" in self._manager.item_metadata(step):
-            items["ref"] = ocp.args.StandardRestore(abstract_ref)
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except ValueError as e:  # orbax: another tree structure, shape or dtype on disk
-            first_line = str(e).strip().splitlines()[0]
-            raise CheckpointMismatch(
-                f"checkpoint step {step} in {self.directory} does not fit this run's state "
-                "(written with another model, LoRA or optimizer setting? resume with that config, "
-                f"or use a new workdir): {first_line}"
-            ) from e
-        ref = restored.ref if "ref" in items else None
-        return Restored(state=restored.state, data=restored.data, meta=restored.meta, ref=ref)
+        return step
 
     def wait_until_finished(self) -> None:
         """Blocks until every pending async save is committed."""
@@ -161,3 +195,36 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _restore_or_explain(
+    manager: ocp.CheckpointManager, step: int, items: dict[str, Any], hint: str
+) -> Any:
+    """`manager`'s restore of `items`; orbax's error for a layout it cannot restore onto
+    (another tree structure, shape or dtype on disk) becomes a one-line CheckpointMismatch."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except ValueError as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise CheckpointMismatch(_mismatch(step, manager.directory, hint, first_line)) from e
+
+
+def _mismatch(step: int, directory: str, hint: str, detail: str) -> str:
+    return (
+        f"checkpoint step {step} in {directory} does not fit this run's state (written with "
+        f"{hint}? resume with that config, or use a new workdir): {detail}"
+    )
+
+
+def _layout_difference(on_disk: Any, abstract: Any) -> str | None:
+    """The first leaf path whose presence or shape differs between the saved tree's metadata
+    and `abstract`; None when they match (a partial restore alone would skip extra leaves)."""
+    layout = lambda tree: {
+        jax.tree_util.keystr(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    saved, wanted = layout(on_disk), layout(abstract)
+    for path in sorted(saved.keys() | wanted.keys()):
+        if saved.get(path) != wanted.get(path):
+            return f"params{path}: saved {saved.get(path)}, this run {wanted.get(path)}"
+    return None

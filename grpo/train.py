@@ -154,26 +154,21 @@ class _Resumed(NamedTuple):
     ref: Any  # the saved reference when asked for and saved, else the one passed in
 
 
-def _restore(
-    exp: Experiment,
-    checkpointer: Checkpointer,
-    state: TrainState,
-    step: int | None = None,
-    ref: Any = None,
-) -> _Resumed:
-    """Checkpoint `step` (None: the newest) restored onto the layout of `state` (and of `ref`,
-    the reference params, when given); `state`, None, 0 and `ref` when there is none and
-    `step` is None."""
-    if step is None and checkpointer.latest_step() is None:
+def _resume(exp: Experiment, checkpointer: Checkpointer, state: TrainState, ref: Any) -> _Resumed:
+    """The newest checkpoint restored onto the layout of `state` (and of `ref`, the reference
+    params, unless None); `state`, None, 0 and `ref` when there is none."""
+    if checkpointer.latest_step() is None:
         return _Resumed(state, None, 0, ref)
-    abstract = lambda tree: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
-    )
-    restored = checkpointer.restore(step, abstract(state), None if ref is None else abstract(ref))
+    restored = checkpointer.restore(None, _abstract(state), None if ref is None else _abstract(ref))
     steps = int(restored.state.step) // exp.train.updates_per_step
     return _Resumed(
         restored.state, restored.data, steps, ref if restored.ref is None else restored.ref
     )
+
+
+def _abstract(tree: Any) -> Any:
+    """Shapes, dtypes and shardings of `tree`'s arrays: what a restore places onto."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
@@ -194,7 +189,7 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
     checkpointer = _checkpointer(exp, workdir)
     # A moving reference resumes as saved (a checkpoint without one: it had not moved yet).
     try:
-        resumed = _restore(exp, checkpointer, state, ref=ref_params if ref_moves else None)
+        resumed = _resume(exp, checkpointer, state, ref_params if ref_moves else None)
     except Exception:
         checkpointer.close()
         raise
@@ -605,16 +600,19 @@ def _checkpointed_policy(
     exp: Experiment, workdir: str, step: int | None, *, required: bool
 ) -> tuple[Any, Any, int]:
     """(trainable params, frozen base or None, GRPO step) of checkpoint `step` in `workdir`
-    (None: the newest; when there is none, the starting policy as step 0 unless `required`)."""
-    state, frozen = _starting_state(exp)
+    (None: the newest; when there is none, the starting policy as step 0 unless `required`).
+    Only the params are read: no optimizer state is built or restored."""
+    params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
     checkpointer = _checkpointer(exp, workdir)
     try:
-        if required and step is None and checkpointer.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-        resumed = _restore(exp, checkpointer, state, step)
+        if step is None and checkpointer.latest_step() is None:
+            if required:
+                raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+            return params, frozen, 0
+        params, updates = checkpointer.restore_params(step, _abstract(params))
     finally:
         checkpointer.close()
-    return resumed.state.params, frozen, resumed.steps
+    return params, frozen, updates // exp.train.updates_per_step
 
 
 def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> dict[str, Any]:

@@ -109,14 +109,18 @@ def test_empty_directory_has_no_latest_step(tmp_path):
             ckpt.restore(3, _abstract(_make_state()))
 
 
-@pytest.mark.parametrize(
+_OTHER_LAYOUTS = pytest.mark.parametrize(
     "params",
     [
         {"w_DxF": jnp.zeros((8, 5)), "embed_VxD": jnp.zeros((16, 8)), "b_F": jnp.zeros(4)},  # shape
         {"lora": {"w": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 4))}}},  # tree: LoRA adapters
+        {"w_DxF": jnp.zeros((8, 4)), "embed_VxD": jnp.zeros((16, 8))},  # a leaf fewer
     ],
-    ids=["shape", "tree"],
+    ids=["shape", "tree", "subset"],
 )
+
+
+@_OTHER_LAYOUTS
 def test_restoring_onto_another_layout_says_why_in_one_line(tmp_path, params):
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, _make_state(), force=True)
@@ -126,7 +130,25 @@ def test_restoring_onto_another_layout_says_why_in_one_line(tmp_path, params):
             CheckpointMismatch, match="step 1 .* does not fit this run's state"
         ) as error:
             ckpt.restore(None, _abstract(other))
-    assert "\n" not in str(error.value)
+        with pytest.raises(
+            CheckpointMismatch, match=r"step 1 .* saved .*, this run"
+        ) as params_error:
+            ckpt.restore_params(None, _abstract(params))
+    assert "\n" not in str(error.value) and "\n" not in str(params_error.value)
+
+
+def test_params_restore_alone_whatever_optimizer_wrote_them(tmp_path):
+    # Eval and export read the policy only: adamw's moments stay on disk, unread, and a run
+    # configured with another optimizer (or none) gets the same params and step.
+    state = _make_state().replace(step=jnp.int32(6))
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(3, state, force=True)
+        params, updates = ckpt.restore_params(None, _abstract(state.params))
+        with pytest.raises(FileNotFoundError, match=r"step 4 .*available: \[3\]"):
+            ckpt.restore_params(4, _abstract(state.params))
+    assert updates == 6
+    assert jax.tree.structure(params) == jax.tree.structure(state.params)
+    assert _host_bytes(params) == _host_bytes(state.params)
 
 
 def test_bad_options_raise():

@@ -85,13 +85,13 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
 class _Run:
     """`grpo.main` started as processes `process_ids` of `num_processes` (1: no coordinator)."""
 
-    def __init__(self, workdir, *bindings, num_processes=2, process_ids=None, env=None):
+    def __init__(self, workdir, *bindings, num_processes=2, process_ids=None, env=None, flags=()):
         self.workdir = workdir
         process_ids = range(num_processes) if process_ids is None else process_ids
         stamp = time.time_ns()
         self.logs = [workdir.parent / f"{workdir.name}.{stamp}.p{i}.log" for i in process_ids]
         cmd = [sys.executable, "-c", ENTRY, f"--gin_file={TINY}", f"--workdir={workdir}"]
-        cmd += [f"--gin_bindings={b}" for b in (*BINDINGS, *bindings)]
+        cmd += [f"--gin_bindings={b}" for b in (*BINDINGS, *bindings)] + list(flags)
         if num_processes > 1:
             cmd += [f"--coordinator_address=localhost:{_free_port()}"]
             cmd += [f"--num_processes={num_processes}"]
@@ -199,6 +199,24 @@ def test_two_processes_train_like_one(two_processes, tmp_path):
         _assert_params_close(params_two[name], params_one[name])
     assert not (two_processes.workdir / "config.gin.tmp").exists()
     assert "make_mesh.tp = 2" in (two_processes.workdir / "config.gin").read_text()
+
+
+@pytest.mark.slow
+def test_two_processes_export_a_checkpoint_as_their_run_did(two_processes, tmp_path):
+    # Each process restores the params alone (under another optimizer setting, which export
+    # ignores); the export equals the one the run wrote at its end, bitwise.
+    export = tmp_path / "export"
+    run = _Run(
+        two_processes.workdir, "make_optimizer.name='adamw'", flags=[f"--export_only={export}"]
+    )
+    _finish(run)
+    params_run, params_export = (
+        _params(two_processes.workdir),
+        load_file(export / "model.safetensors"),
+    )
+    assert params_export.keys() == params_run.keys()
+    for name in params_run:
+        np.testing.assert_array_equal(params_export[name], params_run[name], err_msg=name)
 
 
 @pytest.mark.slow
