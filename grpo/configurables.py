@@ -203,7 +203,7 @@ def _end_and_pad_ids(bundle: ModelBundle) -> tuple[tuple[int, ...], int]:
 
 
 def _datasets(
-    train: TrainConfig, rewards: reward.RewardConfig, tokenizer: Any
+    train: TrainConfig, rewards: reward.RewardConfig, tokenizer: Any, eval_only: bool
 ) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
     """(train examples, the extra train sets' joined in; test examples; the extra eval sets'
     test examples by name), each checked against the answer settings and without prompts over
@@ -229,6 +229,8 @@ def _datasets(
             f"{len(kept[0])} train examples are fewer than one step's "
             f"TrainConfig.prompts_per_step={train.prompts_per_step}"
         )
+    if not kept[1] and eval_only:
+        raise ValueError("--eval_only needs test examples; make_dataset.test_split gives none")
     if not kept[1] and (train.eval_every_steps or train.eval_at_start):
         raise ValueError(
             "no test examples (make_dataset.test_split=None) but the run evaluates; set "
@@ -296,10 +298,11 @@ def _check_shared_prompt_attention(model: ModelConfig, platform: str) -> None:
         )
 
 
-def build_experiment(*, read_params: bool = True) -> Experiment:
+def build_experiment(*, read_params: bool = True, eval_only: bool = False) -> Experiment:
     """Calls every factory (gin binds their arguments) and assembles the experiment. The
     weights are read (or initialised, which compiles) last, once the whole configuration has
-    passed its checks; `read_params=False` (a dry run) leaves `params` None."""
+    passed its checks; `read_params=False` (a dry run) leaves `params` None. `eval_only`: the
+    experiment only evaluates (main's --eval_only), so it needs test examples."""
     train = TrainConfig()
     for knob, folder in (
         ("export_dir", train.export_dir),
@@ -321,7 +324,9 @@ def build_experiment(*, read_params: bool = True) -> Experiment:
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "
             "with a chat template"
         )
-    train_examples, test_examples, extra_eval_sets = _datasets(train, rewards, bundle.tokenizer)
+    train_examples, test_examples, extra_eval_sets = _datasets(
+        train, rewards, bundle.tokenizer, eval_only
+    )
     end_ids, pad_id = _end_and_pad_ids(bundle)
     sampling = make_sampling(end_ids=end_ids, pad_id=pad_id)
     if rewards.overlong_buffer > sampling.max_new_tokens:

@@ -284,6 +284,11 @@ def test_attention_kernels_are_refused_off_their_platform():
         (["--checkpoint_step=2"], "--checkpoint_step needs --eval_only or --export_only"),
         (["--eval_only", "--export_only=/tmp/x"], "--eval_only and --export_only: one at a time"),
         (["--gin_file=gin/no_such.gin"], "invalid configuration: gin: Unable to open file"),
+        (
+            ["--eval_only", "--gin_bindings=make_dataset.test_split=None"]
+            + ["--gin_bindings=TrainConfig.eval_every_steps=0"],  # (a run's own evals refuse it)
+            "--eval_only needs test examples; make_dataset.test_split gives none",
+        ),
     ],
 )
 def test_bad_flag_combinations_fail_fast(tmp_path, flags, message):
