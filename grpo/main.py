@@ -134,11 +134,12 @@ def main(argv: list[str]) -> None:
     except train.NotFinite as diverged:
         logging.error("%s", diverged)
         sys.exit(1)
+    shown = lambda key: f"{summary[key]:.4f}" if key in summary else "n/a"  # none: no step ran
     logging.info(
-        "done: %d steps, last reward %.4f, eval accuracy %s, wall %.1fs",
+        "done: %d steps, last reward %s, eval accuracy %s, wall %.1fs",
         summary["steps"],
-        summary.get("reward_mean", float("nan")),
-        f"{summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary else "n/a",
+        shown("reward_mean"),
+        shown("eval_accuracy"),
         time.perf_counter() - started,
     )
 

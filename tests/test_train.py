@@ -131,6 +131,12 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     assert result.returncode == 2 and "does not fit this run's state" in result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / "config.gin").read_text() == config
+    # The finished run started again has nothing to do, and says so.
+    metrics_before = (tmp_path / "metrics.jsonl").read_text()
+    result = _cli(tmp_path, "TrainConfig.num_steps=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: 3 steps, last reward n/a" in result.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics_before
     # Export and eval read only the policy, so the optimizer setting does not matter there.
     result = _cli(tmp_path, "make_optimizer.name='adamw'", flags=[f"--export_only={export}"])
     assert result.returncode == 0, result.stderr[-3000:]
