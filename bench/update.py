@@ -128,8 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--shared_prompts={args.shared_prompts} must split every micro-batch of --batch="
             f"{args.batch} into whole groups"
         )
-    if args.shared_prompts > 1 and (args.width_buckets > 1 or args.torch_baseline):
-        parser.error("--shared_prompts: leave out --width_buckets and --torch_baseline")
+    if args.shared_prompts > 1 and args.torch_baseline:
+        parser.error("--shared_prompts: leave out --torch_baseline (it runs every prompt)")
     if args.lora_rank and args.tpu_target:
         parser.error("--lora_rank is sized with --gpu_target or on this machine, not --tpu_target")
     return args

@@ -63,8 +63,9 @@ class TrainConfig:
     # True: the update and the KL reference pass run each prompt's forward once for its whole
     # group, not once per completion (its gradient summed over the group): fewer tokens per
     # pass, most where prompts are long against completions. Micro-batches then hold whole
-    # groups; einsum attention (make_model.attention_impl 'xla' or 'auto' off a TPU); no width
-    # buckets. Same loss up to float summation order.
+    # groups (width buckets sort whole groups, by their longest completion); einsum attention
+    # (make_model.attention_impl 'xla' or 'auto' off a TPU). Same loss up to float summation
+    # order.
     shared_prompt_forward: bool = False
     advantage_scale: str = "group"  # group | batch | none
     eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)
@@ -207,11 +208,6 @@ class TrainConfig:
             )
 
     def _check_shared_prompt_forward(self) -> None:
-        if self.micro_batch_width_buckets > 1:
-            raise ValueError(
-                "TrainConfig.shared_prompt_forward keeps each group in one micro-batch, and "
-                "micro_batch_width_buckets > 1 sorts a group's rows apart: use one of the two"
-            )
         per_micro = self.completions_per_update // self.num_micro_batches
         if per_micro % self.num_generations:
             raise ValueError(

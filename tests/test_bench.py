@@ -38,17 +38,19 @@ def test_update_bench_times_the_high_entropy_token_mask():
     assert result["top_entropy_quantile"] == 0.2 and result["update_tokens_per_s"] > 0
 
 
-def test_update_bench_times_mini_batch_updates_with_shared_prompts():
+def test_update_bench_times_mini_batch_updates_with_shared_prompts_in_width_buckets():
     result = update.main(
         [*TINY, "--batch=4", "--prompt_len=8", "--completion_len=8", "--iters=1", "--warmup=0"]
         + ["--updates=2", "--beta=0.1", "--shared_prompts=2"]
+        + ["--min_completion_len=1", "--width_buckets=2"]
     )
     assert result["updates"] == 2 and result["update_tokens_per_s"] > 0
     assert result["shared_prompts"] == 2 and result["ref_tokens_per_s"] > 0
+    assert result["width_buckets"] == 2
     for bad in (
         ["--updates=3"],
         ["--shared_prompts=3"],
-        ["--shared_prompts=2", "--width_buckets=2"],
+        ["--shared_prompts=2", "--torch_baseline"],
     ):
         with pytest.raises(SystemExit):
             update.main([*TINY, "--batch=4", *bad])

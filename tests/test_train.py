@@ -364,10 +364,6 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(question_template="{question} \boxed{}"), "holds the control character \\b"),
         (dict(answer_match="sympy"), "answer match must be one of numeric, math_verify"),
         (
-            dict(shared_prompt_forward=True, micro_batch_width_buckets=2),
-            "micro_batch_width_buckets > 1 sorts a group's rows apart",
-        ),
-        (
             dict(shared_prompt_forward=True, completions_per_micro_batch=4),  # groups of 8
             "4 completions per micro-batch are not a multiple of num_generations=8",
         ),
@@ -622,8 +618,8 @@ def test_shared_prompt_forward_trains_like_the_per_completion_forward(
 ):
     # tiny.gin's mesh (dp 2 x fsdp 2 x tp 2); 4 prompts x 4 in 2 mini-batch updates of 2
     # micro-batches, so each micro-batch is one group: one prompt row over 4 batch shards. The
-    # KL reference pass shares prompts too (the second update's KL is > 0). Same sampled
-    # completions, same metrics.
+    # KL reference pass shares prompts too (the second update's KL is > 0), and with width
+    # buckets sorts the groups by length. Same sampled completions, same metrics.
     groups_traced = []
     shared_forward = tf.forward_shared_prompts
     monkeypatch.setattr(
@@ -642,6 +638,7 @@ def test_shared_prompt_forward_trains_like_the_per_completion_forward(
             "TrainConfig.completions_per_micro_batch=4",
             "TrainConfig.eval_every_steps=0",
             f"TrainConfig.shared_prompt_forward={shared}",
+            f"TrainConfig.micro_batch_width_buckets={2 if shared else 1}",
         )
         rows[shared] = _deterministic(
             metrics_lib.read_metrics(tmp_path / str(shared) / "metrics.jsonl")

@@ -30,8 +30,9 @@ a sum over rows, so only the floating-point summation order changes.
 
 With `prompt_group` = G > 1 (TrainConfig.shared_prompt_forward) the rows come in whole groups of
 G completions of one prompt: micro-batches hold whole groups, and each prompt runs once for its
-group (`transformer.forward_shared_prompts`), its gradient summed over the group's completions.
-Again only the summation order changes.
+group (`transformer.forward_shared_prompts`), its gradient summed over the group's completions;
+width buckets then sort whole groups, by their longest completion. Again only the summation
+order changes.
 
 `old_logps` are the rollout's log-probs: with several updates on one rollout
 (`num_iterations > 1`, or a batch split into `updates_per_batch` mini-batches, each one optimizer
@@ -328,14 +329,19 @@ def _used_width_B(mask_BxC: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(mask_BxC, slots, 0), axis=1)
 
 
-def _length_sorted(tree: Any, used_B: jax.Array, num_micro_batches: int) -> tuple[Any, jax.Array]:
+def _length_sorted(
+    tree: Any, used_B: jax.Array, num_micro_batches: int, group_size: int = 1
+) -> tuple[Any, jax.Array]:
     """The rows reordered so that `_split`'s micro-batch m holds the m-th run of B/M rows by
-    used width, shortest first; and the order (new row i is old row order[i]).
+    used width, shortest first, in whole groups of `group_size` rows ranked by their longest
+    row; and the order (new row i is old row order[i]).
 
     The reordered batch keeps the batch sharding, so each micro-batch still spreads its rows
     over every device."""
-    m = num_micro_batches
-    order = jnp.argsort(used_B, stable=True).reshape(m, -1).T.reshape(-1)
+    m, g = num_micro_batches, group_size
+    used_groups = jnp.max(used_B.reshape(-1, g), axis=1)
+    groups = jnp.argsort(used_groups, stable=True).reshape(m, -1).T.reshape(-1)
+    order = (groups[:, None] * g + jnp.arange(g)).reshape(-1)
     take = lambda x: sharding.constrain(x[order], ("batch",) + (None,) * (x.ndim - 1))
     return jax.tree.map(take, tree), order
 
@@ -388,9 +394,7 @@ def loss_mask(batch: Batch, *, config: LossConfig) -> jax.Array:
     return batch.completion_mask_BxC & ~batch.truncated_B[:, None]
 
 
-def _check_micro_batches(
-    rows: int, num_micro_batches: int, prompt_group: int = 1, width_buckets: int = 1
-) -> None:
+def _check_micro_batches(rows: int, num_micro_batches: int, prompt_group: int = 1) -> None:
     if num_micro_batches < 1 or rows % num_micro_batches:
         raise ValueError(
             f"num_micro_batches={num_micro_batches} does not divide the batch of {rows} completions"
@@ -400,15 +404,13 @@ def _check_micro_batches(
             f"shared prompts: {num_micro_batches} micro-batches do not split the batch of {rows} "
             f"completions into whole groups of {prompt_group}"
         )
-    if prompt_group > 1 and width_buckets > 1:
-        raise ValueError("shared prompts keep groups whole; width buckets sort rows apart")
 
 
 def _check_batch(
-    batch: Batch, *, loss: LossConfig, num_micro_batches: int, prompt_group: int, width_buckets: int
+    batch: Batch, *, loss: LossConfig, num_micro_batches: int, prompt_group: int
 ) -> None:
     rows = batch.completion_mask_BxC.shape[0]
-    _check_micro_batches(rows, num_micro_batches, prompt_group, width_buckets)
+    _check_micro_batches(rows, num_micro_batches, prompt_group)
     _check_reference(batch.ref_logps_BxC, loss)  # before any forward pass
 
 
@@ -436,13 +438,7 @@ def compute_gradients(
     groups of G that share a prompt) micro-batch m holds groups m, m+M, ... (`_split`)
     and each prompt runs once per micro-batch; the gradient is the same.
     """
-    _check_batch(
-        batch,
-        loss=loss,
-        num_micro_batches=num_micro_batches,
-        prompt_group=prompt_group,
-        width_buckets=width_buckets,
-    )
+    _check_batch(batch, loss=loss, num_micro_batches=num_micro_batches, prompt_group=prompt_group)
     width = batch.completion_mask_BxC.shape[1]
     widths = bucket_widths(width, width_buckets)
     # Cut micro-batches keep the batch's width as Dr. GRPO's default L.
@@ -450,7 +446,9 @@ def compute_gradients(
     mask_BxC = loss_mask(batch, config=loss)
     if len(widths) > 1:  # by the loss mask: slots it leaves out count in no term
         used_B = _used_width_B(mask_BxC)
-        (batch, mask_BxC), _ = _length_sorted((batch, mask_BxC), used_B, num_micro_batches)
+        (batch, mask_BxC), _ = _length_sorted(
+            (batch, mask_BxC), used_B, num_micro_batches, prompt_group
+        )
 
     def logps_and_entropy(p, mb: Batch) -> tuple[jax.Array, jax.Array]:
         return _logps_and_entropy(
@@ -600,12 +598,12 @@ def make_reference_logps_fn(
 
     def ref_logps(ref_params: Any, batch: Batch) -> jax.Array:
         rows, width = batch.completion_tokens_BxC.shape
-        _check_micro_batches(rows, num_micro_batches, prompt_group, width_buckets)
+        _check_micro_batches(rows, num_micro_batches, prompt_group)
         widths = bucket_widths(width, width_buckets)
         order = None
         if len(widths) > 1:
             used_B = _used_width_B(batch.completion_mask_BxC)
-            batch, order = _length_sorted(batch, used_B, num_micro_batches)
+            batch, order = _length_sorted(batch, used_B, num_micro_batches, prompt_group)
 
         def one(mb: Batch) -> jax.Array:
             logps_at = lambda w: _padded_to(

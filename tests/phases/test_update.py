@@ -452,6 +452,9 @@ def test_length_sorted_micro_batches_hold_runs_of_similar_lengths():
     np.testing.assert_array_equal(rows, order)  # new row i is old row order[i]
     # Sorted by used width: rows 7 1 | 4 1... stable: 7(0) 4(2) 1(3) 2(4) 6(4) 3(5) 0(6) 5(6).
     np.testing.assert_array_equal(update._split(rows, 4), [[7, 4], [1, 2], [6, 3], [0, 5]])
+    # In whole groups of 2, ranked by their longest row: groups 3 (4 slots) 1 (5) 0 (6) 2 (6).
+    rows, _ = update._length_sorted(jnp.arange(8), used, 2, group_size=2)
+    np.testing.assert_array_equal(update._split(rows, 2, 2), [[6, 7, 2, 3], [0, 1, 4, 5]])
 
 
 def _bucketed_grad_fn(loss: LossConfig, num_micro_batches: int, width_buckets: int):
@@ -538,8 +541,6 @@ def test_batch_errors(params, batch):
     shared = functools.partial(update.compute_gradients, params, batch, model=MODEL, loss=_loss())
     with pytest.raises(ValueError, match="8 micro-batches do not split the batch of 8 .* of 2"):
         shared(num_micro_batches=8, prompt_group=2)
-    with pytest.raises(ValueError, match="width buckets sort rows apart"):
-        shared(num_micro_batches=2, prompt_group=2, width_buckets=2)
     with pytest.raises(ValueError, match="beta > 0 needs reference log-probs"):
         update.compute_gradients(params, batch, model=MODEL, loss=_loss(beta=0.1))
     with pytest.raises(ValueError, match="reference log-probs given but loss beta == 0"):
@@ -693,11 +694,15 @@ def _grouped(batch, group: int = 2):
     )
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_shared_prompts_give_the_per_completion_gradient(params, batch, micro_batches):
+@pytest.mark.parametrize("micro_batches, width_buckets", [(1, 1), (2, 1), (4, 3)])
+def test_shared_prompts_give_the_per_completion_gradient(
+    params, batch, micro_batches, width_buckets
+):
     # Groups of 2 rows share a prompt (4 prompts of different lengths); with the prompts run
     # once per group, the gradient, the KL term and the whole-batch entropy threshold must be
-    # those of running each completion's prompt. With 2 micro-batches each holds 2 whole groups.
+    # those of running each completion's prompt. With 2 micro-batches each holds 2 whole groups;
+    # with width buckets 2 4 6, one group each, sorted by its longest completion: group 3 at
+    # width 4, then groups 1 (5 slots), 0 and 2 (6) at 6.
     grouped = _perturbed(_grouped(batch), with_ref=True)
     loss = _loss(beta=0.05, top_entropy_quantile=0.5)
     expected_grads, expected = _grad_fn(loss)(params, grouped)
@@ -706,6 +711,7 @@ def test_shared_prompts_give_the_per_completion_gradient(params, batch, micro_ba
         model=MODEL,
         loss=loss,
         num_micro_batches=micro_batches,
+        width_buckets=width_buckets,
         prompt_group=2,
     )
     grads, metrics = jax.jit(shared)(params, grouped)
@@ -713,12 +719,14 @@ def test_shared_prompts_give_the_per_completion_gradient(params, batch, micro_ba
     _assert_trees_close(metrics, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_shared_prompt_reference_logps_come_back_in_row_order(params, batch):
-    # 2 micro-batches of whole groups: rows 0 1 4 5, then 2 3 6 7.
+@pytest.mark.parametrize("width_buckets", [1, 6])
+def test_shared_prompt_reference_logps_come_back_in_row_order(params, batch, width_buckets):
+    # 2 micro-batches of whole groups: rows 0 1 4 5, then 2 3 6 7; with width buckets 1 to 6,
+    # groups sorted by their longest completion: rows 6 7 2 3 at width 5, then 0 1 4 5 at 6.
     grouped = _grouped(batch)
     ref_params = _init_params(5)
     got = update.make_reference_logps_fn(
-        MODEL, _loss(beta=0.1), num_micro_batches=2, prompt_group=2
+        MODEL, _loss(beta=0.1), num_micro_batches=2, width_buckets=width_buckets, prompt_group=2
     )(ref_params, grouped)
     valid = lambda x: jnp.where(grouped.completion_mask_BxC, x, 0.0)
     np.testing.assert_allclose(valid(got), valid(_logps(ref_params, grouped)), atol=1e-6)
