@@ -87,15 +87,36 @@ def _place(mesh: Mesh, axes: Any, host_tree: Any, dtype: Any) -> Any:
 def _trainable_and_frozen(exp: Experiment, base: Any) -> tuple[Any, Any]:
     """(trainable, frozen) params: the whole model and None, or with `exp.model.lora` fresh
     adapters (fp32, seeded by TrainConfig.seed) and the frozen base."""
-    config = exp.model.lora
-    if config is None:
+    if exp.model.lora is None:
         return base, None
+    init, axes = _adapter_init_and_axes(exp)
+    host = jax.device_get(jax.jit(init)(jax.random.key(exp.train.seed)))
+    return _place(exp.mesh, axes, host, jnp.float32), base
+
+
+def _adapter_init_and_axes(exp: Experiment) -> tuple[Callable[[jax.Array], Any], Any]:
+    """The LoRA adapters' init (key -> adapters) and their logical axes."""
+    config = exp.model.lora
     init = functools.partial(
         lora.init_adapters, transformer.param_shapes(exp.model)["layers"], config
     )
-    host = jax.device_get(jax.jit(init)(jax.random.key(exp.train.seed)))
-    axes = lora.adapter_axes(transformer.logical_axes(exp.model)["layers"], config)
-    return _place(exp.mesh, axes, host, jnp.float32), base
+    return init, lora.adapter_axes(transformer.logical_axes(exp.model)["layers"], config)
+
+
+def _abstract_trainable(exp: Experiment) -> Any:
+    """Shapes, dtypes and shardings of the trainable params (the whole model, or the LoRA
+    adapters) as `_trainable_and_frozen` lays them out, with nothing placed or initialised:
+    what a restore places them onto."""
+    if exp.model.lora is None:
+        axes, shapes, dtype = transformer.logical_axes(exp.model), exp.params, exp.model.param_dtype
+    else:
+        init, axes = _adapter_init_and_axes(exp)
+        shapes, dtype = jax.eval_shape(init, jax.random.key(0)), jnp.float32
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.dtype(dtype), sharding=s),
+        shapes,
+        sharding.tree_shardings(exp.mesh, axes, shapes),
+    )
 
 
 def _policy_params(rt: Runtime) -> Any:
@@ -601,17 +622,18 @@ def _checkpointed_policy(
 ) -> tuple[Any, Any, int]:
     """(trainable params, frozen base or None, GRPO step) of checkpoint `step` in `workdir`
     (None: the newest; when there is none, the starting policy as step 0 unless `required`).
-    Only the params are read: no optimizer state is built or restored."""
-    params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
-    checkpointer = _checkpointer(exp, workdir)
-    try:
+    Only the params are read, straight onto their shardings: no optimizer state, and no
+    starting params beside them."""
+    with _checkpointer(exp, workdir) as checkpointer:
         if step is None and checkpointer.latest_step() is None:
             if required:
                 raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+            params, frozen = _trainable_and_frozen(
+                exp, place_params(exp.mesh, exp.model, exp.params)
+            )
             return params, frozen, 0
-        params, updates = checkpointer.restore_params(step, _abstract(params))
-    finally:
-        checkpointer.close()
+        params, updates = checkpointer.restore_params(step, _abstract_trainable(exp))
+    frozen = None if exp.model.lora is None else place_params(exp.mesh, exp.model, exp.params)
     return params, frozen, updates // exp.train.updates_per_step
 
 

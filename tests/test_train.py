@@ -806,6 +806,20 @@ def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_before
 
 
+@pytest.mark.parametrize("bindings", [(), ("make_model.lora_rank=4",)], ids=["full", "lora"])
+def test_eval_and_export_restore_onto_the_trainers_layout(bindings, length_reward):
+    # The params of a checkpoint are restored straight onto this abstract layout: it must be
+    # the one the trainer places, sharding and dtype too.
+    exp = _experiment(*bindings)
+    placed, _ = train._trainable_and_frozen(
+        exp, train.place_params(exp.mesh, exp.model, exp.params)
+    )
+    abstract = train._abstract_trainable(exp)
+    assert jax.tree.structure(abstract) == jax.tree.structure(placed)
+    for want, got in zip(jax.tree.leaves(placed), jax.tree.leaves(abstract), strict=True):
+        assert (got.shape, got.dtype, got.sharding) == (want.shape, want.dtype, want.sharding)
+
+
 @pytest.mark.slow
 def test_export_only_writes_a_checkpoint_as_the_run_would(tmp_path, length_reward):
     # LoRA, so the export merges the adapters and writes them alone too. tiny.gin saves every
