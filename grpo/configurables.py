@@ -287,14 +287,13 @@ def _check_attention_platform(model: ModelConfig, platform: str) -> None:
         raise ValueError("make_model.attention_impl='splash' is a TPU kernel: on a GPU use 'cudnn'")
 
 
-def _check_shared_prompt_attention(model: ModelConfig, platform: str) -> None:
-    """The shared-prompt forward attends with einsum attention (a completion's keys are its
-    prompt's and its own); a kernel asked for, or TPU's default splash, would go unused."""
-    impl = model.attention_impl
-    if impl in ("splash", "cudnn") or (impl == "auto" and platform == "tpu"):
+def _check_shared_prompt_attention(model: ModelConfig) -> None:
+    """The shared-prompt forward's completions attend to their prompt's keys, then their own:
+    einsum or splash attention take that; cuDNN's kernel takes self-attention only."""
+    if model.attention_impl == "cudnn":
         raise ValueError(
-            f"TrainConfig.shared_prompt_forward uses einsum attention, not attention_impl="
-            f"{impl!r} (on {platform}): set make_model.attention_impl='xla' or turn it off"
+            "TrainConfig.shared_prompt_forward takes einsum or splash attention, not "
+            "attention_impl='cudnn' (self-attention only): set 'xla' or 'auto', or turn it off"
         )
 
 
@@ -318,7 +317,7 @@ def build_experiment(*, read_params: bool = True, eval_only: bool = False) -> Ex
     bundle = make_model()
     _check_attention_platform(bundle.config, mesh.devices.flat[0].platform)
     if train.shared_prompt_forward:
-        _check_shared_prompt_attention(bundle.config, mesh.devices.flat[0].platform)
+        _check_shared_prompt_attention(bundle.config)
     if train.chat_template_kwargs and not getattr(bundle.tokenizer, "chat_template", None):
         raise ValueError(
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "

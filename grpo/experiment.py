@@ -63,9 +63,8 @@ class TrainConfig:
     # True: the update and the KL reference pass run each prompt's forward once for its whole
     # group, not once per completion (its gradient summed over the group): fewer tokens per
     # pass, most where prompts are long against completions. Micro-batches then hold whole
-    # groups (width buckets sort whole groups, by their longest completion); einsum attention
-    # (make_model.attention_impl 'xla' or 'auto' off a TPU). Same loss up to float summation
-    # order.
+    # groups (width buckets sort whole groups, by their longest completion); einsum or splash
+    # attention (make_model.attention_impl not 'cudnn'). Same loss up to float summation order.
     shared_prompt_forward: bool = False
     advantage_scale: str = "group"  # group | batch | none
     eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)

@@ -183,10 +183,6 @@ def test_bad_bindings_fail_fast(tmp_path, binding, message):
         ("make_loss.max_completion_length=16", "it needs make_loss.aggregation="),  # else unused
         ("make_model.attention_impl='cudnn'", "'cudnn' needs an NVIDIA GPU"),  # not after a rollout
         ("make_sampling.max_new_tokens=None", "max_new_tokens must be int, got None"),
-        (
-            ("TrainConfig.shared_prompt_forward=True", "make_model.attention_impl='splash'"),
-            "shared_prompt_forward uses einsum attention, not attention_impl='splash'",
-        ),
     ],
 )
 def test_bad_bindings_are_refused_by_the_configuration_alone(length_reward, binding, message):
@@ -282,6 +278,9 @@ def test_attention_kernels_are_refused_off_their_platform():
         check(tiny(attention_impl="splash"), "gpu")
     check(tiny(attention_impl="splash"), "cpu")  # interpreted, as the tests run it
     check(tiny(attention_impl="auto"), "gpu")
+    configurables._check_shared_prompt_attention(tiny(attention_impl="splash"))
+    with pytest.raises(ValueError, match="not attention_impl='cudnn' \\(self-attention only\\)"):
+        configurables._check_shared_prompt_attention(tiny(attention_impl="cudnn"))
 
 
 @pytest.mark.parametrize(
@@ -618,14 +617,25 @@ def test_shared_prompt_forward_trains_like_the_per_completion_forward(
 ):
     # tiny.gin's mesh (dp 2 x fsdp 2 x tp 2); 4 prompts x 4 in 2 mini-batch updates of 2
     # micro-batches, so each micro-batch is one group: one prompt row over 4 batch shards. The
-    # KL reference pass shares prompts too (the second update's KL is > 0), and with width
-    # buckets sorts the groups by length. Same sampled completions, same metrics.
+    # KL reference pass shares prompts too (the second update's KL is > 0), with width buckets
+    # sorts the groups by length, and attends with splash (per shard, in Pallas' interpreter;
+    # the sampler decodes with einsum attention either way). Same sampled completions, same
+    # metrics.
     groups_traced = []
     shared_forward = tf.forward_shared_prompts
     monkeypatch.setattr(
         tf,
         "forward_shared_prompts",
         lambda *args, **kw: groups_traced.append(kw["group"]) or shared_forward(*args, **kw),
+    )
+    splash_widths = []  # (queries, keys) of each splash call traced
+    splash_attention = splash.attention
+    monkeypatch.setattr(
+        splash,
+        "attention",
+        lambda q, k, *rest: (
+            splash_widths.append((q.shape[1], k.shape[1])) or splash_attention(q, k, *rest)
+        ),
     )
     rows = {}
     for shared in (False, True):
@@ -639,11 +649,13 @@ def test_shared_prompt_forward_trains_like_the_per_completion_forward(
             "TrainConfig.eval_every_steps=0",
             f"TrainConfig.shared_prompt_forward={shared}",
             f"TrainConfig.micro_batch_width_buckets={2 if shared else 1}",
+            f"make_model.attention_impl={'splash' if shared else 'xla'!r}",
         )
         rows[shared] = _deterministic(
             metrics_lib.read_metrics(tmp_path / str(shared) / "metrics.jsonl")
         )
     assert groups_traced and set(groups_traced) == {4}  # the update's and the reference's
+    assert any(queries < keys for queries, keys in splash_widths)  # completions after prompts
     assert rows[True][-1]["kl"] > 0
     for plain, shared in zip(rows[False], rows[True], strict=True):
         assert plain.keys() == shared.keys()

@@ -1,10 +1,12 @@
-"""Causal self-attention with the Pallas splash-attention kernel (TPU): the trainer's forward.
+"""Causal attention with the Pallas splash-attention kernel (TPU): the trainer's forward.
 
 The trainer's full-sequence forward attends causally among real tokens: slot i sees slot j iff
 j <= i and both hold real tokens. Splash expresses that as its static causal mask and-ed with
 segment ids (real tokens 1, padding 0), so it never materialises the T x S scores. Padding rows
 attend to earlier padding (or themselves) instead of nothing; their outputs are never used, and
-no real token attends to them.
+no real token attends to them. The queries may be the last T of the S key slots (the shared-
+prompt forward: a completion's keys are its prompt's, then its own): the causal mask is then
+offset by S - T.
 
 Under a mesh (`jax.set_mesh`, as `grpo.train` sets), the kernel runs per shard in a `shard_map`
 over the batch axes and, where both head counts divide it, the tensor-parallel axis: a Mosaic
@@ -31,23 +33,24 @@ _TILES = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dk
 _TILES += ("block_kv_dkv_compute", "block_q_dq", "block_kv_dq")
 
 
-def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT) -> jax.Array:
-    """Causal attention among the valid slots of each row; returns B x T x N x H (q's dtype)."""
+def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS) -> jax.Array:
+    """Causal attention among the valid slots of each row, the T queries being the last T of
+    the S key slots (T = S: self-attention); returns B x T x N x H (q's dtype)."""
     mesh = jax.sharding.get_abstract_mesh()
     platform = target_platform()
     if platform == "gpu":
         raise ValueError("attention_impl='splash' is a TPU kernel; on a GPU use 'cudnn'")
     interpret = platform != "tpu"
     if mesh.empty:
-        return _local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, interpret=interpret)
-    q_spec, kv_spec, valid_spec = _specs(q_BxTxNxH.shape, k_BxTxKxH.shape[2], mesh)
+        return _local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, interpret=interpret)
+    q_spec, kv_spec, valid_spec = _specs(q_BxTxNxH.shape, k_BxSxKxH.shape[2], mesh)
     local = jax.shard_map(
         lambda q, k, v, valid: _local(q, k, v, valid, interpret=interpret),
         in_specs=(q_spec, kv_spec, kv_spec, valid_spec),
         out_specs=q_spec,
         check_vma=False,  # pallas_call outputs carry no varying-axes annotation
     )
-    return local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT)
+    return local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS)
 
 
 def target_platform() -> str:
@@ -72,25 +75,38 @@ def _specs(q_shape, kv_heads: int, mesh) -> tuple[PartitionSpec, PartitionSpec, 
     )
 
 
-def _local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, valid_BxT, *, interpret: bool) -> jax.Array:
+def _local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, *, interpret: bool) -> jax.Array:
     _, t, heads, head_dim = q_BxTxNxH.shape
-    padded = -(-t // _LANE) * _LANE
-    block = next(b for b in _BLOCKS if padded % b == 0)
+    s = k_BxSxKxH.shape[1]
+    lanes = lambda n: -(-n // _LANE) * _LANE
+    padded_q, padded_kv = lanes(t), lanes(s)
+    block = next(b for b in _BLOCKS if padded_q % b == 0 and padded_kv % b == 0)
+    # Query i is key slot i + s - t. A padding query past t sees key slot i + s - t >= s, itself
+    # padding in its segment, so no row is empty.
+    causal = masks.CausalMask((padded_q, padded_kv), offset=s - t)
     kernel = kernels.make_splash_mha(
-        masks.MultiHeadMask([masks.CausalMask((padded, padded))] * heads),
+        masks.MultiHeadMask([causal] * heads),
         block_sizes=kernels.BlockSizes(**dict.fromkeys(_TILES, block)),
         head_shards=1,
         q_seq_shards=1,
         interpret=interpret,
     )
 
-    def heads_major(x_BxTxNxH):  # the kernel takes N x T x H per row; padding slots are invalid
-        x = jnp.pad(x_BxTxNxH, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
+    def heads_major(x_BxLxNxH, padded):  # the kernel takes N x L x H per row
+        x = jnp.pad(x_BxLxNxH, ((0, 0), (0, padded - x_BxLxNxH.shape[1]), (0, 0), (0, 0)))
         return jnp.swapaxes(x, 1, 2)
 
-    segments_BxT = jnp.pad(valid_BxT, ((0, 0), (0, padded - t))).astype(jnp.int32)
-    q = heads_major(q_BxTxNxH * (1 / math.sqrt(head_dim)))  # splash does not scale the scores
+    segments = lambda valid, padded: jnp.pad(valid, ((0, 0), (0, padded - valid.shape[1])))
+    q_segments_BxT = segments(valid_BxS[:, s - t :], padded_q).astype(jnp.int32)
+    kv_segments_BxS = segments(valid_BxS, padded_kv).astype(jnp.int32)
+    q = heads_major(q_BxTxNxH * (1 / math.sqrt(head_dim)), padded_q)  # splash does not scale
     out_BxNxTxH = jax.vmap(
-        lambda q, k, v, s: kernel(q, k, v, segment_ids=kernels.SegmentIds(q=s, kv=s))
-    )(q, heads_major(k_BxTxKxH), heads_major(v_BxTxKxH), segments_BxT)
+        lambda q, k, v, sq, skv: kernel(q, k, v, segment_ids=kernels.SegmentIds(q=sq, kv=skv))
+    )(
+        q,
+        heads_major(k_BxSxKxH, padded_kv),
+        heads_major(v_BxSxKxH, padded_kv),
+        q_segments_BxT,
+        kv_segments_BxS,
+    )
     return jnp.swapaxes(out_BxNxTxH, 1, 2)[:, :t]

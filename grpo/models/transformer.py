@@ -205,16 +205,17 @@ def _attention_xla(q, k, v, mask_BxTxS):
     return out.reshape(b, t, n, h)
 
 
-def _attention(q, k, v, *, mask_BxTxS, valid_BxT, impl: str):
-    """`mask_BxTxS` is causal & valid keys; splash and cuDNN, self-attention only, rebuild it
-    from `valid_BxT` (the valid slots of the T = S sequence; for cuDNN, valid-first rows)."""
+def _attention(q, k, v, *, mask_BxTxS, valid_BxS, impl: str):
+    """`mask_BxTxS` is causal & valid keys, the T queries being the last T of the S key slots;
+    splash rebuilds it from `valid_BxS` (the valid key slots), and so does cuDNN, for
+    self-attention only (T = S, valid-first rows)."""
     if impl == "xla":
         return _attention_xla(q, k, v, mask_BxTxS)
     if impl == "splash":
-        return splash.attention(q, k, v, valid_BxT)
+        return splash.attention(q, k, v, valid_BxS)
     # cuDNN's own causal + padding mask: no T x S bias to read, no bias gradient to write, and
     # the blocks above the diagonal are skipped. A boolean `mask=` would become both.
-    lengths_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.int32)
+    lengths_B = jnp.sum(valid_BxS, axis=1, dtype=jnp.int32)
     return jax.nn.dot_product_attention(
         q,
         k,
@@ -378,7 +379,7 @@ def forward(
     mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None, :attend_len]
 
     attend = functools.partial(
-        _attention, mask_BxTxS=mask_BxTxS, valid_BxT=valid_BxT, impl=attention_impl
+        _attention, mask_BxTxS=mask_BxTxS, valid_BxS=valid_BxT, impl=attention_impl
     )
     layer_fn = functools.partial(_layer, config, inv_freq)
     if cache is None:
@@ -510,9 +511,15 @@ def forward_shared_prompts(
     (B = N x group) all continue prompt g. Each prompt runs once, and its completions attend to
     its keys and values; returns the final-norm hidden states of the prompts (N,P,D) and of the
     completions (B,C,D), those of `forward` over the concatenated rows. The gradient reaching a
-    prompt is the sum over its group. Einsum attention: a completion's keys are its prompt's
-    followed by its own, which splash and cuDNN (self-attention only) do not take.
+    prompt is the sum over its group. A completion's keys are its prompt's followed by its own:
+    einsum or splash attention (queries the last C of P + C key slots); cuDNN's kernel is
+    refused, as it takes self-attention only.
     """
+    impl = _resolve_attention_impl(config.attention_impl)
+    if impl == "cudnn":
+        raise ValueError(
+            "shared prompts take einsum or splash attention, not attention_impl='cudnn'"
+        )
     dtype = jnp.dtype(config.dtype)
     inv_freq = rope_inv_freq(config)
     p, c = prompt_NxP.shape[1], completion_BxC.shape[1]
@@ -523,14 +530,14 @@ def forward_shared_prompts(
     attend_prompt = functools.partial(
         _attention,
         mask_BxTxS=_causal(p, p)[None] & prompt_valid_NxP[:, None, :],
-        valid_BxT=prompt_valid_NxP,
-        impl="xla",
+        valid_BxS=prompt_valid_NxP,
+        impl=impl,
     )
     attend_completion = functools.partial(
         _attention,
         mask_BxTxS=_causal(c, p + c)[None] & valid_BxS[:, None, :],
-        valid_BxT=completion_valid_BxC,
-        impl="xla",
+        valid_BxS=valid_BxS,
+        impl=impl,
     )
     layer_fn = functools.partial(_layer, config, inv_freq)
     prompt_end = jnp.asarray(p, jnp.int32)

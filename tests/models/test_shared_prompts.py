@@ -5,6 +5,7 @@ Prompts are left-padded to different lengths (one fills its slots), completions 
 (one is empty, one fills its slots), so every mask and position path is exercised.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -74,12 +75,19 @@ def _objective(logprobs_fn, inputs, config):
 
 
 @pytest.mark.parametrize(
-    "name, remat, lora_rank",
-    [("tiny-qwen2", "none", 0), ("tiny-qwen3", "dots", 0), ("tiny-llama", "full", 2)],
+    "name, remat, lora_rank, attention",
+    [
+        ("tiny-qwen2", "none", 0, "xla"),
+        ("tiny-qwen3", "dots", 0, "xla"),
+        ("tiny-llama", "full", 2, "xla"),
+        ("tiny-qwen2", "dots", 0, "splash"),  # Pallas' interpreter here; against einsum's
+    ],
 )
-def test_shared_prompts_give_the_per_completion_logprobs_and_gradients(name, remat, lora_rank):
+def test_shared_prompts_give_the_per_completion_logprobs_and_gradients(
+    name, remat, lora_rank, attention
+):
     lora_config = LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank) if lora_rank else None
-    config = preset(name, dtype="float32", remat=remat, lora=lora_config)
+    config = preset(name, dtype="float32", remat=remat, lora=lora_config, attention_impl=attention)
     params = tf.init_params(config, jax.random.key(0), std=0.1)
     if lora_config is not None:  # adapters with B drawn non-zero, so they change the model
         adapters = lora.init_adapters(
@@ -93,7 +101,8 @@ def test_shared_prompts_give_the_per_completion_logprobs_and_gradients(name, rem
     inputs = _inputs(config.vocab_size)
     valid = inputs[-1]
     fns = [lambda p, *x, fn=fn: fn(lora.attach(base, p), *x) for fn in (_per_completion, _shared)]
-    (_, want), grads_want = _objective(fns[0], inputs, config)(params)
+    reference = dataclasses.replace(config, attention_impl="xla")
+    (_, want), grads_want = _objective(fns[0], inputs, reference)(params)
     (_, got), grads_got = _objective(fns[1], inputs, config)(params)
     for a, b in zip(want, got, strict=True):  # log-probs, entropies
         np.testing.assert_allclose(np.where(valid, b, 0), np.where(valid, a, 0), atol=2e-6)

@@ -49,6 +49,25 @@ def test_attention_and_gradients_match_einsum_attention(t, heads, kv_heads):
     chex.assert_trees_all_close(grads, expected_grads, atol=2e-5)
 
 
+@pytest.mark.parametrize("t, s", [(5, 11), (130, 300)])  # one block; blocks of 128, 256 q slots
+def test_queries_on_the_last_key_slots_match_einsum_attention(t, s):
+    # The shared-prompt forward's completions: T queries on the last T of S key slots, a
+    # left-padded prompt's and then their own, right-padded.
+    rng = np.random.default_rng(s)
+    q = jnp.asarray(rng.normal(size=(2, t, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, s, 2, 16)), jnp.float32) for _ in range(2))
+    valid = _valid(s, left_pad=[(s - t) // 2, 0], ends=[s, s - t // 2])
+    mask = tf._causal(t, s)[None] & valid[:, None, :]
+    valid_queries = valid[:, s - t :]
+
+    ours = lambda q, k, v: _masked_loss(splash.attention(q, k, v, valid), valid_queries)
+    want = lambda q, k, v: _masked_loss(tf._attention_xla(q, k, v, mask), valid_queries)
+    value, grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    expected, expected_grads = jax.value_and_grad(want, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    chex.assert_trees_all_close(grads, expected_grads, atol=2e-5)
+
+
 def _forward_loss(config, params, tokens, positions, valid):
     hidden, _ = tf.forward(params, tokens, positions, valid, config=config)
     logps = jax.nn.log_softmax(tf.logits(params, hidden, config=config))
