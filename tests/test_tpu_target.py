@@ -46,6 +46,15 @@ def test_update_with_auto_attention_compiles_splash_for_every_chip_of_a_v6e_8():
 
 
 @needs_libtpu
+def test_shared_prompts_compile_splash_with_queries_on_the_last_key_slots():
+    # Mosaic, not Pallas' interpreter, builds the completions' kernels too (64 queries on the
+    # last 64 of 128 key slots) beside the prompts' own: two sets of forward, dq and dkv.
+    shape = ("--preset=tiny-qwen2", "--batch=16", "--prompt_len=64", "--completion_len=64")
+    result = _bench("update", *shape, "--attention=auto", "--micro_batches=2", "--shared_prompts=8")
+    assert result["fits"] is True and result["mosaic_kernels"] == 8  # 4 without shared prompts
+
+
+@needs_libtpu
 def test_splash_compiles_per_shard_with_heads_split_over_tp():
     # tiny-qwen2's 4 query / 2 kv heads split over tp=2: each shard's kernel gets 2 + 1 heads.
     shape = ("--preset=tiny-qwen2", "--batch=16", "--prompt_len=64", "--completion_len=64")
