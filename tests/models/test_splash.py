@@ -27,36 +27,22 @@ def _masked_loss(out_BxTxNxH, valid_BxT):
 
 
 @pytest.mark.parametrize(
-    "t, heads, kv_heads",
+    "t, s, heads, kv_heads",
     [
-        (24, 4, 2),  # shorter than a kernel block: padded to 128 slots inside
-        (256, 4, 1),  # one 256-slot block; a single kv head
-        (384, 2, 2),  # 384 = 3 x 128 blocks, one query per kv head
+        (24, 24, 4, 2),  # shorter than a kernel block: padded to 128 slots inside
+        (256, 256, 4, 1),  # one 256-slot block; a single kv head
+        (384, 384, 2, 2),  # 384 = 3 x 128 blocks, one query per kv head
+        # Queries on the last T of S key slots: the shared-prompt forward's completions, after
+        # their left-padded prompt's keys (one block; 256 query and 384 key slots).
+        (5, 11, 4, 2),
+        (130, 300, 4, 2),
     ],
 )
-def test_attention_and_gradients_match_einsum_attention(t, heads, kv_heads):
-    rng = np.random.default_rng(t)
-    q = jnp.asarray(rng.normal(size=(2, t, heads, 16)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(2, t, kv_heads, 16)), jnp.float32) for _ in range(2))
-    valid = _valid(t, left_pad=[t // 3, 0], ends=[t, t - 5])
-    mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
-
-    ours = lambda q, k, v: _masked_loss(splash.attention(q, k, v, valid), valid)
-    want = lambda q, k, v: _masked_loss(tf._attention_xla(q, k, v, mask), valid)
-    value, grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(q, k, v)
-    expected, expected_grads = jax.value_and_grad(want, argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(value, expected, rtol=1e-5)
-    chex.assert_trees_all_close(grads, expected_grads, atol=2e-5)
-
-
-@pytest.mark.parametrize("t, s", [(5, 11), (130, 300)])  # one block; blocks of 128, 256 q slots
-def test_queries_on_the_last_key_slots_match_einsum_attention(t, s):
-    # The shared-prompt forward's completions: T queries on the last T of S key slots, a
-    # left-padded prompt's and then their own, right-padded.
+def test_attention_and_gradients_match_einsum_attention(t, s, heads, kv_heads):
     rng = np.random.default_rng(s)
-    q = jnp.asarray(rng.normal(size=(2, t, 4, 16)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(2, s, 2, 16)), jnp.float32) for _ in range(2))
-    valid = _valid(s, left_pad=[(s - t) // 2, 0], ends=[s, s - t // 2])
+    q = jnp.asarray(rng.normal(size=(2, t, heads, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, s, kv_heads, 16)), jnp.float32) for _ in range(2))
+    valid = _valid(s, left_pad=[s // 3, 0], ends=[s, s - min(5, t // 2)])
     mask = tf._causal(t, s)[None] & valid[:, None, :]
     valid_queries = valid[:, s - t :]
 
