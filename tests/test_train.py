@@ -617,10 +617,10 @@ def test_shared_prompt_forward_trains_like_the_per_completion_forward(
 ):
     # tiny.gin's mesh (dp 2 x fsdp 2 x tp 2); 4 prompts x 4 in 2 mini-batch updates of 2
     # micro-batches, so each micro-batch is one group: one prompt row over 4 batch shards. The
-    # KL reference pass shares prompts too (the second update's KL is > 0), with width buckets
-    # sorts the groups by length, and attends with splash (per shard, in Pallas' interpreter;
-    # the sampler decodes with einsum attention either way). Same sampled completions, same
-    # metrics.
+    # KL reference pass shares prompts too (the second update's KL is > 0), and attends with
+    # splash (per shard, in Pallas' interpreter; the sampler decodes with einsum attention
+    # either way). Same sampled completions, same metrics. (With width buckets too: the update
+    # tests; here they would double the compile.)
     groups_traced = []
     shared_forward = tf.forward_shared_prompts
     monkeypatch.setattr(
@@ -648,7 +648,6 @@ def test_shared_prompt_forward_trains_like_the_per_completion_forward(
             "TrainConfig.completions_per_micro_batch=4",
             "TrainConfig.eval_every_steps=0",
             f"TrainConfig.shared_prompt_forward={shared}",
-            f"TrainConfig.micro_batch_width_buckets={2 if shared else 1}",
             f"make_model.attention_impl={'splash' if shared else 'xla'!r}",
         )
         rows[shared] = _deterministic(
