@@ -73,14 +73,21 @@ def place_params(mesh: Mesh, model: ModelConfig, host_params: Any) -> Any:
 
 def _place(mesh: Mesh, axes: Any, host_tree: Any, dtype: Any) -> Any:
     """A host pytree -> global arrays of `dtype`, sharded by their logical `axes`."""
-    shardings = sharding.tree_shardings(mesh, axes, host_tree)
-    dtype = jnp.dtype(dtype)
     return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(
-            np.shape(x), s, lambda idx, x=x: np.asarray(x[idx]).astype(dtype)
+        lambda x, a: jax.make_array_from_callback(
+            a.shape, a.sharding, lambda idx, x=x: np.asarray(x[idx]).astype(a.dtype)
         ),
         host_tree,
-        shardings,
+        _layout(mesh, axes, host_tree, dtype),
+    )
+
+
+def _layout(mesh: Mesh, axes: Any, shapes_tree: Any, dtype: Any) -> Any:
+    """What `_place` makes of a tree of these shapes, as ShapeDtypeStructs: nothing placed."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.dtype(dtype), sharding=s),
+        shapes_tree,
+        sharding.tree_shardings(mesh, axes, shapes_tree),
     )
 
 
@@ -112,11 +119,7 @@ def _abstract_trainable(exp: Experiment) -> Any:
     else:
         init, axes = _adapter_init_and_axes(exp)
         shapes, dtype = jax.eval_shape(init, jax.random.key(0)), jnp.float32
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.dtype(dtype), sharding=s),
-        shapes,
-        sharding.tree_shardings(exp.mesh, axes, shapes),
-    )
+    return _layout(exp.mesh, axes, shapes, dtype)
 
 
 def _policy_params(rt: Runtime) -> Any:
