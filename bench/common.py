@@ -97,12 +97,15 @@ def random_batch(
     seed: int = 0,
     min_completion_len: int | None = None,
     prompt_group: int = 1,
+    group_length_spread: float | None = None,
 ) -> Batch:
     """A host (numpy) Batch with every prompt slot valid and every completion slot too, the most
     tokens a shape holds; or, given `min_completion_len`, completions of lengths drawn uniformly
-    from [min_completion_len, completion_len]. Rows come in groups of `prompt_group` that share
-    a prompt, as a step's do. No reference log-probs. Host arrays, so a PyTorch baseline can run
-    before JAX claims the device."""
+    from [min_completion_len, completion_len], each row alone, or with `group_length_spread` s
+    one length L per group and its rows' within L x [1 - s, 1 + s] (a prompt's completions
+    run to similar lengths). Rows come in groups of `prompt_group` that share a prompt, as a
+    step's do. No reference log-probs. Host arrays, so a PyTorch baseline can run before JAX
+    claims the device."""
     rng = np.random.default_rng(seed)
     tokens = lambda n, r=rows: rng.integers(0, config.vocab_size, (r, n)).astype(np.int32)
     batch = Batch(
@@ -120,6 +123,11 @@ def random_batch(
     if min_completion_len is None:
         return batch
     lengths = rng.integers(min_completion_len, completion_len + 1, rows)
+    if group_length_spread is not None:
+        groups = rows // prompt_group
+        base = np.repeat(rng.integers(min_completion_len, completion_len + 1, groups), prompt_group)
+        jitter = rng.uniform(1 - group_length_spread, 1 + group_length_spread, rows)
+        lengths = np.clip(np.rint(base * jitter), min_completion_len, completion_len).astype(int)
     return batch.replace(
         completion_mask_BxC=np.arange(completion_len)[None] < lengths[:, None],
         truncated_B=lengths == completion_len,

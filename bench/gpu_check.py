@@ -69,8 +69,8 @@ def checks(tokenizer: str) -> list[Check]:
     0.44 at best, BUILD_NOTES), then LoRA's update if time is left; part 2: the adamw smoke
     run, the memory target (XLA's GPU compile already estimates it here), the update with einsum
     attention, the GPU tests; part 3: the update on completions of random lengths with and
-    without width buckets (TrainConfig.micro_batch_width_buckets), and with each prompt run once
-    for its group (TrainConfig.shared_prompt_forward). A call that starts a
+    without width buckets (TrainConfig.micro_batch_width_buckets), with each prompt run once
+    for its group (TrainConfig.shared_prompt_forward), and both together. A call that starts a
     machine spends a minute or more of the session's 15 before part 1 begins."""
     update_1p5b = ("bench.update", "--preset=qwen2.5-1.5b", "--batch=64", "--prompt_len=256")
     # 4 micro-batches: the best H200 roofline that fits (BUILD_NOTES: update shape choices).
@@ -166,6 +166,22 @@ def checks(tokenizer: str) -> list[Check]:
             100,
             update_1p5b + ("--attention=xla", "--shared_prompts=8"),
             update_tiny + ("--attention=xla", "--shared_prompts=2"),
+        ),
+        # Both: whole groups sorted by their longest completion, at K widths against full width,
+        # one group per micro-batch, lengths alike within a group as a prompt's completions run.
+        *(
+            Check(
+                f"update_shared_width_buckets_{k}",
+                3,
+                100,
+                update_1p5b
+                + ("--attention=xla", "--shared_prompts=8", "--micro_batches=8", *varied)
+                + ("--group_length_spread=0.25", f"--width_buckets={k}"),
+                update_tiny
+                + ("--attention=xla", "--shared_prompts=2", *varied_tiny)
+                + ("--group_length_spread=0.25", f"--width_buckets={k}"),
+            )
+            for k in (1, 4)
         ),
     ]
 

@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="completion lengths drawn uniformly from [this, --completion_len]; default: all full",
     )
     parser.add_argument(
+        "--group_length_spread",
+        type=float,
+        default=None,
+        help="with --min_completion_len: one length L drawn per group of --shared_prompts rows, "
+        "theirs within L x [1 - this, 1 + this]; default: each row's drawn alone",
+    )
+    parser.add_argument(
         "--width_buckets",
         type=int,
         default=1,
@@ -121,6 +128,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--min_completion_len must be in [1, --completion_len={args.completion_len}]")
     if args.width_buckets < 1:
         parser.error(f"--width_buckets must be >= 1, got {args.width_buckets}")
+    if args.group_length_spread is not None and (
+        args.min_completion_len is None or not 0 <= args.group_length_spread <= 1
+    ):
+        parser.error("--group_length_spread: a value in [0, 1], with --min_completion_len")
     if args.shared_prompts < 1 or args.batch % (
         args.micro_batches * args.updates * args.shared_prompts
     ):
@@ -195,6 +206,7 @@ def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
         "lora_rank": args.lora_rank,
         "top_entropy_quantile": args.top_entropy_quantile,
         "min_completion_len": args.min_completion_len,
+        "group_length_spread": args.group_length_spread,
         "width_buckets": args.width_buckets,
         "shared_prompts": args.shared_prompts,
     }
@@ -272,6 +284,7 @@ def _host_batch(config: ModelConfig, args: argparse.Namespace) -> Batch:
         args.completion_len,
         min_completion_len=args.min_completion_len,
         prompt_group=args.shared_prompts,
+        group_length_spread=args.group_length_spread,
     )
 
 

@@ -9,9 +9,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from bench import step, update
+from bench import common, step, update
+from grpo.models import presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset=tiny-qwen2"]
@@ -42,18 +44,35 @@ def test_update_bench_times_mini_batch_updates_with_shared_prompts_in_width_buck
     result = update.main(
         [*TINY, "--batch=4", "--prompt_len=8", "--completion_len=8", "--iters=1", "--warmup=0"]
         + ["--updates=2", "--beta=0.1", "--shared_prompts=2"]
-        + ["--min_completion_len=1", "--width_buckets=2"]
+        + ["--min_completion_len=1", "--width_buckets=2", "--group_length_spread=0.2"]
     )
     assert result["updates"] == 2 and result["update_tokens_per_s"] > 0
     assert result["shared_prompts"] == 2 and result["ref_tokens_per_s"] > 0
-    assert result["width_buckets"] == 2
+    assert result["width_buckets"] == 2 and result["group_length_spread"] == 0.2
     for bad in (
         ["--updates=3"],
         ["--shared_prompts=3"],
         ["--shared_prompts=2", "--torch_baseline"],
+        ["--group_length_spread=0.2"],  # needs random lengths
+        ["--min_completion_len=1", "--group_length_spread=1.5"],
     ):
         with pytest.raises(SystemExit):
             update.main([*TINY, "--batch=4", *bad])
+
+
+def test_random_lengths_run_alike_within_a_group_when_asked():
+    config = presets.preset("tiny-qwen2")
+    lengths = lambda **kw: common.random_batch(
+        config, 64, 4, 100, min_completion_len=10, prompt_group=8, **kw
+    ).completion_mask_BxC.sum(axis=1)
+    alike = lengths(group_length_spread=0.0).reshape(8, 8)
+    assert (alike == alike[:, :1]).all() and len(set(alike[:, 0])) > 1
+    near = lengths(group_length_spread=0.1).reshape(8, 8)  # each in L x [0.9, 1.1], rounded
+    assert (near >= 10).all() and (near <= 100).all()
+    assert (near.max(axis=1) <= near.min(axis=1) * 1.1 / 0.9 + 1).all()
+    assert (near.max(axis=1) > near.min(axis=1)).any()
+    alone = lengths().reshape(8, 8)  # each row's own draw: groups spread as wide as the batch
+    assert (alone.max(axis=1) - alone.min(axis=1)).mean() > 40
 
 
 def test_update_bench_counts_valid_tokens_of_random_lengths_in_width_buckets():
