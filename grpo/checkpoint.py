@@ -26,6 +26,12 @@ from grpo.types import TrainState
 _ITEMS = ("state", "data", "meta", "ref")
 
 
+def _read_only_options() -> ocp.CheckpointManagerOptions:
+    """Save nothing, create nothing, clean up nothing (orbax warns of any other option set).
+    A new object each time: a manager fills in its options."""
+    return ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+
+
 class Restored(NamedTuple):
     state: TrainState
     data: dict[str, Any]
@@ -44,6 +50,10 @@ class Checkpointer:
     the files are written in a background thread, so the caller may donate the state buffers to
     the next step right away. `force=True` saves regardless of the interval and blocks until the
     checkpoint is committed (the SIGTERM path).
+
+    `read_only` opens the directory for eval and export, which may run beside the training that
+    writes it: nothing is created or deleted there (a writer's cleanup would remove the other
+    process's save in flight), and `save` refuses.
     """
 
     def __init__(
@@ -53,6 +63,7 @@ class Checkpointer:
         save_interval_steps: int = 1,
         max_to_keep: int | None = 3,
         async_save: bool = True,
+        read_only: bool = False,
     ) -> None:
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
@@ -61,6 +72,12 @@ class Checkpointer:
         directory = os.fspath(directory)
         # Orbax wants an absolute path; leave remote URLs (gs://...) untouched.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self.read_only = read_only
+        if read_only:
+            self._manager = ocp.CheckpointManager(
+                self.directory, item_names=_ITEMS, options=_read_only_options()
+            )
+            return
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             # Orbax's default policy also saves the first step it sees; we want step % N == 0
@@ -102,6 +119,8 @@ class Checkpointer:
         A step that is already saved is skipped, so a forced save on SIGTERM right after a
         periodic save of the same step is harmless.
         """
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
         if step in self._manager.all_steps():
             return False
         items = dict(
@@ -153,7 +172,7 @@ class Checkpointer:
                 meta=ocp.JsonCheckpointHandler(),
                 ref=ocp.PyTreeCheckpointHandler(),
             ),
-            options=ocp.CheckpointManagerOptions(create=False),
+            options=_read_only_options(),
         )
         try:
             on_disk = reader.item_metadata(step).state["params"]

@@ -41,3 +41,14 @@ def all_json(local: list[Any]) -> list[Any]:
         row[: len(data)] = np.frombuffer(data, np.uint8)
     all_sizes, all_padded = all_rows(sizes), all_rows(padded)
     return [json.loads(bytes(row[:n])) for row, n in zip(all_padded, all_sizes, strict=True)]
+
+
+def from_process_zero(values: list[int]) -> list[int]:
+    """Process 0's ints on every process (say, what it listed in a directory that the others
+    may list at another moment, seeing other files)."""
+    if jax.process_count() == 1:
+        return list(values)
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+    padded = np.zeros(count, np.int32)  # the other processes' entries are only placeholders
+    padded[: min(count, len(values))] = values[:count]
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(padded)]

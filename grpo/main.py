@@ -3,7 +3,8 @@
 Parses gin (unknown or misspelled bindings fail here, before anything compiles), prints and
 saves the operative config, reports the devices and mesh, and runs the training loop; with
 `--eval_only`, evaluates the workdir's newest checkpoint (or the configured model) instead, and
-with `--export_only=DIR` writes it as a Hugging Face folder (`--checkpoint_step`: another step).
+with `--export_only=DIR` writes it as a Hugging Face folder (`--checkpoint_step`: another step;
+for eval, several or all).
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ flags.DEFINE_bool(
     "what the run would do, and exit before the weights are read, anything compiles or is "
     "written.",
 )
-flags.DEFINE_integer(
+flags.DEFINE_string(
     "checkpoint_step",
     None,
-    "With --eval_only or --export_only: this checkpoint step instead of the newest.",
+    "With --eval_only or --export_only: this checkpoint step instead of the newest; with "
+    "--eval_only also several, one after another ('10,20,30'), or 'all' kept in --workdir.",
 )
 FLAGS = flags.FLAGS
 
@@ -86,6 +88,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--eval_only and --export_only: one at a time")
     if FLAGS.checkpoint_step is not None and not (FLAGS.eval_only or FLAGS.export_only):
         raise app.UsageError("--checkpoint_step needs --eval_only or --export_only")
+    steps = _checkpoint_steps(FLAGS.checkpoint_step)
     logging.get_absl_handler().addFilter(_quiet_orbax)
     from grpo import distributed
 
@@ -121,7 +124,7 @@ def main(argv: list[str]) -> None:
         )
         return
     if FLAGS.eval_only or FLAGS.export_only:
-        _run_one_off(experiment)
+        _run_one_off(experiment, steps)
         return
     try:
         summary = train.train(experiment, FLAGS.workdir, config_text=operative)
@@ -144,20 +147,35 @@ def main(argv: list[str]) -> None:
     )
 
 
-def _run_one_off(experiment) -> None:
-    """--eval_only or --export_only on a checkpoint of --workdir; a missing step, or one that
+def _checkpoint_steps(spec: str | None) -> list[int] | str | None:
+    """--checkpoint_step as steps (a list), 'all', or None (the newest)."""
+    if spec is None or (spec == "all" and FLAGS.eval_only):
+        return spec
+    try:
+        steps = [int(part) for part in spec.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 0 or (len(steps) > 1 and not FLAGS.eval_only):
+        several = ", steps 'N,M,...' or 'all'" if FLAGS.eval_only else ""
+        raise app.UsageError(f"--checkpoint_step={spec}: want a step N{several}")
+    return steps
+
+
+def _run_one_off(experiment, steps: list[int] | str | None) -> None:
+    """--eval_only or --export_only on checkpoints of --workdir; a missing step, or one that
     does not fit the config, exits 2."""
     from grpo import checkpoint, train
 
     try:
-        if FLAGS.eval_only:
-            result = train.evaluate_workdir(experiment, FLAGS.workdir, FLAGS.checkpoint_step)
-            logging.info("eval of step %d: %s", result.pop("step"), result)
-        else:
+        if FLAGS.export_only:
             step = train.export_workdir(
-                experiment, FLAGS.workdir, FLAGS.export_only, FLAGS.checkpoint_step
+                experiment, FLAGS.workdir, FLAGS.export_only, None if steps is None else steps[0]
             )
             logging.info("exported step %d to %s", step, FLAGS.export_only)
+        elif steps is None:
+            train.evaluate_workdir(experiment, FLAGS.workdir)
+        else:
+            train.evaluate_checkpoints(experiment, FLAGS.workdir, None if steps == "all" else steps)
     except (FileNotFoundError, checkpoint.CheckpointMismatch) as err:
         logging.error("%s", err)
         sys.exit(2)

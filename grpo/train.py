@@ -620,24 +620,36 @@ def _export(
         logging.info("exported a Hugging Face folder to %s", export_dir)
 
 
-def _checkpointed_policy(
-    exp: Experiment, workdir: str, step: int | None, *, required: bool
-) -> tuple[Any, Any, int]:
-    """(trainable params, frozen base or None, GRPO step) of checkpoint `step` in `workdir`
-    (None: the newest; when there is none, the starting policy as step 0 unless `required`).
-    Only the params are read, straight onto their shardings: no optimizer state, and no
-    starting params beside them."""
-    with _checkpointer(exp, workdir) as checkpointer:
-        if step is None and checkpointer.latest_step() is None:
-            if required:
-                raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-            params, frozen = _trainable_and_frozen(
-                exp, place_params(exp.mesh, exp.model, exp.params)
-            )
-            return params, frozen, 0
-        params, updates = checkpointer.restore_params(step, _abstract_trainable(exp))
-    frozen = None if exp.model.lora is None else place_params(exp.mesh, exp.model, exp.params)
-    return params, frozen, updates // exp.train.updates_per_step
+def _checkpoint_reader(workdir: str) -> Checkpointer:
+    """`workdir`'s checkpoints, opened to read only: a training run may be writing there."""
+    return Checkpointer(f"{workdir}/checkpoints", read_only=True)
+
+
+def _frozen_base(exp: Experiment) -> Any:
+    """The placed base weights under LoRA (the checkpoints hold only the adapters), else None."""
+    return None if exp.model.lora is None else place_params(exp.mesh, exp.model, exp.params)
+
+
+def _checkpointed_params(exp: Experiment, reader: Checkpointer, step: int) -> tuple[Any, int]:
+    """(trainable params, GRPO step) of checkpoint `step`. Only the params are read, straight
+    onto their shardings: no optimizer state, no starting params beside them."""
+    params, updates = reader.restore_params(step, _abstract_trainable(exp))
+    return params, updates // exp.train.updates_per_step
+
+
+def _checked_steps(reader: Checkpointer, steps: list[int] | None) -> list[int]:
+    """`steps` (None: every saved one, oldest first), checked to be saved there, as process 0
+    lists them: a run writing there may add one meanwhile, and every process must read the
+    same. FileNotFoundError names the missing and the saved ones."""
+    saved = gather.from_process_zero(reader.all_steps())
+    if not saved:
+        raise FileNotFoundError(f"no checkpoint in {reader.directory}")
+    if missing := sorted(set(steps or ()) - set(saved)):
+        raise FileNotFoundError(
+            f"no checkpoint for step {', '.join(map(str, missing))} in {reader.directory} "
+            f"(available: {saved})"
+        )
+    return saved if steps is None else list(steps)
 
 
 def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> dict[str, Any]:
@@ -645,7 +657,36 @@ def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> 
     starting policy as step 0), evaluated as training would; the result is appended to
     `<workdir>/eval.jsonl` (and with `write_eval_completions` the replies to
     eval_completions.jsonl) and returned. Nothing else in the workdir changes."""
-    params, frozen, done = _checkpointed_policy(exp, workdir, step, required=False)
+    with _checkpoint_reader(workdir) as reader:
+        saved = gather.from_process_zero(reader.all_steps())
+    if step is None and not saved:
+        params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
+        return _evaluate_policy(exp, workdir, lora.attach(frozen, params), 0)
+    return evaluate_checkpoints(exp, workdir, [saved[-1] if step is None else step])[0]
+
+
+def evaluate_checkpoints(
+    exp: Experiment, workdir: str, steps: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """Eval only, checkpoint after checkpoint: `steps` (None: every one in `workdir`, oldest
+    first), each as `evaluate_workdir` does it, its line appended as soon as it is done; the
+    results in order. A step not there fails before any eval. One compile serves all; one
+    checkpoint's params are in memory at a time."""
+    with _checkpoint_reader(workdir) as reader:
+        steps = _checked_steps(reader, steps)
+        frozen = _frozen_base(exp)
+        return [_evaluate_checkpoint(exp, workdir, reader, step, frozen) for step in steps]
+
+
+def _evaluate_checkpoint(
+    exp: Experiment, workdir: str, reader: Checkpointer, step: int, frozen: Any
+) -> dict[str, Any]:
+    params, done = _checkpointed_params(exp, reader, step)  # freed on return, before the next
+    return _evaluate_policy(exp, workdir, lora.attach(frozen, params), done)
+
+
+def _evaluate_policy(exp: Experiment, workdir: str, policy: Any, done: int) -> dict[str, Any]:
+    """`policy` evaluated as GRPO step `done`; appended to eval.jsonl (and its replies)."""
     primary = jax.process_index() == 0
     replies: list[dict] = []
 
@@ -654,22 +695,26 @@ def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> 
 
     on_replies = keep if exp.train.write_eval_completions else None
     with jax.set_mesh(exp.mesh):
-        result = {"step": done, **evaluation.evaluate(exp, lora.attach(frozen, params), on_replies)}
-    if primary and replies:
-        with open(os.path.join(workdir, EVAL_COMPLETIONS_FILE), "a") as f:
-            append_records(f, done, replies)
+        result = {"step": done, **evaluation.evaluate(exp, policy, on_replies)}
     if primary:
+        os.makedirs(workdir, exist_ok=True)
+        if replies:
+            with open(os.path.join(workdir, EVAL_COMPLETIONS_FILE), "a") as f:
+                append_records(f, done, replies)
         with open(os.path.join(workdir, EVAL_FILE), "a") as f:
             f.write(json.dumps(result) + "\n")
+    logging.info("eval of step %d: %s", done, {k: v for k, v in result.items() if k != "step"})
     return result
 
 
 def export_workdir(exp: Experiment, workdir: str, export_dir: str, step: int | None = None) -> int:
     """Export only: writes the policy of checkpoint `step` in `workdir` (None: the newest) to
     `export_dir` as training's export would (its step in grpo_export.json); returns the step."""
-    params, frozen, done = _checkpointed_policy(exp, workdir, step, required=True)
+    with _checkpoint_reader(workdir) as reader:
+        step = _checked_steps(reader, None if step is None else [step])[-1]
+        params, done = _checkpointed_params(exp, reader, step)
     with jax.set_mesh(exp.mesh):
-        _export(exp, params, frozen, export_dir, info={"step": done})
+        _export(exp, params, _frozen_base(exp), export_dir, info={"step": done})
     return done
 
 

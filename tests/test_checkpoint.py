@@ -202,6 +202,25 @@ def test_half_written_tmp_dir_is_ignored_and_cleaned(tmp_path):
         assert ckpt.all_steps() == [2, 3]
 
 
+def test_a_read_only_checkpointer_leaves_a_writers_files_alone(tmp_path):
+    # Eval and export read beside a run that may be saving: its save in flight must survive.
+    state = _make_state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, state, force=True)
+    in_flight = tmp_path / "3.orbax-checkpoint-tmp"
+    (in_flight / "state").mkdir(parents=True)
+    with Checkpointer(tmp_path, read_only=True) as reader:
+        assert reader.all_steps() == [2]
+        params, _ = reader.restore_params(None, _abstract(state.params))
+        with pytest.raises(RuntimeError, match="opened read-only"):
+            reader.save(3, state, force=True)
+    assert in_flight.exists() and sorted(os.listdir(tmp_path)) == ["2", in_flight.name]
+    assert _host_bytes(params) == _host_bytes(state.params)
+    with Checkpointer(tmp_path / "absent", read_only=True) as reader:
+        assert reader.latest_step() is None
+    assert not (tmp_path / "absent").exists()
+
+
 _KILLED_SAVE = textwrap.dedent(
     """
     import os, sys

@@ -220,6 +220,18 @@ def test_two_processes_export_a_checkpoint_as_their_run_did(two_processes, tmp_p
 
 
 @pytest.mark.slow
+def test_two_processes_evaluate_every_checkpoint_as_their_run_did(two_processes):
+    # Both processes take process 0's list of the kept checkpoints (3 and 4), one after the
+    # other; step 4 scores as the run's own eval at step 4 did.
+    run = _Run(two_processes.workdir, flags=["--eval_only", "--checkpoint_step=all"])
+    _finish(run)
+    evaluated = metrics_lib.read_metrics(two_processes.workdir / "eval.jsonl")
+    assert [r["step"] for r in evaluated] == [3, 4]
+    last = two_processes.rows()[-1]
+    assert evaluated[1] == {key: last[key] for key in evaluated[1]}
+
+
+@pytest.mark.slow
 def test_dynamic_sampling_and_lora_on_two_processes_train_as_one(tmp_path):
     # Every process gathers every round and picks the same groups, then takes its own rows:
     # the steps match one process's, extra rounds included. The runs train LoRA adapters too

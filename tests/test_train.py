@@ -104,17 +104,24 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     assert "make_mesh.tp = 2" in config
     assert "step 3/3" in result.stderr
     assert "done: 3 steps" in result.stderr
-    # --eval_only on the finished run: step 3's eval again, written beside, nothing else.
+    # --eval_only of every kept checkpoint (2 and 3): step 3's eval again, written beside,
+    # nothing else.
     write_replies = "TrainConfig.write_eval_completions=True"
-    result = _cli(tmp_path, "TrainConfig.num_steps=3", write_replies, flags=["--eval_only"])
+    flags = ["--eval_only", "--checkpoint_step=all"]
+    result = _cli(tmp_path, "TrainConfig.num_steps=3", write_replies, flags=flags)
     assert result.returncode == 0, result.stderr[-3000:]
-    (evaluated,) = metrics_lib.read_metrics(tmp_path / train.EVAL_FILE)
+    evaluated = metrics_lib.read_metrics(tmp_path / train.EVAL_FILE)
     greedy = ("eval_accuracy", "eval_length_mean", "eval_truncation_rate")
-    assert evaluated == {"step": 3, **{key: rows[2][key] for key in greedy}}
+    assert [r["step"] for r in evaluated] == [2, 3]
+    assert evaluated[1] == {"step": 3, **{key: rows[2][key] for key in greedy}}
+    assert "eval of step 2: " in result.stderr and "eval of step 3: " in result.stderr
     assert (tmp_path / "config.gin").read_text() == config
     # ...and the same greedy replies as the run's own step-3 eval.
     again = metrics_lib.read_metrics(tmp_path / metrics_lib.EVAL_COMPLETIONS_FILE)[len(replies) :]
-    assert again == [r for r in replies if r["step"] == 3 and r["set"] == "test"]
+    assert [r for r in again if r["step"] == 3] == [
+        r for r in replies if r["step"] == 3 and r["set"] == "test"
+    ]
+    assert len(again) == 2 * 8
     # --export_only of an older checkpoint; a step that is not there fails in one line.
     export = tmp_path / "step2"
     result = _cli(tmp_path, flags=[f"--export_only={export}", "--checkpoint_step=2"])
@@ -287,6 +294,8 @@ def test_attention_kernels_are_refused_off_their_platform():
     "flags, message",
     [
         (["--checkpoint_step=2"], "--checkpoint_step needs --eval_only or --export_only"),
+        (["--export_only=/tmp/x", "--checkpoint_step=all"], "--checkpoint_step=all: want a step N"),
+        (["--eval_only", "--checkpoint_step=2,x"], "want a step N, steps 'N,M,...' or 'all'"),
         (["--eval_only", "--export_only=/tmp/x"], "--eval_only and --export_only: one at a time"),
         (["--gin_file=gin/no_such.gin"], "invalid configuration: gin: Unable to open file"),
         (
@@ -801,20 +810,27 @@ def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
     _train_in_process(tmp_path / "run", *bindings, "TrainConfig.eval_every_steps=2")
     start, _, last = metrics_lib.read_metrics(tmp_path / "run" / "metrics.jsonl")
     metrics_before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    # A save in flight from a run still writing here: eval must not clean it up.
+    in_flight = tmp_path / "run" / "checkpoints" / "3.orbax-checkpoint-tmp"
+    in_flight.mkdir()
     experiment = _experiment(*bindings)
-    assert train.evaluate_workdir(experiment, str(tmp_path / "run")) == {
-        "step": 2,
-        "eval_accuracy": last["eval_accuracy"],
-    }
+    newest = {"step": 2, "eval_accuracy": last["eval_accuracy"]}
+    assert train.evaluate_workdir(experiment, str(tmp_path / "run")) == newest
     assert train.evaluate_workdir(experiment, str(tmp_path / "fresh")) == {
         "step": 0,
         "eval_accuracy": start["eval_accuracy"],
     }
     assert start["eval_accuracy"] != last["eval_accuracy"]  # the adapters trained
-    assert metrics_lib.read_metrics(tmp_path / "run" / train.EVAL_FILE) == [
-        {"step": 2, "eval_accuracy": last["eval_accuracy"]}
-    ]
+    assert not (tmp_path / "fresh" / "checkpoints").exists()
+    # Every kept checkpoint (tiny.gin keeps two), oldest first; a step not there fails first.
+    with pytest.raises(FileNotFoundError, match=r"step 7 .*available: \[1, 2\]"):
+        train.evaluate_checkpoints(experiment, str(tmp_path / "run"), [2, 7])
+    first, again = train.evaluate_checkpoints(experiment, str(tmp_path / "run"))
+    assert first["step"] == 1 and again == newest
+    assert first["eval_accuracy"] not in (start["eval_accuracy"], last["eval_accuracy"])
+    assert metrics_lib.read_metrics(tmp_path / "run" / train.EVAL_FILE) == [newest, first, newest]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_before
+    assert in_flight.exists()
 
 
 @pytest.mark.parametrize("bindings", [(), ("make_model.lora_rank=4",)], ids=["full", "lora"])
