@@ -19,6 +19,7 @@ tokens/s <= batch * bandwidth / (param bytes + KV cache bytes).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -32,6 +33,7 @@ from grpo.models import loading, lora, presets
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
 from grpo.phases import rollout
+from grpo.phases.stop_strings import StopStrings
 
 flags.DEFINE_string("preset", "tiny-qwen2", "Model shape from grpo/models/presets.py (random).")
 flags.DEFINE_string("model", None, "A Hugging Face folder or .gguf file (overrides --preset).")
@@ -43,6 +45,10 @@ flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per sequence (no padding).
 flags.DEFINE_integer("new_tokens", 64, "New tokens per sequence.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_integer("decode_segments", 1, "Decode loops, each attending to a longer cache prefix.")
+flags.DEFINE_list(
+    "stop_strings", [], "Stop strings over a stand-in vocabulary that spells token i '<i>': "
+    "each decode step pays their lookup, and (but for strings such as '<5><9>') none matches.",
+)  # fmt: skip
 flags.DEFINE_integer("iters", 3, "Timed calls after the warm-up.")
 flags.DEFINE_integer("lora_rank", 0, "> 0: decode with fresh LoRA adapters attached (merged).")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers' generate on the same shape.")
@@ -86,7 +92,13 @@ def _sampling(config: ModelConfig) -> rollout.SamplingConfig:
         end_ids=(config.vocab_size - 1,),
         pad_id=0,
         decode_segments=FLAGS.decode_segments,
+        stop=_stand_in_stop_strings(config.vocab_size) if FLAGS.stop_strings else None,
     )
+
+
+@functools.cache
+def _stand_in_stop_strings(vocab_size: int) -> StopStrings:
+    return StopStrings.build(FLAGS.stop_strings, [f"<{i}>".encode() for i in range(vocab_size)])
 
 
 def _lower(config: ModelConfig, params, tokens, mask, key, mesh=None):
@@ -277,6 +289,7 @@ def main(argv: list[str]) -> None:
         "prompt_len": FLAGS.prompt_len,
         "new_tokens": FLAGS.new_tokens,
         "lora_rank": FLAGS.lora_rank,
+        "stop_strings": FLAGS.stop_strings,
         "steps_run": steps,
         "rows_ended_early": int(np.sum(~np.asarray(out.truncated_B))),
         "compile_and_first_s": round(first, 2),

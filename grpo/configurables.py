@@ -29,6 +29,7 @@ from grpo.experiment import (
 from grpo.models import loading, presets, transformer
 from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
 from grpo.phases import reward, rollout, update
+from grpo.phases.stop_strings import StopStrings, token_bytes
 from grpo.sampling import encode_questions
 
 # The factories check their arguments' types (grpo/knobs.py); the config classes check theirs.
@@ -164,7 +165,7 @@ def make_dataset(
     return load(train_split, num_train), load(test_split, num_test)
 
 
-@gin.configurable
+@gin.configurable(denylist=["token_bytes"])
 @knobs.checked
 def make_sampling(
     *,
@@ -176,7 +177,16 @@ def make_sampling(
     top_p: float = 1.0,
     min_p: float = 0.0,
     decode_segments: int = 1,
+    stop_strings: tuple[str, ...] = (),
+    token_bytes: Callable[[], list[bytes]] | None = None,
 ) -> rollout.SamplingConfig:
+    """`token_bytes` (the run's, not a gin knob): each token id's bytes in a reply's text, for
+    the stop strings' automata."""
+    stop = None
+    if stop_strings:
+        if token_bytes is None:
+            raise ValueError("make_sampling.stop_strings needs the tokenizer's token bytes")
+        stop = StopStrings.build(stop_strings, token_bytes())
     return rollout.SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -186,6 +196,7 @@ def make_sampling(
         end_ids=end_ids,
         pad_id=pad_id,
         decode_segments=decode_segments,
+        stop=stop,
     )
 
 
@@ -327,7 +338,11 @@ def build_experiment(*, read_params: bool = True, eval_only: bool = False) -> Ex
         train, rewards, bundle.tokenizer, eval_only
     )
     end_ids, pad_id = _end_and_pad_ids(bundle)
-    sampling = make_sampling(end_ids=end_ids, pad_id=pad_id)
+    sampling = make_sampling(
+        end_ids=end_ids,
+        pad_id=pad_id,
+        token_bytes=lambda: token_bytes(bundle.tokenizer, bundle.config.vocab_size),
+    )
     if rewards.overlong_buffer > sampling.max_new_tokens:
         raise ValueError(
             f"make_rewards.overlong_buffer={rewards.overlong_buffer} exceeds the token budget "
@@ -350,7 +365,8 @@ def build_experiment(*, read_params: bool = True, eval_only: bool = False) -> Ex
         temperature=sampling.logp_temperature,
         max_completion_length=loss.max_completion_length or sampling.max_new_tokens,
     )
-    logging.info("end ids %s, pad id %d", end_ids, pad_id)
+    stops = f", stop strings {sampling.stop.strings}" if sampling.stop else ""
+    logging.info("end ids %s, pad id %d%s", end_ids, pad_id, stops)
     experiment = Experiment(
         model=bundle.config,
         params=None,

@@ -543,6 +543,26 @@ def _check_solved_prompts_retired(workdir, rows):
 
 
 @pytest.mark.slow
+def test_a_stop_string_ends_sampled_and_eval_replies(tmp_path, length_reward):
+    # "e" is in many of SmolLM2's tokens, so the tiny random policy meets it within a few: no
+    # reply may run on to the budget with an "e" in it, in the steps or in the eval.
+    _train_in_process(
+        tmp_path,
+        "make_sampling.stop_strings=('e',)",
+        "TrainConfig.num_steps=2",
+        "TrainConfig.write_eval_completions=True",
+    )
+    rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    sampled = metrics_lib.read_metrics(tmp_path / "completions.jsonl")
+    replies = metrics_lib.read_metrics(tmp_path / metrics_lib.EVAL_COMPLETIONS_FILE)
+    for records in (sampled, replies):
+        assert not [r for r in records if r["truncated"] and "e" in r["completion"]]
+        stopped = [r for r in records if not r["truncated"] and "e" in r["completion"]]
+        assert len(stopped) >= len(records) // 4, records
+    assert rows[-1]["completion_length_mean"] < 8 and rows[-1]["grad_norm"] > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_optimizers_train(tmp_path, length_reward, optimizer):
     summary = _train_in_process(

@@ -2,9 +2,9 @@
 
 `generate` repeats each left-padded prompt `num_samples` times (group-contiguous rows), prefills
 the prompts once into a preallocated KV cache, repeats the cache per sample, and decodes inside
-`lax.while_loop`s (one, or one per `decode_segments`) until every row has emitted an end id or
-the budget is spent. Nothing returns to the host per token. Sampling keys are
-`fold_in(rng, completion_index)`, so a key fixes the output.
+`lax.while_loop`s (one, or one per `decode_segments`) until every row has emitted an end id (or
+completed a stop string: `stop_strings.py`) or the budget is spent. Nothing returns to the host
+per token. Sampling keys are `fold_in(rng, completion_index)`, so a key fixes the output.
 
 Log-prob convention (what `Rollout.logps_BxC` holds, in fp32, computed from the fp32 logits of
 the same `transformer.forward` / `transformer.logits` the trainer uses):
@@ -34,6 +34,7 @@ from grpo import knobs, sharding
 from grpo.models import lora
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
+from grpo.phases.stop_strings import StopStrings
 from grpo.types import Rollout
 
 
@@ -45,6 +46,9 @@ class SamplingConfig:
     completion, each attending only to the cache slots filled by its end (one compile of the
     decode step per segment). Fewer cache bytes per step for long completions; off (1) by
     default until measured on a GPU (BUILD_NOTES: segmented decode).
+
+    stop: a row also ends with the token that completes one of these strings in its text (the
+    token stays in the completion, as an end token does).
     """
 
     max_new_tokens: int
@@ -55,6 +59,7 @@ class SamplingConfig:
     end_ids: tuple[int, ...]
     pad_id: int
     decode_segments: int = 1
+    stop: StopStrings | None = None
 
     def __post_init__(self):
         knobs.check_fields(self, "SamplingConfig")
@@ -98,7 +103,9 @@ class SamplingState:
     last_B: jax.Array  # int32: the most recent sampled token, fed to the next forward
     tokens_BxC: jax.Array  # int32, pad_id where not yet sampled or after the end token
     logps_BxC: jax.Array  # fp32
-    done_B: jax.Array  # bool: has emitted an end id
+    done_B: jax.Array  # bool: has emitted an end id or completed a stop string
+    ends_B: jax.Array  # int32: the completion length once done, else the width
+    stops_BxS: jax.Array  # int32: each stop string's automaton state (S = 0 without any)
     cache: tf.KVCache
 
 
@@ -129,6 +136,11 @@ def generate(
     bad_ids = [i for i in (*sampling.end_ids, sampling.pad_id) if not 0 <= i < model.vocab_size]
     if bad_ids:
         raise ValueError(f"end/pad ids {bad_ids} outside the vocabulary [0, {model.vocab_size})")
+    if sampling.stop is not None and sampling.stop.vocab_size != model.vocab_size:
+        raise ValueError(
+            f"stop strings built for {sampling.stop.vocab_size} token ids, the model has "
+            f"{model.vocab_size}"
+        )
     if isinstance(prompt_mask_BxP, np.ndarray) and not prompt_mask_BxP[:, -1].all():
         raise ValueError("prompts must be left-padded and non-empty (last mask column all True)")
     return _generate(
@@ -182,6 +194,8 @@ def _generate(
         tokens_BxC=jnp.full((batch, width), sampling.pad_id, jnp.int32),
         logps_BxC=jnp.zeros((batch, width), jnp.float32),
         done_B=jnp.zeros((batch,), bool),
+        ends_B=jnp.full((batch,), width, jnp.int32),
+        stops_BxS=jnp.zeros((batch, len(sampling.stop.strings) if sampling.stop else 0), jnp.int32),
         cache=cache,
     )
     state = _record(state, first_logits_BxV, rng, sampling, mesh)
@@ -256,13 +270,19 @@ def _record(
     token_B, logp_B = (sharding.constrain(x, (None,), mesh) for x in (token_B, logp_B))
     token_B = jnp.where(state.done_B, sampling.pad_id, token_B)
     logp_B = jnp.where(state.done_B, 0.0, logp_B)
+    ends_here_B, stops_BxS = _is_end(token_B, sampling.end_ids), state.stops_BxS
+    if sampling.stop is not None:
+        stops_BxS, stopped_B = sampling.stop.advance(stops_BxS, token_B)
+        ends_here_B |= stopped_B
     write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=state.step, axis=1)
     new = state.replace(
         step=state.step + 1,
         last_B=token_B,
         tokens_BxC=write(state.tokens_BxC, token_B[:, None]),
         logps_BxC=write(state.logps_BxC, logp_B[:, None]),
-        done_B=state.done_B | _is_end(token_B, sampling.end_ids),
+        done_B=state.done_B | ends_here_B,
+        ends_B=jnp.where(ends_here_B & ~state.done_B, state.step + 1, state.ends_B),
+        stops_BxS=stops_BxS,
     )
     return _constrain_state(new, mesh)
 
@@ -314,11 +334,10 @@ def _finish(
     sampling: SamplingConfig,
     mesh: Mesh | None,
 ) -> Rollout:
-    """Masks everything after each row's first end token (pad_id may itself be an end id)."""
+    """Masks everything after the token that ended each row (an end token or a stop string's
+    last; the padding after it may itself be an end id)."""
     width = state.tokens_BxC.shape[1]
-    is_end_BxC = _is_end(state.tokens_BxC, sampling.end_ids)
-    has_end_B = is_end_BxC.any(axis=1)
-    length_B = jnp.where(has_end_B, jnp.argmax(is_end_BxC, axis=1) + 1, width).astype(jnp.int32)
+    length_B = state.ends_B
     mask_BxC = jnp.arange(width)[None, :] < length_B[:, None]
     rollout = Rollout(
         prompt_tokens_BxP=prompt_tokens_BxP,
@@ -327,7 +346,7 @@ def _finish(
         completion_mask_BxC=mask_BxC,
         logps_BxC=jnp.where(mask_BxC, state.logps_BxC, 0.0),
         lengths_B=length_B,
-        truncated_B=~has_end_B,
+        truncated_B=~state.done_B,
     )
     return jax.tree.map(
         lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh), rollout
@@ -365,6 +384,8 @@ def _constrain_state(state: SamplingState, mesh: Mesh | None) -> SamplingState:
         tokens_BxC=sharding.constrain(state.tokens_BxC, ("batch", None), mesh),
         logps_BxC=sharding.constrain(state.logps_BxC, ("batch", None), mesh),
         done_B=sharding.constrain(state.done_B, ("batch",), mesh),
+        ends_B=sharding.constrain(state.ends_B, ("batch",), mesh),
+        stops_BxS=sharding.constrain(state.stops_BxS, ("batch", None), mesh),
         cache=_constrain_cache(state.cache, mesh),
     )
 

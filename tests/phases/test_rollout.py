@@ -1,6 +1,7 @@
 """Rollout phase: parity with transformers' greedy generate and with the trainer's log-probs,
 first-token sampling statistics, end tokens, sharding, and compile-count bucketing."""
 
+import dataclasses
 import re
 
 import jax
@@ -13,6 +14,7 @@ from grpo import sharding
 from grpo.models import loading, presets
 from grpo.models import transformer as tf
 from grpo.phases import rollout as ro
+from grpo.phases.stop_strings import StopStrings
 from grpo.types import Rollout
 
 CONFIG = presets.preset("tiny-qwen2", dtype="float32")
@@ -299,6 +301,33 @@ def test_end_tokens_mask_pad_and_flag_truncation(params, prompts):
     np.testing.assert_array_equal(ended.completion_tokens_BxC, np.where(mask, free_tokens, ends[1]))
     np.testing.assert_array_equal(ended.logps_BxC, np.where(mask, free.logps_BxC, 0.0))
     assert (ended.logps_BxC[mask] < 0).all()
+
+
+def test_stop_strings_end_rows_where_their_text_first_holds_one(params, prompts):
+    # Token i reads "<i>" here, so "<a><b>" appears exactly where a is followed by b. A row
+    # stops on that b and keeps what it drew before: each row's draws depend on its own logits
+    # and the step's key only.
+    spelled = [f"<{i}>".encode() for i in range(CONFIG.vocab_size)]
+    sampling = _sampling(temperature=1.0, end_ids=(2,), pad_id=1)
+    free = _generate(params, prompts, sampling)
+    a, b = (int(t) for t in free.completion_tokens_BxC[0, 2:4])
+    stop = StopStrings.build([f"<{a}><{b}>", "<never>"], spelled)
+    stopped = _generate(params, prompts, dataclasses.replace(sampling, stop=stop))
+    rows = zip(free.completion_tokens_BxC, free.lengths_B, strict=True)
+    for row, (tokens, length) in enumerate(rows):
+        pair = [j for j in range(1, length) if (tokens[j - 1], tokens[j]) == (a, b)]
+        want = pair[0] + 1 if pair else length
+        assert stopped.lengths_B[row] == want, row
+        assert stopped.truncated_B[row] == (free.truncated_B[row] and not pair)
+        np.testing.assert_array_equal(stopped.completion_tokens_BxC[row, :want], tokens[:want])
+        np.testing.assert_allclose(stopped.logps_BxC[row, :want], free.logps_BxC[row, :want])
+        assert not stopped.completion_mask_BxC[row, want:].any()
+        assert (stopped.completion_tokens_BxC[row, want:] == 1).all()
+    assert stopped.lengths_B[0] <= 4 and (stopped.lengths_B < free.lengths_B).any()
+    with pytest.raises(ValueError, match="stop strings built for 4 token ids, the model has 128"):
+        _generate(
+            params, prompts, dataclasses.replace(sampling, stop=stop.build(["x"], spelled[:4]))
+        )
 
 
 # ----------------------------------------------------------------------------- sharding, shapes
