@@ -195,11 +195,17 @@ class Checkpointer:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
-        elif step not in self._manager.all_steps():
+        elif step not in self._manager.all_steps() and step not in self._reloaded_steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory} (available: {self.all_steps()})"
             )
         return step
+
+    def _reloaded_steps(self) -> list[int]:
+        """The steps on disk now: the manager lists them once, and another process (a run
+        training here, or a peer that listed them later) may have committed one since."""
+        self._manager.reload()
+        return self._manager.all_steps()
 
     def wait_until_finished(self) -> None:
         """Blocks until every pending async save is committed."""

@@ -221,6 +221,21 @@ def test_a_read_only_checkpointer_leaves_a_writers_files_alone(tmp_path):
     assert not (tmp_path / "absent").exists()
 
 
+def test_a_reader_finds_a_step_committed_after_it_listed_them(tmp_path):
+    # A multi-host eval restores the steps process 0 listed; another process's reader may have
+    # listed the folder just before the writer committed one of them.
+    state = _make_state()
+    with Checkpointer(tmp_path) as writer:
+        writer.save(1, state, force=True)
+        with Checkpointer(tmp_path, read_only=True) as reader:
+            assert reader.all_steps() == [1]
+            writer.save(2, state.replace(step=jnp.int32(2)), force=True)
+            _, updates = reader.restore_params(2, _abstract(state.params))
+            with pytest.raises(FileNotFoundError, match=r"step 3 .*available: \[1, 2\]"):
+                reader.restore_params(3, _abstract(state.params))
+    assert updates == 2
+
+
 _KILLED_SAVE = textwrap.dedent(
     """
     import os, sys
