@@ -24,6 +24,7 @@ def encode_questions(cfg: TrainConfig, tokenizer: Any, examples: Sequence[dict])
         system_prompt=cfg.system_prompt,
         template_kwargs=cfg.chat_template_kwargs,
         question_template=cfg.question_template,
+        chat_template=cfg.use_chat_template,
     )
 
 

@@ -39,6 +39,11 @@ def test_recipe_builds_valid_configs_on_the_reference_run(recipe, clean_gin):
         assert Columns(query("question_field"), query("answer_field"), query("answer_format"))
         assert cfg.answer_match == "math_verify" and "correctness_math_verify" in rewards.names
         assert cfg.system_prompt.endswith("<answer> \\frac{3}{2} </answer>")
+    if "r1_zero" in recipe:  # a base model, a plain prompt that spells the format, a stop
+        assert not cfg.use_chat_template and cfg.system_prompt is None
+        assert cfg.question_template.endswith("User: {question}\nAssistant:")
+        assert gin.query_parameter("make_sampling.stop_strings") == ("</answer>",)
+        assert not gin.query_parameter("make_model.source").endswith("Instruct")
     assert cfg.prompts_per_step == 16  # the run file's, untouched by the overlay
     if "dr_grpo" in recipe:  # no per-completion length or group-std normalisation
         assert loss.aggregation == "seq_mean_token_sum_norm" and cfg.advantage_scale == "none"

@@ -371,6 +371,11 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(system_prompt="Write \frac{1}{2}"), "holds the control character \\f (a LaTeX"),
         (dict(question_template="{question} \boxed{}"), "holds the control character \\b"),
         (dict(answer_match="sympy"), "answer match must be one of numeric, math_verify"),
+        (dict(use_chat_template=False), "the question template is the whole prompt"),
+        (
+            dict(use_chat_template=False, system_prompt=None, chat_template_kwargs={"a": 1}),
+            "set system_prompt=None and no chat_template_kwargs",
+        ),
         (
             dict(shared_prompt_forward=True, completions_per_micro_batch=4),  # groups of 8
             "4 completions per micro-batch are not a multiple of num_generations=8",
@@ -1030,6 +1035,19 @@ def test_the_question_template_reaches_the_sampled_prompts(length_reward):
     tokens, mask = sampling.prompts_for(exp, exp.train_examples[:2], 1)
     text = exp.tokenizer.decode(np.asarray(tokens)[0][np.asarray(mask)[0].astype(bool)])
     assert exp.train_examples[0]["question"] + " Be brief." in text
+
+
+def test_a_prompt_without_the_chat_template_is_the_question_template_alone(length_reward):
+    exp = _experiment(
+        "TrainConfig.use_chat_template=False",
+        "TrainConfig.system_prompt=None",
+        "TrainConfig.question_template='Q: {question}\\nA:'",
+        read_params=False,
+    )
+    tokens, mask = sampling.prompts_for(exp, exp.train_examples[:1], 1)
+    prompt = np.asarray(tokens)[0][np.asarray(mask)[0].astype(bool)].tolist()
+    assert prompt == exp.tokenizer.encode(f"Q: {exp.train_examples[0]['question']}\nA:")
+    assert "<|im_start|>" not in exp.tokenizer.decode(prompt)  # SmolLM2 has a chat template
 
 
 def test_extra_train_sets_join_the_main_train_split(length_reward):

@@ -4,6 +4,8 @@ A tokenizer with a chat template gets `[system?, user]` messages and the assista
 (`add_generation_prompt=True`), so the model continues as the assistant. A tokenizer without one
 (a base model) gets plain text instead: the system prompt (if any) and a blank line, then
 `"Question: <question>\\nAnswer:"`, encoded with the tokenizer's own special tokens (e.g. BOS).
+With `chat_template=False` the question template alone is the prompt, whatever the tokenizer
+has (a base model trained R1-Zero style, whose prompt spells out the reply's format).
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ def encode_prompts(
     system_prompt: str | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
     question_template: str = QUESTION,
+    chat_template: bool = True,
 ) -> list[list[int]]:
-    """Token ids of each question's prompt (chat template, else the plain fallback).
+    """Token ids of each question's prompt (chat template, else the plain fallback; with
+    `chat_template=False`, the question template's text alone).
 
     `template_kwargs` are variables for the chat template, e.g. Qwen3's `enable_thinking`.
     `question_template` is the user turn, the question where it says `{question}` (plain text
@@ -58,6 +62,10 @@ def encode_prompts(
     within \\boxed{}."`."""
     check_question_template(question_template)
     questions = [question_template.replace(QUESTION, q) for q in questions]
+    if not chat_template:
+        if system_prompt is not None or template_kwargs:
+            raise ValueError("a prompt without the chat template has no system turn or variables")
+        return [_as_token_ids(tokenizer.encode(q)) for q in questions]
     if getattr(tokenizer, "chat_template", None):
         return [
             _as_token_ids(

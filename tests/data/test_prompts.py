@@ -136,6 +136,18 @@ def test_question_template_wraps_the_user_turn(chatml):
     ]
 
 
+def test_without_the_chat_template_the_question_template_is_the_prompt(chatml):
+    template = "be brief : {question} Answer :"
+    for tokenizer in (chatml, _tokenizer(None)):  # a template of its own or not
+        got = encode_prompts(
+            tokenizer, ["how many ?"], question_template=template, chat_template=False
+        )
+        assert got == [_ids(tokenizer, "be brief : how many ? Answer :")]
+    for extra in (dict(system_prompt="be brief"), dict(template_kwargs={"enable_thinking": False})):
+        with pytest.raises(ValueError, match="without the chat template has no system turn"):
+            encode_prompts(chatml, ["how many ?"], chat_template=False, **extra)
+
+
 def test_question_template_keeps_braces_and_needs_one_placeholder():
     # LaTeX braces stay as written: the template is not a str.format pattern.
     tokenizer = _tokenizer(_CHATML)
