@@ -298,16 +298,6 @@ def _check_attention_platform(model: ModelConfig, platform: str) -> None:
         raise ValueError("make_model.attention_impl='splash' is a TPU kernel: on a GPU use 'cudnn'")
 
 
-def _check_shared_prompt_attention(model: ModelConfig) -> None:
-    """The shared-prompt forward's completions attend to their prompt's keys, then their own:
-    einsum or splash attention take that; cuDNN's kernel takes self-attention only."""
-    if model.attention_impl == "cudnn":
-        raise ValueError(
-            "TrainConfig.shared_prompt_forward takes einsum or splash attention, not "
-            "attention_impl='cudnn' (self-attention only): set 'xla' or 'auto', or turn it off"
-        )
-
-
 def build_experiment(*, read_params: bool = True, eval_only: bool = False) -> Experiment:
     """Calls every factory (gin binds their arguments) and assembles the experiment. The
     weights are read (or initialised, which compiles) last, once the whole configuration has
@@ -328,7 +318,7 @@ def build_experiment(*, read_params: bool = True, eval_only: bool = False) -> Ex
     bundle = make_model()
     _check_attention_platform(bundle.config, mesh.devices.flat[0].platform)
     if train.shared_prompt_forward:
-        _check_shared_prompt_attention(bundle.config)
+        transformer.check_shared_prompt_attention(bundle.config)
     if train.chat_template_kwargs and not getattr(bundle.tokenizer, "chat_template", None):
         raise ValueError(
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "

@@ -637,19 +637,21 @@ def _checkpointed_params(exp: Experiment, reader: Checkpointer, step: int) -> tu
     return params, updates // exp.train.updates_per_step
 
 
-def _checked_steps(reader: Checkpointer, steps: list[int] | None) -> list[int]:
-    """`steps` (None: every saved one, oldest first), checked to be saved there, as process 0
-    lists them: a run writing there may add one meanwhile, and every process must read the
-    same. FileNotFoundError names the missing and the saved ones."""
-    saved = gather.from_process_zero(reader.all_steps())
+def _saved_steps(reader: Checkpointer) -> list[int]:
+    """The steps saved there, oldest first, as process 0 lists them: a run writing there may
+    add one meanwhile, and every process must read the same."""
+    return gather.from_process_zero(reader.all_steps())
+
+
+def _check_saved(reader: Checkpointer, saved: list[int], steps: list[int]) -> None:
+    """FileNotFoundError unless each of `steps` is among the `saved` ones, naming those."""
     if not saved:
         raise FileNotFoundError(f"no checkpoint in {reader.directory}")
-    if missing := sorted(set(steps or ()) - set(saved)):
+    if missing := sorted(set(steps) - set(saved)):
         raise FileNotFoundError(
             f"no checkpoint for step {', '.join(map(str, missing))} in {reader.directory} "
             f"(available: {saved})"
         )
-    return saved if steps is None else list(steps)
 
 
 def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> dict[str, Any]:
@@ -658,11 +660,13 @@ def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> 
     `<workdir>/eval.jsonl` (and with `write_eval_completions` the replies to
     eval_completions.jsonl) and returned. Nothing else in the workdir changes."""
     with _checkpoint_reader(workdir) as reader:
-        saved = gather.from_process_zero(reader.all_steps())
-    if step is None and not saved:
-        params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
-        return _evaluate_policy(exp, workdir, lora.attach(frozen, params), 0)
-    return evaluate_checkpoints(exp, workdir, [saved[-1] if step is None else step])[0]
+        saved = _saved_steps(reader)
+        if step is not None or saved:
+            return _evaluate_steps(
+                exp, workdir, reader, saved, [saved[-1] if step is None else step]
+            )[0]
+    params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
+    return _evaluate_policy(exp, workdir, lora.attach(frozen, params), 0)
 
 
 def evaluate_checkpoints(
@@ -673,9 +677,16 @@ def evaluate_checkpoints(
     results in order. A step not there fails before any eval. One compile serves all; one
     checkpoint's params are in memory at a time."""
     with _checkpoint_reader(workdir) as reader:
-        steps = _checked_steps(reader, steps)
-        frozen = _frozen_base(exp)
-        return [_evaluate_checkpoint(exp, workdir, reader, step, frozen) for step in steps]
+        saved = _saved_steps(reader)
+        return _evaluate_steps(exp, workdir, reader, saved, saved if steps is None else steps)
+
+
+def _evaluate_steps(
+    exp: Experiment, workdir: str, reader: Checkpointer, saved: list[int], steps: list[int]
+) -> list[dict[str, Any]]:
+    _check_saved(reader, saved, steps)
+    frozen = _frozen_base(exp)
+    return [_evaluate_checkpoint(exp, workdir, reader, step, frozen) for step in steps]
 
 
 def _evaluate_checkpoint(
@@ -711,7 +722,9 @@ def export_workdir(exp: Experiment, workdir: str, export_dir: str, step: int | N
     """Export only: writes the policy of checkpoint `step` in `workdir` (None: the newest) to
     `export_dir` as training's export would (its step in grpo_export.json); returns the step."""
     with _checkpoint_reader(workdir) as reader:
-        step = _checked_steps(reader, None if step is None else [step])[-1]
+        saved = _saved_steps(reader)
+        step = saved[-1] if step is None and saved else step
+        _check_saved(reader, saved, [step])
         params, done = _checkpointed_params(exp, reader, step)
     with jax.set_mesh(exp.mesh):
         _export(exp, params, _frozen_base(exp), export_dir, info={"step": done})

@@ -285,9 +285,9 @@ def test_attention_kernels_are_refused_off_their_platform():
         check(tiny(attention_impl="splash"), "gpu")
     check(tiny(attention_impl="splash"), "cpu")  # interpreted, as the tests run it
     check(tiny(attention_impl="auto"), "gpu")
-    configurables._check_shared_prompt_attention(tiny(attention_impl="splash"))
+    tf.check_shared_prompt_attention(tiny(attention_impl="splash"))
     with pytest.raises(ValueError, match="not attention_impl='cudnn' \\(self-attention only\\)"):
-        configurables._check_shared_prompt_attention(tiny(attention_impl="cudnn"))
+        tf.check_shared_prompt_attention(tiny(attention_impl="cudnn"))
 
 
 @pytest.mark.parametrize(

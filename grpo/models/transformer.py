@@ -227,6 +227,16 @@ def _attention(q, k, v, *, mask_BxTxS, valid_BxS, impl: str):
     )
 
 
+def check_shared_prompt_attention(config: ModelConfig) -> None:
+    """The shared-prompt forward's completions attend to their prompt's keys, then their own:
+    einsum or splash attention take that; cuDNN's kernel takes self-attention only."""
+    if config.attention_impl == "cudnn":
+        raise ValueError(
+            "TrainConfig.shared_prompt_forward takes einsum or splash attention, not "
+            "attention_impl='cudnn' (self-attention only): set 'xla' or 'auto', or turn it off"
+        )
+
+
 def _resolve_attention_impl(impl: str) -> str:
     if impl == "auto":  # cuDNN stays opt-in until timed on a GPU (BUILD_NOTES)
         return "splash" if splash.target_platform() == "tpu" else "xla"
@@ -515,11 +525,8 @@ def forward_shared_prompts(
     einsum or splash attention (queries the last C of P + C key slots); cuDNN's kernel is
     refused, as it takes self-attention only.
     """
+    check_shared_prompt_attention(config)
     impl = _resolve_attention_impl(config.attention_impl)
-    if impl == "cudnn":
-        raise ValueError(
-            "shared prompts take einsum or splash attention, not attention_impl='cudnn'"
-        )
     dtype = jnp.dtype(config.dtype)
     inv_freq = rope_inv_freq(config)
     p, c = prompt_NxP.shape[1], completion_BxC.shape[1]
