@@ -100,7 +100,12 @@ class Checkpointer:
         are listed when a Checkpointer opens the directory), or None when there is none."""
         return self._manager.latest_step()
 
-    def all_steps(self) -> list[int]:
+    def all_steps(self, reload: bool = False) -> list[int]:
+        """The saved steps, oldest first, as listed when this Checkpointer opened the directory;
+        `reload`: as on disk now (another process, a run training there or a peer, may have
+        committed or deleted one since)."""
+        if reload:
+            self._manager.reload()
         return sorted(self._manager.all_steps())
 
     def save(
@@ -195,17 +200,11 @@ class Checkpointer:
             step = self.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
-        elif step not in self._manager.all_steps() and step not in self._reloaded_steps():
+        elif step not in self._manager.all_steps() and step not in self.all_steps(reload=True):
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory} (available: {self.all_steps()})"
             )
         return step
-
-    def _reloaded_steps(self) -> list[int]:
-        """The steps on disk now: the manager lists them once, and another process (a run
-        training here, or a peer that listed them later) may have committed one since."""
-        self._manager.reload()
-        return self._manager.all_steps()
 
     def wait_until_finished(self) -> None:
         """Blocks until every pending async save is committed."""

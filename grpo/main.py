@@ -4,7 +4,7 @@ Parses gin (unknown or misspelled bindings fail here, before anything compiles),
 saves the operative config, reports the devices and mesh, and runs the training loop; with
 `--eval_only`, evaluates the workdir's newest checkpoint (or the configured model) instead, and
 with `--export_only=DIR` writes it as a Hugging Face folder (`--checkpoint_step`: another step;
-for eval, several or all).
+for eval, several or all; `--follow`: each as a run training there saves it).
 """
 
 from __future__ import annotations
@@ -52,6 +52,15 @@ flags.DEFINE_string(
     "With --eval_only or --export_only: this checkpoint step instead of the newest; with "
     "--eval_only also several, one after another ('10,20,30'), or 'all' kept in --workdir.",
 )
+flags.DEFINE_bool(
+    "follow",
+    False,
+    "With --eval_only: evaluate each checkpoint a run training in --workdir commits, as it "
+    "comes, skipping the steps eval.jsonl holds; stop once the last step "
+    "(TrainConfig.num_steps) is evaluated, or after --follow_timeout_s without a new one.",
+)
+flags.DEFINE_float("follow_timeout_s", 3600.0, "--follow: give up after this long without one.")
+flags.DEFINE_float("follow_poll_s", 30.0, "--follow: look for new checkpoints this often.")
 FLAGS = flags.FLAGS
 
 
@@ -88,6 +97,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--eval_only and --export_only: one at a time")
     if FLAGS.checkpoint_step is not None and not (FLAGS.eval_only or FLAGS.export_only):
         raise app.UsageError("--checkpoint_step needs --eval_only or --export_only")
+    if FLAGS.follow and (not FLAGS.eval_only or FLAGS.checkpoint_step is not None):
+        raise app.UsageError("--follow needs --eval_only, without --checkpoint_step")
+    if min(FLAGS.follow_timeout_s, FLAGS.follow_poll_s) < 0:
+        raise app.UsageError("--follow_timeout_s and --follow_poll_s: seconds, >= 0")
     steps = _checkpoint_steps(FLAGS.checkpoint_step)
     logging.get_absl_handler().addFilter(_quiet_orbax)
     from grpo import distributed
@@ -172,6 +185,13 @@ def _run_one_off(experiment, steps: list[int] | str | None) -> None:
                 experiment, FLAGS.workdir, FLAGS.export_only, None if steps is None else steps[0]
             )
             logging.info("exported step %d to %s", step, FLAGS.export_only)
+        elif FLAGS.follow:
+            train.follow_checkpoints(
+                experiment,
+                FLAGS.workdir,
+                poll_s=FLAGS.follow_poll_s,
+                timeout_s=FLAGS.follow_timeout_s,
+            )
         elif steps is None:
             train.evaluate_workdir(experiment, FLAGS.workdir)
         else:

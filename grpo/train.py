@@ -9,6 +9,7 @@ grpo/gather.py.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import json
 import os
@@ -36,7 +37,13 @@ from grpo.experiment import (
     check_batch_layout,
     effective_batch_lines,
 )
-from grpo.metrics import EVAL_COMPLETIONS_FILE, MetricsWriter, append_records, eval_reply_lines
+from grpo.metrics import (
+    EVAL_COMPLETIONS_FILE,
+    MetricsWriter,
+    append_records,
+    eval_reply_lines,
+    read_metrics,
+)
 from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.phases import dynamic_sampling
@@ -637,10 +644,10 @@ def _checkpointed_params(exp: Experiment, reader: Checkpointer, step: int) -> tu
     return params, updates // exp.train.updates_per_step
 
 
-def _saved_steps(reader: Checkpointer) -> list[int]:
-    """The steps saved there, oldest first, as process 0 lists them: a run writing there may
-    add one meanwhile, and every process must read the same."""
-    return gather.from_process_zero(reader.all_steps())
+def _saved_steps(reader: Checkpointer, reload: bool = False) -> list[int]:
+    """The steps saved there, oldest first, as process 0 lists them (`reload`: as on disk now):
+    a run writing there may add or delete one meanwhile, and every process must read the same."""
+    return gather.from_process_zero(reader.all_steps(reload=reload))
 
 
 def _check_saved(reader: Checkpointer, saved: list[int], steps: list[int]) -> None:
@@ -662,9 +669,10 @@ def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> 
     with _checkpoint_reader(workdir) as reader:
         saved = _saved_steps(reader)
         if step is not None or saved:
-            return _evaluate_steps(
-                exp, workdir, reader, saved, [saved[-1] if step is None else step]
-            )[0]
+            step = saved[-1] if step is None else step
+            for result in _evaluate_steps(exp, workdir, reader, saved, [step]):
+                return result
+            raise FileNotFoundError(f"checkpoint {step} in {reader.directory} was deleted")
     params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
     return _evaluate_policy(exp, workdir, lora.attach(frozen, params), 0)
 
@@ -674,11 +682,101 @@ def evaluate_checkpoints(
 ) -> list[dict[str, Any]]:
     """Eval only, checkpoint after checkpoint: `steps` (None: every one in `workdir`, oldest
     first), each as `evaluate_workdir` does it, its line appended as soon as it is done; the
-    results in order. A step not there fails before any eval. One compile serves all; one
+    results in order. A step not there fails before any eval; one that a run training there
+    deletes before its turn is skipped, with a warning. One compile serves all; one
     checkpoint's params are in memory at a time."""
     with _checkpoint_reader(workdir) as reader:
         saved = _saved_steps(reader)
         return _evaluate_steps(exp, workdir, reader, saved, saved if steps is None else steps)
+
+
+def follow_checkpoints(
+    exp: Experiment,
+    workdir: str,
+    *,
+    poll_s: float,
+    timeout_s: float,
+    wait: Callable[[float], None] = time.sleep,
+) -> list[dict[str, Any]]:
+    """Eval only, beside the run training in `workdir`: each checkpoint it commits, oldest
+    first, evaluated as `evaluate_workdir` does, but for the steps eval.jsonl already holds (a
+    restarted follower goes on where it stopped); the results in order. Looks for new ones
+    every `poll_s` seconds (`wait`), and returns once the run's last step
+    (`TrainConfig.num_steps`) is evaluated, or when `timeout_s` pass without one to evaluate
+    (the run died or was stopped). A checkpoint the run deletes first (its
+    `checkpoints_to_keep`) is skipped, with a warning."""
+    frozen = _frozen_base(exp)
+    results = []
+    with _checkpoint_reader(workdir) as reader:
+        idle_since = time.monotonic()
+        while True:
+            idle = time.monotonic() - idle_since >= timeout_s
+            action, step = _follow_action(exp, workdir, reader, idle)
+            if action == _Follow.WAIT:
+                wait(poll_s)
+            elif action == _Follow.EVALUATE:
+                if (result := _evaluate_checkpoint(exp, workdir, reader, step, frozen)) is not None:
+                    results.append(result)
+                idle_since = time.monotonic()
+            else:
+                if action == _Follow.TIMED_OUT:
+                    logging.warning(
+                        "no new checkpoint in %s for %.0f s, and step %d (the last) not "
+                        "evaluated: stopped following",
+                        reader.directory,
+                        timeout_s,
+                        exp.train.num_steps,
+                    )
+                return results
+
+
+class _Follow(enum.IntEnum):
+    """What a follower does next (process 0 decides, for every process)."""
+
+    EVALUATE = 0
+    WAIT = 1
+    FINISHED = 2
+    TIMED_OUT = 3
+
+
+def _follow_action(
+    exp: Experiment, workdir: str, reader: Checkpointer, idle: bool
+) -> tuple[_Follow, int]:
+    """(action, step): process 0's listing of the checkpoints against its eval.jsonl."""
+    action, step = _Follow.WAIT, -1
+    if jax.process_index() == 0:
+        evaluated = _evaluated_steps(workdir)
+        pending = [s for s in reader.all_steps(reload=True) if s not in evaluated]
+        if exp.train.num_steps in evaluated:
+            action = _Follow.FINISHED
+        elif pending:
+            action, step = _Follow.EVALUATE, pending[0]
+        elif idle:
+            action = _Follow.TIMED_OUT
+    action, step = gather.from_process_zero([action, step])
+    return _Follow(action), step
+
+
+def _evaluated_steps(workdir: str) -> set[int]:
+    path = os.path.join(workdir, EVAL_FILE)
+    return {r["step"] for r in read_metrics(path)} if os.path.exists(path) else set()
+
+
+def _restored_unless_deleted(
+    exp: Experiment, reader: Checkpointer, step: int
+) -> tuple[Any, int] | None:
+    """`_checkpointed_params` of `step`, or None (on every process) when a process found it
+    deleted: a run keeping its newest few deletes older ones as it saves."""
+    try:
+        restored, error = _checkpointed_params(exp, reader, step), None
+    except Exception as err:  # files gone mid-read fail by the storage's own errors
+        restored, error = None, err
+    if gather.all_rows(np.array([restored is not None])).all():
+        return restored
+    if step in _saved_steps(reader, reload=True):  # not deleted: a real failure
+        raise error or RuntimeError(f"checkpoint {step} failed to restore on another process")
+    logging.warning("checkpoint %d was deleted before its eval; skipped", step)
+    return None
 
 
 def _evaluate_steps(
@@ -686,13 +784,18 @@ def _evaluate_steps(
 ) -> list[dict[str, Any]]:
     _check_saved(reader, saved, steps)
     frozen = _frozen_base(exp)
-    return [_evaluate_checkpoint(exp, workdir, reader, step, frozen) for step in steps]
+    results = (_evaluate_checkpoint(exp, workdir, reader, step, frozen) for step in steps)
+    return [result for result in results if result is not None]
 
 
 def _evaluate_checkpoint(
     exp: Experiment, workdir: str, reader: Checkpointer, step: int, frozen: Any
-) -> dict[str, Any]:
-    params, done = _checkpointed_params(exp, reader, step)  # freed on return, before the next
+) -> dict[str, Any] | None:
+    """Checkpoint `step`'s eval, or None when the run writing there deleted it first."""
+    restored = _restored_unless_deleted(exp, reader, step)
+    if restored is None:
+        return None
+    params, done = restored  # freed on return, before the next checkpoint's
     return _evaluate_policy(exp, workdir, lora.attach(frozen, params), done)
 
 

@@ -222,13 +222,20 @@ def test_two_processes_export_a_checkpoint_as_their_run_did(two_processes, tmp_p
 @pytest.mark.slow
 def test_two_processes_evaluate_every_checkpoint_as_their_run_did(two_processes):
     # Both processes take process 0's list of the kept checkpoints (3 and 4), one after the
-    # other; step 4 scores as the run's own eval at step 4 did.
+    # other; step 4 scores as the run's own eval at step 4 did. Then again, following the run.
     run = _Run(two_processes.workdir, flags=["--eval_only", "--checkpoint_step=all"])
     _finish(run)
-    evaluated = metrics_lib.read_metrics(two_processes.workdir / "eval.jsonl")
+    eval_file = two_processes.workdir / "eval.jsonl"
+    evaluated = metrics_lib.read_metrics(eval_file)
     assert [r["step"] for r in evaluated] == [3, 4]
     last = two_processes.rows()[-1]
     assert evaluated[1] == {key: last[key] for key in evaluated[1]}
+    # A follower that had evaluated step 3 when it stopped, restarted: both processes take
+    # process 0's word on what is left (step 4, the run's last), evaluate it, and stop.
+    eval_file.write_text(eval_file.read_text().splitlines(keepends=True)[0])
+    run = _Run(two_processes.workdir, flags=["--eval_only", "--follow", "--follow_timeout_s=60"])
+    _finish(run)
+    assert metrics_lib.read_metrics(eval_file) == evaluated
 
 
 @pytest.mark.slow

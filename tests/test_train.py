@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -297,6 +298,8 @@ def test_attention_kernels_are_refused_off_their_platform():
         (["--export_only=/tmp/x", "--checkpoint_step=all"], "--checkpoint_step=all: want a step N"),
         (["--eval_only", "--checkpoint_step=2,x"], "want a step N, steps 'N,M,...' or 'all'"),
         (["--eval_only", "--export_only=/tmp/x"], "--eval_only and --export_only: one at a time"),
+        (["--eval_only", "--follow", "--checkpoint_step=2"], "--follow needs --eval_only, with"),
+        (["--eval_only", "--follow", "--follow_poll_s=-1"], "--follow_poll_s: seconds, >= 0"),
         (["--gin_file=gin/no_such.gin"], "invalid configuration: gin: Unable to open file"),
         (
             ["--eval_only", "--gin_bindings=make_dataset.test_split=None"]
@@ -856,6 +859,55 @@ def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
     assert metrics_lib.read_metrics(tmp_path / "run" / train.EVAL_FILE) == [newest, first, newest]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_before
     assert in_flight.exists()
+
+
+@pytest.mark.slow
+def test_a_follower_evaluates_each_checkpoint_as_the_run_saves_it(
+    tmp_path, length_reward, monkeypatch, caplog
+):
+    # The stand-in eval fingerprints the params; the run evaluates every step with it too.
+    fingerprint = lambda params: float(
+        sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(params))
+    )
+    stand_in = lambda exp, params, on_replies=None: {"eval_accuracy": fingerprint(params)}
+    monkeypatch.setattr(evaluation, "evaluate", stand_in)
+    run = tmp_path / "run"
+    # The follower starts before the run saves anything; each time it waits, the run trains
+    # on: to step 2, then (resumed) to step 4. tiny.gin saves every step and keeps two, so
+    # steps 3 and 4 are left of the second part; step 3 is deleted as the follower reads it.
+    parts = iter(["TrainConfig.num_steps=2", "TrainConfig.num_steps=4"])
+    waits = []
+
+    def train_on(seconds):
+        waits.append(seconds)
+        _train_in_process(run, next(parts), "TrainConfig.eval_every_steps=1")
+
+    restore = train._checkpointed_params
+
+    def deleted_as_read(exp, reader, step):
+        if step == 3:
+            shutil.rmtree(run / "checkpoints" / "3")
+        return restore(exp, reader, step)
+
+    monkeypatch.setattr(train, "_checkpointed_params", deleted_as_read)
+    follower = _experiment("TrainConfig.num_steps=4")
+    follow = functools.partial(train.follow_checkpoints, poll_s=0.5, timeout_s=60)
+    results = follow(follower, str(run), wait=train_on)
+    assert waits == [0.5, 0.5]
+    own = {r["step"]: r["eval_accuracy"] for r in metrics_lib.read_metrics(run / "metrics.jsonl")}
+    assert results == [{"step": s, "eval_accuracy": own[s]} for s in (1, 2, 4)]
+    assert len(set(own.values())) == 4  # each step another policy
+    assert metrics_lib.read_metrics(run / train.EVAL_FILE) == results
+    assert "checkpoint 3 was deleted before its eval; skipped" in caplog.text
+    # Started again: the last step is evaluated, so nothing to do.
+    assert follow(follower, str(run), wait=train_on) == []
+    # A follower stopped before step 4's line, restarted, for a run meant to go to step 5 that
+    # saves no more: it evaluates step 4 alone, then gives up.
+    (run / train.EVAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in results[:2]))
+    longer = _experiment("TrainConfig.num_steps=5")
+    assert train.follow_checkpoints(longer, str(run), poll_s=0.5, timeout_s=0) == results[2:]
+    assert "and step 5 (the last) not evaluated: stopped following" in caplog.text
+    assert waits == [0.5, 0.5]
 
 
 @pytest.mark.parametrize("bindings", [(), ("make_model.lora_rank=4",)], ids=["full", "lora"])
