@@ -30,8 +30,9 @@ flags.DEFINE_bool(
     "eval_only",
     False,
     "Evaluate the newest checkpoint in --workdir (else the configured model) and append the "
-    "result to <workdir>/eval.jsonl (and, with TrainConfig.write_eval_completions, its replies "
-    "to eval_completions.jsonl); no training, nothing else written.",
+    "result to <workdir>/eval.jsonl and TensorBoard's tensorboard/eval_only (and, with "
+    "TrainConfig.write_eval_completions, its replies to eval_completions.jsonl); no training, "
+    "nothing else written.",
 )
 flags.DEFINE_string(
     "export_only",

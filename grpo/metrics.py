@@ -1,5 +1,6 @@
 """Per-step metrics: one stdout line, `<workdir>/metrics.jsonl`, TensorBoard, optional W&B;
-and, every few steps, the step's completions to `<workdir>/completions.jsonl`.
+and, every few steps, the step's completions to `<workdir>/completions.jsonl`. `EvalWriter`:
+what `--eval_only` writes beside them.
 
 The trainer averages metrics over processes; here only the primary process writes. Metric names
 the stdout line knows (others still go to every sink): `reward_mean`, `accuracy`,
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +22,8 @@ METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"
 EVAL_COMPLETIONS_FILE = "eval_completions.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+EVAL_FILE = "eval.jsonl"  # what --eval_only appends to (EvalWriter)
+EVAL_ONLY_TENSORBOARD_DIR = os.path.join(TENSORBOARD_DIR, "eval_only")
 
 # (label, metric key, format spec) of the stdout line, in order; absent keys are left out.
 _LINE_FIELDS = (
@@ -105,7 +109,10 @@ def _open_tensorboard(logdir: str, resume_step: int | None) -> Any:
         return None
     # purge_step hides events a previous attempt wrote after the checkpoint we resume from.
     purge_step = None if resume_step is None else resume_step + 1
-    return SummaryWriter(logdir=logdir, purge_step=purge_step)
+    # tensorboardX names the file by the second and the host, and opens it to overwrite: a
+    # second writer within the same second would erase the first's events.
+    unique = f".{os.getpid()}.{time.time_ns()}"
+    return SummaryWriter(logdir=logdir, purge_step=purge_step, filename_suffix=unique)
 
 
 def _open_wandb(project: str, run_name: str | None, workdir: str, config: Mapping | None) -> Any:
@@ -231,6 +238,54 @@ class MetricsWriter:
         self._tensorboard = self._wandb = None
 
     def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EvalWriter:
+    """What `--eval_only` writes, from the primary process alone: one line per evaluated policy
+    to eval.jsonl, its replies (if any) to eval_completions.jsonl, and its metrics to
+    TensorBoard under tensorboard/eval_only, a run of its own beside the training's curves.
+    Nothing is dropped: evaluating a step again adds to it. Files open on the first write."""
+
+    def __init__(
+        self, workdir: str | os.PathLike[str], *, is_primary: bool = True, tensorboard: bool = True
+    ) -> None:
+        self._workdir = os.fspath(workdir)
+        self._is_primary = is_primary
+        self._wants_tensorboard = tensorboard
+        self._tensorboard = None
+
+    def write(
+        self, step: int, metrics: Mapping[str, Any], replies: list[Mapping[str, Any]] = ()
+    ) -> None:
+        """Records the eval `metrics` of the policy of GRPO step `step`, and its `replies`."""
+        if not self._is_primary:
+            return
+        os.makedirs(self._workdir, exist_ok=True)
+        if replies:
+            with open(os.path.join(self._workdir, EVAL_COMPLETIONS_FILE), "a") as f:
+                append_records(f, step, replies)
+        scalars = {key: _to_scalar(key, value) for key, value in metrics.items()}
+        with open(os.path.join(self._workdir, EVAL_FILE), "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self._wants_tensorboard and self._tensorboard is None:
+            logdir = os.path.join(self._workdir, EVAL_ONLY_TENSORBOARD_DIR)
+            self._tensorboard = _open_tensorboard(logdir, resume_step=None)
+            self._wants_tensorboard = self._tensorboard is not None
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(key, value, global_step=step)
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        self._tensorboard = None
+
+    def __enter__(self) -> EvalWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,6 +8,7 @@ grpo/gather.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -16,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -37,13 +38,7 @@ from grpo.experiment import (
     check_batch_layout,
     effective_batch_lines,
 )
-from grpo.metrics import (
-    EVAL_COMPLETIONS_FILE,
-    MetricsWriter,
-    append_records,
-    eval_reply_lines,
-    read_metrics,
-)
+from grpo.metrics import EVAL_FILE, EvalWriter, MetricsWriter, eval_reply_lines, read_metrics
 from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.phases import dynamic_sampling
@@ -53,7 +48,6 @@ from grpo.phases.rollout import trim_completions
 from grpo.phases.update import make_reference_logps_fn, make_update_fn
 from grpo.types import Batch, Rollout, TrainState
 
-EVAL_FILE = "eval.jsonl"  # what `evaluate_workdir` (main.py --eval_only) appends to
 CONFIG_FILE = "config.gin"  # the operative gin config of the run's latest start
 
 
@@ -632,6 +626,14 @@ def _checkpoint_reader(workdir: str) -> Checkpointer:
     return Checkpointer(f"{workdir}/checkpoints", read_only=True)
 
 
+@contextlib.contextmanager
+def _eval_job(workdir: str) -> Iterator[tuple[Checkpointer, EvalWriter]]:
+    """An eval-only job's checkpoint reader and result writer."""
+    writer = EvalWriter(workdir, is_primary=jax.process_index() == 0)
+    with _checkpoint_reader(workdir) as reader, writer:
+        yield reader, writer
+
+
 def _frozen_base(exp: Experiment) -> Any:
     """The placed base weights under LoRA (the checkpoints hold only the adapters), else None."""
     return None if exp.model.lora is None else place_params(exp.mesh, exp.model, exp.params)
@@ -666,15 +668,15 @@ def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> 
     starting policy as step 0), evaluated as training would; the result is appended to
     `<workdir>/eval.jsonl` (and with `write_eval_completions` the replies to
     eval_completions.jsonl) and returned. Nothing else in the workdir changes."""
-    with _checkpoint_reader(workdir) as reader:
+    with _eval_job(workdir) as (reader, writer):
         saved = _saved_steps(reader)
         if step is not None or saved:
             step = saved[-1] if step is None else step
-            for result in _evaluate_steps(exp, workdir, reader, saved, [step]):
+            for result in _evaluate_steps(exp, writer, reader, saved, [step]):
                 return result
             raise FileNotFoundError(f"checkpoint {step} in {reader.directory} was deleted")
-    params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
-    return _evaluate_policy(exp, workdir, lora.attach(frozen, params), 0)
+        params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
+        return _evaluate_policy(exp, writer, lora.attach(frozen, params), 0)
 
 
 def evaluate_checkpoints(
@@ -685,9 +687,9 @@ def evaluate_checkpoints(
     results in order. A step not there fails before any eval; one that a run training there
     deletes before its turn is skipped, with a warning. One compile serves all; one
     checkpoint's params are in memory at a time."""
-    with _checkpoint_reader(workdir) as reader:
+    with _eval_job(workdir) as (reader, writer):
         saved = _saved_steps(reader)
-        return _evaluate_steps(exp, workdir, reader, saved, saved if steps is None else steps)
+        return _evaluate_steps(exp, writer, reader, saved, saved if steps is None else steps)
 
 
 def follow_checkpoints(
@@ -707,7 +709,7 @@ def follow_checkpoints(
     `checkpoints_to_keep`) is skipped, with a warning."""
     frozen = _frozen_base(exp)
     results = []
-    with _checkpoint_reader(workdir) as reader:
+    with _eval_job(workdir) as (reader, writer):
         idle_since = time.monotonic()
         while True:
             idle = time.monotonic() - idle_since >= timeout_s
@@ -715,7 +717,7 @@ def follow_checkpoints(
             if action == _Follow.WAIT:
                 wait(poll_s)
             elif action == _Follow.EVALUATE:
-                if (result := _evaluate_checkpoint(exp, workdir, reader, step, frozen)) is not None:
+                if (result := _evaluate_checkpoint(exp, writer, reader, step, frozen)) is not None:
                     results.append(result)
                 idle_since = time.monotonic()
             else:
@@ -780,28 +782,27 @@ def _restored_unless_deleted(
 
 
 def _evaluate_steps(
-    exp: Experiment, workdir: str, reader: Checkpointer, saved: list[int], steps: list[int]
+    exp: Experiment, writer: EvalWriter, reader: Checkpointer, saved: list[int], steps: list[int]
 ) -> list[dict[str, Any]]:
     _check_saved(reader, saved, steps)
     frozen = _frozen_base(exp)
-    results = (_evaluate_checkpoint(exp, workdir, reader, step, frozen) for step in steps)
+    results = (_evaluate_checkpoint(exp, writer, reader, step, frozen) for step in steps)
     return [result for result in results if result is not None]
 
 
 def _evaluate_checkpoint(
-    exp: Experiment, workdir: str, reader: Checkpointer, step: int, frozen: Any
+    exp: Experiment, writer: EvalWriter, reader: Checkpointer, step: int, frozen: Any
 ) -> dict[str, Any] | None:
     """Checkpoint `step`'s eval, or None when the run writing there deleted it first."""
     restored = _restored_unless_deleted(exp, reader, step)
     if restored is None:
         return None
     params, done = restored  # freed on return, before the next checkpoint's
-    return _evaluate_policy(exp, workdir, lora.attach(frozen, params), done)
+    return _evaluate_policy(exp, writer, lora.attach(frozen, params), done)
 
 
-def _evaluate_policy(exp: Experiment, workdir: str, policy: Any, done: int) -> dict[str, Any]:
-    """`policy` evaluated as GRPO step `done`; appended to eval.jsonl (and its replies)."""
-    primary = jax.process_index() == 0
+def _evaluate_policy(exp: Experiment, writer: EvalWriter, policy: Any, done: int) -> dict[str, Any]:
+    """`policy` evaluated as GRPO step `done`; written (eval.jsonl, its replies, TensorBoard)."""
     replies: list[dict] = []
 
     def keep(name: str, records: list[dict]) -> None:
@@ -809,16 +810,10 @@ def _evaluate_policy(exp: Experiment, workdir: str, policy: Any, done: int) -> d
 
     on_replies = keep if exp.train.write_eval_completions else None
     with jax.set_mesh(exp.mesh):
-        result = {"step": done, **evaluation.evaluate(exp, policy, on_replies)}
-    if primary:
-        os.makedirs(workdir, exist_ok=True)
-        if replies:
-            with open(os.path.join(workdir, EVAL_COMPLETIONS_FILE), "a") as f:
-                append_records(f, done, replies)
-        with open(os.path.join(workdir, EVAL_FILE), "a") as f:
-            f.write(json.dumps(result) + "\n")
-    logging.info("eval of step %d: %s", done, {k: v for k, v in result.items() if k != "step"})
-    return result
+        metrics = evaluation.evaluate(exp, policy, on_replies)
+    writer.write(done, metrics, replies)
+    logging.info("eval of step %d: %s", done, metrics)
+    return {"step": done, **metrics}
 
 
 def export_workdir(exp: Experiment, workdir: str, export_dir: str, step: int | None = None) -> int:

@@ -1,4 +1,4 @@
-"""MetricsWriter sinks, resume truncation, the stdout line, and the plot command."""
+"""MetricsWriter and EvalWriter sinks, resume truncation, the stdout line, and the plot command."""
 
 import glob
 import json
@@ -15,7 +15,9 @@ from grpo import plot
 from grpo.metrics import (
     COMPLETIONS_FILE,
     EVAL_COMPLETIONS_FILE,
+    EVAL_FILE,
     METRICS_FILE,
+    EvalWriter,
     MetricsWriter,
     format_step_line,
     read_metrics,
@@ -119,6 +121,31 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
     (event_file,) = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
     content = open(event_file, "rb").read()
     assert b"reward_mean" in content and b"kl" in content
+
+
+def test_eval_only_results_go_to_their_files_and_a_tensorboard_run_of_their_own(tmp_path):
+    workdir = tmp_path / "run"
+    EvalWriter(workdir, is_primary=True).close()
+    assert not workdir.exists()  # nothing before the first eval
+    replies = [{"set": "test", "completion": "12", "correct": True}]
+    with EvalWriter(workdir, is_primary=False) as writer:
+        writer.write(4, {"eval_accuracy": 0.5})
+    assert not workdir.exists()
+    with EvalWriter(workdir) as writer:
+        writer.write(4, {"eval_accuracy": np.float32(0.5)}, replies)
+        writer.write(8, {"eval_accuracy": jnp.float32(0.75), "eval_length_mean": 12.0})
+    with EvalWriter(workdir) as writer:  # a step evaluated again adds a line
+        writer.write(4, {"eval_accuracy": 0.25})
+    assert read_metrics(workdir / EVAL_FILE) == [
+        {"step": 4, "eval_accuracy": 0.5},
+        {"step": 8, "eval_accuracy": 0.75, "eval_length_mean": 12.0},
+        {"step": 4, "eval_accuracy": 0.25},
+    ]
+    assert read_metrics(workdir / EVAL_COMPLETIONS_FILE) == [{"step": 4, **replies[0]}]
+    events = glob.glob(str(workdir / "tensorboard" / "eval_only" / "events.out.tfevents.*"))
+    assert len(events) == 2
+    assert all(b"eval_accuracy" in open(path, "rb").read() for path in events)
+    assert not glob.glob(str(workdir / "tensorboard" / "events.*"))  # not the training's run
 
 
 def test_wandb_logs_when_importable_and_enabled(tmp_path, monkeypatch):

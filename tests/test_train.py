@@ -111,7 +111,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     flags = ["--eval_only", "--checkpoint_step=all"]
     result = _cli(tmp_path, "TrainConfig.num_steps=3", write_replies, flags=flags)
     assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = metrics_lib.read_metrics(tmp_path / train.EVAL_FILE)
+    evaluated = metrics_lib.read_metrics(tmp_path / metrics_lib.EVAL_FILE)
     greedy = ("eval_accuracy", "eval_length_mean", "eval_truncation_rate")
     assert [r["step"] for r in evaluated] == [2, 3]
     assert evaluated[1] == {"step": 3, **{key: rows[2][key] for key in greedy}}
@@ -856,7 +856,11 @@ def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
     first, again = train.evaluate_checkpoints(experiment, str(tmp_path / "run"))
     assert first["step"] == 1 and again == newest
     assert first["eval_accuracy"] not in (start["eval_accuracy"], last["eval_accuracy"])
-    assert metrics_lib.read_metrics(tmp_path / "run" / train.EVAL_FILE) == [newest, first, newest]
+    assert metrics_lib.read_metrics(tmp_path / "run" / metrics_lib.EVAL_FILE) == [
+        newest,
+        first,
+        newest,
+    ]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_before
     assert in_flight.exists()
 
@@ -897,13 +901,14 @@ def test_a_follower_evaluates_each_checkpoint_as_the_run_saves_it(
     own = {r["step"]: r["eval_accuracy"] for r in metrics_lib.read_metrics(run / "metrics.jsonl")}
     assert results == [{"step": s, "eval_accuracy": own[s]} for s in (1, 2, 4)]
     assert len(set(own.values())) == 4  # each step another policy
-    assert metrics_lib.read_metrics(run / train.EVAL_FILE) == results
+    assert metrics_lib.read_metrics(run / metrics_lib.EVAL_FILE) == results
     assert "checkpoint 3 was deleted before its eval; skipped" in caplog.text
+    assert list((run / "tensorboard" / "eval_only").glob("events.out.tfevents.*"))
     # Started again: the last step is evaluated, so nothing to do.
     assert follow(follower, str(run), wait=train_on) == []
     # A follower stopped before step 4's line, restarted, for a run meant to go to step 5 that
     # saves no more: it evaluates step 4 alone, then gives up.
-    (run / train.EVAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in results[:2]))
+    (run / metrics_lib.EVAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in results[:2]))
     longer = _experiment("TrainConfig.num_steps=5")
     assert train.follow_checkpoints(longer, str(run), poll_s=0.5, timeout_s=0) == results[2:]
     assert "and step 5 (the last) not evaluated: stopped following" in caplog.text
