@@ -14,9 +14,9 @@ SmolLM2 tokenizer into `.gpu/tokenizer`, both git-ignored). On the device (`carr
       --no-cache-dir --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" && \
       PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --part=1 --out=$OUT
 
-then `--part=2` in a second call (and `--part=3` in a session with time left, or after one
-that ran parts 1 and 2). Rehearse the whole plan here with tiny shapes:
-`python -m bench.gpu_check --tiny --out=/tmp/gpu_check`.
+then `--part=2` in a second call (and `--part=3`, then `--part=4`, in a session with time
+left, or in one after a session that ran parts 1 and 2). Rehearse the whole plan here with tiny
+shapes: `python -m bench.gpu_check --tiny --out=/tmp/gpu_check`.
 """
 
 from __future__ import annotations
@@ -70,14 +70,20 @@ def checks(tokenizer: str) -> list[Check]:
     run, the memory target (XLA's GPU compile already estimates it here), the update with einsum
     attention, the GPU tests; part 3: the update on completions of random lengths with and
     without width buckets (TrainConfig.micro_batch_width_buckets), with each prompt run once
-    for its group (TrainConfig.shared_prompt_forward), and both together. A call that starts a
-    machine spends a minute or more of the session's 15 before part 1 begins."""
+    for its group (TrainConfig.shared_prompt_forward), and both together; part 4: the
+    rollout of 8 samples per prompt with and without `make_sampling.shared_prompt_decode` and
+    `decode_segments`. A call that starts a machine spends a minute or more of the session's
+    15 before part 1 begins."""
     update_1p5b = ("bench.update", "--preset=qwen2.5-1.5b", "--batch=64", "--prompt_len=256")
     # 4 micro-batches: the best H200 roofline that fits (BUILD_NOTES: update shape choices).
     update_1p5b += ("--completion_len=768", "--micro_batches=4", "--iters=2")
     update_tiny = ("bench.update", "--preset=tiny-qwen2", "--batch=8", "--prompt_len=16")
     update_tiny += ("--completion_len=16", "--micro_batches=2", "--iters=1")
     varied, varied_tiny = ("--min_completion_len=64",), ("--min_completion_len=2",)
+    rollout_grouped = ("bench.rollout", "--preset=qwen2.5-1.5b", "--batch=128", "--num_samples=8")
+    rollout_grouped += ("--prompt_len=256", "--new_tokens=1024", "--iters=2", "--mem_bw_gbps=4800")
+    rollout_tiny = ("bench.rollout", "--preset=tiny-qwen2", "--batch=8", "--num_samples=4")
+    rollout_tiny += ("--prompt_len=16", "--new_tokens=16", "--iters=1")
     return [
         Check(
             "smoke_lion",
@@ -183,6 +189,23 @@ def checks(tokenizer: str) -> list[Check]:
             )
             for k in (1, 4)
         ),
+        # Part 4: the reference rollout shape (8 samples per prompt, long completions) with the
+        # decode's two opt-in knobs, each alone and both, against neither.
+        *(
+            Check(
+                f"rollout_{decode}_segments_{segments}",
+                4,
+                100,
+                rollout_grouped
+                + (f"--shared_prompt_decode={decode == 'shared'}",)
+                + (f"--decode_segments={segments}",),
+                rollout_tiny
+                + (f"--shared_prompt_decode={decode == 'shared'}",)
+                + (f"--decode_segments={segments}",),
+            )
+            for decode in ("copied", "shared")
+            for segments in (1, 4)
+        ),
     ]
 
 
@@ -263,7 +286,7 @@ def save_tokenizer(path: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", type=int, choices=(1, 2, 3), default=None, help="default: all")
+    parser.add_argument("--part", type=int, choices=(1, 2, 3, 4), default=None, help="default: all")
     parser.add_argument("--only", default="", help="comma-separated check names")
     parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check")
     parser.add_argument("--deadline_s", type=float, default=540, help="for this whole command")

@@ -45,6 +45,9 @@ flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per sequence (no padding).
 flags.DEFINE_integer("new_tokens", 64, "New tokens per sequence.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_integer("decode_segments", 1, "Decode loops, each attending to a longer cache prefix.")
+flags.DEFINE_bool(
+    "shared_prompt_decode", False, "Decode reads each prompt's cache once for its samples."
+)
 flags.DEFINE_list(
     "stop_strings", [], "Stop strings over a stand-in vocabulary that spells token i '<i>': "
     "each decode step pays their lookup, and (but for strings such as '<5><9>') none matches.",
@@ -92,6 +95,7 @@ def _sampling(config: ModelConfig) -> rollout.SamplingConfig:
         end_ids=(config.vocab_size - 1,),
         pad_id=0,
         decode_segments=FLAGS.decode_segments,
+        shared_prompt_decode=FLAGS.shared_prompt_decode,
         stop=_stand_in_stop_strings(config.vocab_size) if FLAGS.stop_strings else None,
     )
 
@@ -163,6 +167,15 @@ def _compile_only_header(target, config: ModelConfig) -> dict:
         "prompt_len": FLAGS.prompt_len,
         "new_tokens": FLAGS.new_tokens,
         "lora_rank": FLAGS.lora_rank,
+        **_decode_knobs(),
+    }
+
+
+def _decode_knobs() -> dict:
+    return {
+        "num_samples": FLAGS.num_samples,
+        "decode_segments": FLAGS.decode_segments,
+        "shared_prompt_decode": FLAGS.shared_prompt_decode,
     }
 
 
@@ -184,12 +197,11 @@ def _compile_for_gpu_target() -> dict:
     if len(traffic["per_loop"]) != len(ends):
         raise RuntimeError(f"{len(traffic['per_loop'])} loops compiled for {len(ends)} segments")
     step_bytes = float(np.dot(traffic["per_loop"], steps) / steps.sum())
-    ideal = _bytes_per_step(config, FLAGS.batch, FLAGS.prompt_len + FLAGS.new_tokens)
+    ideal = _bytes_per_step(config)
     return {
         **_compile_only_header(target, config),
         "compile_s": round(compile_s, 2),
         **{f"compiled_{k}": v for k, v in common.memory_analysis(compiled).items()},
-        "decode_segments": FLAGS.decode_segments,
         "decode_step_mb": round(step_bytes / 1e6, 1),
         "per_segment_mb": [round(b / 1e6, 1) for b in traffic["per_loop"]],
         "decode_step_kernels": traffic["kernels_per_loop"],  # per segment
@@ -210,10 +222,13 @@ def _time_calls(fn, iters: int) -> tuple[float, float, object]:
     return first, (time.perf_counter() - start) / iters, out
 
 
-def _bytes_per_step(config: ModelConfig, batch: int, slots: int) -> int:
-    itemsize = jnp.dtype(config.dtype).itemsize
-    kv = 2 * config.num_layers * batch * slots * config.num_kv_heads * config.head_dim
-    return (config.num_params + kv) * itemsize
+def _bytes_per_step(config: ModelConfig) -> int:
+    """The weights and the KV cache: every row's prompt and completion slots, or with
+    --shared_prompt_decode each prompt's once."""
+    prompt_rows = FLAGS.batch // FLAGS.num_samples if FLAGS.shared_prompt_decode else FLAGS.batch
+    slots = prompt_rows * FLAGS.prompt_len + FLAGS.batch * FLAGS.new_tokens
+    kv = 2 * config.num_layers * slots * config.num_kv_heads * config.head_dim
+    return (config.num_params + kv) * jnp.dtype(config.dtype).itemsize
 
 
 def _hf_tokens_per_s(config: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -290,6 +305,7 @@ def main(argv: list[str]) -> None:
         "new_tokens": FLAGS.new_tokens,
         "lora_rank": FLAGS.lora_rank,
         "stop_strings": FLAGS.stop_strings,
+        **_decode_knobs(),
         "steps_run": steps,
         "rows_ended_early": int(np.sum(~np.asarray(out.truncated_B))),
         "compile_and_first_s": round(first, 2),
@@ -298,7 +314,7 @@ def main(argv: list[str]) -> None:
         "new_tokens_per_s": round(new_tokens / seconds, 1),
     }
     if FLAGS.mem_bw_gbps:
-        step_bytes = _bytes_per_step(config, FLAGS.batch, FLAGS.prompt_len + FLAGS.new_tokens)
+        step_bytes = _bytes_per_step(config)
         bound = FLAGS.batch * FLAGS.mem_bw_gbps * 1e9 / step_bytes
         result["bytes_per_step_mb"] = round(step_bytes / 1e6, 1)
         result["bw_bound_tokens_per_s"] = round(bound, 1)

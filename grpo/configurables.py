@@ -178,6 +178,7 @@ def make_sampling(
     min_p: float = 0.0,
     decode_segments: int = 1,
     stop_strings: tuple[str, ...] = (),
+    shared_prompt_decode: bool = False,
     token_bytes: Callable[[], list[bytes]] | None = None,
 ) -> rollout.SamplingConfig:
     """`token_bytes` (the run's, not a gin knob): each token id's bytes in a reply's text, for
@@ -197,6 +198,7 @@ def make_sampling(
         pad_id=pad_id,
         decode_segments=decode_segments,
         stop=stop,
+        shared_prompt_decode=shared_prompt_decode,
     )
 
 

@@ -184,8 +184,10 @@ def _einsum_f32_out_bwd(spec, residuals, cotangent):
 einsum_f32_out.defvjp(_einsum_f32_out_fwd, _einsum_f32_out_bwd)
 
 
-def _attention_xla(q, k, v, mask_BxTxS):
-    """Grouped-query attention with fp32 scores. q: B,T,N,H; k/v: B,S,K,H."""
+def _attention_xla(q, k, v, mask_BxTxS, prefix=None):
+    """Grouped-query attention with fp32 scores. q: B,T,N,H; k/v: B,S,K,H. `prefix`: the
+    keys, values (N,P,K,H) and valid slots (N,P) of N prefixes shared by B/N rows each, attended
+    before k/v (`softmax_attention.attend_after_prefix`)."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     group = n // kv_heads
@@ -200,17 +202,24 @@ def _attention_xla(q, k, v, mask_BxTxS):
     # the score matmul to the weighted sum: only q and the output (S times smaller) move.
     q_BxKxRxH = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 1, 3, 4)
     q_BxKxRxH = q_BxKxRxH.reshape(b, kv_heads, t * group, h)
-    out = softmax_attention.attend(q_BxKxRxH, k, v, bias_BxTxS)
+    if prefix is None:
+        out = softmax_attention.attend(q_BxKxRxH, k, v, bias_BxTxS)
+    else:
+        prefix_k, prefix_v, prefix_valid_NxP = prefix
+        prefix_bias_NxP = jnp.where(prefix_valid_NxP, 0.0, _NEG_INF).astype(jnp.float32)
+        out = softmax_attention.attend_after_prefix(
+            q_BxKxRxH, k, v, bias_BxTxS, prefix_k, prefix_v, prefix_bias_NxP
+        )
     out = out.reshape(b, kv_heads, t, group, h).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, n, h)
 
 
-def _attention(q, k, v, *, mask_BxTxS, valid_BxS, impl: str):
+def _attention(q, k, v, *, mask_BxTxS, valid_BxS, impl: str, prefix=None):
     """`mask_BxTxS` is causal & valid keys, the T queries being the last T of the S key slots;
     splash rebuilds it from `valid_BxS` (the valid key slots), and so does cuDNN, for
-    self-attention only (T = S, valid-first rows)."""
+    self-attention only (T = S, valid-first rows). A shared `prefix` (decode) is XLA's."""
     if impl == "xla":
-        return _attention_xla(q, k, v, mask_BxTxS)
+        return _attention_xla(q, k, v, mask_BxTxS, prefix)
     if impl == "splash":
         return splash.attention(q, k, v, valid_BxS)
     # cuDNN's own causal + padding mask: no T x S bias to read, no bias gradient to write, and
@@ -351,6 +360,7 @@ def forward(
     config: ModelConfig,
     cache: KVCache | None = None,
     attend_len: int | None = None,
+    prefix: KVCache | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder; returns the final-norm hidden states (B,T,D) and the updated cache.
 
@@ -358,7 +368,9 @@ def forward(
     are written at `cache.index` and attend to every earlier valid slot of the cache; the layers
     then run unrolled over per-layer params (`unstack_layers`, once, outside any decode loop).
     `attend_len` (static) limits attention to the first slots of the cache, which must hold
-    every slot written so far (the sampler's decode segments).
+    every slot written so far (the sampler's decode segments). `prefix`, with a cache: a filled
+    cache of N rows, read only, whose valid slots come before the cache's own for rows
+    n*B/N ... (n+1)*B/N-1 (a prompt's, for its group of samples; the positions are the caller's).
     """
     dtype = jnp.dtype(config.dtype)
     inv_freq = rope_inv_freq(config)
@@ -372,8 +384,8 @@ def forward(
     x = params["embed"].astype(dtype)[tokens_BxT]
     t = tokens_BxT.shape[1]
     if cache is None:
-        if attend_len is not None:
-            raise ValueError("attend_len limits attention over a cache; pass one")
+        if attend_len is not None or prefix is not None:
+            raise ValueError("attend_len and prefix extend attention over a cache; pass one")
         key_valid_BxS = valid_BxT
         query_slots = jnp.arange(t)
         write_index = jnp.zeros((), jnp.int32)
@@ -407,9 +419,15 @@ def forward(
         if isinstance(params["layers"], dict):
             raise ValueError("forward with a cache needs per-layer params: unstack_layers(params)")
         k_layers, v_layers = [], []
-        for p, *layer_cache in zip(params["layers"], cache.k_layers, cache.v_layers, strict=True):
+        for i, (p, *layer_cache) in enumerate(
+            zip(params["layers"], cache.k_layers, cache.v_layers, strict=True)
+        ):
+            layer_attend = attend
+            if prefix is not None:
+                layer_prefix = (prefix.k_layers[i], prefix.v_layers[i], prefix.valid_BxS)
+                layer_attend = functools.partial(attend, prefix=layer_prefix)
             x, (k, v) = layer_fn(
-                x, p, positions_BxT, attend, layer_cache, write_index, attend_len=attend_len
+                x, p, positions_BxT, layer_attend, layer_cache, write_index, attend_len=attend_len
             )
             k_layers.append(k)
             v_layers.append(v)

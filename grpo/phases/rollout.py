@@ -1,10 +1,12 @@
 """Rollout phase: a jitted sampler (prefill + `lax.while_loop` decode) that records log-probs.
 
 `generate` repeats each left-padded prompt `num_samples` times (group-contiguous rows), prefills
-the prompts once into a preallocated KV cache, repeats the cache per sample, and decodes inside
-`lax.while_loop`s (one, or one per `decode_segments`) until every row has emitted an end id (or
-completed a stop string: `stop_strings.py`) or the budget is spent. Nothing returns to the host
-per token. Sampling keys are `fold_in(rng, completion_index)`, so a key fixes the output.
+the prompts once into a preallocated KV cache, repeats the cache per sample (or, with
+`shared_prompt_decode`, keeps one copy that every decode step reads for all of a prompt's
+samples), and decodes inside `lax.while_loop`s (one, or one per `decode_segments`) until every
+row has emitted an end id (or completed a stop string: `stop_strings.py`) or the budget is
+spent. Nothing returns to the host per token. Sampling keys are
+`fold_in(rng, completion_index)`, so a key fixes the output.
 
 Log-prob convention (what `Rollout.logps_BxC` holds, in fp32, computed from the fp32 logits of
 the same `transformer.forward` / `transformer.logits` the trainer uses):
@@ -49,6 +51,11 @@ class SamplingConfig:
 
     stop: a row also ends with the token that completes one of these strings in its text (the
     token stays in the completion, as an end token does).
+
+    shared_prompt_decode: the decode reads each prompt's keys and values once for all its
+    samples (`transformer.forward`'s `prefix`) instead of from a copy per sample; a smaller
+    cache, but two parts to one softmax. Off by default until timed on a GPU (BUILD_NOTES:
+    shared-prompt decode).
     """
 
     max_new_tokens: int
@@ -60,6 +67,7 @@ class SamplingConfig:
     pad_id: int
     decode_segments: int = 1
     stop: StopStrings | None = None
+    shared_prompt_decode: bool = False
 
     def __post_init__(self):
         knobs.check_fields(self, "SamplingConfig")
@@ -106,7 +114,7 @@ class SamplingState:
     done_B: jax.Array  # bool: has emitted an end id or completed a stop string
     ends_B: jax.Array  # int32: the completion length once done, else the width
     stops_BxS: jax.Array  # int32: each stop string's automaton state (S = 0 without any)
-    cache: tf.KVCache
+    cache: tf.KVCache  # with shared_prompt_decode, the completions' slots alone
 
 
 def generate(
@@ -176,17 +184,22 @@ def _generate(
     unembed_DxV = _unembedding_split_over_vocab(params, model, mesh)
     prompt_tokens_BxP = prompt_tokens_BxP.astype(jnp.int32)
     prompt_mask_BxP = prompt_mask_BxP.astype(bool)
-    width = sampling.max_new_tokens
-    cache, first_logits_BxV = _prefill(
-        params, unembed_DxV, prompt_tokens_BxP, prompt_mask_BxP, model, width, num_samples, mesh
+    width, (num_prompts, prompt_len) = sampling.max_new_tokens, prompt_tokens_BxP.shape
+    batch = num_prompts * num_samples
+    shared = sampling.shared_prompt_decode
+    prompts_cache, logits_NxV = _prefill(
+        params, unembed_DxV, prompt_tokens_BxP, prompt_mask_BxP, model, 0 if shared else width, mesh
     )
+    per_sample = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+    if shared:  # the completions' own slots; the prompts' cache is every decode step's prefix
+        cache, prefix, prefix_len = tf.init_cache(model, batch, width), prompts_cache, 0
+    else:  # a copy of its prompt's cache per sample, with room for the completion
+        cache, prefix, prefix_len = _per_sample(prompts_cache, per_sample), None, prompt_len
     prompt_tokens_BxP, prompt_mask_BxP = (
         sharding.constrain(jnp.repeat(x, num_samples, axis=0), ("batch", None), mesh)
         for x in (prompt_tokens_BxP, prompt_mask_BxP)
     )
     prompt_len_B = prompt_mask_BxP.sum(axis=1, dtype=jnp.int32)
-    prompt_len = prompt_mask_BxP.shape[1]
-    batch = prompt_tokens_BxP.shape[0]
 
     state = SamplingState(
         step=jnp.zeros((), jnp.int32),
@@ -198,7 +211,7 @@ def _generate(
         stops_BxS=jnp.zeros((batch, len(sampling.stop.strings) if sampling.stop else 0), jnp.int32),
         cache=cache,
     )
-    state = _record(state, first_logits_BxV, rng, sampling, mesh)
+    state = _record(state, per_sample(logits_NxV), rng, sampling, mesh)
 
     def decode_step(state: SamplingState, attend_len: int) -> SamplingState:
         # The token sampled at slot step-1 sits right after the prompt's real tokens.
@@ -211,6 +224,7 @@ def _generate(
             config=model,
             cache=state.cache,
             attend_len=attend_len,
+            prefix=prefix,
         )
         logits_BxV = tf.unembed(hidden_Bx1xD, unembed_DxV)[:, 0]
         return _record(state.replace(cache=cache), logits_BxV, rng, sampling, mesh)
@@ -218,7 +232,7 @@ def _generate(
     # One loop per segment, attending to the cache slots filled by the segment's end.
     for end in segment_ends(width, sampling.decode_segments):
         not_done = lambda state, end=end: (state.step < end) & ~jnp.all(state.done_B)
-        step = functools.partial(decode_step, attend_len=prompt_len + end)
+        step = functools.partial(decode_step, attend_len=prefix_len + end)
         state = jax.lax.while_loop(not_done, step, state)
     return _finish(state, prompt_tokens_BxP, prompt_mask_BxP, sampling, mesh)
 
@@ -235,25 +249,26 @@ def _prefill(
     prompt_tokens_BxP: jax.Array,
     prompt_mask_BxP: jax.Array,
     model: ModelConfig,
-    width: int,
-    num_samples: int,
+    free_slots: int,
     mesh: Mesh | None,
 ) -> tuple[tf.KVCache, jax.Array]:
-    """Runs each prompt once; returns the cache and next-token logits repeated per sample."""
+    """Runs each prompt once; returns its cache (with `free_slots` more slots after the
+    prompt's) and its next-token logits."""
     num_prompts, prompt_len = prompt_tokens_BxP.shape
-    cache = _constrain_cache(tf.init_cache(model, num_prompts, prompt_len + width), mesh)
+    cache = _constrain_cache(tf.init_cache(model, num_prompts, prompt_len + free_slots), mesh)
     positions_BxP = tf.positions_from_mask(prompt_mask_BxP)
     hidden_BxPxD, cache = tf.forward(
         params, prompt_tokens_BxP, positions_BxP, prompt_mask_BxP, config=model, cache=cache
     )
-    logits_BxV = tf.unembed(hidden_BxPxD[:, -1:], unembed_DxV)[:, 0]
-    per_sample = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
-    cache = cache.replace(
-        k_layers=tuple(map(per_sample, cache.k_layers)),
-        v_layers=tuple(map(per_sample, cache.v_layers)),
-        valid_BxS=per_sample(cache.valid_BxS),
+    return cache, tf.unembed(hidden_BxPxD[:, -1:], unembed_DxV)[:, 0]
+
+
+def _per_sample(cache: tf.KVCache, repeat) -> tf.KVCache:
+    return cache.replace(
+        k_layers=tuple(map(repeat, cache.k_layers)),
+        v_layers=tuple(map(repeat, cache.v_layers)),
+        valid_BxS=repeat(cache.valid_BxS),
     )
-    return cache, jnp.repeat(logits_BxV, num_samples, axis=0)
 
 
 def _record(

@@ -2,6 +2,7 @@
 first-token sampling statistics, end tokens, sharding, and compile-count bucketing."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -170,15 +171,30 @@ def test_fixed_key_reproduces_and_other_key_differs(params, prompts):
     assert (first.completion_tokens_BxC[0::2] != first.completion_tokens_BxC[1::2]).any()
 
 
-def test_shared_prefill_equals_prefilling_every_copy(params, prompts):
-    # num_samples=3 prefills each prompt once and copies its cache; the same key over the
-    # prompts repeated on the host (one prefill per row) must sample the same completions.
-    shared = _generate(params, prompts, _sampling(), num_samples=3)
+@pytest.mark.parametrize("decode", ["copied", "shared"])
+def test_shared_prefill_equals_prefilling_every_copy(params, prompts, decode):
+    # num_samples=3 prefills each prompt once, and copies its cache per sample or (shared) has
+    # every decode step read it once for the three; the same key over the prompts repeated on
+    # the host (one prefill per row) must sample the same completions.
+    sampling = _sampling(shared_prompt_decode=decode == "shared")
+    shared = _generate(params, prompts, sampling, num_samples=3)
     repeated = tuple(np.repeat(x, 3, axis=0) for x in prompts)
     per_row = _generate(params, repeated, _sampling(), num_samples=1)
     np.testing.assert_array_equal(shared.completion_tokens_BxC, per_row.completion_tokens_BxC)
     np.testing.assert_array_equal(shared.prompt_tokens_BxP, per_row.prompt_tokens_BxP)
     np.testing.assert_allclose(shared.logps_BxC, per_row.logps_BxC, atol=1e-5, rtol=0)
+    # What the decode loop carries per layer: each row's prompt and completion slots, or (shared)
+    # the completion's alone.
+    tokens, mask = prompts
+    generate = functools.partial(
+        ro._generate, model=CONFIG, sampling=sampling, num_samples=3, mesh=None
+    )
+    jaxpr = str(jax.make_jaxpr(generate)(params, tokens, mask, jax.random.key(1)))
+    rows, kv = 3 * len(tokens), f"{CONFIG.num_kv_heads},{CONFIG.head_dim}]"
+    carried = {
+        slots for slots in (WIDTH, tokens.shape[1] + WIDTH) if f"f32[{rows},{slots},{kv}" in jaxpr
+    }
+    assert carried == {WIDTH if decode == "shared" else tokens.shape[1] + WIDTH}
 
 
 def test_decode_segments_sample_the_same_completions(params, prompts):
@@ -339,15 +355,17 @@ def _on_mesh(mesh, params, prompts):
     return (placed, *sharding.shard_batch(mesh, prompts), jax.random.key(1))
 
 
-def _sharded_kwargs(mesh):
-    return dict(model=CONFIG, sampling=_sampling(), num_samples=2, mesh=mesh)
+def _sharded_kwargs(mesh, **sampling):
+    return dict(model=CONFIG, sampling=_sampling(**sampling), num_samples=2, mesh=mesh)
 
 
 @pytest.mark.eight_devices
-def test_sharded_generation_equals_unsharded(params, prompts):
+@pytest.mark.parametrize("shared_prompt_decode", [False, True])
+def test_sharded_generation_equals_unsharded(params, prompts, shared_prompt_decode):
     expected = _generate(params, prompts, _sampling())
     mesh = sharding.make_mesh(dp=2, fsdp=2, tp=2)
-    rollout = ro.generate(*_on_mesh(mesh, params, prompts), **_sharded_kwargs(mesh))
+    shared = dict(shared_prompt_decode=shared_prompt_decode)
+    rollout = ro.generate(*_on_mesh(mesh, params, prompts), **_sharded_kwargs(mesh, **shared))
     assert rollout.completion_tokens_BxC.sharding.spec[0] == sharding.BATCH_AXES
     got = jax.tree.map(np.asarray, rollout)
     np.testing.assert_array_equal(got.completion_tokens_BxC, expected.completion_tokens_BxC)
