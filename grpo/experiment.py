@@ -126,6 +126,12 @@ class TrainConfig:
         ):
             if (value := getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {value}")
+        if self.num_generations == 1:  # the baseline is the group's mean, under every scale
+            raise ValueError(
+                "TrainConfig.num_generations must be >= 2: a completion's advantage is its "
+                "reward against the other completions of its prompt, and with 1 every "
+                "advantage is 0"
+            )
         for name in ("eval_every_steps", "checkpoint_every_steps", "show_completions_every_steps"):
             if (value := getattr(self, name)) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0 (0: never), got {value}")

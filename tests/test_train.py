@@ -343,6 +343,7 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
     "kwargs, message",
     [
         (dict(num_steps=0), "TrainConfig.num_steps must be >= 1, got 0"),
+        (dict(num_generations=1), "num_generations must be >= 2: a completion's advantage"),
         (dict(micro_batch_width_buckets=0), "TrainConfig.micro_batch_width_buckets must be >= 1"),
         (dict(checkpoints_to_keep=0), "TrainConfig.checkpoints_to_keep must be >= 1, got 0"),
         (dict(eval_prompts_per_batch=0), "TrainConfig.eval_prompts_per_batch must be >= 1"),
