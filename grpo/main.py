@@ -178,25 +178,27 @@ def _checkpoint_steps(spec: str | None) -> list[int] | str | None:
 def _run_one_off(experiment, steps: list[int] | str | None) -> None:
     """--eval_only or --export_only on checkpoints of --workdir; a missing step, or one that
     does not fit the config, exits 2."""
-    from grpo import checkpoint, train
+    from grpo import checkpoint, checkpoint_jobs
 
     try:
         if FLAGS.export_only:
-            step = train.export_workdir(
+            step = checkpoint_jobs.export_workdir(
                 experiment, FLAGS.workdir, FLAGS.export_only, None if steps is None else steps[0]
             )
             logging.info("exported step %d to %s", step, FLAGS.export_only)
         elif FLAGS.follow:
-            train.follow_checkpoints(
+            checkpoint_jobs.follow_checkpoints(
                 experiment,
                 FLAGS.workdir,
                 poll_s=FLAGS.follow_poll_s,
                 timeout_s=FLAGS.follow_timeout_s,
             )
         elif steps is None:
-            train.evaluate_workdir(experiment, FLAGS.workdir)
+            checkpoint_jobs.evaluate_workdir(experiment, FLAGS.workdir)
         else:
-            train.evaluate_checkpoints(experiment, FLAGS.workdir, None if steps == "all" else steps)
+            checkpoint_jobs.evaluate_checkpoints(
+                experiment, FLAGS.workdir, None if steps == "all" else steps
+            )
     except (FileNotFoundError, checkpoint.CheckpointMismatch) as err:
         logging.error("%s", err)
         sys.exit(2)

@@ -3,21 +3,19 @@
 Everything here is plain Python over the pure phases; gin never reaches this module. `train`
 takes a fully built `Experiment` (see grpo/configurables.py) and a workdir. The sampling glue
 lives in grpo/sampling.py, the eval in grpo/evaluation.py, cross-process gathers in
-grpo/gather.py.
+grpo/gather.py, the eval and export of saved checkpoints in grpo/checkpoint_jobs.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import enum
 import functools
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -38,7 +36,7 @@ from grpo.experiment import (
     check_batch_layout,
     effective_batch_lines,
 )
-from grpo.metrics import EVAL_FILE, EvalWriter, MetricsWriter, eval_reply_lines, read_metrics
+from grpo.metrics import MetricsWriter
 from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.phases import dynamic_sampling
@@ -92,7 +90,7 @@ def _layout(mesh: Mesh, axes: Any, shapes_tree: Any, dtype: Any) -> Any:
     )
 
 
-def _trainable_and_frozen(exp: Experiment, base: Any) -> tuple[Any, Any]:
+def trainable_and_frozen(exp: Experiment, base: Any) -> tuple[Any, Any]:
     """(trainable, frozen) params: the whole model and None, or with `exp.model.lora` fresh
     adapters (fp32, seeded by TrainConfig.seed) and the frozen base."""
     if exp.model.lora is None:
@@ -111,9 +109,9 @@ def _adapter_init_and_axes(exp: Experiment) -> tuple[Callable[[jax.Array], Any],
     return init, lora.adapter_axes(transformer.logical_axes(exp.model)["layers"], config)
 
 
-def _abstract_trainable(exp: Experiment) -> Any:
+def abstract_trainable(exp: Experiment) -> Any:
     """Shapes, dtypes and shardings of the trainable params (the whole model, or the LoRA
-    adapters) as `_trainable_and_frozen` lays them out, with nothing placed or initialised:
+    adapters) as `trainable_and_frozen` lays them out, with nothing placed or initialised:
     what a restore places them onto."""
     if exp.model.lora is None:
         axes, shapes, dtype = transformer.logical_axes(exp.model), exp.params, exp.model.param_dtype
@@ -151,7 +149,7 @@ def _replicate(x: jax.Array, replicated: jax.sharding.Sharding) -> jax.Array:
 def _starting_state(exp: Experiment) -> tuple[TrainState, Any]:
     """The TrainState a run starts from, on the mesh, and the frozen base (None: full
     fine-tuning)."""
-    params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
+    params, frozen = trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
     logging.info("trainable parameters: %d of %d", count(params), count(params) + count(frozen))
     state = TrainState(
@@ -604,7 +602,7 @@ def _merged(params: Any, model: ModelConfig) -> Any:
     return jax.tree.map(lambda x: x.astype(model.param_dtype), merged)
 
 
-def _export(
+def export_policy(
     exp: Experiment, params: Any, frozen: Any, export_dir: str, info: dict | None = None
 ) -> None:
     """Writes the policy (`params`, on the `frozen` base under LoRA) as a Hugging Face folder;
@@ -619,214 +617,6 @@ def _export(
     if jax.process_index() == 0:
         export_hf(export_dir, host_params, exp.model, exp.tokenizer, adapters=adapters, info=info)
         logging.info("exported a Hugging Face folder to %s", export_dir)
-
-
-def _checkpoint_reader(workdir: str) -> Checkpointer:
-    """`workdir`'s checkpoints, opened to read only: a training run may be writing there."""
-    return Checkpointer(f"{workdir}/checkpoints", read_only=True)
-
-
-@contextlib.contextmanager
-def _eval_job(workdir: str) -> Iterator[tuple[Checkpointer, EvalWriter]]:
-    """An eval-only job's checkpoint reader and result writer."""
-    writer = EvalWriter(workdir, is_primary=jax.process_index() == 0)
-    with _checkpoint_reader(workdir) as reader, writer:
-        yield reader, writer
-
-
-def _frozen_base(exp: Experiment) -> Any:
-    """The placed base weights under LoRA (the checkpoints hold only the adapters), else None."""
-    return None if exp.model.lora is None else place_params(exp.mesh, exp.model, exp.params)
-
-
-def _checkpointed_params(exp: Experiment, reader: Checkpointer, step: int) -> tuple[Any, int]:
-    """(trainable params, GRPO step) of checkpoint `step`. Only the params are read, straight
-    onto their shardings: no optimizer state, no starting params beside them."""
-    params, updates = reader.restore_params(step, _abstract_trainable(exp))
-    return params, updates // exp.train.updates_per_step
-
-
-def _saved_steps(reader: Checkpointer, reload: bool = False) -> list[int]:
-    """The steps saved there, oldest first, as process 0 lists them (`reload`: as on disk now):
-    a run writing there may add or delete one meanwhile, and every process must read the same."""
-    return gather.from_process_zero(reader.all_steps(reload=reload))
-
-
-def _check_saved(reader: Checkpointer, saved: list[int], steps: list[int]) -> None:
-    """FileNotFoundError unless each of `steps` is among the `saved` ones, naming those."""
-    if not saved:
-        raise FileNotFoundError(f"no checkpoint in {reader.directory}")
-    if missing := sorted(set(steps) - set(saved)):
-        raise FileNotFoundError(
-            f"no checkpoint for step {', '.join(map(str, missing))} in {reader.directory} "
-            f"(available: {saved})"
-        )
-
-
-def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> dict[str, Any]:
-    """Eval only: the policy of checkpoint `step` in `workdir` (None: the newest, else the
-    starting policy as step 0), evaluated as training would; the result is appended to
-    `<workdir>/eval.jsonl` (and with `write_eval_completions` the replies to
-    eval_completions.jsonl) and returned. Nothing else in the workdir changes."""
-    with _eval_job(workdir) as (reader, writer):
-        saved = _saved_steps(reader)
-        if step is not None or saved:
-            step = saved[-1] if step is None else step
-            for result in _evaluate_steps(exp, writer, reader, saved, [step]):
-                return result
-            raise FileNotFoundError(f"checkpoint {step} in {reader.directory} was deleted")
-        params, frozen = _trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
-        return _evaluate_policy(exp, writer, lora.attach(frozen, params), 0)
-
-
-def evaluate_checkpoints(
-    exp: Experiment, workdir: str, steps: list[int] | None = None
-) -> list[dict[str, Any]]:
-    """Eval only, checkpoint after checkpoint: `steps` (None: every one in `workdir`, oldest
-    first), each as `evaluate_workdir` does it, its line appended as soon as it is done; the
-    results in order. A step not there fails before any eval; one that a run training there
-    deletes before its turn is skipped, with a warning. One compile serves all; one
-    checkpoint's params are in memory at a time."""
-    with _eval_job(workdir) as (reader, writer):
-        saved = _saved_steps(reader)
-        return _evaluate_steps(exp, writer, reader, saved, saved if steps is None else steps)
-
-
-def follow_checkpoints(
-    exp: Experiment,
-    workdir: str,
-    *,
-    poll_s: float,
-    timeout_s: float,
-    wait: Callable[[float], None] = time.sleep,
-) -> list[dict[str, Any]]:
-    """Eval only, beside the run training in `workdir`: each checkpoint it commits, oldest
-    first, evaluated as `evaluate_workdir` does, but for the steps eval.jsonl already holds (a
-    restarted follower goes on where it stopped); the results in order. Looks for new ones
-    every `poll_s` seconds (`wait`), and returns once the run's last step
-    (`TrainConfig.num_steps`) is evaluated, or when `timeout_s` pass without one to evaluate
-    (the run died or was stopped). A checkpoint the run deletes first (its
-    `checkpoints_to_keep`) is skipped, with a warning."""
-    frozen = _frozen_base(exp)
-    results = []
-    with _eval_job(workdir) as (reader, writer):
-        idle_since = time.monotonic()
-        while True:
-            idle = time.monotonic() - idle_since >= timeout_s
-            action, step = _follow_action(exp, workdir, reader, idle)
-            if action == _Follow.WAIT:
-                wait(poll_s)
-            elif action == _Follow.EVALUATE:
-                if (result := _evaluate_checkpoint(exp, writer, reader, step, frozen)) is not None:
-                    results.append(result)
-                idle_since = time.monotonic()
-            else:
-                if action == _Follow.TIMED_OUT:
-                    logging.warning(
-                        "no new checkpoint in %s for %.0f s, and step %d (the last) not "
-                        "evaluated: stopped following",
-                        reader.directory,
-                        timeout_s,
-                        exp.train.num_steps,
-                    )
-                return results
-
-
-class _Follow(enum.IntEnum):
-    """What a follower does next (process 0 decides, for every process)."""
-
-    EVALUATE = 0
-    WAIT = 1
-    FINISHED = 2
-    TIMED_OUT = 3
-
-
-def _follow_action(
-    exp: Experiment, workdir: str, reader: Checkpointer, idle: bool
-) -> tuple[_Follow, int]:
-    """(action, step): process 0's listing of the checkpoints against its eval.jsonl."""
-    action, step = _Follow.WAIT, -1
-    if jax.process_index() == 0:
-        evaluated = _evaluated_steps(workdir)
-        pending = [s for s in reader.all_steps(reload=True) if s not in evaluated]
-        if exp.train.num_steps in evaluated:
-            action = _Follow.FINISHED
-        elif pending:
-            action, step = _Follow.EVALUATE, pending[0]
-        elif idle:
-            action = _Follow.TIMED_OUT
-    action, step = gather.from_process_zero([action, step])
-    return _Follow(action), step
-
-
-def _evaluated_steps(workdir: str) -> set[int]:
-    path = os.path.join(workdir, EVAL_FILE)
-    return {r["step"] for r in read_metrics(path)} if os.path.exists(path) else set()
-
-
-def _restored_unless_deleted(
-    exp: Experiment, reader: Checkpointer, step: int
-) -> tuple[Any, int] | None:
-    """`_checkpointed_params` of `step`, or None (on every process) when a process found it
-    deleted: a run keeping its newest few deletes older ones as it saves."""
-    try:
-        restored, error = _checkpointed_params(exp, reader, step), None
-    except Exception as err:  # files gone mid-read fail by the storage's own errors
-        restored, error = None, err
-    if gather.all_rows(np.array([restored is not None])).all():
-        return restored
-    if step in _saved_steps(reader, reload=True):  # not deleted: a real failure
-        raise error or RuntimeError(f"checkpoint {step} failed to restore on another process")
-    logging.warning("checkpoint %d was deleted before its eval; skipped", step)
-    return None
-
-
-def _evaluate_steps(
-    exp: Experiment, writer: EvalWriter, reader: Checkpointer, saved: list[int], steps: list[int]
-) -> list[dict[str, Any]]:
-    _check_saved(reader, saved, steps)
-    frozen = _frozen_base(exp)
-    results = (_evaluate_checkpoint(exp, writer, reader, step, frozen) for step in steps)
-    return [result for result in results if result is not None]
-
-
-def _evaluate_checkpoint(
-    exp: Experiment, writer: EvalWriter, reader: Checkpointer, step: int, frozen: Any
-) -> dict[str, Any] | None:
-    """Checkpoint `step`'s eval, or None when the run writing there deleted it first."""
-    restored = _restored_unless_deleted(exp, reader, step)
-    if restored is None:
-        return None
-    params, done = restored  # freed on return, before the next checkpoint's
-    return _evaluate_policy(exp, writer, lora.attach(frozen, params), done)
-
-
-def _evaluate_policy(exp: Experiment, writer: EvalWriter, policy: Any, done: int) -> dict[str, Any]:
-    """`policy` evaluated as GRPO step `done`; written (eval.jsonl, its replies, TensorBoard)."""
-    replies: list[dict] = []
-
-    def keep(name: str, records: list[dict]) -> None:
-        replies.extend(eval_reply_lines(name, records))
-
-    on_replies = keep if exp.train.write_eval_completions else None
-    with jax.set_mesh(exp.mesh):
-        metrics = evaluation.evaluate(exp, policy, on_replies)
-    writer.write(done, metrics, replies)
-    logging.info("eval of step %d: %s", done, metrics)
-    return {"step": done, **metrics}
-
-
-def export_workdir(exp: Experiment, workdir: str, export_dir: str, step: int | None = None) -> int:
-    """Export only: writes the policy of checkpoint `step` in `workdir` (None: the newest) to
-    `export_dir` as training's export would (its step in grpo_export.json); returns the step."""
-    with _checkpoint_reader(workdir) as reader:
-        saved = _saved_steps(reader)
-        step = saved[-1] if step is None and saved else step
-        _check_saved(reader, saved, [step])
-        params, done = _checkpointed_params(exp, reader, step)
-    with jax.set_mesh(exp.mesh):
-        _export(exp, params, _frozen_base(exp), export_dir, info={"step": done})
-    return done
 
 
 def _progress(steps: range, total: int):
@@ -854,7 +644,7 @@ def train(exp: Experiment, workdir: str, config_text: str | None = None) -> dict
             _run_steps(exp, rt, preemption, summary)
         rt.checkpointer.wait_until_finished()
         if exp.train.export_dir:
-            _export(exp, rt.state.params, rt.frozen_params, exp.train.export_dir)
+            export_policy(exp, rt.state.params, rt.frozen_params, exp.train.export_dir)
     finally:
         preemption.restore()
         rt.checkpointer.close()
@@ -920,7 +710,9 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
             if cfg.best_export_dir and metrics[cfg.best_export_metric] > best:
                 best = metrics[cfg.best_export_metric]
                 info = {"step": step, cfg.best_export_metric: best}
-                _export(exp, rt.state.params, rt.frozen_params, cfg.best_export_dir, info=info)
+                export_policy(
+                    exp, rt.state.params, rt.frozen_params, cfg.best_export_dir, info=info
+                )
         metrics["checkpoint_seconds"] = _save(rt, step, force=last)
         metrics["step_seconds"] = time.perf_counter() - tick
         rt.metrics.write(step, metrics)

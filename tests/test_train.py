@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import gin
-from grpo import checkpoint, configurables, evaluation, sampling, train
+from grpo import checkpoint, checkpoint_jobs, configurables, evaluation, sampling, train
 from grpo import experiment as experiment_lib
 from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
@@ -856,8 +856,8 @@ def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
     in_flight.mkdir()
     experiment = _experiment(*bindings)
     newest = {"step": 2, "eval_accuracy": last["eval_accuracy"]}
-    assert train.evaluate_workdir(experiment, str(tmp_path / "run")) == newest
-    assert train.evaluate_workdir(experiment, str(tmp_path / "fresh")) == {
+    assert checkpoint_jobs.evaluate_workdir(experiment, str(tmp_path / "run")) == newest
+    assert checkpoint_jobs.evaluate_workdir(experiment, str(tmp_path / "fresh")) == {
         "step": 0,
         "eval_accuracy": start["eval_accuracy"],
     }
@@ -865,8 +865,8 @@ def test_eval_only_evaluates_the_newest_checkpoint_or_the_starting_policy(
     assert not (tmp_path / "fresh" / "checkpoints").exists()
     # Every kept checkpoint (tiny.gin keeps two), oldest first; a step not there fails first.
     with pytest.raises(FileNotFoundError, match=r"step 7 .*available: \[1, 2\]"):
-        train.evaluate_checkpoints(experiment, str(tmp_path / "run"), [2, 7])
-    first, again = train.evaluate_checkpoints(experiment, str(tmp_path / "run"))
+        checkpoint_jobs.evaluate_checkpoints(experiment, str(tmp_path / "run"), [2, 7])
+    first, again = checkpoint_jobs.evaluate_checkpoints(experiment, str(tmp_path / "run"))
     assert first["step"] == 1 and again == newest
     assert first["eval_accuracy"] not in (start["eval_accuracy"], last["eval_accuracy"])
     assert metrics_lib.read_metrics(tmp_path / "run" / metrics_lib.EVAL_FILE) == [
@@ -899,16 +899,16 @@ def test_a_follower_evaluates_each_checkpoint_as_the_run_saves_it(
         waits.append(seconds)
         _train_in_process(run, next(parts), "TrainConfig.eval_every_steps=1")
 
-    restore = train._checkpointed_params
+    restore = checkpoint_jobs._checkpointed_params
 
     def deleted_as_read(exp, reader, step):
         if step == 3:
             shutil.rmtree(run / "checkpoints" / "3")
         return restore(exp, reader, step)
 
-    monkeypatch.setattr(train, "_checkpointed_params", deleted_as_read)
+    monkeypatch.setattr(checkpoint_jobs, "_checkpointed_params", deleted_as_read)
     follower = _experiment("TrainConfig.num_steps=4")
-    follow = functools.partial(train.follow_checkpoints, poll_s=0.5, timeout_s=60)
+    follow = functools.partial(checkpoint_jobs.follow_checkpoints, poll_s=0.5, timeout_s=60)
     results = follow(follower, str(run), wait=train_on)
     assert waits == [0.5, 0.5]
     own = {r["step"]: r["eval_accuracy"] for r in metrics_lib.read_metrics(run / "metrics.jsonl")}
@@ -923,7 +923,9 @@ def test_a_follower_evaluates_each_checkpoint_as_the_run_saves_it(
     # saves no more: it evaluates step 4 alone, then gives up.
     (run / metrics_lib.EVAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in results[:2]))
     longer = _experiment("TrainConfig.num_steps=5")
-    assert train.follow_checkpoints(longer, str(run), poll_s=0.5, timeout_s=0) == results[2:]
+    assert (
+        checkpoint_jobs.follow_checkpoints(longer, str(run), poll_s=0.5, timeout_s=0) == results[2:]
+    )
     assert "and step 5 (the last) not evaluated: stopped following" in caplog.text
     assert waits == [0.5, 0.5]
 
@@ -933,10 +935,8 @@ def test_eval_and_export_restore_onto_the_trainers_layout(bindings, length_rewar
     # The params of a checkpoint are restored straight onto this abstract layout: it must be
     # the one the trainer places, sharding and dtype too.
     exp = _experiment(*bindings)
-    placed, _ = train._trainable_and_frozen(
-        exp, train.place_params(exp.mesh, exp.model, exp.params)
-    )
-    abstract = train._abstract_trainable(exp)
+    placed, _ = train.trainable_and_frozen(exp, train.place_params(exp.mesh, exp.model, exp.params))
+    abstract = train.abstract_trainable(exp)
     assert jax.tree.structure(abstract) == jax.tree.structure(placed)
     for want, got in zip(jax.tree.leaves(placed), jax.tree.leaves(abstract), strict=True):
         assert (got.shape, got.dtype, got.sharding) == (want.shape, want.dtype, want.sharding)
@@ -950,8 +950,10 @@ def test_export_only_writes_a_checkpoint_as_the_run_would(tmp_path, length_rewar
     run, final = tmp_path / "run", tmp_path / "final"
     _train_in_process(run, *bindings, f"TrainConfig.export_dir='{final}'")
     experiment = _experiment(*bindings)
-    assert train.export_workdir(experiment, str(run), str(tmp_path / "newest")) == 2
-    assert train.export_workdir(experiment, str(run), str(tmp_path / "first"), step=1) == 1
+    assert checkpoint_jobs.export_workdir(experiment, str(run), str(tmp_path / "newest")) == 2
+    assert (
+        checkpoint_jobs.export_workdir(experiment, str(run), str(tmp_path / "first"), step=1) == 1
+    )
     read = lambda d, f="model.safetensors": load_file(tmp_path / d / f)
     for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
         newest, run_end = read("newest", name), read("final", name)
@@ -963,12 +965,12 @@ def test_export_only_writes_a_checkpoint_as_the_run_would(tmp_path, length_rewar
     info = json.loads((tmp_path / "first" / loading.EXPORT_INFO).read_text())
     assert info == {"step": 1}
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-        train.export_workdir(experiment, str(tmp_path / "empty"), str(tmp_path / "none"))
+        checkpoint_jobs.export_workdir(experiment, str(tmp_path / "empty"), str(tmp_path / "none"))
     full_fine_tuning = _experiment("TrainConfig.num_steps=2")
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"step 2 .* LoRA setting\?"):
-        train.export_workdir(full_fine_tuning, str(run), str(tmp_path / "none"))
+        checkpoint_jobs.export_workdir(full_fine_tuning, str(run), str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7 .*available: \[1, 2\]"):
-        train.evaluate_workdir(experiment, str(run), step=7)
+        checkpoint_jobs.evaluate_workdir(experiment, str(run), step=7)
 
 
 @pytest.mark.slow
