@@ -1,17 +1,19 @@
 """Eval and export of a run's saved checkpoints (`--eval_only`, `--export_only`): after the run,
 or beside it while it trains (`follow_checkpoints`). Each job opens the checkpoints read-only
 and restores the policy's params alone, onto the layout the trainer uses; every process reads
-the same list of steps, as process 0 sees it.
+the same list of steps, as process 0 sees it. With `TrainConfig.best_export_dir`, an eval job
+also exports the best checkpoint it evaluates there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -22,7 +24,13 @@ from grpo.checkpoint import Checkpointer
 from grpo.experiment import Experiment
 from grpo.metrics import EVAL_FILE, EvalWriter, eval_reply_lines, read_metrics
 from grpo.models import lora
-from grpo.train import abstract_trainable, export_policy, place_params, trainable_and_frozen
+from grpo.train import (
+    abstract_trainable,
+    best_exported,
+    export_policy,
+    place_params,
+    trainable_and_frozen,
+)
 
 
 def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> dict[str, Any]:
@@ -30,15 +38,15 @@ def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> 
     starting policy as step 0), evaluated as training would; the result is appended to
     `<workdir>/eval.jsonl` (and with `write_eval_completions` the replies to
     eval_completions.jsonl) and returned. Nothing else in the workdir changes."""
-    with _eval_job(workdir) as (reader, writer):
-        saved = _saved_steps(reader)
+    with _eval_job(exp, workdir) as job:
+        saved = _saved_steps(job.reader)
         if step is not None or saved:
             step = saved[-1] if step is None else step
-            for result in _evaluate_steps(exp, writer, reader, saved, [step]):
+            for result in _evaluate_steps(exp, job, saved, [step]):
                 return result
-            raise FileNotFoundError(f"checkpoint {step} in {reader.directory} was deleted")
+            raise FileNotFoundError(f"checkpoint {step} in {job.reader.directory} was deleted")
         params, frozen = trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
-        return _evaluate_policy(exp, writer, lora.attach(frozen, params), 0)
+        return _evaluate_policy(exp, job.writer, lora.attach(frozen, params), 0)
 
 
 def evaluate_checkpoints(
@@ -49,9 +57,9 @@ def evaluate_checkpoints(
     results in order. A step not there fails before any eval; one that a run training there
     deletes before its turn is skipped, with a warning. One compile serves all; one
     checkpoint's params are in memory at a time."""
-    with _eval_job(workdir) as (reader, writer):
-        saved = _saved_steps(reader)
-        return _evaluate_steps(exp, writer, reader, saved, saved if steps is None else steps)
+    with _eval_job(exp, workdir) as job:
+        saved = _saved_steps(job.reader)
+        return _evaluate_steps(exp, job, saved, saved if steps is None else steps)
 
 
 def follow_checkpoints(
@@ -71,15 +79,15 @@ def follow_checkpoints(
     `checkpoints_to_keep`) is skipped, with a warning."""
     frozen = _frozen_base(exp)
     results = []
-    with _eval_job(workdir) as (reader, writer):
+    with _eval_job(exp, workdir) as job:
         idle_since = time.monotonic()
         while True:
             idle = time.monotonic() - idle_since >= timeout_s
-            action, step = _follow_action(exp, workdir, reader, idle)
+            action, step = _follow_action(exp, workdir, job.reader, idle)
             if action == _Follow.WAIT:
                 wait(poll_s)
             elif action == _Follow.EVALUATE:
-                if (result := _evaluate_checkpoint(exp, writer, reader, step, frozen)) is not None:
+                if (result := _evaluate_checkpoint(exp, job, step, frozen)) is not None:
                     results.append(result)
                 idle_since = time.monotonic()
             else:
@@ -87,7 +95,7 @@ def follow_checkpoints(
                     logging.warning(
                         "no new checkpoint in %s for %.0f s, and step %d (the last) not "
                         "evaluated: stopped following",
-                        reader.directory,
+                        job.reader.directory,
                         timeout_s,
                         exp.train.num_steps,
                     )
@@ -140,23 +148,26 @@ def _evaluated_steps(workdir: str) -> set[int]:
 
 
 def _evaluate_steps(
-    exp: Experiment, writer: EvalWriter, reader: Checkpointer, saved: list[int], steps: list[int]
+    exp: Experiment, job: _Job, saved: list[int], steps: list[int]
 ) -> list[dict[str, Any]]:
-    _check_saved(reader, saved, steps)
+    _check_saved(job.reader, saved, steps)
     frozen = _frozen_base(exp)
-    results = (_evaluate_checkpoint(exp, writer, reader, step, frozen) for step in steps)
+    results = (_evaluate_checkpoint(exp, job, step, frozen) for step in steps)
     return [result for result in results if result is not None]
 
 
 def _evaluate_checkpoint(
-    exp: Experiment, writer: EvalWriter, reader: Checkpointer, step: int, frozen: Any
+    exp: Experiment, job: _Job, step: int, frozen: Any
 ) -> dict[str, Any] | None:
-    """Checkpoint `step`'s eval, or None when the run writing there deleted it first."""
-    restored = _restored_unless_deleted(exp, reader, step)
+    """Checkpoint `step`'s eval (exported if the best), or None when the run writing there
+    deleted it first."""
+    restored = _restored_unless_deleted(exp, job.reader, step)
     if restored is None:
         return None
     params, done = restored  # freed on return, before the next checkpoint's
-    return _evaluate_policy(exp, writer, lora.attach(frozen, params), done)
+    result = _evaluate_policy(exp, job.writer, lora.attach(frozen, params), done)
+    job.best.offer(params, frozen, result)
+    return result
 
 
 def _evaluate_policy(exp: Experiment, writer: EvalWriter, policy: Any, done: int) -> dict[str, Any]:
@@ -203,12 +214,40 @@ def _frozen_base(exp: Experiment) -> Any:
     return None if exp.model.lora is None else place_params(exp.mesh, exp.model, exp.params)
 
 
+class _Job(NamedTuple):
+    """What an eval-only job reads from and writes to."""
+
+    reader: Checkpointer
+    writer: EvalWriter
+    best: _BestExport
+
+
 @contextlib.contextmanager
-def _eval_job(workdir: str) -> Iterator[tuple[Checkpointer, EvalWriter]]:
-    """An eval-only job's checkpoint reader and result writer."""
+def _eval_job(exp: Experiment, workdir: str) -> Iterator[_Job]:
     writer = EvalWriter(workdir, is_primary=jax.process_index() == 0)
     with _checkpoint_reader(workdir) as reader, writer:
-        yield reader, writer
+        yield _Job(reader, writer, _BestExport(exp))
+
+
+class _BestExport:
+    """`TrainConfig.best_export_dir` in eval-only jobs: a checkpoint whose
+    `best_export_metric` beats the export already there (of any step) and every checkpoint
+    the job evaluated before it is exported there, as the trainer's own evals do."""
+
+    def __init__(self, exp: Experiment):
+        self._exp = exp
+        on = exp.train.best_export_dir is not None
+        self._best = best_exported(exp.train, up_to_step=math.inf) if on else None
+
+    def offer(self, params: Any, frozen: Any, result: dict[str, Any]) -> None:
+        """Exports `params` (on `frozen`) if `result`, its eval, is the best so far."""
+        cfg = self._exp.train
+        if self._best is None or not result[cfg.best_export_metric] > self._best:
+            return
+        self._best = float(result[cfg.best_export_metric])
+        info = {"step": result["step"], cfg.best_export_metric: self._best}
+        with jax.set_mesh(self._exp.mesh):
+            export_policy(self._exp, params, frozen, cfg.best_export_dir, info=info)
 
 
 def _checkpoint_reader(workdir: str) -> Checkpointer:

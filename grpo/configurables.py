@@ -306,6 +306,11 @@ def build_experiment(*, read_params: bool = True, eval_only: bool = False) -> Ex
     passed its checks; `read_params=False` (a dry run) leaves `params` None. `eval_only`: the
     experiment only evaluates (main's --eval_only), so it needs test examples."""
     train = TrainConfig()
+    if train.best_export_dir and not train.eval_every_steps and not eval_only:
+        raise ValueError(
+            "TrainConfig.best_export_dir exports the best of the run's evals, and "
+            "eval_every_steps=0 makes none (or bind it for a follower alone: --eval_only --follow)"
+        )
     for knob, folder in (
         ("export_dir", train.export_dir),
         ("best_export_dir", train.best_export_dir),

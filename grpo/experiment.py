@@ -187,11 +187,6 @@ class TrainConfig:
                     f"TrainConfig.{setting} must be distinct gin scope names, got {names}"
                 )
         check_question_template(self.question_template)
-        if self.best_export_dir and not self.eval_every_steps:
-            raise ValueError(
-                "TrainConfig.best_export_dir exports the best of the run's evals, and "
-                "eval_every_steps=0 makes none"
-            )
         if self.best_export_metric not in self.best_metrics:
             raise ValueError(
                 f"TrainConfig.best_export_metric={self.best_export_metric!r} is not a metric the "

@@ -660,9 +660,10 @@ def _write_config(workdir: str, text: str) -> None:
     os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
-def _best_so_far(cfg: TrainConfig, start_step: int) -> float:
-    """The best-export metric of the export a resumed run made before `start_step` (process 0
-    reads it; every process gets it, so all agree on the next export); -inf if none (or if it
+def best_exported(cfg: TrainConfig, up_to_step: float) -> float:
+    """The best-export metric of the export in `best_export_dir`, if made at `up_to_step` or
+    before (a resumed run's: a later one is of a run this one does not continue; process 0
+    reads it, every process gets it, so all agree on the next export); -inf if none (or if it
     was chosen by another metric)."""
     best = -np.inf
     if cfg.best_export_dir and jax.process_index() == 0:
@@ -672,7 +673,7 @@ def _best_so_far(cfg: TrainConfig, start_step: int) -> float:
         if os.path.exists(path):
             with open(path) as f:
                 info = json.load(f)
-            if info["step"] <= start_step:  # later: a run this one does not continue
+            if info["step"] <= up_to_step:
                 best = info.get(cfg.best_export_metric, -np.inf)
     if jax.process_count() > 1:
         best = float(multihost_utils.broadcast_one_to_all(np.float32(best)))
@@ -696,7 +697,7 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
     """Steps from the resumed one to the last: eval, checkpoint and metrics after each; updates
     `summary`; raises Preempted after saving when a SIGTERM was agreed on."""
     cfg = exp.train
-    best = _best_so_far(cfg, rt.start_step)
+    best = best_exported(cfg, rt.start_step)
     if cfg.eval_at_start and rt.start_step == 0:
         rt.metrics.write(0, _timed_eval(exp, rt, 0, summary))
     for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):

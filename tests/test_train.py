@@ -191,6 +191,10 @@ def test_bad_bindings_fail_fast(tmp_path, binding, message):
         ("make_loss.max_completion_length=16", "it needs make_loss.aggregation="),  # else unused
         ("make_model.attention_impl='cudnn'", "'cudnn' needs an NVIDIA GPU"),  # not after a rollout
         ("make_sampling.max_new_tokens=None", "max_new_tokens must be int, got None"),
+        (
+            ("TrainConfig.best_export_dir='/tmp/best'", "TrainConfig.eval_every_steps=0"),
+            "eval_every_steps=0 makes none (or bind it for a follower alone",
+        ),
     ],
 )
 def test_bad_bindings_are_refused_by_the_configuration_alone(length_reward, binding, message):
@@ -369,7 +373,6 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(ref_sync_alpha=0.9), "ref_sync_alpha needs ref_sync_every_steps > 0"),
         (dict(best_export_metric="eval_pass_at_k"), "valid: eval_accuracy"),  # no eval_samples
         (dict(best_export_metric="eval_length_mean"), "is not a metric the eval reports"),
-        (dict(best_export_dir="/tmp/best", eval_every_steps=0), "eval_every_steps=0 makes none"),
         (dict(extra_eval_sets=("math-500",)), "extra_eval_sets must be distinct gin scope names"),
         (dict(extra_train_sets=("a", "a")), "extra_train_sets must be distinct gin scope names"),
         (dict(system_prompt="Write \frac{1}{2}"), "holds the control character \\f (a LaTeX"),
@@ -418,14 +421,14 @@ def length_reward(monkeypatch):
     monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _length_reward)
 
 
-def _experiment(*bindings, read_params=True):
+def _experiment(*bindings, read_params=True, eval_only=False):
     """tiny.gin's experiment with the length reward and `bindings`, built as main builds it."""
     gin.clear_config()
     grpo_main.parse_gin(
         [TINY], ["make_rewards.names=('length',)", "make_rewards.weights=(1.0,)", *bindings], [REPO]
     )
     try:
-        return configurables.build_experiment(read_params=read_params)
+        return configurables.build_experiment(read_params=read_params, eval_only=eval_only)
     finally:
         gin.clear_config()
 
@@ -911,7 +914,10 @@ def test_a_follower_evaluates_each_checkpoint_as_the_run_saves_it(
         return restore(exp, reader, step)
 
     monkeypatch.setattr(checkpoint_jobs, "_checkpointed_params", deleted_as_read)
-    follower = _experiment("TrainConfig.num_steps=4")
+    # The follower keeps the best checkpoint exported (the run's own evals would, were they on).
+    best = tmp_path / "best"
+    follower_config = ("TrainConfig.eval_every_steps=0", f"TrainConfig.best_export_dir='{best}'")
+    follower = _experiment("TrainConfig.num_steps=4", *follower_config, eval_only=True)
     follow = functools.partial(checkpoint_jobs.follow_checkpoints, poll_s=0.5, timeout_s=60)
     results = follow(follower, str(run), wait=train_on)
     assert waits == [0.5, 0.5]
@@ -921,17 +927,28 @@ def test_a_follower_evaluates_each_checkpoint_as_the_run_saves_it(
     assert metrics_lib.read_metrics(run / metrics_lib.EVAL_FILE) == results
     assert "checkpoint 3 was deleted before its eval; skipped" in caplog.text
     assert list((run / "tensorboard" / "eval_only").glob("events.out.tfevents.*"))
+    top = max(results, key=lambda r: r["eval_accuracy"])
+    best_info = lambda: json.loads((best / loading.EXPORT_INFO).read_text())
+    assert best_info() == top
     # Started again: the last step is evaluated, so nothing to do.
     assert follow(follower, str(run), wait=train_on) == []
     # A follower stopped before step 4's line, restarted, for a run meant to go to step 5 that
-    # saves no more: it evaluates step 4 alone, then gives up.
+    # saves no more: it evaluates step 4 alone, then gives up. The export there (planted: an
+    # unbeatable step 2) stays.
     (run / metrics_lib.EVAL_FILE).write_text("".join(json.dumps(r) + "\n" for r in results[:2]))
-    longer = _experiment("TrainConfig.num_steps=5")
+    unbeaten = {"step": 2, "eval_accuracy": 1e9}
+    (best / loading.EXPORT_INFO).write_text(json.dumps(unbeaten))
+    exported = load_file(best / "model.safetensors")
+    longer = _experiment("TrainConfig.num_steps=5", *follower_config, eval_only=True)
     assert (
         checkpoint_jobs.follow_checkpoints(longer, str(run), poll_s=0.5, timeout_s=0) == results[2:]
     )
     assert "and step 5 (the last) not evaluated: stopped following" in caplog.text
     assert waits == [0.5, 0.5]
+    assert best_info() == unbeaten
+    again = load_file(best / "model.safetensors")
+    for name in exported:
+        np.testing.assert_array_equal(again[name], exported[name], err_msg=name)
 
 
 @pytest.mark.parametrize("bindings", [(), ("make_model.lora_rank=4",)], ids=["full", "lora"])
