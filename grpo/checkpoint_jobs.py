@@ -80,16 +80,24 @@ def follow_checkpoints(
     frozen = _frozen_base(exp)
     results = []
     with _eval_job(exp, workdir) as job:
-        idle_since = time.monotonic()
+        idle_since, waiting = time.monotonic(), False
         while True:
             idle = time.monotonic() - idle_since >= timeout_s
             action, step = _follow_action(exp, workdir, job.reader, idle)
             if action == _Follow.WAIT:
+                if not waiting:  # once per wait, so a quiet follower is seen to be alive
+                    logging.info(
+                        "waiting for a new checkpoint in %s (every %g s, up to %g s)",
+                        job.reader.directory,
+                        poll_s,
+                        timeout_s,
+                    )
+                waiting = True
                 wait(poll_s)
             elif action == _Follow.EVALUATE:
                 if (result := _evaluate_checkpoint(exp, job, step, frozen)) is not None:
                     results.append(result)
-                idle_since = time.monotonic()
+                idle_since, waiting = time.monotonic(), False
             else:
                 if action == _Follow.TIMED_OUT:
                     logging.warning(

@@ -919,8 +919,10 @@ def test_a_follower_evaluates_each_checkpoint_as_the_run_saves_it(
     follower_config = ("TrainConfig.eval_every_steps=0", f"TrainConfig.best_export_dir='{best}'")
     follower = _experiment("TrainConfig.num_steps=4", *follower_config, eval_only=True)
     follow = functools.partial(checkpoint_jobs.follow_checkpoints, poll_s=0.5, timeout_s=60)
+    caplog.set_level("INFO")
     results = follow(follower, str(run), wait=train_on)
     assert waits == [0.5, 0.5]
+    assert caplog.text.count("waiting for a new checkpoint in ") == 2  # once per wait
     own = {r["step"]: r["eval_accuracy"] for r in metrics_lib.read_metrics(run / "metrics.jsonl")}
     assert results == [{"step": s, "eval_accuracy": own[s]} for s in (1, 2, 4)]
     assert len(set(own.values())) == 4  # each step another policy
