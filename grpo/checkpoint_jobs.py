@@ -25,8 +25,8 @@ from grpo.experiment import Experiment
 from grpo.metrics import EVAL_FILE, EvalWriter, eval_reply_lines, read_metrics
 from grpo.models import lora
 from grpo.train import (
+    BestExport,
     abstract_trainable,
-    best_exported,
     export_policy,
     place_params,
     trainable_and_frozen,
@@ -42,9 +42,9 @@ def evaluate_workdir(exp: Experiment, workdir: str, step: int | None = None) -> 
         saved = _saved_steps(job.reader)
         if step is not None or saved:
             step = saved[-1] if step is None else step
-            for result in _evaluate_steps(exp, job, saved, [step]):
-                return result
-            raise FileNotFoundError(f"checkpoint {step} in {job.reader.directory} was deleted")
+            if not (results := _evaluate_steps(exp, job, saved, [step])):
+                raise FileNotFoundError(f"checkpoint {step} in {job.reader.directory} was deleted")
+            return results[0]
         params, frozen = trainable_and_frozen(exp, place_params(exp.mesh, exp.model, exp.params))
         return _evaluate_policy(exp, job.writer, lora.attach(frozen, params), 0)
 
@@ -174,7 +174,8 @@ def _evaluate_checkpoint(
         return None
     params, done = restored  # freed on return, before the next checkpoint's
     result = _evaluate_policy(exp, job.writer, lora.attach(frozen, params), done)
-    job.best.offer(params, frozen, result)
+    with jax.set_mesh(exp.mesh):
+        job.best.offer(done, result, params, frozen)
     return result
 
 
@@ -227,35 +228,14 @@ class _Job(NamedTuple):
 
     reader: Checkpointer
     writer: EvalWriter
-    best: _BestExport
+    best: BestExport
 
 
 @contextlib.contextmanager
 def _eval_job(exp: Experiment, workdir: str) -> Iterator[_Job]:
     writer = EvalWriter(workdir, is_primary=jax.process_index() == 0)
     with _checkpoint_reader(workdir) as reader, writer:
-        yield _Job(reader, writer, _BestExport(exp))
-
-
-class _BestExport:
-    """`TrainConfig.best_export_dir` in eval-only jobs: a checkpoint whose
-    `best_export_metric` beats the export already there (of any step) and every checkpoint
-    the job evaluated before it is exported there, as the trainer's own evals do."""
-
-    def __init__(self, exp: Experiment):
-        self._exp = exp
-        on = exp.train.best_export_dir is not None
-        self._best = best_exported(exp.train, up_to_step=math.inf) if on else None
-
-    def offer(self, params: Any, frozen: Any, result: dict[str, Any]) -> None:
-        """Exports `params` (on `frozen`) if `result`, its eval, is the best so far."""
-        cfg = self._exp.train
-        if self._best is None or not result[cfg.best_export_metric] > self._best:
-            return
-        self._best = float(result[cfg.best_export_metric])
-        info = {"step": result["step"], cfg.best_export_metric: self._best}
-        with jax.set_mesh(self._exp.mesh):
-            export_policy(self._exp, params, frozen, cfg.best_export_dir, info=info)
+        yield _Job(reader, writer, BestExport(exp, up_to_step=math.inf))
 
 
 def _checkpoint_reader(workdir: str) -> Checkpointer:

@@ -115,6 +115,12 @@ def _open_tensorboard(logdir: str, resume_step: int | None) -> Any:
     return SummaryWriter(logdir=logdir, purge_step=purge_step, filename_suffix=unique)
 
 
+def _add_scalars(tensorboard: Any, step: int, scalars: Mapping[str, int | float]) -> None:
+    for key, value in scalars.items():
+        tensorboard.add_scalar(key, value, global_step=step)
+    tensorboard.flush()
+
+
 def _open_wandb(project: str, run_name: str | None, workdir: str, config: Mapping | None) -> Any:
     try:
         import wandb
@@ -198,9 +204,7 @@ class MetricsWriter:
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
         if self._tensorboard is not None:
-            for key, value in scalars.items():
-                self._tensorboard.add_scalar(key, value, global_step=step)
-            self._tensorboard.flush()
+            _add_scalars(self._tensorboard, step, scalars)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
         logging.info(format_step_line(step, self._total_steps, scalars))
@@ -276,9 +280,7 @@ class EvalWriter:
             self._tensorboard = _open_tensorboard(logdir, resume_step=None)
             self._wants_tensorboard = self._tensorboard is not None
         if self._tensorboard is not None:
-            for key, value in scalars.items():
-                self._tensorboard.add_scalar(key, value, global_step=step)
-            self._tensorboard.flush()
+            _add_scalars(self._tensorboard, step, scalars)
 
     def close(self) -> None:
         if self._tensorboard is not None:

@@ -660,24 +660,37 @@ def _write_config(workdir: str, text: str) -> None:
     os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
-def best_exported(cfg: TrainConfig, up_to_step: float) -> float:
-    """The best-export metric of the export in `best_export_dir`, if made at `up_to_step` or
-    before (a resumed run's: a later one is of a run this one does not continue; process 0
-    reads it, every process gets it, so all agree on the next export); -inf if none (or if it
-    was chosen by another metric)."""
-    best = -np.inf
-    if cfg.best_export_dir and jax.process_index() == 0:
-        from grpo.models.loading import EXPORT_INFO
+class BestExport:
+    """`TrainConfig.best_export_dir`: a policy whose `best_export_metric` beats every eval
+    offered before it, and the export already there if made at `up_to_step` or before (a
+    resumed run's; a later one is of a run this one does not continue), is exported there.
+    Process 0 reads that export; every process gets it, so all agree on the next export."""
 
-        path = os.path.join(cfg.best_export_dir, EXPORT_INFO)
-        if os.path.exists(path):
-            with open(path) as f:
-                info = json.load(f)
-            if info["step"] <= up_to_step:
-                best = info.get(cfg.best_export_metric, -np.inf)
-    if jax.process_count() > 1:
-        best = float(multihost_utils.broadcast_one_to_all(np.float32(best)))
-    return best
+    def __init__(self, exp: Experiment, up_to_step: float):
+        self._exp = exp
+        self._best = -np.inf
+        cfg = exp.train
+        if cfg.best_export_dir and jax.process_index() == 0:
+            from grpo.models.loading import EXPORT_INFO
+
+            path = os.path.join(cfg.best_export_dir, EXPORT_INFO)
+            if os.path.exists(path):
+                with open(path) as f:
+                    info = json.load(f)
+                if info["step"] <= up_to_step:  # another metric's export counts as none
+                    self._best = info.get(cfg.best_export_metric, -np.inf)
+        if jax.process_count() > 1:
+            self._best = float(multihost_utils.broadcast_one_to_all(np.float32(self._best)))
+
+    def offer(self, step: int, metrics: dict[str, Any], params: Any, frozen: Any) -> None:
+        """Exports `params` (on `frozen`), the policy of GRPO step `step`, if its eval
+        `metrics` are the best so far (under the context mesh)."""
+        cfg = self._exp.train
+        if not cfg.best_export_dir or not metrics[cfg.best_export_metric] > self._best:
+            return
+        self._best = float(metrics[cfg.best_export_metric])
+        info = {"step": step, cfg.best_export_metric: self._best}
+        export_policy(self._exp, params, frozen, cfg.best_export_dir, info=info)
 
 
 def _timed_eval(exp: Experiment, rt: Runtime, step: int, summary: dict) -> dict[str, float]:
@@ -697,7 +710,7 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
     """Steps from the resumed one to the last: eval, checkpoint and metrics after each; updates
     `summary`; raises Preempted after saving when a SIGTERM was agreed on."""
     cfg = exp.train
-    best = best_exported(cfg, rt.start_step)
+    best = BestExport(exp, up_to_step=rt.start_step)
     if cfg.eval_at_start and rt.start_step == 0:
         rt.metrics.write(0, _timed_eval(exp, rt, 0, summary))
     for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
@@ -708,12 +721,7 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
         last = step == cfg.num_steps
         if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
             metrics.update(_timed_eval(exp, rt, step, summary))
-            if cfg.best_export_dir and metrics[cfg.best_export_metric] > best:
-                best = metrics[cfg.best_export_metric]
-                info = {"step": step, cfg.best_export_metric: best}
-                export_policy(
-                    exp, rt.state.params, rt.frozen_params, cfg.best_export_dir, info=info
-                )
+            best.offer(step, metrics, rt.state.params, rt.frozen_params)
         metrics["checkpoint_seconds"] = _save(rt, step, force=last)
         metrics["step_seconds"] = time.perf_counter() - tick
         rt.metrics.write(step, metrics)
