@@ -58,6 +58,19 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
     )
 
 
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+    """The cache with empty slots appended up to `max_len` (the sampler's next decode segment).
+
+    A segment's loop attends to its whole cache: slicing a prefix of a longer one made XLA's GPU
+    compile copy the keys' prefix on every step (BUILD_NOTES: segmented decode)."""
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, max_len - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+    return cache.replace(
+        k_layers=tuple(map(pad, cache.k_layers)),
+        v_layers=tuple(map(pad, cache.v_layers)),
+        valid_BxS=pad(cache.valid_BxS),
+    )
+
+
 def logical_axes(config: ModelConfig) -> Params:
     """The logical axis names of every parameter, as a pytree shaped like the params."""
     layer = {
@@ -272,7 +285,6 @@ def _layer(
     attend,
     cache_kv: tuple[jax.Array, jax.Array] | None,
     write_index: jax.Array,
-    attend_len: int | None = None,
 ):
     """One pre-norm transformer block. Returns the new residual stream and this layer's k/v:
     given this layer's cache buffers, the buffers with the new slots written in place.
@@ -308,7 +320,7 @@ def _layer(
         v = jax.lax.dynamic_update_slice(
             cache_v, v.astype(cache_v.dtype), (zero, write_index, zero, zero)
         )
-    attn = attend(q, k[:, :attend_len], v[:, :attend_len])
+    attn = attend(q, k, v)
     x_BxTxD = x_BxTxD + project("btnh,nhd->btd", attn, "o")
     h = rms_norm(x_BxTxD, w["mlp_norm"], config.rms_norm_eps)
     gated = jax.nn.silu(project("btd,df->btf", h, "gate")) * project("btd,df->btf", h, "up")
@@ -359,7 +371,6 @@ def forward(
     *,
     config: ModelConfig,
     cache: KVCache | None = None,
-    attend_len: int | None = None,
     prefix: KVCache | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder; returns the final-norm hidden states (B,T,D) and the updated cache.
@@ -367,10 +378,9 @@ def forward(
     Without a cache the T slots attend causally among themselves. With a cache the T new tokens
     are written at `cache.index` and attend to every earlier valid slot of the cache; the layers
     then run unrolled over per-layer params (`unstack_layers`, once, outside any decode loop).
-    `attend_len` (static) limits attention to the first slots of the cache, which must hold
-    every slot written so far (the sampler's decode segments). `prefix`, with a cache: a filled
-    cache of N rows, read only, whose valid slots come before the cache's own for rows
-    n*B/N ... (n+1)*B/N-1 (a prompt's, for its group of samples; the positions are the caller's).
+    `prefix`, with a cache: a filled cache of N rows, read only, whose valid slots come before
+    the cache's own for rows n*B/N ... (n+1)*B/N-1 (a prompt's, for its group of samples; the
+    positions are the caller's).
     """
     dtype = jnp.dtype(config.dtype)
     inv_freq = rope_inv_freq(config)
@@ -384,8 +394,8 @@ def forward(
     x = params["embed"].astype(dtype)[tokens_BxT]
     t = tokens_BxT.shape[1]
     if cache is None:
-        if attend_len is not None or prefix is not None:
-            raise ValueError("attend_len and prefix extend attention over a cache; pass one")
+        if prefix is not None:
+            raise ValueError("prefix extends attention over a cache; pass one")
         key_valid_BxS = valid_BxT
         query_slots = jnp.arange(t)
         write_index = jnp.zeros((), jnp.int32)
@@ -395,10 +405,9 @@ def forward(
             cache.valid_BxS, valid_BxT, (jnp.zeros((), jnp.int32), write_index)
         )
         query_slots = write_index + jnp.arange(t)
-    attend_len = attend_len or key_valid_BxS.shape[1]
-    key_slots = jnp.arange(attend_len)
+    key_slots = jnp.arange(key_valid_BxS.shape[1])
     causal_TxS = key_slots[None, :] <= query_slots[:, None]
-    mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None, :attend_len]
+    mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None]
 
     attend = functools.partial(
         _attention, mask_BxTxS=mask_BxTxS, valid_BxS=valid_BxT, impl=attention_impl
@@ -426,9 +435,7 @@ def forward(
             if prefix is not None:
                 layer_prefix = (prefix.k_layers[i], prefix.v_layers[i], prefix.valid_BxS)
                 layer_attend = functools.partial(attend, prefix=layer_prefix)
-            x, (k, v) = layer_fn(
-                x, p, positions_BxT, layer_attend, layer_cache, write_index, attend_len=attend_len
-            )
+            x, (k, v) = layer_fn(x, p, positions_BxT, layer_attend, layer_cache, write_index)
             k_layers.append(k)
             v_layers.append(v)
         new_cache = KVCache(

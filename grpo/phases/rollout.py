@@ -187,12 +187,16 @@ def _generate(
     width, (num_prompts, prompt_len) = sampling.max_new_tokens, prompt_tokens_BxP.shape
     batch = num_prompts * num_samples
     shared = sampling.shared_prompt_decode
+    # The cache holds the slots the first decode segment fills; each later segment grows it.
+    ends = segment_ends(width, sampling.decode_segments)
+    free_slots = 0 if shared else ends[0]
     prompts_cache, logits_NxV = _prefill(
-        params, unembed_DxV, prompt_tokens_BxP, prompt_mask_BxP, model, 0 if shared else width, mesh
+        params, unembed_DxV, prompt_tokens_BxP, prompt_mask_BxP, model, free_slots, mesh
     )
     per_sample = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
     if shared:  # the completions' own slots; the prompts' cache is every decode step's prefix
-        cache, prefix, prefix_len = tf.init_cache(model, batch, width), prompts_cache, 0
+        cache = tf.init_cache(model, batch, ends[0])
+        prefix, prefix_len = prompts_cache, 0
     else:  # a copy of its prompt's cache per sample, with room for the completion
         cache, prefix, prefix_len = _per_sample(prompts_cache, per_sample), None, prompt_len
     prompt_tokens_BxP, prompt_mask_BxP = (
@@ -213,7 +217,7 @@ def _generate(
     )
     state = _record(state, per_sample(logits_NxV), rng, sampling, mesh)
 
-    def decode_step(state: SamplingState, attend_len: int) -> SamplingState:
+    def decode_step(state: SamplingState) -> SamplingState:
         # The token sampled at slot step-1 sits right after the prompt's real tokens.
         positions_Bx1 = (prompt_len_B + state.step - 1)[:, None]
         hidden_Bx1xD, cache = tf.forward(
@@ -223,17 +227,16 @@ def _generate(
             jnp.ones((batch, 1), bool),
             config=model,
             cache=state.cache,
-            attend_len=attend_len,
             prefix=prefix,
         )
         logits_BxV = tf.unembed(hidden_Bx1xD, unembed_DxV)[:, 0]
         return _record(state.replace(cache=cache), logits_BxV, rng, sampling, mesh)
 
-    # One loop per segment, attending to the cache slots filled by the segment's end.
-    for end in segment_ends(width, sampling.decode_segments):
+    # One loop per segment, attending to a cache of the slots filled by the segment's end.
+    for end in ends:
+        cache = _constrain_cache(tf.grow_cache(state.cache, prefix_len + end), mesh)
         not_done = lambda state, end=end: (state.step < end) & ~jnp.all(state.done_B)
-        step = functools.partial(decode_step, attend_len=prefix_len + end)
-        state = jax.lax.while_loop(not_done, step, state)
+        state = jax.lax.while_loop(not_done, decode_step, state.replace(cache=cache))
     return _finish(state, prompt_tokens_BxP, prompt_mask_BxP, sampling, mesh)
 
 

@@ -17,6 +17,7 @@ from grpo.models import transformer as tf
 from grpo.phases import rollout as ro
 from grpo.phases.stop_strings import StopStrings
 from grpo.types import Rollout
+from tests.models.jaxpr_utils import all_eqns
 
 CONFIG = presets.preset("tiny-qwen2", dtype="float32")
 PROMPTS = [[5, 17, 3], [9, 8, 7, 6, 5, 4, 3], [42], [11, 12, 13, 14, 15]]  # mixed lengths
@@ -217,6 +218,16 @@ def test_decode_segments_sample_the_same_completions(params, prompts):
         )  # fmt: skip
     )(params)
     assert str(jaxpr).count(" while[") == 3
+    # Each loop carries a cache of the slots filled by its segment's end: none attends to a
+    # prefix sliced out of a longer cache (XLA's GPU compile copied such slices every step).
+    cache_shape = lambda slots: (2 * len(tokens), slots, CONFIG.num_kv_heads, CONFIG.head_dim)
+    carried = [
+        [v.aval.shape for v in eqn.invars if v.aval.ndim == 4]
+        for eqn in all_eqns(jaxpr.jaxpr)
+        if eqn.primitive.name == "while"
+    ]
+    layers = 2 * CONFIG.num_layers  # keys and values
+    assert carried == [[cache_shape(tokens.shape[1] + end)] * layers for end in (3, 6, 8)]
     split = _generate(params, prompts, segmented)
     whole = _generate(params, prompts, _sampling())
     assert len(set(whole.lengths_B.tolist())) > 2, "want completions ending in every segment"
@@ -360,12 +371,13 @@ def _sharded_kwargs(mesh, **sampling):
 
 
 @pytest.mark.eight_devices
-@pytest.mark.parametrize("shared_prompt_decode", [False, True])
-def test_sharded_generation_equals_unsharded(params, prompts, shared_prompt_decode):
+@pytest.mark.parametrize(
+    "decode", [{}, dict(shared_prompt_decode=True), dict(decode_segments=3)], ids=str
+)
+def test_sharded_generation_equals_unsharded(params, prompts, decode):
     expected = _generate(params, prompts, _sampling())
     mesh = sharding.make_mesh(dp=2, fsdp=2, tp=2)
-    shared = dict(shared_prompt_decode=shared_prompt_decode)
-    rollout = ro.generate(*_on_mesh(mesh, params, prompts), **_sharded_kwargs(mesh, **shared))
+    rollout = ro.generate(*_on_mesh(mesh, params, prompts), **_sharded_kwargs(mesh, **decode))
     assert rollout.completion_tokens_BxC.sharding.spec[0] == sharding.BATCH_AXES
     got = jax.tree.map(np.asarray, rollout)
     np.testing.assert_array_equal(got.completion_tokens_BxC, expected.completion_tokens_BxC)
