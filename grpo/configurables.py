@@ -179,6 +179,7 @@ def make_sampling(
     decode_segments: int = 1,
     stop_strings: tuple[str, ...] = (),
     shared_prompt_decode: bool = False,
+    compact_rows: bool = False,
     token_bytes: Callable[[], list[bytes]] | None = None,
 ) -> rollout.SamplingConfig:
     """`token_bytes` (the run's, not a gin knob): each token id's bytes in a reply's text, for
@@ -199,6 +200,7 @@ def make_sampling(
         decode_segments=decode_segments,
         stop=stop,
         shared_prompt_decode=shared_prompt_decode,
+        compact_rows=compact_rows,
     )
 
 

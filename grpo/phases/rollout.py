@@ -57,6 +57,14 @@ class SamplingConfig:
     samples (`transformer.forward`'s `prefix`) instead of from a copy per sample; a smaller
     cache, but two parts to one softmax. Off by default until timed on a GPU (BUILD_NOTES:
     shared-prompt decode).
+
+    compact_rows: at the start of each decode segment after the first, move the rows still
+    decoding to the front of their device's rows, and decode the segment on only as many rows
+    per device as hold them (the whole, a half, a quarter or an eighth: one compile of the
+    decode step each). Long-tail rollouts, where a few rows run far beyond the rest, then read
+    the cache of those rows alone. Samples differ from an uncompacted run's (a row's noise
+    follows its position), greedy decoding gives the same tokens. Off by default until timed on
+    a GPU (BUILD_NOTES: compacted decode).
     """
 
     max_new_tokens: int
@@ -69,6 +77,7 @@ class SamplingConfig:
     decode_segments: int = 1
     stop: StopStrings | None = None
     shared_prompt_decode: bool = False
+    compact_rows: bool = False
 
     def __post_init__(self):
         knobs.check_fields(self, "SamplingConfig")
@@ -88,6 +97,14 @@ class SamplingConfig:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if not self.end_ids:
             raise ValueError("end_ids must name at least one end-of-sequence token id")
+        if self.compact_rows and self.decode_segments == 1:
+            raise ValueError(
+                "compact_rows moves live rows at decode segment starts: set decode_segments > 1"
+            )
+        if self.compact_rows and self.shared_prompt_decode:
+            raise ValueError(
+                "compact_rows reorders rows, which shared_prompt_decode reads by group: pick one"
+            )
         if self.greedy and (self.top_k or self.top_p < 1 or self.min_p):
             raise ValueError(
                 f"temperature=0 is greedy: top_k={self.top_k} / top_p={self.top_p} / "
@@ -218,14 +235,14 @@ def _generate(
     )
     state = _record(state, per_sample(logits_NxV), rng, sampling, mesh)
 
-    def decode_step(state: SamplingState) -> SamplingState:
+    def decode_step(state: SamplingState, prompt_len_B: jax.Array) -> SamplingState:
         # The token sampled at slot step-1 sits right after the prompt's real tokens.
         positions_Bx1 = (prompt_len_B + state.step - 1)[:, None]
         hidden_Bx1xD, cache = tf.forward(
             params,
             state.last_B[:, None],
             positions_Bx1,
-            jnp.ones((batch, 1), bool),
+            jnp.ones(positions_Bx1.shape, bool),
             config=model,
             cache=state.cache,
             prefix=prefix,
@@ -233,12 +250,75 @@ def _generate(
         logits_BxV = tf.unembed(hidden_Bx1xD, unembed_DxV)[:, 0]
         return _record(state.replace(cache=cache), logits_BxV, rng, sampling, mesh)
 
+    def decode_until(end: int, state: SamplingState, prompt_len_B: jax.Array) -> SamplingState:
+        not_done = lambda state: (state.step < end) & ~jnp.all(state.done_B)
+        step = lambda state: decode_step(state, prompt_len_B)
+        return jax.lax.while_loop(not_done, step, state)
+
     # One loop per segment, attending to a cache of the slots filled by the segment's end.
-    for end in ends:
+    for segment, end in enumerate(ends):
         cache = _constrain_cache(tf.grow_cache(state.cache, prefix_len + end), mesh)
-        not_done = lambda state, end=end: (state.step < end) & ~jnp.all(state.done_B)
-        state = jax.lax.while_loop(not_done, decode_step, state.replace(cache=cache))
+        state, decode = state.replace(cache=cache), functools.partial(decode_until, end)
+        if sampling.compact_rows and segment:
+            state = _on_live_rows(decode, state, prompt_len_B, _row_shards(batch, mesh))
+        else:
+            state = decode(state, prompt_len_B)
     return _finish(state, prompt_tokens_BxP, prompt_mask_BxP, sampling, mesh)
+
+
+_COMPACTIONS = 3  # decode at a half, a quarter or an eighth of the rows, besides all of them
+
+
+def _on_live_rows(decode, state: SamplingState, prompt_len_B: jax.Array, shards: int):
+    """`decode(state, prompt_len_B)` run on the rows still decoding alone: on each shard's rows,
+    those first (a stable sort), cut to the fewest of the shard's rows, its half, quarter or
+    eighth, that hold every shard's live rows; then written back in place. Rows outside the
+    cut are done: decoding would only have written padding, which is already there."""
+    per_shard = state.done_B.shape[0] // shards
+    done_SxR = state.done_B.reshape(shards, per_shard)
+    order_SxR = jnp.argsort(done_SxR, axis=1, stable=True)
+    live = jnp.max(jnp.sum(~done_SxR, axis=1))
+    widths = [per_shard >> i for i in range(_COMPACTIONS + 1) if per_shard % (1 << i) == 0]
+
+    def on_rows(width: int):
+        def branch(state, prompt_len_B):
+            if width == per_shard:
+                return decode(state, prompt_len_B)
+            take_SxW = order_SxR[:, :width]
+            cut = lambda x: _take_rows(x, take_SxW) if x.ndim else x
+            decoded = decode(*jax.tree.map(cut, (state, prompt_len_B)))
+            put = lambda x, part: _put_rows(x, part, take_SxW) if x.ndim else part
+            return jax.tree.map(put, state, decoded)
+
+        return branch
+
+    narrowest = sum((live <= width).astype(jnp.int32) for width in widths[1:])
+    return jax.lax.switch(narrowest, [on_rows(w) for w in widths], state, prompt_len_B)
+
+
+def _take_rows(x_B: jax.Array, take_SxW: jax.Array) -> jax.Array:
+    """Rows `take_SxW[s]` of shard s's rows of `x_B`, for each shard s. Mapped over the shards,
+    so the gather has them as a batch dimension and each device gathers its own rows."""
+    shards, width = take_SxW.shape
+    x_SxR = x_B.reshape(shards, x_B.shape[0] // shards, *x_B.shape[1:])
+    taken_SxW = jax.vmap(lambda x_R, take_W: x_R[take_W])(x_SxR, take_SxW)
+    return taken_SxW.reshape(shards * width, *x_B.shape[1:])
+
+
+def _put_rows(x_B: jax.Array, part: jax.Array, take_SxW: jax.Array) -> jax.Array:
+    """`x_B` with `part` (as `_take_rows` cut it) written back to its rows, shard by shard."""
+    shards, width = take_SxW.shape
+    x_SxR = x_B.reshape(shards, x_B.shape[0] // shards, *x_B.shape[1:])
+    part_SxW = part.reshape(shards, width, *x_B.shape[1:])
+    put = jax.vmap(lambda x_R, take_W, part_W: x_R.at[take_W].set(part_W))
+    return put(x_SxR, take_SxW, part_SxW).reshape(x_B.shape)
+
+
+def _row_shards(rows: int, mesh: Mesh | None) -> int:
+    """How many devices' shares the decode's rows are split into (the batch axes')."""
+    mesh = mesh or jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else sharding.batch_divisor(mesh)
+    return shards if rows % shards == 0 else 1
 
 
 def segment_ends(width: int, segments: int) -> list[int]:

@@ -124,6 +124,8 @@ def test_trim_completions_cuts_to_bucket(lengths, buckets, expected_width):
         (dict(min_p=1.0), "min_p must be in"),
         (dict(min_p=-0.1), "min_p must be in"),
         (dict(decode_segments=0), "decode_segments must be >= 1"),
+        (dict(compact_rows=True), "set decode_segments > 1"),
+        (dict(compact_rows=True, decode_segments=2, shared_prompt_decode=True), "pick one"),
     ],
 )
 def test_sampling_config_rejects(overrides, message):
@@ -233,6 +235,68 @@ def test_decode_segments_sample_the_same_completions(params, prompts):
     assert len(set(whole.lengths_B.tolist())) > 2, "want completions ending in every segment"
     np.testing.assert_array_equal(split.completion_tokens_BxC, whole.completion_tokens_BxC)
     np.testing.assert_allclose(split.logps_BxC, whole.logps_BxC, atol=1e-5, rtol=0)  # ulps
+
+
+# Sixteen rows, and one id in four ends a row: most rows end early, a few run on (a long tail).
+TAIL_PROMPTS = ro.pad_prompts(
+    [
+        list(np.random.default_rng(row).integers(1, CONFIG.vocab_size, 1 + row % 7))
+        for row in range(16)
+    ],
+    pad_id=0,
+    buckets=BUCKETS,
+)
+TAIL_ENDS = tuple(range(0, CONFIG.vocab_size, 4))
+
+
+def _tail_sampling(**overrides) -> ro.SamplingConfig:
+    return _sampling(end_ids=TAIL_ENDS, decode_segments=4, **overrides)  # segments end at 2 4 6 8
+
+
+def _live_rows_BxSeg(rollout: Rollout) -> np.ndarray:
+    """Which rows still decode as each segment after the first starts (at steps 2, 4, 6)."""
+    return np.asarray(rollout.lengths_B)[:, None] > np.array([2, 4, 6])
+
+
+def test_compacted_decode_gives_the_greedy_tokens(params):
+    plain = _generate(params, TAIL_PROMPTS, _tail_sampling(temperature=0.0), num_samples=1)
+    compact = _tail_sampling(temperature=0.0, compact_rows=True)
+    compacted = _generate(params, TAIL_PROMPTS, compact, num_samples=1)
+    # The tail the test needs: half the rows or fewer decode into the second segment, and one or
+    # two into the last (it runs on an eighth of the rows). Another tail? Change TAIL_PROMPTS.
+    live = _live_rows_BxSeg(plain).sum(0)
+    assert live[0] <= 8 and 0 < live[-1] <= 2, live
+    for field in ("completion_tokens_BxC", "completion_mask_BxC", "lengths_B", "truncated_B"):
+        np.testing.assert_array_equal(getattr(compacted, field), getattr(plain, field), field)
+    np.testing.assert_allclose(compacted.logps_BxC, plain.logps_BxC, atol=1e-5, rtol=0)
+    # Each later segment switches between loops over 16, 8, 4 and 2 rows.
+    generate = functools.partial(
+        ro._generate, model=CONFIG, sampling=compact, num_samples=1, mesh=None
+    )
+    jaxpr = jax.make_jaxpr(generate)(params, *TAIL_PROMPTS, jax.random.key(1))
+    loop_rows = [
+        {v.aval.shape[0] for v in eqn.invars if v.aval.ndim == 4}
+        for eqn in all_eqns(jaxpr.jaxpr)
+        if eqn.primitive.name == "while"
+    ]
+    assert sorted(rows for (rows,) in loop_rows) == [2] * 3 + [4] * 3 + [8] * 3 + [16] * 4
+
+
+def test_compacted_decode_records_the_trainers_logps(params):
+    # Sampled: the rows moved to the front decode from their own cache, at their own positions.
+    rollout = _generate(params, TAIL_PROMPTS, _tail_sampling(compact_rows=True), num_samples=1)
+    assert _live_rows_BxSeg(rollout).sum(0)[-1] <= 4, "want the last segment compacted"
+    logps, _ = _completion_logprobs(
+        params,
+        rollout.prompt_tokens_BxP,
+        rollout.prompt_mask_BxP,
+        rollout.completion_tokens_BxC,
+        rollout.completion_mask_BxC,
+        config=CONFIG,
+        temperature=1.0,
+    )
+    expected = np.where(rollout.completion_mask_BxC, logps, 0.0)
+    np.testing.assert_allclose(rollout.logps_BxC, expected, atol=2e-5, rtol=0)
 
 
 def test_top_k_one_is_greedy(params, prompts):
@@ -383,6 +447,26 @@ def test_sharded_generation_equals_unsharded(params, prompts, decode):
     np.testing.assert_array_equal(got.completion_tokens_BxC, expected.completion_tokens_BxC)
     np.testing.assert_array_equal(got.completion_mask_BxC, expected.completion_mask_BxC)
     np.testing.assert_allclose(got.logps_BxC, expected.logps_BxC, atol=1e-5)
+
+
+@pytest.mark.eight_devices
+def test_sharded_compacted_decode_compacts_each_devices_rows(params):
+    # dp 2 x fsdp 2: four shards of four rows; each moves its own live rows to its front.
+    mesh = sharding.make_mesh(dp=2, fsdp=2, tp=2)
+    compact = _tail_sampling(temperature=0.0, compact_rows=True)
+    kwargs = dict(model=CONFIG, sampling=compact, num_samples=1, mesh=mesh)
+    rollout = ro.generate(*_on_mesh(mesh, params, TAIL_PROMPTS), **kwargs)
+    plain = _generate(params, TAIL_PROMPTS, _tail_sampling(temperature=0.0), num_samples=1)
+    got = jax.tree.map(np.asarray, rollout)
+    np.testing.assert_array_equal(got.completion_tokens_BxC, plain.completion_tokens_BxC)
+    np.testing.assert_allclose(got.logps_BxC, plain.logps_BxC, atol=1e-5, rtol=0)
+    assert _live_rows_BxSeg(plain).reshape(4, 4, 3).sum(1).max(0)[-1] == 1, "want a 1-row cut"
+    # The rows stay on their devices: no cache-sized array crosses devices.
+    hlo = ro._generate.lower(*_on_mesh(mesh, params, TAIL_PROMPTS), **kwargs).compile().as_text()
+    moved = re.findall(r"= (\S+) (?:all-gather|all-to-all|collective-permute)(?:-start)?\(", hlo)
+    slots = "|".join(str(TAIL_PROMPTS[0].shape[1] + end) for end in (2, 4, 6, 8))
+    cache_sized = rf",({slots}),\d+,{CONFIG.head_dim}\]"  # [..., slots, kv_heads, head_dim]
+    assert moved and not [shape for shape in moved if re.search(cache_sized, shape)], moved
 
 
 @pytest.mark.eight_devices
