@@ -14,9 +14,9 @@ SmolLM2 tokenizer into `.gpu/tokenizer`, both git-ignored). On the device (`carr
       --no-cache-dir --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" && \
       PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --part=1 --out=$OUT
 
-then `--part=2` in a second call (and `--part=3`, then `--part=4`, in a session with time
-left, or in one after a session that ran parts 1 and 2). Rehearse the whole plan here with tiny
-shapes: `python -m bench.gpu_check --tiny --out=/tmp/gpu_check`.
+then `--part=2` in a second call (and `--part=3`, `--part=4`, then `--part=5`, in a session
+with time left, or in one after a session that ran parts 1 and 2). Rehearse the whole plan here
+with tiny shapes: `python -m bench.gpu_check --tiny --out=/tmp/gpu_check`.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def checks(tokenizer: str) -> list[Check]:
     without width buckets (TrainConfig.micro_batch_width_buckets), with each prompt run once
     for its group (TrainConfig.shared_prompt_forward), and both together; part 4: the
     rollout of 8 samples per prompt with and without `make_sampling.shared_prompt_decode` and
-    `decode_segments`. A call that starts a machine spends a minute or more of the session's
-    15 before part 1 begins."""
+    `decode_segments`; part 5: that rollout with a long tail of completion lengths, with and
+    without segments and `compact_rows`. A call that starts a machine spends a minute or more of
+    the session's 15 before part 1 begins."""
     update_1p5b = ("bench.update", "--preset=qwen2.5-1.5b", "--batch=64", "--prompt_len=256")
     # 4 micro-batches: the best H200 roofline that fits (BUILD_NOTES: update shape choices).
     update_1p5b += ("--completion_len=768", "--micro_batches=4", "--iters=2")
@@ -206,6 +207,23 @@ def checks(tokenizer: str) -> list[Check]:
             for decode in ("copied", "shared")
             for segments in (1, 4)
         ),
+        # Part 5: a long tail, as GRPO's completions run (one id in 333 ends a row: at evenly
+        # spread probabilities, half the rows pass 256 tokens, a tenth 768): one loop, four
+        # segments, and four segments decoding only the rows still going (`compact_rows`).
+        *(
+            Check(
+                f"rollout_tail_{name}",
+                5,
+                budget,
+                rollout_grouped + ("--end_rate=0.003", *knobs),
+                rollout_tiny + ("--end_rate=0.1", *knobs),
+            )
+            for name, budget, knobs in (
+                ("segments_1", 100, ()),
+                ("segments_4", 110, ("--decode_segments=4",)),
+                ("compact_rows", 170, ("--decode_segments=4", "--compact_rows")),
+            )
+        ),
     ]
 
 
@@ -286,7 +304,9 @@ def save_tokenizer(path: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", type=int, choices=(1, 2, 3, 4), default=None, help="default: all")
+    parser.add_argument(
+        "--part", type=int, choices=(1, 2, 3, 4, 5), default=None, help="default: all"
+    )
     parser.add_argument("--only", default="", help="comma-separated check names")
     parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check")
     parser.add_argument("--deadline_s", type=float, default=540, help="for this whole command")

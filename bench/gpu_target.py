@@ -205,8 +205,27 @@ def _top(per_label: dict[str, float], top: int, unit: str, scale: float) -> list
     return [{unit: round(value * scale, 1), "what": label} for label, value in ranked]
 
 
+def _loop_bodies(computations, instructions: list[hlo.Instruction]) -> list[str]:
+    """The while loops' bodies among `instructions`, in program order, with those in each branch
+    of a conditional, branch by branch (a pred's false one first, as `lax.cond` numbers them)."""
+    bodies = []
+    for instruction in instructions:
+        if instruction.op == "while":
+            bodies.append(re.search(r"body=%([\w.\-]+)", instruction.rest).group(1))
+        elif instruction.op == "conditional":
+            listed = re.search(r"branch_computations=\{([^}]*)\}", instruction.rest)
+            branches = re.findall(r"%([\w.\-]+)", listed.group(1)) if listed else [
+                re.search(rf"{side}_computation=%([\w.\-]+)", instruction.rest).group(1)
+                for side in ("false", "true")
+            ]  # fmt: skip
+            for branch in branches:
+                bodies += _loop_bodies(computations, computations[branch])
+    return bodies
+
+
 def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
-    """Bytes one iteration of each while loop of the entry computation reads and writes.
+    """Bytes one iteration of each while loop of the entry computation (or of a conditional's
+    branch there) reads and writes.
 
     An estimate from the optimized HLO: each fusion reads its parameters and writes its outputs
     once (slices and in-place updates count only what they touch); other ops read and write
@@ -217,8 +236,7 @@ def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
     grouped by kind and the jax op they came from.
     """
     computations = hlo.computations(hlo_text)
-    entry = computations[hlo.entry_name(hlo_text)]
-    bodies = [re.search(r"body=%([\w.\-]+)", i.rest).group(1) for i in entry if i.op == "while"]
+    bodies = _loop_bodies(computations, computations[hlo.entry_name(hlo_text)])
     if not bodies:
         raise ValueError("no while loop in the entry computation")
     per_loop, kernels_per_loop = [], []

@@ -52,6 +52,14 @@ flags.DEFINE_list(
     "stop_strings", [], "Stop strings over a stand-in vocabulary that spells token i '<i>': "
     "each decode step pays their lookup, and (but for strings such as '<5><9>') none matches.",
 )  # fmt: skip
+flags.DEFINE_bool(
+    "compact_rows", False, "Later decode segments run on the rows still going (needs segments)."
+)
+flags.DEFINE_float(
+    "end_rate", 0.0,
+    "> 0: this fraction of the vocabulary (evenly spaced ids) ends a row, so completions end at "
+    "spread lengths (a long tail at small rates); 0: fixed-length generation.",
+)  # fmt: skip
 flags.DEFINE_integer("iters", 3, "Timed calls after the warm-up.")
 flags.DEFINE_integer("lora_rank", 0, "> 0: decode with fresh LoRA adapters attached (merged).")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers' generate on the same shape.")
@@ -87,15 +95,21 @@ def _with_adapters(config: ModelConfig, params) -> tuple[ModelConfig, tf.Params]
     return config, lora.attach(frozen, adapters)
 
 
+def _end_ids(vocab_size: int) -> tuple[int, ...]:
+    """Without --end_rate the last id alone, which random weights practically never sample."""
+    every = round(1 / FLAGS.end_rate) if FLAGS.end_rate else vocab_size
+    return tuple(range(vocab_size - 1, -1, -every))
+
+
 def _sampling(config: ModelConfig) -> rollout.SamplingConfig:
-    # The last vocabulary id ends a sequence: random weights practically never sample it.
     return rollout.SamplingConfig(
         max_new_tokens=FLAGS.new_tokens,
         temperature=FLAGS.temperature,
-        end_ids=(config.vocab_size - 1,),
+        end_ids=_end_ids(config.vocab_size),
         pad_id=0,
         decode_segments=FLAGS.decode_segments,
         shared_prompt_decode=FLAGS.shared_prompt_decode,
+        compact_rows=FLAGS.compact_rows,
         stop=_stand_in_stop_strings(config.vocab_size) if FLAGS.stop_strings else None,
     )
 
@@ -176,6 +190,8 @@ def _decode_knobs() -> dict:
         "num_samples": FLAGS.num_samples,
         "decode_segments": FLAGS.decode_segments,
         "shared_prompt_decode": FLAGS.shared_prompt_decode,
+        "compact_rows": FLAGS.compact_rows,
+        "end_rate": FLAGS.end_rate,
     }
 
 
@@ -191,22 +207,35 @@ def _compile_for_gpu_target() -> dict:
     compiled = _compile(config, *gpu_target.abstract(_abstract_inputs(config), on))
     compile_s = time.perf_counter() - start
     traffic = gpu_target.loop_traffic(compiled.as_text())
-    # Decode segments run one loop each; weigh each loop's bytes by the steps it runs.
+    # Decode segments run one loop each (with --compact_rows, each later one a loop per width:
+    # all the rows, a half, ...); weigh each segment's all-rows loop by the steps it runs.
     ends = rollout.segment_ends(FLAGS.new_tokens, FLAGS.decode_segments)
+    widths = len(rollout.compaction_widths(FLAGS.batch)) if FLAGS.compact_rows else 1
+    loops_mb = [b / 1e6 for b in traffic["per_loop"]]
+    if len(loops_mb) != 1 + (len(ends) - 1) * widths:
+        raise RuntimeError(f"{len(loops_mb)} loops compiled for {len(ends)} segments")
+    by_segment = [loops_mb[:1]] + [
+        loops_mb[i : i + widths] for i in range(1, len(loops_mb), widths)
+    ]
+    kernels = [traffic["kernels_per_loop"][0]] + traffic["kernels_per_loop"][1::widths]
     steps = np.diff([1, *ends])
-    if len(traffic["per_loop"]) != len(ends):
-        raise RuntimeError(f"{len(traffic['per_loop'])} loops compiled for {len(ends)} segments")
-    step_bytes = float(np.dot(traffic["per_loop"], steps) / steps.sum())
+    step_mb = float(np.dot([mb[0] for mb in by_segment], steps) / steps.sum())
     ideal = _bytes_per_step(config)
     return {
         **_compile_only_header(target, config),
         "compile_s": round(compile_s, 2),
         **{f"compiled_{k}": v for k, v in common.memory_analysis(compiled).items()},
-        "decode_step_mb": round(step_bytes / 1e6, 1),
-        "per_segment_mb": [round(b / 1e6, 1) for b in traffic["per_loop"]],
-        "decode_step_kernels": traffic["kernels_per_loop"],  # per segment
+        "decode_step_mb": round(step_mb, 1),
+        "per_segment_mb": [round(mb[0], 1) for mb in by_segment],
+        # --compact_rows: each later segment's step at all its rows, a half, a quarter, an eighth
+        **(
+            {"per_width_mb": [[round(b, 1) for b in mb] for mb in by_segment[1:]]}
+            if widths > 1
+            else {}
+        ),
+        "decode_step_kernels": kernels,  # per segment
         "weights_and_cache_mb": round(ideal / 1e6, 1),
-        "bw_bound_tokens_per_s": round(FLAGS.batch * target.bandwidth_bytes_per_s / step_bytes),
+        "bw_bound_tokens_per_s": round(FLAGS.batch * target.bandwidth_bytes_per_s / step_mb / 1e6),
         "decode_step_top": traffic["top"],
     }
 
@@ -293,7 +322,8 @@ def main(argv: list[str]) -> None:
 
     first, seconds, out = _time_calls(call, FLAGS.iters)
     # The loop stops early only if every row ended; count the steps it actually ran.
-    steps = int(np.max(np.asarray(out.lengths_B)))
+    lengths = np.asarray(out.lengths_B)
+    steps = int(np.max(lengths))
     new_tokens = FLAGS.batch * steps
     result = {
         "device": jax.devices()[0].device_kind,
@@ -311,7 +341,10 @@ def main(argv: list[str]) -> None:
         "compile_and_first_s": round(first, 2),
         "seconds": round(seconds, 4),
         "ms_per_step": round(1e3 * seconds / steps, 3),
-        "new_tokens_per_s": round(new_tokens / seconds, 1),
+        "new_tokens_per_s": round(new_tokens / seconds, 1),  # rows x steps run
+        # With --end_rate, rows end early: the completions' own tokens.
+        "mean_completion_len": round(float(lengths.mean()), 1),
+        "completion_tokens_per_s": round(float(lengths.sum()) / seconds, 1),
     }
     if FLAGS.mem_bw_gbps:
         step_bytes = _bytes_per_step(config)

@@ -121,6 +121,12 @@ def test_rollout_compiles_for_h200_and_decode_reads_the_cache_once_per_segment()
     first, second = split["per_segment_mb"]
     assert first < second == result["decode_step_mb"], split
     assert split["decode_step_kernels"] == 2 * result["decode_step_kernels"], split
+    # Compacted: the second segment also compiles at 32, 16 and 8 of the 64 rows, each step
+    # moving less; at all the rows, as much as without compaction.
+    compacted = _bench("rollout", *shape, "--decode_segments=2", "--compact_rows")
+    ((whole, *narrower),) = compacted["per_width_mb"]
+    assert whole == second and narrower == sorted(narrower, reverse=True), compacted
+    assert narrower[-1] < whole / 4, compacted
 
 
 @needs_plugin

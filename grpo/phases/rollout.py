@@ -278,7 +278,7 @@ def _on_live_rows(decode, state: SamplingState, prompt_len_B: jax.Array, shards:
     done_SxR = state.done_B.reshape(shards, per_shard)
     order_SxR = jnp.argsort(done_SxR, axis=1, stable=True)
     live = jnp.max(jnp.sum(~done_SxR, axis=1))
-    widths = [per_shard >> i for i in range(_COMPACTIONS + 1) if per_shard % (1 << i) == 0]
+    widths = compaction_widths(per_shard)
 
     def on_rows(width: int):
         def branch(state, prompt_len_B):
@@ -294,6 +294,11 @@ def _on_live_rows(decode, state: SamplingState, prompt_len_B: jax.Array, shards:
 
     narrowest = sum((live <= width).astype(jnp.int32) for width in widths[1:])
     return jax.lax.switch(narrowest, [on_rows(w) for w in widths], state, prompt_len_B)
+
+
+def compaction_widths(rows: int) -> list[int]:
+    """The rows per device a compacted decode segment may run at: all, then halves of them."""
+    return [rows >> i for i in range(_COMPACTIONS + 1) if rows % (1 << i) == 0]
 
 
 def _take_rows(x_B: jax.Array, take_SxW: jax.Array) -> jax.Array:
