@@ -141,6 +141,21 @@ def test_generate_rejects_out_of_vocab_end_id(params, prompts):
 # ----------------------------------------------------------------------------- log-probs
 
 
+def _assert_logps_recomputed(params, rollout: Rollout, temperature: float) -> None:
+    """The sampler's recorded log-probs equal the trainer's recomputation on every real token."""
+    logps, _ = _completion_logprobs(
+        params,
+        rollout.prompt_tokens_BxP,
+        rollout.prompt_mask_BxP,
+        rollout.completion_tokens_BxC,
+        rollout.completion_mask_BxC,
+        config=CONFIG,
+        temperature=temperature,
+    )
+    expected = np.where(rollout.completion_mask_BxC, logps, 0.0)
+    np.testing.assert_allclose(rollout.logps_BxC, expected, atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     "sampling",
     [_sampling(temperature=1.0), _sampling(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05)],
@@ -150,17 +165,7 @@ def test_logps_equal_trainer_recomputation(params, prompts, sampling):
     rollout = _generate(params, prompts, sampling)
     assert len(set(rollout.lengths_B.tolist())) > 2, "want mixed completion lengths"
     np.testing.assert_array_equal(rollout.prompt_mask_BxP.sum(1), np.repeat([3, 7, 1, 5], 2))
-    logps, _ = _completion_logprobs(
-        params,
-        rollout.prompt_tokens_BxP,
-        rollout.prompt_mask_BxP,
-        rollout.completion_tokens_BxC,
-        rollout.completion_mask_BxC,
-        config=CONFIG,
-        temperature=sampling.logp_temperature,
-    )
-    expected = np.where(rollout.completion_mask_BxC, logps, 0.0)
-    np.testing.assert_allclose(rollout.logps_BxC, expected, atol=2e-5, rtol=0)
+    _assert_logps_recomputed(params, rollout, sampling.logp_temperature)
     assert rollout.logps_BxC.dtype == np.float32
 
 
@@ -286,17 +291,7 @@ def test_compacted_decode_records_the_trainers_logps(params):
     # Sampled: the rows moved to the front decode from their own cache, at their own positions.
     rollout = _generate(params, TAIL_PROMPTS, _tail_sampling(compact_rows=True), num_samples=1)
     assert _live_rows_BxSeg(rollout).sum(0)[-1] <= 4, "want the last segment compacted"
-    logps, _ = _completion_logprobs(
-        params,
-        rollout.prompt_tokens_BxP,
-        rollout.prompt_mask_BxP,
-        rollout.completion_tokens_BxC,
-        rollout.completion_mask_BxC,
-        config=CONFIG,
-        temperature=1.0,
-    )
-    expected = np.where(rollout.completion_mask_BxC, logps, 0.0)
-    np.testing.assert_allclose(rollout.logps_BxC, expected, atol=2e-5, rtol=0)
+    _assert_logps_recomputed(params, rollout, temperature=1.0)
 
 
 def test_top_k_one_is_greedy(params, prompts):
