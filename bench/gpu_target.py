@@ -207,18 +207,15 @@ def _top(per_label: dict[str, float], top: int, unit: str, scale: float) -> list
 
 def _loop_bodies(computations, instructions: list[hlo.Instruction]) -> list[str]:
     """The while loops' bodies among `instructions`, in program order, with those in each branch
-    of a conditional, branch by branch (a pred's false one first, as `lax.cond` numbers them)."""
+    of a conditional (jax's `switch` and `cond`: an indexed `branch_computations` list), branch
+    by branch."""
     bodies = []
     for instruction in instructions:
         if instruction.op == "while":
             bodies.append(re.search(r"body=%([\w.\-]+)", instruction.rest).group(1))
         elif instruction.op == "conditional":
-            listed = re.search(r"branch_computations=\{([^}]*)\}", instruction.rest)
-            branches = re.findall(r"%([\w.\-]+)", listed.group(1)) if listed else [
-                re.search(rf"{side}_computation=%([\w.\-]+)", instruction.rest).group(1)
-                for side in ("false", "true")
-            ]  # fmt: skip
-            for branch in branches:
+            listed = re.search(r"branch_computations=\{([^}]*)\}", instruction.rest).group(1)
+            for branch in re.findall(r"%([\w.\-]+)", listed):
                 bodies += _loop_bodies(computations, computations[branch])
     return bodies
 
