@@ -251,6 +251,19 @@ def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
     }
 
 
+def copied_bytes(hlo_text: str) -> int:
+    """Bytes the program's `copy` ops write, each op once (loops not weighed by their trips).
+
+    XLA copies a buffer it may not update in place, such as a conditional's operand that another
+    branch reads: a copy of a cache-sized array is a second cache at the peak."""
+    return sum(
+        hlo.array_bytes(instruction.shape)
+        for body in hlo.computations(hlo_text).values()
+        for instruction in body
+        if instruction.op == "copy"
+    )
+
+
 def roofline(hlo_text: str, target: GpuTarget, top: int = 12) -> dict[str, Any]:
     """A lower bound on a program's GPU time: every op at the device's peak rate.
 

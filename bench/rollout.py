@@ -234,6 +234,7 @@ def _compile_for_gpu_target() -> dict:
             else {}
         ),
         "decode_step_kernels": kernels,  # per segment
+        "copied_mb": round(gpu_target.copied_bytes(compiled.as_text()) / 1e6, 1),
         "weights_and_cache_mb": round(ideal / 1e6, 1),
         "bw_bound_tokens_per_s": round(FLAGS.batch * target.bandwidth_bytes_per_s / step_mb / 1e6),
         "decode_step_top": traffic["top"],

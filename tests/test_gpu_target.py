@@ -87,6 +87,27 @@ def test_roofline_counts_matmul_flops_exactly_and_loops_by_trip_count():
     assert bound["seconds"] == pytest.approx(bound["matmul_s"] + bound["other_s"])
 
 
+_COPY_IN_A_BRANCH = """HloModule copies
+
+%branch (p: (bf16[64,256])) -> bf16[64,256] {
+  %p = (bf16[64,256]{1,0}) parameter(0)
+  %x = bf16[64,256]{1,0} get-tuple-element(%p), index=0
+  ROOT %copy.1 = bf16[64,256]{0,1} copy(%x)
+}
+
+ENTRY %main (x: bf16[64,256], y: f32[8]) -> f32[8] {
+  %x = bf16[64,256]{1,0} parameter(0)
+  %y = f32[8]{0} parameter(1)
+  %copy.2 = f32[8]{0} copy(%y)
+  ROOT %negate = f32[8]{0} negate(%copy.2)
+}
+"""
+
+
+def test_copied_bytes_counts_every_copy_once_in_any_computation():
+    assert gpu_target.copied_bytes(_COPY_IN_A_BRANCH) == 2 * 64 * 256 + 4 * 8
+
+
 def test_unknown_target_is_named():
     with pytest.raises(ValueError, match="unknown GPU target 'a100'"):
         gpu_target.device("a100")
@@ -127,6 +148,9 @@ def test_rollout_compiles_for_h200_and_decode_reads_the_cache_once_per_segment()
     ((whole, *narrower),) = compacted["per_width_mb"]
     assert whole == second and narrower == sorted(narrower, reverse=True), compacted
     assert narrower[-1] < whole / 4, compacted
+    # Nothing cache-sized is copied: when the all-rows branch looped in place over a cache that
+    # the other branches read, XLA copied it whole (2.3 MB here; BUILD_NOTES, compacted decode).
+    assert compacted["copied_mb"] < compacted["weights_and_cache_mb"] / 4, compacted
 
 
 @needs_plugin

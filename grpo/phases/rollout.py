@@ -257,23 +257,30 @@ def _generate(
 
     # One loop per segment, attending to a cache of the slots filled by the segment's end.
     for segment, end in enumerate(ends):
-        cache = _constrain_cache(tf.grow_cache(state.cache, prefix_len + end), mesh)
-        state, decode = state.replace(cache=cache), functools.partial(decode_until, end)
+        grow = lambda state, end=end: state.replace(
+            cache=_constrain_cache(tf.grow_cache(state.cache, prefix_len + end), mesh)
+        )
+        decode = functools.partial(decode_until, end)
         if sampling.compact_rows and segment:
-            state = _on_live_rows(decode, state, prompt_len_B, _row_shards(batch, mesh))
+            shards = _row_shards(batch, mesh)
+            state = _on_live_rows(decode, grow, state, prompt_len_B, shards)
         else:
-            state = decode(state, prompt_len_B)
+            state = decode(grow(state), prompt_len_B)
     return _finish(state, prompt_tokens_BxP, prompt_mask_BxP, sampling, mesh)
 
 
 _COMPACTIONS = 3  # decode at a half, a quarter or an eighth of the rows, besides all of them
 
 
-def _on_live_rows(decode, state: SamplingState, prompt_len_B: jax.Array, shards: int):
-    """`decode(state, prompt_len_B)` run on the rows still decoding alone: on each shard's rows,
-    those first (a stable sort), cut to the fewest of the shard's rows, its half, quarter or
-    eighth, that hold every shard's live rows; then written back in place. Rows outside the
-    cut are done: decoding would only have written padding, which is already there."""
+def _on_live_rows(decode, grow, state: SamplingState, prompt_len_B: jax.Array, shards: int):
+    """`decode(grow(state), prompt_len_B)` run on the rows still decoding alone: on each shard's
+    rows, those first (a stable sort), cut to the fewest of the shard's rows, its half, quarter
+    or eighth, that hold every shard's live rows; then written back. Rows outside the cut are
+    done: decoding would only have written padding, which is already there.
+
+    Each branch grows the cache it decodes into a buffer of its own: the branches share the
+    incoming cache as a read-only operand, so a loop over it in place would copy it whole
+    first (XLA's GPU compile did, for the all-rows branch: a second full cache at the peak)."""
     per_shard = state.done_B.shape[0] // shards
     done_SxR = state.done_B.reshape(shards, per_shard)
     order_SxR = jnp.argsort(done_SxR, axis=1, stable=True)
@@ -283,12 +290,13 @@ def _on_live_rows(decode, state: SamplingState, prompt_len_B: jax.Array, shards:
     def on_rows(width: int):
         def branch(state, prompt_len_B):
             if width == per_shard:
-                return decode(state, prompt_len_B)
+                return decode(grow(state), prompt_len_B)
             take_SxW = order_SxR[:, :width]
             cut = lambda x: _take_rows(x, take_SxW) if x.ndim else x
-            decoded = decode(*jax.tree.map(cut, (state, prompt_len_B)))
+            cut_state, cut_prompt_len_W = jax.tree.map(cut, (state, prompt_len_B))
+            decoded = decode(grow(cut_state), cut_prompt_len_W)
             put = lambda x, part: _put_rows(x, part, take_SxW) if x.ndim else part
-            return jax.tree.map(put, state, decoded)
+            return jax.tree.map(put, grow(state), decoded)
 
         return branch
 
