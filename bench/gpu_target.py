@@ -252,13 +252,23 @@ def loop_traffic(hlo_text: str, top: int = 12) -> dict[str, Any]:
 
 
 def copied_bytes(hlo_text: str) -> int:
-    """Bytes the program's `copy` ops write, each op once (loops not weighed by their trips).
+    """Bytes the program's `copy` ops write into buffers of their own, each op once (loops not
+    weighed by their trips; a copy inside a fusion only relays a kernel's values, so not those).
 
     XLA copies a buffer it may not update in place, such as a conditional's operand that another
     branch reads: a copy of a cache-sized array is a second cache at the peak."""
+    computations = hlo.computations(hlo_text)
+    fused = {
+        called.group(1)
+        for body in computations.values()
+        for instruction in body
+        if instruction.op == "fusion"
+        and (called := re.search(r"calls=%([\w.\-]+)", instruction.rest))
+    }
     return sum(
         hlo.array_bytes(instruction.shape)
-        for body in hlo.computations(hlo_text).values()
+        for name, body in computations.items()
+        if name not in fused
         for instruction in body
         if instruction.op == "copy"
     )

@@ -95,16 +95,24 @@ _COPY_IN_A_BRANCH = """HloModule copies
   ROOT %copy.1 = bf16[64,256]{0,1} copy(%x)
 }
 
-ENTRY %main (x: bf16[64,256], y: f32[8]) -> f32[8] {
+%fused_copy (q: f32[1024]) -> f32[1024] {
+  %q = f32[1024]{0} parameter(0)
+  ROOT %copy.3 = f32[1024]{0} copy(%q)
+}
+
+ENTRY %main (x: bf16[64,256], y: f32[8], z: f32[1024]) -> f32[8] {
   %x = bf16[64,256]{1,0} parameter(0)
   %y = f32[8]{0} parameter(1)
+  %z = f32[1024]{0} parameter(2)
   %copy.2 = f32[8]{0} copy(%y)
+  %fusion = f32[1024]{0} fusion(%z), kind=kLoop, calls=%fused_copy
   ROOT %negate = f32[8]{0} negate(%copy.2)
 }
 """
 
 
-def test_copied_bytes_counts_every_copy_once_in_any_computation():
+def test_copied_bytes_counts_each_copy_into_a_buffer_once():
+    # The branch's copy and the entry's; the one inside a fusion writes no buffer of its own.
     assert gpu_target.copied_bytes(_COPY_IN_A_BRANCH) == 2 * 64 * 256 + 4 * 8
 
 
