@@ -44,6 +44,7 @@ flags.DEFINE_integer("num_samples", 1, "Completions per prompt (batch / num_samp
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per sequence (no padding).")
 flags.DEFINE_integer("new_tokens", 64, "New tokens per sequence.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
+flags.DEFINE_float("repetition_penalty", 1.0, "> 1: ids already in a row are drawn less often.")
 flags.DEFINE_integer("decode_segments", 1, "Decode loops, each attending to a longer cache prefix.")
 flags.DEFINE_bool(
     "shared_prompt_decode", False, "Decode reads each prompt's cache once for its samples."
@@ -110,6 +111,7 @@ def _sampling(config: ModelConfig) -> rollout.SamplingConfig:
         decode_segments=FLAGS.decode_segments,
         shared_prompt_decode=FLAGS.shared_prompt_decode,
         compact_rows=FLAGS.compact_rows,
+        repetition_penalty=FLAGS.repetition_penalty,
         stop=_stand_in_stop_strings(config.vocab_size) if FLAGS.stop_strings else None,
     )
 
@@ -191,6 +193,7 @@ def _decode_knobs() -> dict:
         "decode_segments": FLAGS.decode_segments,
         "shared_prompt_decode": FLAGS.shared_prompt_decode,
         "compact_rows": FLAGS.compact_rows,
+        "repetition_penalty": FLAGS.repetition_penalty,
         "end_rate": FLAGS.end_rate,
     }
 

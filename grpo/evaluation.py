@@ -46,7 +46,7 @@ def _evaluate_examples(
     examples = examples[: exp.train.eval_examples]
     fraction = lambda x: float(x.mean()) if x.size else 0.0
     greedy_sampler = dataclasses.replace(
-        exp.sampling, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0
+        exp.sampling, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0
     )
     greedy = _eval_replies(
         exp, params, examples, greedy_sampler, 1, keep_texts=on_replies is not None

@@ -58,6 +58,11 @@ class SamplingConfig:
     cache, but two parts to one softmax. Off by default until timed on a GPU (BUILD_NOTES:
     shared-prompt decode).
 
+    repetition_penalty: > 1 makes ids already in the row (its prompt's real tokens and what it
+    sampled so far) less likely to be drawn, as transformers' and vLLM's knob of that name does:
+    their logits are divided by it where positive, multiplied where negative. The recorded
+    log-probs stay the model's own (unpenalized), the trainer's recomputation, as with top-k.
+
     compact_rows: at the start of each decode segment after the first, move the rows still
     decoding to the front of their device's rows, and decode the segment on only as many rows
     per device as hold them (the whole, a half, a quarter or an eighth: one compile of the
@@ -72,6 +77,7 @@ class SamplingConfig:
     top_k: int = 0  # 0: no top-k truncation
     top_p: float = 1.0  # 1.0: no nucleus truncation
     min_p: float = 0.0  # > 0: only tokens at least min_p times as likely as the likeliest
+    repetition_penalty: float = 1.0  # 1.0: off
     end_ids: tuple[int, ...]
     pad_id: int
     decode_segments: int = 1
@@ -95,6 +101,10 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
+            )
         if not self.end_ids:
             raise ValueError("end_ids must name at least one end-of-sequence token id")
         if self.compact_rows and self.decode_segments == 1:
@@ -132,6 +142,7 @@ class SamplingState:
     done_B: jax.Array  # bool: has emitted an end id or completed a stop string
     ends_B: jax.Array  # int32: the completion length once done, else the width
     stops_BxS: jax.Array  # int32: each stop string's automaton state (S = 0 without any)
+    seen_BxV: jax.Array  # bool: ids in the row so far, for the repetition penalty (V = 0 without)
     cache: tf.KVCache  # with shared_prompt_decode, the completions' slots alone
 
 
@@ -231,6 +242,7 @@ def _generate(
         done_B=jnp.zeros((batch,), bool),
         ends_B=jnp.full((batch,), width, jnp.int32),
         stops_BxS=jnp.zeros((batch, len(sampling.stop.strings) if sampling.stop else 0), jnp.int32),
+        seen_BxV=_ids_seen(prompt_tokens_BxP, prompt_mask_BxP, model.vocab_size, sampling, mesh),
         cache=cache,
     )
     state = _record(state, per_sample(logits_NxV), rng, sampling, mesh)
@@ -376,7 +388,8 @@ def _record(
     mesh: Mesh | None,
 ) -> SamplingState:
     """Samples slot `state.step` from the logits, writes token and log-prob, advances."""
-    token_B, logp_B = sample_tokens(logits_BxV, jax.random.fold_in(rng, state.step), sampling)
+    key = jax.random.fold_in(rng, state.step)
+    token_B, logp_B = sample_tokens(logits_BxV, key, sampling, state.seen_BxV)
     # Every row on every device first (the vocabulary-split logits reduce to that cheaply); asked
     # for rows split like the batch, XLA:TPU moves a [rows, vocab] index array per step instead.
     token_B, logp_B = (sharding.constrain(x, (None,), mesh) for x in (token_B, logp_B))
@@ -395,21 +408,54 @@ def _record(
         done_B=state.done_B | ends_here_B,
         ends_B=jnp.where(ends_here_B & ~state.done_B, state.step + 1, state.ends_B),
         stops_BxS=stops_BxS,
+        seen_BxV=state.seen_BxV | _one_hot_like(state.seen_BxV, token_B),
     )
     return _constrain_state(new, mesh)
 
 
+def _ids_seen(
+    tokens_BxP: jax.Array,
+    mask_BxP: jax.Array,
+    vocab_size: int,
+    sampling: SamplingConfig,
+    mesh: Mesh | None,
+) -> jax.Array:
+    """Which ids each row's real prompt tokens hold, split over the vocabulary like the decode's
+    logits; [B, 0] without a repetition penalty (nothing to track)."""
+    rows, _ = tokens_BxP.shape
+    if sampling.repetition_penalty == 1:
+        return jnp.zeros((rows, 0), bool)
+    ids_BxP = jnp.where(mask_BxP, tokens_BxP, vocab_size)  # padding: out of range, dropped
+    seen_BxV = jnp.zeros((rows, vocab_size), bool)
+    seen_BxV = seen_BxV.at[jnp.arange(rows)[:, None], ids_BxP].set(True, mode="drop")
+    return sharding.constrain(seen_BxV, (None, "unembed_vocab"), mesh)
+
+
+def _one_hot_like(seen_BxV: jax.Array, token_B: jax.Array) -> jax.Array:
+    """Each row's token as a row of `seen_BxV`'s width (a compare each device makes on its own
+    slice of the vocabulary; no scatter)."""
+    return jnp.arange(seen_BxV.shape[1])[None, :] == token_B[:, None]
+
+
 def sample_tokens(
-    logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig
+    logits_BxV: jax.Array,
+    key: jax.Array,
+    sampling: SamplingConfig,
+    seen_BxV: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One token per row, and its fp32 log-prob under the module's convention (full vocab)."""
+    """One token per row, and its fp32 log-prob under the module's convention (full vocab,
+    before any repetition penalty on the ids in `seen_BxV`)."""
     logits_BxV = logits_BxV.astype(jnp.float32)
+    scaled_BxV = logits_BxV if sampling.greedy else logits_BxV / sampling.temperature
+    drawn_BxV = scaled_BxV
+    if sampling.repetition_penalty != 1:  # on the scaled logits: T > 0 keeps every sign
+        penalty = sampling.repetition_penalty
+        penalized_BxV = jnp.where(scaled_BxV > 0, scaled_BxV / penalty, scaled_BxV * penalty)
+        drawn_BxV = jnp.where(seen_BxV, penalized_BxV, scaled_BxV)
     if sampling.greedy:
-        scaled_BxV = logits_BxV
-        token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        token_B = jnp.argmax(drawn_BxV, axis=-1).astype(jnp.int32)
     else:
-        scaled_BxV = logits_BxV / sampling.temperature
-        token_B = _draw(scaled_BxV, key, sampling.top_k, sampling.top_p, sampling.min_p)
+        token_B = _draw(drawn_BxV, key, sampling.top_k, sampling.top_p, sampling.min_p)
     chosen_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
     return token_B, chosen_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
 
@@ -498,6 +544,7 @@ def _constrain_state(state: SamplingState, mesh: Mesh | None) -> SamplingState:
         done_B=sharding.constrain(state.done_B, ("batch",), mesh),
         ends_B=sharding.constrain(state.ends_B, ("batch",), mesh),
         stops_BxS=sharding.constrain(state.stops_BxS, ("batch", None), mesh),
+        seen_BxV=sharding.constrain(state.seen_BxV, (None, "unembed_vocab"), mesh),
         cache=_constrain_cache(state.cache, mesh),
     )
 

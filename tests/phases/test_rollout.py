@@ -126,6 +126,7 @@ def test_trim_completions_cuts_to_bucket(lengths, buckets, expected_width):
         (dict(decode_segments=0), "decode_segments must be >= 1"),
         (dict(compact_rows=True), "set decode_segments > 1"),
         (dict(compact_rows=True, decode_segments=2, shared_prompt_decode=True), "pick one"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
     ],
 )
 def test_sampling_config_rejects(overrides, message):
@@ -294,6 +295,63 @@ def test_compacted_decode_records_the_trainers_logps(params):
     _assert_logps_recomputed(params, rollout, temperature=1.0)
 
 
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_ids():
+    logits = np.array([[2.0, 1.9, -1.0, -3.0], [-1.0, -1.2, -5.0, -6.0]], np.float32)
+    seen = np.array([[True, False, False, False], [True, False, False, True]])
+    penalized = _sampling(temperature=0.0, repetition_penalty=1.5)
+    token, logp = ro.sample_tokens(logits, jax.random.key(0), penalized, seen)
+    # Row 0: 2.0 / 1.5 = 1.33 < 1.9; row 1: -1.0 * 1.5 = -1.5 < -1.2. Each keeps the model's
+    # own log-prob of what it drew.
+    np.testing.assert_array_equal(token, [1, 1])
+    np.testing.assert_allclose(logp, scipy.special.log_softmax(logits, axis=1)[:, 1], rtol=1e-6)
+    assert ro.sample_tokens(logits, jax.random.key(0), GREEDY)[0].tolist() == [0, 0]
+    # Sampled at T = 2: the penalty acts on the tempered logits, drawing token 0 of row 0 with
+    # probability softmax([1.0 / 1.5, 0.95, -0.5, -1.5])[0], and records log softmax(x / 2).
+    hot = _sampling(temperature=2.0, repetition_penalty=1.5)
+    keys = jax.random.split(jax.random.key(1), 4000)
+    draw = jax.vmap(lambda k: ro.sample_tokens(logits[:1], k, hot, seen[:1]))
+    tokens, logps = draw(keys)
+    expected = scipy.special.softmax([1.0 / 1.5, 0.95, -0.5, -1.5])
+    counts = np.bincount(np.asarray(tokens).ravel(), minlength=4)
+    assert scipy.stats.chisquare(counts, expected * len(keys)).pvalue > 1e-3, counts
+    tempered = scipy.special.log_softmax(logits[0] / 2.0)
+    np.testing.assert_allclose(logps[:, 0], tempered[np.asarray(tokens)[:, 0]], rtol=1e-5)
+
+
+def test_ids_seen_holds_each_rows_real_prompt_ids_not_its_padding():
+    tokens = np.array([[0, 0, 5, 7], [3, 3, 3, 9]], np.int32)
+    mask = np.array([[False, False, True, True], [True, True, True, True]])
+    seen = ro._ids_seen(tokens, mask, 10, _sampling(repetition_penalty=1.2), mesh=None)
+    assert [np.flatnonzero(row).tolist() for row in np.asarray(seen)] == [[5, 7], [3, 9]]
+    assert ro._ids_seen(tokens, mask, 10, _sampling(), mesh=None).shape == (2, 0)
+
+
+def test_repetition_penalty_samples_and_records_the_trainers_logps(params, prompts):
+    plain = _generate(params, prompts, _sampling(temperature=0.0), num_samples=1)
+    penalized = _sampling(temperature=0.0, repetition_penalty=5.0)
+    rollout = _generate(params, prompts, penalized, num_samples=1)
+    assert (rollout.completion_tokens_BxC != plain.completion_tokens_BxC).any()
+    _assert_logps_recomputed(params, rollout, temperature=1.0)
+    sampled = _generate(params, prompts, _sampling(repetition_penalty=5.0))
+    _assert_logps_recomputed(params, sampled, temperature=1.0)
+    # The prompt's real ids count as seen, its padding not: a prompt holding the id its greedy
+    # reply starts with starts elsewhere when penalized.
+    first = plain.completion_tokens_BxC[:, 0]
+    echo = [[int(t), *p] for t, p in zip(first, PROMPTS, strict=True)]
+    echo_prompts = ro.pad_prompts(echo, pad_id=0, buckets=BUCKETS)
+    echo_plain = _generate(params, echo_prompts, _sampling(temperature=0.0), num_samples=1)
+    echo_first = echo_plain.completion_tokens_BxC[:, 0]
+    echoed = [row for row, prompt in enumerate(echo) if echo_first[row] in prompt]
+    assert echoed, "want a prompt whose greedy reply starts with one of its ids"
+    echo_penalized = _generate(params, echo_prompts, penalized, num_samples=1)
+    for row in echoed:
+        assert echo_penalized.completion_tokens_BxC[row, 0] not in echo[row], row
+    # Segments, compacted or not, carry what each row has seen.
+    for decode in (dict(decode_segments=3), dict(decode_segments=3, compact_rows=True)):
+        split = _generate(params, prompts, dataclasses.replace(penalized, **decode), num_samples=1)
+        np.testing.assert_array_equal(split.completion_tokens_BxC, rollout.completion_tokens_BxC)
+
+
 def test_top_k_one_is_greedy(params, prompts):
     greedy = _generate(params, prompts, GREEDY, num_samples=1)
     top1 = _generate(params, prompts, _sampling(temperature=1.0, top_k=1), num_samples=1)
@@ -431,10 +489,12 @@ def _sharded_kwargs(mesh, **sampling):
 
 @pytest.mark.eight_devices
 @pytest.mark.parametrize(
-    "decode", [{}, dict(shared_prompt_decode=True), dict(decode_segments=3)], ids=str
+    "decode",
+    [{}, dict(shared_prompt_decode=True), dict(decode_segments=3), dict(repetition_penalty=3.0)],
+    ids=str,
 )
 def test_sharded_generation_equals_unsharded(params, prompts, decode):
-    expected = _generate(params, prompts, _sampling())
+    expected = _generate(params, prompts, _sampling(**decode))
     mesh = sharding.make_mesh(dp=2, fsdp=2, tp=2)
     rollout = ro.generate(*_on_mesh(mesh, params, prompts), **_sharded_kwargs(mesh, **decode))
     assert rollout.completion_tokens_BxC.sharding.spec[0] == sharding.BATCH_AXES
@@ -500,6 +560,7 @@ def _hf_greedy(model, prompts, sampling: ro.SamplingConfig) -> np.ndarray:
             attention_mask=torch.from_numpy(mask.astype(np.int64)),
             max_new_tokens=sampling.max_new_tokens,
             do_sample=False,
+            repetition_penalty=sampling.repetition_penalty,
             eos_token_id=list(sampling.end_ids),
             pad_token_id=sampling.pad_id,
         )
@@ -522,6 +583,16 @@ def test_greedy_matches_transformers_tiny_qwen2(prompts):
         theirs = _hf_greedy(hf_model, prompts, sampling)
         np.testing.assert_array_equal(ours.completion_tokens_BxC, theirs)
     assert 0 < ours.truncated_B.sum() < len(PROMPTS), "want both ended and truncated rows"
+    # With a repetition penalty, prompt by prompt: transformers penalizes every id in its input,
+    # the left padding's too, so each prompt goes in alone.
+    penalized = dataclasses.replace(GREEDY_NO_END, repetition_penalty=2.0)
+    ours = _generate(params, prompts, penalized, num_samples=1)
+    plain = _generate(params, prompts, GREEDY_NO_END, num_samples=1)
+    assert (ours.completion_tokens_BxC != plain.completion_tokens_BxC).any()
+    for row, prompt in enumerate(PROMPTS):
+        alone = np.asarray([prompt], np.int32), np.ones((1, len(prompt)), bool)
+        theirs = _hf_greedy(hf_model, alone, penalized)
+        np.testing.assert_array_equal(ours.completion_tokens_BxC[row], theirs[0], str(row))
 
 
 @pytest.mark.slow
