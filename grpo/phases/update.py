@@ -15,6 +15,11 @@ that hit the token budget; the sequence modes' N still counts them (as TRL does)
 `importance_sampling_level="sequence"` (GSPO) every token of a completion takes the completion's
 ratio, exp of its mean token log-ratio, so clipping keeps or drops whole completions.
 
+With `objective="cispo"` (MiniMax-M1's CISPO) the clipped surrogate gives way to a policy gradient
+weighted by each token's ratio clipped to [1 - epsilon_low, 1 + epsilon_high] and held constant:
+the gradient is -clip(r) A grad log pi for every token, so a token past the clip range still
+moves, by a capped weight, where the clipped surrogate would give it no gradient at all.
+
 With `top_entropy_quantile` = rho < 1 (Wang et al., 2025, "Beyond the 80/20 rule"; TRL's knob of
 that name) only the tokens whose policy entropy is in the batch's top rho fraction keep their
 loss weight; N is unchanged. The threshold is the (1 - rho) quantile of the entropies of every
@@ -58,6 +63,7 @@ from grpo.models.config import ModelConfig
 from grpo.types import Batch, TrainState
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+OBJECTIVES = ("clip", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 # Token-mean diagnostics: fraction (or mean) over the valid tokens of the batch.
@@ -71,6 +77,9 @@ TOKEN_STATS = ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "abs_log_r
 class LossConfig:
     """Static knobs of the GRPO loss (hashable: closed over by the jitted update)."""
 
+    # "clip": PPO's clipped surrogate (GRPO); "cispo": each token's policy gradient weighted by
+    # its clipped ratio, held constant (MiniMax-M1's CISPO; see the module docstring).
+    objective: str = "clip"
     epsilon_low: float = 0.2  # ratio clipped below at 1 - epsilon_low
     epsilon_high: float = 0.2  # ... and above at 1 + epsilon_high (DAPO raises it, e.g. 0.28)
     dual_clip: float | None = None  # c > 1: for A < 0 the token loss is capped at -c * A
@@ -108,6 +117,17 @@ class LossConfig:
             raise ValueError(
                 f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
                 f"got {self.importance_sampling_level!r}"
+            )
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "cispo" and self.dual_clip is not None:
+            raise ValueError(
+                "dual_clip caps the clipped surrogate's loss: objective='cispo' has none"
+            )
+        if self.objective == "cispo" and self.importance_sampling_level != "token":
+            raise ValueError(
+                "objective='cispo' weighs each token by its own ratio: importance_sampling_level "
+                "must be 'token'"
             )
         if self.epsilon_low < 0 or self.epsilon_high < 0:
             raise ValueError(
@@ -176,22 +196,36 @@ def _log_ratio(logps_BxC, old_logps_BxC, mask_BxC, *, config: LossConfig) -> jax
 def _per_token(
     logps_BxC, old_logps_BxC, ref_logps_BxC, advantages_B, mask_BxC, *, config: LossConfig
 ):
-    """The clipped surrogate (+ beta * KL estimate) per token, and the per-token diagnostics."""
+    """The policy loss (+ beta * KL estimate) per token, and the per-token diagnostics."""
     adv_Bx1 = advantages_B.astype(jnp.float32)[:, None]
     ratio_BxC = jnp.exp(_log_ratio(logps_BxC, old_logps_BxC, mask_BxC, config=config))
     low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
-    loss_BxC = -jnp.minimum(ratio_BxC * adv_Bx1, jnp.clip(ratio_BxC, low, high) * adv_Bx1)
-    if config.dual_clip is not None:
-        cap_Bx1 = jnp.where(adv_Bx1 < 0, -config.dual_clip * adv_Bx1, jnp.inf)
-        loss_BxC = jnp.minimum(loss_BxC, cap_Bx1)
+    if config.objective == "cispo":
+        # -sg(clip(r)) A (1 + log pi - sg(log pi)): the value -clip(r) A, which averages near 0
+        # as the clipped surrogate's does, and CISPO's gradient -clip(r) A grad log pi (with no
+        # division by a ratio, which can underflow).
+        weight_BxC = jax.lax.stop_gradient(jnp.clip(ratio_BxC, low, high))
+        step_BxC = 1.0 + logps_BxC - jax.lax.stop_gradient(logps_BxC)
+        loss_BxC = -weight_BxC * adv_Bx1 * step_BxC
+        clipped_low, clipped_high = ratio_BxC < low, ratio_BxC > high
+    else:
+        loss_BxC = -jnp.minimum(ratio_BxC * adv_Bx1, jnp.clip(ratio_BxC, low, high) * adv_Bx1)
+        if config.dual_clip is not None:
+            cap_Bx1 = jnp.where(adv_Bx1 < 0, -config.dual_clip * adv_Bx1, jnp.inf)
+            loss_BxC = jnp.minimum(loss_BxC, cap_Bx1)
+        # The tokens whose gradient the clip removed.
+        clipped_low, clipped_high = (
+            (adv_Bx1 < 0) & (ratio_BxC < low),
+            (adv_Bx1 > 0) & (ratio_BxC > high),
+        )
     kl_BxC = jnp.zeros_like(loss_BxC)
     if config.beta > 0:
         kl_BxC = _kl(ref_logps_BxC - logps_BxC, config.kl_estimator)
         loss_BxC = loss_BxC + config.beta * kl_BxC
     stats = {
         "kl": kl_BxC,
-        "clip_frac_low": (adv_Bx1 < 0) & (ratio_BxC < low),
-        "clip_frac_high": (adv_Bx1 > 0) & (ratio_BxC > high),
+        "clip_frac_low": clipped_low,
+        "clip_frac_high": clipped_high,
         "ratio_mean": ratio_BxC,
         "abs_log_ratio_mean": jnp.abs(logps_BxC - old_logps_BxC),
     }

@@ -164,6 +164,25 @@ def test_dual_clip_and_asymmetric_epsilons():
     np.testing.assert_allclose(float(high), -1.28, rtol=1e-6)
 
 
+def test_cispo_by_hand():
+    # Each token's weight is its ratio clipped to [0.8, 1.2], held constant: seq 0 (A = +1)
+    # 1.2, 0.8, 1.0; seq 1 (A = -2) 0.8, 1.1. Loss -w A per token: -1.2 -0.8 -1.0 and 1.6 2.2,
+    # token mean 0.8 / 5. Gradient -w A / 5 on every valid token, the clipped ones included.
+    def loss_fn(logps, config):
+        return update.policy_loss(logps, OLD_LOGPS, None, ADVANTAGES, MASK, config=config)
+
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, aux), grad = value_and_grad(LOGPS, LossConfig(objective="cispo"))
+    np.testing.assert_allclose(float(loss), 0.8 / 5, rtol=1e-6)
+    np.testing.assert_allclose(grad, [[-0.24, -0.16, -0.2], [0.32, 0.44, 0.0]], atol=1e-6)
+    # Clipped: any weight that hit a bound, whatever its advantage's sign (0.5 and 0.7; 1.5).
+    np.testing.assert_allclose(float(aux["clip_frac_low"]), 2 / 5, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["clip_frac_high"]), 1 / 5, rtol=1e-6)
+    # No lower bound (epsilon_low = 1, MiniMax-M1's choice): the weights are the ratios below 1.
+    _, grad = value_and_grad(LOGPS, LossConfig(objective="cispo", epsilon_low=1.0))
+    np.testing.assert_allclose(grad, [[-0.24, -0.1, -0.2], [0.28, 0.44, 0.0]], atol=1e-6)
+
+
 def test_sequence_level_importance_ratio_by_hand():
     # GSPO: a completion's ratio is the geometric mean of its tokens' ratios,
     #   seq 0: (1.5 * 0.5 * 1.0)^(1/3) = 0.75^(1/3) ~ 0.909;  seq 1: (0.7 * 1.1)^(1/2) ~ 0.877,
@@ -217,6 +236,9 @@ def test_sequence_level_ratio_clips_whole_completions():
         (dict(max_completion_length=0), "max_completion_length must be >= 1"),
         (dict(logprob_chunk=0), "logprob_chunk must be >= 1"),
         (dict(top_entropy_quantile=0.0), "top_entropy_quantile must be in"),
+        (dict(objective="ppo"), "objective must be one of"),
+        (dict(objective="cispo", dual_clip=3.0), "objective='cispo' has none"),
+        (dict(objective="cispo", importance_sampling_level="sequence"), "must be 'token'"),
     ],
 )
 def test_loss_config_validation(kwargs, message):
@@ -386,6 +408,21 @@ def test_gradient_is_reinforce_when_ratio_is_one(params, batch, aggregation, mas
     assert float(metrics["clip_frac_low"]) == float(metrics["clip_frac_high"]) == 0.0
 
 
+def test_cispo_gradient_is_reinforce_weighted_by_the_clipped_ratio(params, batch):
+    # Off the policy, so ratios leave [0.9, 1.1] on both sides: those tokens keep a gradient,
+    # with the bound as their weight.
+    batch = _perturbed(batch, with_ref=False)
+    grads, metrics = _grad_fn(_loss(objective="cispo", epsilon_low=0.1, epsilon_high=0.1))(
+        params, batch
+    )
+    assert float(metrics["clip_frac_low"]) > 0 and float(metrics["clip_frac_high"]) > 0
+    mask = np.asarray(batch.completion_mask_BxC, np.float32)
+    ratio = np.exp(np.asarray(_logps(params, batch)) - np.asarray(batch.old_logps_BxC))
+    weights = jnp.asarray(mask * np.clip(ratio, 0.9, 1.1))
+    expected = _reinforce_grad(params, batch, weights, mask.sum())
+    _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
+
+
 def test_masked_truncated_completions_have_no_effect(params, batch):
     # Whatever the truncated rows hold (advantages, old and reference log-probs), neither the
     # gradient nor any statistic moves; micro-batching stays exact with the mask.
@@ -407,19 +444,22 @@ def test_masked_truncated_completions_have_no_effect(params, batch):
 
 
 @pytest.mark.parametrize(
-    "aggregation, gspo",
+    "aggregation, objective",
     [
-        ("token_mean", False),
-        ("seq_mean_token_mean", False),
-        ("seq_mean_token_sum_norm", False),
-        ("seq_mean_token_mean", True),
+        ("token_mean", "clip"),
+        ("seq_mean_token_mean", "clip"),
+        ("seq_mean_token_sum_norm", "clip"),
+        ("seq_mean_token_mean", "gspo"),
+        ("token_mean", "cispo"),
     ],
 )
-def test_micro_batches_match_full_batch(params, batch, aggregation, gspo):
+def test_micro_batches_match_full_batch(params, batch, aggregation, objective):
     # 4 micro-batches of 2 rows; M = 2 (with the KL term) is checked in the sharded test.
     batch = _perturbed(batch, with_ref=False)
-    loss = _loss(aggregation=aggregation)
-    if gspo:  # sequence-level ratios average the noise out: GSPO's small epsilons still clip
+    loss = _loss(aggregation=aggregation, objective="cispo" if objective == "cispo" else "clip")
+    if (
+        objective == "gspo"
+    ):  # sequence-level ratios average the noise out: GSPO's small epsilons still clip
         loss = _loss(
             aggregation=aggregation,
             importance_sampling_level="sequence",
