@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.py
 test: setup gpu-target-deps tpu-target-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 demo: setup
 	$(PY) -m grpo.main --gin_file=gin/demo.gin --workdir=$(WORKDIR)
