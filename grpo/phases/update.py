@@ -199,25 +199,8 @@ def _per_token(
     """The policy loss (+ beta * KL estimate) per token, and the per-token diagnostics."""
     adv_Bx1 = advantages_B.astype(jnp.float32)[:, None]
     ratio_BxC = jnp.exp(_log_ratio(logps_BxC, old_logps_BxC, mask_BxC, config=config))
-    low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
-    if config.objective == "cispo":
-        # -sg(clip(r)) A (1 + log pi - sg(log pi)): the value -clip(r) A, which averages near 0
-        # as the clipped surrogate's does, and CISPO's gradient -clip(r) A grad log pi (with no
-        # division by a ratio, which can underflow).
-        weight_BxC = jax.lax.stop_gradient(jnp.clip(ratio_BxC, low, high))
-        step_BxC = 1.0 + logps_BxC - jax.lax.stop_gradient(logps_BxC)
-        loss_BxC = -weight_BxC * adv_Bx1 * step_BxC
-        clipped_low, clipped_high = ratio_BxC < low, ratio_BxC > high
-    else:
-        loss_BxC = -jnp.minimum(ratio_BxC * adv_Bx1, jnp.clip(ratio_BxC, low, high) * adv_Bx1)
-        if config.dual_clip is not None:
-            cap_Bx1 = jnp.where(adv_Bx1 < 0, -config.dual_clip * adv_Bx1, jnp.inf)
-            loss_BxC = jnp.minimum(loss_BxC, cap_Bx1)
-        # The tokens whose gradient the clip removed.
-        clipped_low, clipped_high = (
-            (adv_Bx1 < 0) & (ratio_BxC < low),
-            (adv_Bx1 > 0) & (ratio_BxC > high),
-        )
+    objective = _cispo if config.objective == "cispo" else _clipped_surrogate
+    loss_BxC, clipped_low, clipped_high = objective(logps_BxC, ratio_BxC, adv_Bx1, config)
     kl_BxC = jnp.zeros_like(loss_BxC)
     if config.beta > 0:
         kl_BxC = _kl(ref_logps_BxC - logps_BxC, config.kl_estimator)
@@ -230,6 +213,28 @@ def _per_token(
         "abs_log_ratio_mean": jnp.abs(logps_BxC - old_logps_BxC),
     }
     return loss_BxC, stats
+
+
+def _clipped_surrogate(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
+    """PPO's clipped surrogate per token (capped by the dual clip), and the tokens whose gradient
+    the clip removed, below and above the range."""
+    del logps_BxC  # the ratio carries the gradient
+    low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+    loss_BxC = -jnp.minimum(ratio_BxC * adv_Bx1, jnp.clip(ratio_BxC, low, high) * adv_Bx1)
+    if config.dual_clip is not None:
+        cap_Bx1 = jnp.where(adv_Bx1 < 0, -config.dual_clip * adv_Bx1, jnp.inf)
+        loss_BxC = jnp.minimum(loss_BxC, cap_Bx1)
+    return loss_BxC, (adv_Bx1 < 0) & (ratio_BxC < low), (adv_Bx1 > 0) & (ratio_BxC > high)
+
+
+def _cispo(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
+    """CISPO per token, -sg(clip(r)) A (1 + log pi - sg(log pi)): the value -clip(r) A, which
+    averages near 0 as the clipped surrogate's does, and CISPO's gradient -clip(r) A grad log pi
+    (no division by a ratio, which can underflow); and the weights held at each bound."""
+    low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+    weight_BxC = jax.lax.stop_gradient(jnp.clip(ratio_BxC, low, high))
+    step_BxC = 1.0 + logps_BxC - jax.lax.stop_gradient(logps_BxC)
+    return -weight_BxC * adv_Bx1 * step_BxC, ratio_BxC < low, ratio_BxC > high
 
 
 def _kl(log_r_BxC: jax.Array, estimator: str) -> jax.Array:
