@@ -184,11 +184,17 @@ def _dot_flops(body: list[hlo.Instruction]) -> int:
     return total
 
 
+def _fused_computation(instruction: hlo.Instruction) -> str | None:
+    """The name of the computation a fusion instruction runs (None for anything else)."""
+    called = re.search(r"calls=%([\w.\-]+)", instruction.rest)
+    return called.group(1) if instruction.op == "fusion" and called else None
+
+
 def _cost(instruction: hlo.Instruction, computations) -> tuple[int, int]:
     """(bytes moved, matmul FLOPs) of one top-level instruction."""
-    called = re.search(r"calls=%([\w.\-]+)", instruction.rest)
-    if instruction.op == "fusion" and called:
-        body = computations[called.group(1)]
+    fused = _fused_computation(instruction)
+    if fused:
+        body = computations[fused]
         return _fusion_bytes(body), _dot_flops(body)
     return 2 * hlo.array_bytes(instruction.shape), 0
 
@@ -258,13 +264,7 @@ def copied_bytes(hlo_text: str) -> int:
     XLA copies a buffer it may not update in place, such as a conditional's operand that another
     branch reads: a copy of a cache-sized array is a second cache at the peak."""
     computations = hlo.computations(hlo_text)
-    fused = {
-        called.group(1)
-        for body in computations.values()
-        for instruction in body
-        if instruction.op == "fusion"
-        and (called := re.search(r"calls=%([\w.\-]+)", instruction.rest))
-    }
+    fused = {_fused_computation(i) for body in computations.values() for i in body}
     return sum(
         hlo.array_bytes(instruction.shape)
         for name, body in computations.items()

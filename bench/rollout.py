@@ -209,7 +209,8 @@ def _compile_for_gpu_target() -> dict:
     start = time.perf_counter()
     compiled = _compile(config, *gpu_target.abstract(_abstract_inputs(config), on))
     compile_s = time.perf_counter() - start
-    traffic = gpu_target.loop_traffic(compiled.as_text())
+    hlo_text = compiled.as_text()
+    traffic = gpu_target.loop_traffic(hlo_text)
     # Decode segments run one loop each (with --compact_rows, each later one a loop per width:
     # all the rows, a half, ...); weigh each segment's all-rows loop by the steps it runs.
     ends = rollout.segment_ends(FLAGS.new_tokens, FLAGS.decode_segments)
@@ -237,7 +238,7 @@ def _compile_for_gpu_target() -> dict:
             else {}
         ),
         "decode_step_kernels": kernels,  # per segment
-        "copied_mb": round(gpu_target.copied_bytes(compiled.as_text()) / 1e6, 1),
+        "copied_mb": round(gpu_target.copied_bytes(hlo_text) / 1e6, 1),
         "weights_and_cache_mb": round(ideal / 1e6, 1),
         "bw_bound_tokens_per_s": round(FLAGS.batch * target.bandwidth_bytes_per_s / step_mb / 1e6),
         "decode_step_top": traffic["top"],
