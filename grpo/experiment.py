@@ -111,6 +111,9 @@ class TrainConfig:
     # eval_maj_at_k; each optionally of an extra eval set (`eval_accuracy/gsm8k`).
     best_export_metric: str = "eval_accuracy"
     wandb_project: str | None = None  # log to W&B too (when `wandb` is installed)
+    # (first, last): a jax.profiler trace of steps first..last (inclusive; step 1 compiles) to
+    # <workdir>/tensorboard, for TensorBoard's Profile tab; process 0 only. None: no trace.
+    profile_steps: tuple[int, int] | None = None
 
     def __post_init__(self):
         knobs.check_fields(self, "TrainConfig")
@@ -210,6 +213,14 @@ class TrainConfig:
             )
         if self.shared_prompt_forward:
             self._check_shared_prompt_forward()
+        if self.profile_steps is not None:
+            first, last = self.profile_steps
+            object.__setattr__(self, "profile_steps", (first, last))  # gin hands over lists
+            if not 1 <= first <= last <= self.num_steps:
+                raise ValueError(
+                    f"TrainConfig.profile_steps=({first}, {last}) must be (first, last) steps "
+                    f"with 1 <= first <= last <= num_steps={self.num_steps}"
+                )
         if self.advantage_scale not in ADVANTAGE_SCALES:
             raise ValueError(
                 f"advantage_scale must be one of {'|'.join(ADVANTAGE_SCALES)}, "

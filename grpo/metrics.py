@@ -36,8 +36,11 @@ _LINE_FIELDS = (
 )
 
 
-def format_step_line(step: int, total: int, metrics: Mapping[str, Any]) -> str:
-    """`step 3/100 | reward 0.42 | ... | 9.8s (rollout 7.1s)`; the launcher greps `step N/M`."""
+def format_step_line(
+    step: int, total: int, metrics: Mapping[str, Any], eta_seconds: float | None = None
+) -> str:
+    """`step 3/100 | reward 0.42 | ... | 9.8s (rollout 7.1s) | eta 16m05s`; the launcher greps
+    `step N/M`."""
     parts = [f"step {step}/{total}"]
     parts += [
         f"{label} {float(metrics[key]):{spec}}"
@@ -49,7 +52,21 @@ def format_step_line(step: int, total: int, metrics: Mapping[str, Any]) -> str:
         if "rollout_seconds" in metrics:
             timing += f" (rollout {float(metrics['rollout_seconds']):.1f}s)"
         parts.append(timing)
+    if eta_seconds is not None:
+        parts.append(f"eta {_duration(eta_seconds)}")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """45s, 16m05s, 2h03m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -172,6 +189,9 @@ class MetricsWriter:
     ) -> None:
         self._total_steps = total_steps
         self._is_primary = is_primary
+        self._first_write: tuple[float, int] | None = None  # (time, step), for the eta
+        # Where TensorBoard's events go (when it is on), and a profile of the run's steps.
+        self.tensorboard_dir = os.path.join(os.fspath(workdir), TENSORBOARD_DIR)
         self._jsonl = self._completions = self._eval_completions = None
         self._tensorboard = self._wandb = None
         if not is_primary:
@@ -187,9 +207,7 @@ class MetricsWriter:
         if resume_step is not None:
             _truncate_after(self._eval_completions_path, resume_step)
         if tensorboard:
-            self._tensorboard = _open_tensorboard(
-                os.path.join(workdir, TENSORBOARD_DIR), resume_step
-            )
+            self._tensorboard = _open_tensorboard(self.tensorboard_dir, resume_step)
         if wandb_project:
             self._wandb = _open_wandb(wandb_project, wandb_run_name, workdir, config)
 
@@ -207,7 +225,18 @@ class MetricsWriter:
             _add_scalars(self._tensorboard, step, scalars)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
-        logging.info(format_step_line(step, self._total_steps, scalars))
+        logging.info(format_step_line(step, self._total_steps, scalars, self._eta(step)))
+
+    def _eta(self, step: int) -> float | None:
+        """The seconds the steps after `step` will take, at the pace since this process's
+        first write (so the first step's compile does not count), once there is a pace."""
+        now = time.monotonic()
+        if self._first_write is None:
+            self._first_write = (now, step)
+        since, first_step = self._first_write
+        if step <= first_step or step >= self._total_steps:
+            return None
+        return (now - since) / (step - first_step) * (self._total_steps - step)
 
     def write_completions(self, step: int, records: list[Mapping[str, Any]]) -> None:
         """Appends one JSON line per completion (`records`: JSON-serialisable dicts); with W&B

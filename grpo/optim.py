@@ -73,8 +73,10 @@ def make_lr_schedule(
         warmup_steps = round(total_steps * warmup_ratio)
     if not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}]")
-    warmup = optax.linear_schedule(init_value, peak_value, warmup_steps)
     decay = _DECAYS[type](peak_value, end_value, total_steps - warmup_steps)
+    if not warmup_steps:  # optax warns of a linear schedule over 0 steps
+        return decay
+    warmup = optax.linear_schedule(init_value, peak_value, warmup_steps)
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 

@@ -26,7 +26,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from grpo import evaluation, flops, gather, optim, sampling, sharding
+from grpo import evaluation, flops, gather, optim, profiling, sampling, sharding
 from grpo.checkpoint import Checkpointer
 from grpo.data.gsm8k import PromptStream
 from grpo.experiment import (
@@ -321,30 +321,30 @@ def _rollout_and_score(
 ) -> _Scored:
     """One round: the next prompts, sampled `num_generations` times each, then scored."""
     cfg = exp.train
-    tick = time.perf_counter()
-    examples = next(rt.stream)
-    indices = rt.stream.last_indices
-    params = _policy_params(rt)
-    rollout, texts = sampling.sample(exp, params, examples, key, exp.sampling, cfg.num_generations)
-    rollout = jax.block_until_ready(trim_completions(rollout, cfg.completion_buckets))
-    timings["rollout"] += time.perf_counter() - tick
+    with profiling.Phase("rollout", timings):
+        examples = next(rt.stream)
+        indices = rt.stream.last_indices
+        params = _policy_params(rt)
+        rollout, texts = sampling.sample(
+            exp, params, examples, key, exp.sampling, cfg.num_generations
+        )
+        rollout = jax.block_until_ready(trim_completions(rollout, cfg.completion_buckets))
 
-    tick = time.perf_counter()
-    local_examples = [e for e in examples for _ in range(cfg.num_generations)]
-    rewards = reward_phase.score(
-        texts, local_examples, rewards=exp.rewards, timeout_s=cfg.reward_timeout_s
-    )
-    local_lengths = gather.local_rows(rollout.lengths_B)
-    rewards = reward_phase.add_overlong_penalty(
-        rewards, local_lengths, rewards=exp.rewards, max_length=exp.sampling.max_new_tokens
-    )
-    correct = _answer_checks(cfg, texts, local_examples, rewards)
-    if cfg.retire_solved_prompts:
-        _retire_solved(rt.stream, indices, correct, cfg.num_generations)
-    rewards = reward_phase.add_length_reward(
-        rewards, local_lengths, correct, rewards=exp.rewards, group_size=cfg.num_generations
-    )
-    timings["reward"] += time.perf_counter() - tick
+    with profiling.Phase("reward", timings):
+        local_examples = [e for e in examples for _ in range(cfg.num_generations)]
+        rewards = reward_phase.score(
+            texts, local_examples, rewards=exp.rewards, timeout_s=cfg.reward_timeout_s
+        )
+        local_lengths = gather.local_rows(rollout.lengths_B)
+        rewards = reward_phase.add_overlong_penalty(
+            rewards, local_lengths, rewards=exp.rewards, max_length=exp.sampling.max_new_tokens
+        )
+        correct = _answer_checks(cfg, texts, local_examples, rewards)
+        if cfg.retire_solved_prompts:
+            _retire_solved(rt.stream, indices, correct, cfg.num_generations)
+        rewards = reward_phase.add_length_reward(
+            rewards, local_lengths, correct, rewards=exp.rewards, group_size=cfg.num_generations
+        )
     lengths = gather.all_rows(rollout.lengths_B).astype(np.float32)
     return _Scored(
         rollout,
@@ -421,7 +421,7 @@ def _dynamic_sampling(
 def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     """One GRPO step: rollout, reward, advantage, update. Returns host metrics."""
     cfg = exp.train
-    timings = {"rollout": 0.0, "reward": 0.0}
+    timings: dict[str, float] = {}
     key = jax.random.fold_in(rt.state.rng, step)
     if cfg.max_sampling_rounds == 1:
         scored = _rollout_and_score(exp, rt, key, timings)
@@ -429,25 +429,22 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
         scored = _dynamic_sampling(exp, rt, key, timings)
     rollout, rewards = scored.rollout, scored.rewards
 
-    tick = time.perf_counter()
-    (rewards_B,) = sharding.shard_batch(exp.mesh, (rewards.total,))
-    advantages = group_advantages(
-        rewards_B, group_size=cfg.num_generations, scale=cfg.advantage_scale
-    )
-    batch = Batch.from_rollout(rollout, jax.block_until_ready(advantages))
-    timings["advantage"] = time.perf_counter() - tick
+    with profiling.Phase("advantage", timings):
+        (rewards_B,) = sharding.shard_batch(exp.mesh, (rewards.total,))
+        advantages = group_advantages(
+            rewards_B, group_size=cfg.num_generations, scale=cfg.advantage_scale
+        )
+        batch = Batch.from_rollout(rollout, jax.block_until_ready(advantages))
 
     if rt.ref_logps_fn is not None:
-        tick = time.perf_counter()
-        ref_logps = jax.block_until_ready(rt.ref_logps_fn(rt.ref_params, batch))
-        batch = batch.replace(ref_logps_BxC=ref_logps)
-        timings["reference"] = time.perf_counter() - tick
+        with profiling.Phase("reference", timings):
+            ref_logps = jax.block_until_ready(rt.ref_logps_fn(rt.ref_params, batch))
+            batch = batch.replace(ref_logps_BxC=ref_logps)
 
-    tick = time.perf_counter()
-    for _ in range(cfg.num_iterations):
-        rt.state, update_metrics = rt.update_fn(rt.state, batch, rt.frozen_params)
-    update_metrics = jax.device_get(update_metrics)
-    timings["update"] = time.perf_counter() - tick
+    with profiling.Phase("update", timings):
+        for _ in range(cfg.num_iterations):
+            rt.state, update_metrics = rt.update_fn(rt.state, batch, rt.frozen_params)
+        update_metrics = jax.device_get(update_metrics)
 
     metrics = _rollout_metrics(scored, cfg.num_generations)
     if cfg.max_sampling_rounds > 1:
@@ -569,10 +566,12 @@ class Preempted(Exception):
 
 
 def _save(rt: Runtime, step: int, *, force: bool) -> float:
-    tick = time.perf_counter()
     ref = rt.ref_params if rt.ref_moves else None
-    rt.checkpointer.save(step, rt.state, data={"stream": rt.stream.position}, ref=ref, force=force)
-    return time.perf_counter() - tick
+    with profiling.Phase("checkpoint") as timed:
+        rt.checkpointer.save(
+            step, rt.state, data={"stream": rt.stream.position}, ref=ref, force=force
+        )
+    return timed.seconds
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -696,12 +695,12 @@ class BestExport:
 def _timed_eval(exp: Experiment, rt: Runtime, step: int, summary: dict) -> dict[str, float]:
     """The eval metrics of the current policy and their seconds; records them in `summary`,
     and the greedy replies in eval_completions.jsonl when `write_eval_completions` says so."""
-    tick = time.perf_counter()
     on_replies = None
     if exp.train.write_eval_completions:
         on_replies = functools.partial(rt.metrics.write_eval_completions, step)
-    metrics = evaluation.evaluate(exp, _policy_params(rt), on_replies)
-    metrics["eval_seconds"] = time.perf_counter() - tick
+    with profiling.Phase("eval") as timed:
+        metrics = evaluation.evaluate(exp, _policy_params(rt), on_replies)
+    metrics["eval_seconds"] = timed.seconds
     summary["eval_accuracy"] = metrics["eval_accuracy"]
     return metrics
 
@@ -713,19 +712,30 @@ def _run_steps(exp: Experiment, rt: Runtime, preemption: _Preemption, summary: d
     best = BestExport(exp, up_to_step=rt.start_step)
     if cfg.eval_at_start and rt.start_step == 0:
         rt.metrics.write(0, _timed_eval(exp, rt, 0, summary))
-    for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
-        tick = time.perf_counter()
-        metrics = run_step(exp, rt, step)
-        _stop_if_not_finite(rt, step, metrics)
-        _sync_reference(exp, rt, step)
-        last = step == cfg.num_steps
-        if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
-            metrics.update(_timed_eval(exp, rt, step, summary))
-            best.offer(step, metrics, rt.state.params, rt.frozen_params)
-        metrics["checkpoint_seconds"] = _save(rt, step, force=last)
-        metrics["step_seconds"] = time.perf_counter() - tick
-        rt.metrics.write(step, metrics)
-        summary.update(steps=step, reward_mean=metrics["reward_mean"])
-        if not last and preemption.agreed():
-            _save(rt, step, force=True)  # skipped if the periodic save took this step
-            raise Preempted(f"preempted after step {step}; checkpoint saved")
+    window = profiling.Window(cfg.profile_steps, rt.metrics.tensorboard_dir)
+    try:
+        for step in _progress(range(rt.start_step + 1, cfg.num_steps + 1), cfg.num_steps):
+            with window.step(step):
+                _one_step(exp, rt, step, best, summary)
+            if step != cfg.num_steps and preemption.agreed():
+                _save(rt, step, force=True)  # skipped if the periodic save took this step
+                raise Preempted(f"preempted after step {step}; checkpoint saved")
+    finally:
+        window.stop()
+
+
+def _one_step(exp: Experiment, rt: Runtime, step: int, best: BestExport, summary: dict) -> None:
+    """A step, then its eval (when due), checkpoint and metrics."""
+    cfg = exp.train
+    tick = time.perf_counter()
+    metrics = run_step(exp, rt, step)
+    _stop_if_not_finite(rt, step, metrics)
+    _sync_reference(exp, rt, step)
+    last = step == cfg.num_steps
+    if cfg.eval_every_steps and (step % cfg.eval_every_steps == 0 or last):
+        metrics.update(_timed_eval(exp, rt, step, summary))
+        best.offer(step, metrics, rt.state.params, rt.frozen_params)
+    metrics["checkpoint_seconds"] = _save(rt, step, force=last)
+    metrics["step_seconds"] = time.perf_counter() - tick
+    rt.metrics.write(step, metrics)
+    summary.update(steps=step, reward_mean=metrics["reward_mean"])

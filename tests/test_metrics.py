@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grpo import metrics as metrics_lib
 from grpo import plot
 from grpo.metrics import (
     COMPLETIONS_FILE,
@@ -29,8 +30,8 @@ def _lines(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _write_steps(workdir, steps, **kwargs) -> None:
-    with MetricsWriter(workdir, total_steps=10, tensorboard=False, **kwargs) as writer:
+def _write_steps(workdir, steps, total_steps=10, **kwargs) -> None:
+    with MetricsWriter(workdir, total_steps=total_steps, tensorboard=False, **kwargs) as writer:
         for step in steps:
             writer.write(step, {"reward_mean": step / 10})
 
@@ -54,6 +55,20 @@ def test_format_step_line_full_and_partial():
     assert format_step_line(2, 5, {"eval_accuracy": 0.5, "step_seconds": 1.0}) == (
         "step 2/5 | eval_acc 0.500 | 1.0s"
     )
+
+
+def test_the_line_ends_with_the_time_left_at_the_pace_since_the_first_step(
+    tmp_path, caplog, monkeypatch
+):
+    clock = iter([100.0, 112.0, 118.0, 124.0, 130.0])
+    monkeypatch.setattr(metrics_lib.time, "monotonic", lambda: next(clock))
+    with caplog.at_level(logging.INFO):
+        # A resumed run: its first step (4) compiled; then 12 s, 6 s, 6 s a step.
+        _write_steps(tmp_path, [4, 5, 6, 7, 310], total_steps=310)
+    ends = [line.rsplit(" | ", 1)[-1] for line in caplog.messages]
+    # 12 s x 305 steps left, 9 s x 304, 8 s x 303; none at the last step.
+    assert ends == ["reward 0.40", "eta 1h01m", "eta 45m36s", "eta 40m24s", "reward 31.00"]
+    assert format_step_line(3, 100, {}, eta_seconds=42.4) == "step 3/100 | eta 42s"
 
 
 def test_jsonl_records_one_flushed_line_per_step(tmp_path):

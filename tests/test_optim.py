@@ -45,7 +45,8 @@ def test_schedule_values(kind, expected):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-10)  # fp32 near cos(pi)
 
 
-def test_schedule_warmup_steps_ends_and_init():
+def test_schedule_warmup_steps_ends_and_init(caplog):
+    caplog.set_level("INFO")
     # Default ratio 0.05 of 100 steps -> 5 warmup steps.
     default = optim.make_lr_schedule(100, peak_value=1.0)
     np.testing.assert_allclose(_values(default, [2, 5]), [0.4, 1.0], rtol=1e-6)
@@ -57,6 +58,7 @@ def test_schedule_warmup_steps_ends_and_init():
     np.testing.assert_allclose(_values(s, [0, 2, 4, 12, 20]), [0.2, 0.6, 1.0, 0.55, 0.1], rtol=1e-6)
     no_warmup = optim.make_lr_schedule(10, type="linear", peak_value=1.0, warmup_ratio=0.0)
     np.testing.assert_allclose(_values(no_warmup, [0, 5, 10]), [1.0, 0.5, 0.0], atol=1e-7)
+    assert "transition_steps" not in caplog.text  # no warmup schedule over 0 steps, no warning
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import glob
 import json
 import os
 import re
@@ -54,9 +55,15 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         "harder/make_dataset.difficulty=2",
         "harder/make_dataset.num_test=4",
         "TrainConfig.write_eval_completions=True",
+        "TrainConfig.profile_steps=(3, 3)",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     start, *rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    # A trace of step 3 alone, its phases named, beside TensorBoard's events.
+    (trace,) = glob.glob(str(tmp_path / "tensorboard/plugins/profile/*/*.xplane.pb"))
+    marked = _trace_marks(trace)
+    assert marked["steps"] == {3}
+    assert marked["phases"] >= {"rollout", "reward", "advantage", "update", "eval", "checkpoint"}
     assert start["step"] == 0 and "eval_accuracy" in start and "reward_mean" not in start
     for row in (start, rows[2]):
         for metric in ("eval_accuracy", "eval_mean_at_k", "eval_pass_at_k", "eval_maj_at_k"):
@@ -149,6 +156,18 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     result = _cli(tmp_path, "make_optimizer.name='adamw'", flags=[f"--export_only={export}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((export / loading.EXPORT_INFO).read_text()) == {"step": 3}
+
+
+def _trace_marks(path):
+    """The step numbers and the phase names a jax.profiler trace file holds."""
+    marks = {"steps": set(), "phases": set()}
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for event in (e for line in plane.lines for e in line.events):
+            stats = dict(event.stats)
+            if "step_num" in stats:
+                marks["steps"].add(stats["step_num"])
+            marks["phases"].add(event.name)
+    return marks
 
 
 @pytest.mark.parametrize(
@@ -383,6 +402,10 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
             dict(use_chat_template=False, system_prompt=None, chat_template_kwargs={"a": 1}),
             "set system_prompt=None and no chat_template_kwargs",
         ),
+        (dict(profile_steps=(0, 2)), "1 <= first <= last <= num_steps=100"),
+        (dict(profile_steps=(5, 4)), "TrainConfig.profile_steps=(5, 4) must be (first, last)"),
+        (dict(num_steps=3, profile_steps=[2, 4]), "profile_steps=(2, 4) must be"),  # gin: lists
+        (dict(profile_steps=(2,)), "TrainConfig.profile_steps must be tuple[int, int] | None"),
         (
             dict(shared_prompt_forward=True, completions_per_micro_batch=4),  # groups of 8
             "4 completions per micro-batch are not a multiple of num_generations=8",
