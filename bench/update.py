@@ -247,9 +247,15 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
         if compiled is None:
             return {**header, **refused}
     memory = common.memory_analysis(compiled)
-    # The frozen reference params the trainer keeps when beta > 0, sharded like the params;
-    # under LoRA the reference is the frozen base, already an argument.
-    ref_params_gb = _gb_per_device(params) if loss.beta > 0 and frozen is None else 0.0
+    # The frozen reference params the trainer keeps when beta > 0, sharded like the params, in
+    # the compute dtype (`frozen_dtype`); under LoRA the reference is the frozen base, already
+    # an argument.
+    ref_params_gb = 0.0
+    if loss.beta > 0 and frozen is None:
+        ref_itemsize = jnp.dtype(config.frozen_dtype).itemsize
+        ref_params_gb = (
+            _gb_per_device(params) * ref_itemsize / jnp.dtype(config.param_dtype).itemsize
+        )
     # Live during the update: its arguments, outputs not aliased to donated arguments, its
     # temporaries, and the reference params.
     estimate = common.live_gb(memory)
@@ -343,8 +349,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params, frozen = common.trainable_and_frozen(config, common.random_params(config))
     batch = jax.device_put(host_batch)
     result = _header(args, config)
-    if loss.beta > 0:
-        reference = params if frozen is None else frozen
+    if loss.beta > 0:  # the trainer's: a copy in the compute dtype, or the frozen base
+        reference = frozen
+        if frozen is None:
+            reference = jax.tree.map(lambda w: w.astype(config.frozen_dtype), params)
         ref_first, ref_s, batch = reference_logps(config, loss, reference, batch, args)
         result["ref_compile_and_first_s"] = round(ref_first, 2)
         result["ref_logps_s"] = round(ref_s, 4)

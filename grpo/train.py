@@ -194,6 +194,15 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _starting_reference(exp: Experiment, moves: bool) -> Any:
+    """A full fine-tuning run's KL reference: the starting weights, in the forward's compute
+    dtype, which gives the same log-probs in half of fp32's memory; in the params' dtype when it
+    moves toward the policy (ref sync: it accumulates small steps). Under LoRA the reference is
+    the frozen base itself, no copy."""
+    dtype = exp.model.param_dtype if moves else exp.model.frozen_dtype
+    return _place(exp.mesh, transformer.logical_axes(exp.model), exp.params, dtype)
+
+
 def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
     cfg = exp.train
     state, frozen = _starting_state(exp)
@@ -204,11 +213,10 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    ref_moves = bool(cfg.ref_sync_every_steps)
     ref_params = None
     if exp.loss.beta > 0:  # the reference is the starting policy, not the resumed one
-        # Under LoRA that is the frozen base itself: no second copy.
-        ref_params = frozen if frozen is not None else place_params(exp.mesh, exp.model, exp.params)
-    ref_moves = bool(cfg.ref_sync_every_steps)
+        ref_params = frozen if frozen is not None else _starting_reference(exp, ref_moves)
     checkpointer = _checkpointer(exp, workdir)
     # A moving reference resumes as saved (a checkpoint without one: it had not moved yet).
     try:

@@ -18,7 +18,15 @@ import pytest
 from safetensors.numpy import load_file
 
 import gin
-from grpo import checkpoint, checkpoint_jobs, configurables, evaluation, sampling, train
+from grpo import (
+    checkpoint,
+    checkpoint_jobs,
+    configurables,
+    evaluation,
+    gather,
+    sampling,
+    train,
+)
 from grpo import experiment as experiment_lib
 from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
@@ -1197,6 +1205,27 @@ def test_extra_eval_sets_load_in_their_gin_scope(length_reward):
     assert exp.test_examples == load_examples("synthetic", "test", num_examples=8)  # tiny.gin's
     with pytest.raises(ValueError, match="names 'other', but gin binds no other/make_dataset.sou"):
         _experiment("TrainConfig.extra_eval_sets=('other',)")
+
+
+@pytest.mark.parametrize("sync_every, dtype", [(0, jnp.bfloat16), (2, jnp.float32)])
+def test_the_frozen_reference_is_held_in_the_compute_dtype(
+    tmp_path, length_reward, sync_every, dtype
+):
+    # bf16 compute on fp32 weights: the frozen reference in bf16 gives the same log-probs
+    # (test_update); a moving one (ref sync) accumulates small steps, so it stays fp32.
+    exp = _experiment(
+        "make_model.dtype='bfloat16'",
+        "make_loss.beta=0.04",
+        f"TrainConfig.ref_sync_every_steps={sync_every}",
+    )
+    runtime = train._build_runtime(exp, str(tmp_path))
+    runtime.checkpointer.close()
+    runtime.metrics.close()
+    reference = jax.tree.map(gather.all_rows, runtime.ref_params)
+    assert {leaf.dtype for leaf in jax.tree.leaves(reference)} == {jnp.dtype(dtype)}
+    expected = jax.tree.map(lambda w: np.asarray(w).astype(dtype), exp.params)
+    jax.tree.map(np.testing.assert_array_equal, reference, expected)
+    assert {leaf.dtype for leaf in jax.tree.leaves(runtime.state.params)} == {jnp.dtype("float32")}
 
 
 def test_moved_reference_mixes_in_fp32_and_keeps_each_dtype():

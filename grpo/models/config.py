@@ -15,7 +15,7 @@ SUPPORTED_ARCHITECTURES = {
 
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
 # Activations and weights: float16 would need loss scaling, and an export names only these two.
-DTYPES = ("bfloat16", "float32")
+DTYPES = ("bfloat16", "float32")  # narrowest first
 
 # The projections a LoRA adapter may target, and how many of each weight's axes (after the
 # layer axis) are its input: q/k/v/gate/up/down map one axis to the rest; o maps heads x
@@ -116,6 +116,13 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def frozen_dtype(self) -> str:
+        """The dtype a frozen copy of the weights (the KL reference) can be held in with no
+        output changed: the forward casts every weight to `dtype` before use, so a copy in the
+        narrower of `dtype` and `param_dtype` gives the same bits (bf16: half fp32's memory)."""
+        return min(self.dtype, self.param_dtype, key=DTYPES.index)
 
     @property
     def num_params(self) -> int:

@@ -786,3 +786,14 @@ def test_reference_logps(params, batch):
     np.testing.assert_allclose(valid(bucketed), valid(expected), atol=1e-6)
     with pytest.raises(ValueError, match="beta == 0 uses no reference policy"):
         update.make_reference_logps_fn(MODEL, _loss())
+
+
+def test_a_reference_held_in_the_compute_dtype_gives_the_same_bits(batch):
+    # The trainer holds a frozen reference in `frozen_dtype`: bf16 under bf16 compute.
+    bf16 = MODEL.replace(dtype="bfloat16")
+    assert (bf16.frozen_dtype, MODEL.frozen_dtype) == ("bfloat16", "float32")
+    assert MODEL.replace(param_dtype="bfloat16").frozen_dtype == "bfloat16"
+    fp32_params = _init_params(5)
+    narrow = jax.tree.map(lambda w: w.astype(bf16.frozen_dtype), fp32_params)
+    fn = update.make_reference_logps_fn(bf16, _loss(beta=0.1))
+    np.testing.assert_array_equal(fn(narrow, batch), fn(fp32_params, batch))
