@@ -35,6 +35,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remat", default="dots", choices=("none", "full", "dots"))
     parser.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS)
     parser.add_argument("--optimizer", default="lion", help="a grpo.optim.make_optimizer name")
+    parser.add_argument("--mu_dtype", default=None, choices=("bfloat16",), help="first moment")
     parser.add_argument("--micro_batches", type=int, default=1)
     parser.add_argument("--beta", type=float, default=0.0, help="> 0 adds the reference pass")
     parser.add_argument("--logprob_chunk", type=int, default=128)
@@ -83,10 +84,10 @@ def train_state(params: tf.Params, tx, seed: int = 0) -> TrainState:
     )
 
 
-def make_tx(name: str):
-    """The named optimizer with the trainer's defaults and a constant learning rate."""
+def make_tx(args: argparse.Namespace):
+    """`--optimizer` (and `--mu_dtype`) with the trainer's defaults, at a constant learning rate."""
     schedule = optim.make_lr_schedule(1, type="constant", warmup_ratio=0.0)
-    return optim.make_optimizer(schedule, name=name)
+    return optim.make_optimizer(schedule, name=args.optimizer, mu_dtype=args.mu_dtype)
 
 
 def random_batch(

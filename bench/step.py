@@ -70,10 +70,14 @@ class StepRunner:
         self.args = args
         self.config = common.model_config(args)
         self.loss = update.LossConfig(beta=args.beta, logprob_chunk=args.logprob_chunk)
-        self.tx = common.make_tx(args.optimizer)
+        self.tx = common.make_tx(args)
         params = common.random_params(self.config)
-        # The frozen reference is a copy of the initial policy (the state's params are donated).
-        self.ref_params = jax.tree.map(jnp.copy, params) if args.beta > 0 else None
+        # The frozen reference is a copy of the initial policy (the state's params are donated),
+        # in the compute dtype, as the trainer holds it.
+        self.ref_params = None
+        if args.beta > 0:
+            frozen = self.config.frozen_dtype
+            self.ref_params = jax.tree.map(lambda w: jnp.array(w, frozen, copy=True), params)
         self.state = common.train_state(params, self.tx)
         rng = np.random.default_rng(0)
         vocab = self.config.vocab_size
@@ -185,6 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "shared_prompts": args.shared_prompts,
         "beta": args.beta,
         "optimizer": args.optimizer,
+        "mu_dtype": args.mu_dtype,
         "remat": config.remat,
         "warmup_s": round(warmup_s, 2),
         "step_s": round(step_s, 4),

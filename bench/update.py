@@ -202,6 +202,7 @@ def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
         "remat": config.remat,
         "attention": config.attention_impl,
         "optimizer": args.optimizer,
+        "mu_dtype": args.mu_dtype,
         "beta": args.beta,
         "lora_rank": args.lora_rank,
         "top_entropy_quantile": args.top_entropy_quantile,
@@ -221,7 +222,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     if args.tpu_target:
         dp, fsdp, tp = (int(n) for n in args.tpu_mesh.split(","))
         mesh = tpu_target.mesh(args.tpu_target, dp=dp, fsdp=fsdp, tp=tp)
-    config, loss, tx = model_config(args), loss_config(args), common.make_tx(args.optimizer)
+    config, loss, tx = model_config(args), loss_config(args), common.make_tx(args)
     params, frozen = common.trainable_and_frozen(
         config, jax.eval_shape(lambda: common.random_params(config))
     )
@@ -345,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = int(args.batch * args.prompt_len + lengths.sum())  # valid tokens: the useful work
     # PyTorch first, and its memory released, before JAX initialises (and claims) the device.
     torch_s = torch_forward_backward_s(config, host_batch, args) if args.torch_baseline else None
-    tx = common.make_tx(args.optimizer)
+    tx = common.make_tx(args)
     params, frozen = common.trainable_and_frozen(config, common.random_params(config))
     batch = jax.device_put(host_batch)
     result = _header(args, config)

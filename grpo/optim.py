@@ -100,17 +100,17 @@ def _coupled(decay: float, inner: optax.GradientTransformation) -> optax.Gradien
 # name -> builder(learning_rate, *, the hyper-parameters it uses): make_optimizer reads each
 # builder's keyword names to hand it its knobs and to refuse the ones it would ignore.
 _OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "lion": lambda lr, *, b1, b2, weight_decay: optax.lion(
-        lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask
+    "lion": lambda lr, *, b1, b2, weight_decay, mu_dtype: optax.lion(
+        lr, b1=b1, b2=b2, mu_dtype=mu_dtype, weight_decay=weight_decay, mask=decay_mask
     ),
-    "adamw": lambda lr, *, b1, b2, eps, weight_decay: optax.adamw(
-        lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
+    "adamw": lambda lr, *, b1, b2, eps, weight_decay, mu_dtype: optax.adamw(
+        lr, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=weight_decay, mask=decay_mask
     ),
-    "adam": lambda lr, *, b1, b2, eps, weight_decay: _coupled(
-        weight_decay, optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    "adam": lambda lr, *, b1, b2, eps, weight_decay, mu_dtype: _coupled(
+        weight_decay, optax.adam(lr, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
     ),
-    "sgd": lambda lr, *, momentum, weight_decay: _coupled(
-        weight_decay, optax.sgd(lr, momentum=momentum or None)
+    "sgd": lambda lr, *, momentum, weight_decay, mu_dtype: _coupled(
+        weight_decay, optax.sgd(lr, momentum=momentum or None, accumulator_dtype=mu_dtype)
     ),
     "adafactor": lambda lr, *, weight_decay: optax.adafactor(
         lr, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask
@@ -128,12 +128,15 @@ def make_optimizer(
     b2: float = 0.99,
     eps: float = 1e-8,
     momentum: float = 0.9,
+    mu_dtype: str | None = None,
 ) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) (None: no clipping), then the named optimizer.
 
     name: lion (b1, b2, weight_decay) | adamw (b1, b2, eps, weight_decay) | adam (b1, b2, eps,
     L2 weight_decay) | sgd (momentum, L2 weight_decay) | adafactor (weight_decay; optax's own
-    factored second moments and update clipping).
+    factored second moments and update clipping). mu_dtype: the dtype of the first moment
+    (Lion's whole state, Adam's momentum, SGD's trace), e.g. 'bfloat16' to halve it; None: the
+    params' dtype. Adam's second moment stays in the params' dtype.
     """
     if name not in _OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(_OPTIMIZERS)}")
@@ -143,6 +146,8 @@ def make_optimizer(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if mu_dtype not in (None, "bfloat16", "float32"):
+        raise ValueError(f"mu_dtype must be None, 'bfloat16' or 'float32', got {mu_dtype!r}")
     # A decay of 1 never forgets its first value (Adam's bias correction divides by 0).
     decays = dict(b1=b1, b2=b2, momentum=momentum)
     outside = {knob: decay for knob, decay in decays.items() if not 0 <= decay < 1}
@@ -150,7 +155,9 @@ def make_optimizer(
         raise ValueError(f"b1, b2 and momentum must be in [0, 1), got {outside}")
     build = _OPTIMIZERS[name]
     knobs = inspect.signature(build).parameters
-    hyper = dict(b1=b1, b2=b2, eps=eps, momentum=momentum, weight_decay=weight_decay)
+    hyper = dict(
+        b1=b1, b2=b2, eps=eps, momentum=momentum, weight_decay=weight_decay, mu_dtype=mu_dtype
+    )
     defaults = inspect.signature(make_optimizer).parameters
     ignored = [k for k, v in hyper.items() if k not in knobs and v != defaults[k].default]
     if ignored:  # set for another optimizer, most likely

@@ -122,11 +122,42 @@ def test_clipping_comes_first():
             "optimizer 'sgd' does not use make_optimizer.b2, make_optimizer.eps",
         ),
         (dict(name="adafactor", momentum=0.5), "'adafactor' does not use make_optimizer.momentum"),
+        (dict(name="adafactor", mu_dtype="bfloat16"), "does not use make_optimizer.mu_dtype"),
+        (dict(name="lion", mu_dtype="float16"), "mu_dtype must be None, 'bfloat16' or 'float32'"),
     ],
 )
 def test_optimizer_rejects_hyper_parameters_it_cannot_use(kwargs, message):
     with pytest.raises(ValueError, match=message):
         optim.make_optimizer(1e-3, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, moments",
+    [
+        ("lion", ["bfloat16"]),
+        ("adamw", ["bfloat16", "float32"]),  # the second moment keeps the params' dtype
+        ("adam", ["bfloat16", "float32"]),
+        ("sgd", ["bfloat16"]),
+    ],
+)
+def test_a_bfloat16_first_moment_tracks_the_fp32_one(name, moments):
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)}
+    grads = [{"w": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)} for _ in range(3)]
+    updates = {}
+    for mu_dtype in ("bfloat16", None):
+        tx = optim.make_optimizer(1e-2, name=name, weight_decay=0.0, mu_dtype=mu_dtype)
+        state = tx.init(params)
+        if mu_dtype:
+            moment = [str(x.dtype) for x in jax.tree.leaves(state) if x.shape == (64, 32)]
+            assert sorted(moment) == moments
+        for grad in grads:
+            updates[mu_dtype], state = tx.update(grad, state, params)
+    narrow, wide = updates["bfloat16"]["w"], updates[None]["w"]
+    if name == "lion":  # a sign per weight: only near-ties may flip
+        assert np.mean(np.sign(narrow) == np.sign(wide)) > 0.99
+    else:  # within bf16's rounding of the moment (2^-8 relative), on the update's scale
+        np.testing.assert_allclose(narrow, wide, atol=0.01 * np.abs(wide).max())
 
 
 def test_unknown_optimizer_lists_valid_names():
