@@ -22,7 +22,6 @@ baseline does not, so the ratio slightly favours PyTorch.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import Any
 
@@ -255,7 +254,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     if loss.beta > 0 and frozen is None:
         ref_itemsize = jnp.dtype(config.frozen_dtype).itemsize
         ref_params_gb = (
-            _gb_per_device(params) * ref_itemsize / jnp.dtype(config.param_dtype).itemsize
+            sharding.gb_per_device(params) * ref_itemsize / jnp.dtype(config.param_dtype).itemsize
         )
     # Live during the update: its arguments, outputs not aliased to donated arguments, its
     # temporaries, and the reference params.
@@ -293,12 +292,6 @@ def _host_batch(config: ModelConfig, args: argparse.Namespace) -> Batch:
         prompt_group=args.shared_prompts,
         group_length_spread=args.group_length_spread,
     )
-
-
-def _gb_per_device(tree) -> float:
-    """GB of abstract arrays held by one device (all of an array without a sharding)."""
-    shard = lambda x: x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-    return sum(math.prod(shard(x)) * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e9
 
 
 def _abstract_state(params, tx) -> TrainState:

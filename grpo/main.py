@@ -129,7 +129,7 @@ def main(argv: list[str]) -> None:
     for line in describe_runtime(experiment.mesh):
         logging.info("%s", line)
     if FLAGS.dry_run:
-        for line in train.effective_batch_lines(experiment):
+        for line in [*train.effective_batch_lines(experiment), train.held_memory_line(experiment)]:
             logging.info("%s", line)
         logging.info(
             "dry run: the configuration is valid (%d train / %d test examples); nothing compiled",

@@ -174,6 +174,16 @@ def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
     return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params))(params)
 
 
+def abstract_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
+    """What `init_opt_state(tx, params)` makes, as ShapeDtypeStructs with their shardings;
+    nothing is allocated or compiled. `params` may be abstract."""
+    shardings = []
+    # optax finds the state's param-shaped leaves by an init on placeholders, which builds its
+    # counters eagerly (a compile each); traced here instead.
+    jax.eval_shape(lambda: shardings.append(opt_state_shardings(tx, params)))
+    return jax.eval_shape(jax.jit(tx.init, out_shardings=shardings[0]), params)
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
     """Shardings for `tx.init(params)`: every param-shaped leaf (momenta, second moments) like
     its param, the rest (counts, adafactor's factored moments) replicated over the params' mesh;

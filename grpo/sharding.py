@@ -104,6 +104,13 @@ def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None = Non
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def gb_per_device(tree: Any) -> float:
+    """GB one device holds of a tree of arrays or ShapeDtypeStructs laid out over a mesh: a
+    shard of each sharded leaf, all of a replicated one (or one without a sharding)."""
+    shard = lambda x: x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    return sum(math.prod(shard(x)) * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e9
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) dimension over dp x fsdp, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))

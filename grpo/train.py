@@ -114,11 +114,42 @@ def abstract_trainable(exp: Experiment) -> Any:
     adapters) as `trainable_and_frozen` lays them out, with nothing placed or initialised:
     what a restore places them onto."""
     if exp.model.lora is None:
-        axes, shapes, dtype = transformer.logical_axes(exp.model), exp.params, exp.model.param_dtype
-    else:
-        init, axes = _adapter_init_and_axes(exp)
-        shapes, dtype = jax.eval_shape(init, jax.random.key(0)), jnp.float32
-    return _layout(exp.mesh, axes, shapes, dtype)
+        return _abstract_model(exp, exp.model.param_dtype)
+    init, axes = _adapter_init_and_axes(exp)
+    return _layout(exp.mesh, axes, jax.eval_shape(init, jax.random.key(0)), jnp.float32)
+
+
+def _abstract_model(exp: Experiment, dtype: Any) -> Any:
+    """The model's weights in `dtype`, laid out as `_place` would, as ShapeDtypeStructs."""
+    shapes = jax.tree.map(
+        lambda shape: jax.ShapeDtypeStruct(shape, dtype),
+        transformer.param_shapes(exp.model),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    return _layout(exp.mesh, transformer.logical_axes(exp.model), shapes, dtype)
+
+
+def held_memory_gb(exp: Experiment) -> dict[str, float]:
+    """What each device holds from start to end, in GB, before any activation or KV cache: the
+    trainable params and their optimizer state, the frozen base (LoRA), the KL reference."""
+    trainable = abstract_trainable(exp)
+    held = {"params": trainable, "optimizer state": optim.abstract_opt_state(exp.tx, trainable)}
+    if exp.model.lora is not None:
+        held["frozen base"] = _abstract_model(exp, exp.model.param_dtype)
+    elif exp.loss.beta > 0:
+        held["KL reference"] = _abstract_model(exp, _reference_dtype(exp))
+    return {name: sharding.gb_per_device(tree) for name, tree in held.items()}
+
+
+def held_memory_line(exp: Experiment) -> str:
+    """`held_memory_gb` as a log line, beside the device's memory where it says."""
+    gb = held_memory_gb(exp)
+    parts = ", ".join(f"{name} {size:.3g}" for name, size in gb.items())
+    line = f"held per device (GB): {parts}; {sum(gb.values()):.3g} in all"
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if limit:  # GPUs and TPUs say; CPUs do not
+        line += f" of the device's {limit / 1e9:.1f}"
+    return line + ", before activations and the rollout's KV cache"
 
 
 def _policy_params(rt: Runtime) -> Any:
@@ -194,13 +225,12 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _starting_reference(exp: Experiment, moves: bool) -> Any:
-    """A full fine-tuning run's KL reference: the starting weights, in the forward's compute
-    dtype, which gives the same log-probs in half of fp32's memory; in the params' dtype when it
-    moves toward the policy (ref sync: it accumulates small steps). Under LoRA the reference is
-    the frozen base itself, no copy."""
-    dtype = exp.model.param_dtype if moves else exp.model.frozen_dtype
-    return _place(exp.mesh, transformer.logical_axes(exp.model), exp.params, dtype)
+def _reference_dtype(exp: Experiment) -> str:
+    """A full fine-tuning run's KL reference, the starting weights, is held in the forward's
+    compute dtype, which gives the same log-probs in half of fp32's memory; in the params' dtype
+    when it moves toward the policy (ref sync: it accumulates small steps). (Under LoRA the
+    reference is the frozen base itself, no copy.)"""
+    return exp.model.param_dtype if exp.train.ref_sync_every_steps else exp.model.frozen_dtype
 
 
 def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
@@ -215,8 +245,11 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
     )
     ref_moves = bool(cfg.ref_sync_every_steps)
     ref_params = None
-    if exp.loss.beta > 0:  # the reference is the starting policy, not the resumed one
-        ref_params = frozen if frozen is not None else _starting_reference(exp, ref_moves)
+    if exp.loss.beta > 0 and frozen is not None:
+        ref_params = frozen  # under LoRA the frozen base is the reference: no second copy
+    elif exp.loss.beta > 0:  # the starting policy, not the resumed one
+        axes = transformer.logical_axes(exp.model)
+        ref_params = _place(exp.mesh, axes, exp.params, _reference_dtype(exp))
     checkpointer = _checkpointer(exp, workdir)
     # A moving reference resumes as saved (a checkpoint without one: it had not moved yet).
     try:
@@ -637,7 +670,7 @@ def train(exp: Experiment, workdir: str, config_text: str | None = None) -> dict
     `config_text` (the operative gin config) goes to `<workdir>/config.gin` once the state is
     restored: a resume that does not fit the checkpoints leaves the config that wrote them."""
     check_batch_layout(exp)
-    for line in effective_batch_lines(exp):
+    for line in [*effective_batch_lines(exp), held_memory_line(exp)]:
         logging.info("%s", line)
     rt = _build_runtime(exp, workdir)
     if config_text is not None and jax.process_index() == 0:

@@ -259,6 +259,7 @@ def test_dry_run_checks_everything_and_compiles_nothing(tmp_path):
     assert "1 update(s) per step (1 pass(es) x 1 mini-batch(es))" in result.stderr
     assert "batch per update: 2 prompts, 8 completions" in result.stderr
     assert "sorted by length, each at the narrowest of 3 widths" in result.stderr
+    assert "held per device (GB): params " in result.stderr
     assert "Compiling" not in result.stderr and not (tmp_path / "run").exists()
 
 
@@ -1226,6 +1227,47 @@ def test_the_frozen_reference_is_held_in_the_compute_dtype(
     expected = jax.tree.map(lambda w: np.asarray(w).astype(dtype), exp.params)
     jax.tree.map(np.testing.assert_array_equal, reference, expected)
     assert {leaf.dtype for leaf in jax.tree.leaves(runtime.state.params)} == {jnp.dtype("float32")}
+
+
+def _held_by_first_device(tree) -> float:
+    first = jax.devices()[0]
+    return sum(
+        shard.data.nbytes
+        for leaf in jax.tree.leaves(tree)
+        for shard in leaf.addressable_shards
+        if shard.device == first
+    )
+
+
+@pytest.mark.parametrize(
+    "bindings, held",
+    [
+        (("make_loss.beta=0.04",), {"params", "optimizer state", "KL reference"}),
+        (("make_model.lora_rank=4",), {"params", "optimizer state", "frozen base"}),
+    ],
+)
+def test_the_memory_held_per_device_is_what_the_run_places(tmp_path, length_reward, bindings, held):
+    # tiny.gin's 2 x 2 x 2 mesh, bf16 compute on fp32 weights; adamw (two moments, one in bf16).
+    exp = _experiment(
+        *bindings,
+        "make_model.dtype='bfloat16'",
+        "make_optimizer.name='adamw'",
+        "make_optimizer.mu_dtype='bfloat16'",
+    )
+    expected = train.held_memory_gb(exp)
+    assert set(expected) == held
+    runtime = train._build_runtime(exp, str(tmp_path))
+    runtime.checkpointer.close()
+    runtime.metrics.close()
+    placed = {
+        "params": runtime.state.params,
+        "optimizer state": runtime.state.opt_state,
+        "KL reference": runtime.ref_params,
+        "frozen base": runtime.frozen_params,
+    }
+    for name, gb in expected.items():
+        assert gb * 1e9 == pytest.approx(_held_by_first_device(placed[name]), rel=1e-9), name
+    assert "held per device (GB): params " in train.held_memory_line(exp)
 
 
 def test_moved_reference_mixes_in_fp32_and_keeps_each_dtype():
