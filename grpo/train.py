@@ -147,8 +147,8 @@ def held_memory_line(exp: Experiment) -> str:
     parts = ", ".join(f"{name} {size:.3g}" for name, size in gb.items())
     line = f"held per device (GB): {parts}; {sum(gb.values()):.3g} in all"
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-    if limit:  # GPUs and TPUs say; CPUs do not
-        line += f" of the device's {limit / 1e9:.1f}"
+    if limit:  # GPUs and TPUs say (on a GPU, XLA_PYTHON_CLIENT_MEM_FRACTION's share); CPUs not
+        line += f" of the {limit / 1e9:.1f} JAX may use on a device"
     return line + ", before activations and the rollout's KV cache"
 
 
