@@ -494,6 +494,7 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
         metrics["retired_prompts"] = rt.stream.num_retired
     metrics.update({k: float(v) for k, v in update_metrics.items()})
     metrics.update(_throughput(exp, rollout, scored.sampled_tokens, timings))
+    metrics.update(device_memory_metrics())
     metrics.update({f"{k}_seconds": v for k, v in timings.items()})
     if cfg.show_completions_every_steps and step % cfg.show_completions_every_steps == 0:
         for text, value in list(zip(scored.texts, rewards.total, strict=True))[:2]:
@@ -546,6 +547,18 @@ def _throughput(
             exp.model, rows, prompt_len, completion_len, exp.train.prompt_group
         )
         out["mfu"] = model_flops * iterations / timings["update"] / (peak * jax.device_count())
+    return out
+
+
+def device_memory_metrics() -> dict[str, float]:
+    """The most any of this process's devices holds now, and has held since the start, in GB
+    (GPUs and TPUs report it; CPUs do not, and get none)."""
+    stats = [device.memory_stats() or {} for device in jax.local_devices()]
+    out = {}
+    for metric, key in (("in_use", "bytes_in_use"), ("peak", "peak_bytes_in_use")):
+        held = [s[key] for s in stats if key in s]
+        if held:
+            out[f"device_memory_{metric}_gb"] = max(held) / 1e9
     return out
 
 

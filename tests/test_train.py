@@ -1270,6 +1270,24 @@ def test_the_memory_held_per_device_is_what_the_run_places(tmp_path, length_rewa
     assert "held per device (GB): params " in train.held_memory_line(exp)
 
 
+def test_device_memory_metrics_take_the_fullest_device(monkeypatch):
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    gpus = [Device({"bytes_in_use": 3e9, "peak_bytes_in_use": 7e9}), Device({"bytes_in_use": 4e9})]
+    monkeypatch.setattr(jax, "local_devices", lambda: gpus)
+    assert train.device_memory_metrics() == {
+        "device_memory_in_use_gb": 4.0,
+        "device_memory_peak_gb": 7.0,
+    }
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(None)])  # a CPU
+    assert train.device_memory_metrics() == {}
+
+
 def test_moved_reference_mixes_in_fp32_and_keeps_each_dtype():
     ref = {"w": jnp.array([1.0, 2.0], jnp.float32), "e": jnp.array([4.0], jnp.bfloat16)}
     policy = {"w": jnp.array([3.0, 0.0], jnp.float32), "e": jnp.array([8.0], jnp.bfloat16)}
