@@ -181,10 +181,11 @@ def test_update_compiles_for_h200_with_a_memory_estimate():
     )  # fmt: skip
     assert result["device"] == "NVIDIA H200 (compile only)"
     params_gb = 4 * result["params_m"] / 1e3  # fp32
-    assert result["ref_params_gb"] == pytest.approx(params_gb, rel=0.01)
+    # The frozen reference is held in the compute dtype, bf16: half the params' bytes.
+    assert result["ref_params_gb"] == pytest.approx(params_gb / 2, rel=0.01)
     # The state (params + Lion's momentum) is the argument; the reference params come on top.
     assert result["compiled_argument_gb"] >= 2 * params_gb
-    assert result["update_peak_estimate_gb"] >= 3 * params_gb
+    assert result["update_peak_estimate_gb"] >= 2.5 * params_gb
     # The roofline: XLA's matmuls do at least the model's FLOPs, and the MFU bound is a fraction.
     model_tflops = result["model_gflops_per_token"] * result["tokens"] / 1e3
     assert result["hlo_tflops"] >= model_tflops * 0.99
