@@ -148,8 +148,8 @@ def main(argv: list[str]) -> None:
     except train.Preempted as stop:
         logging.warning("%s", stop)
         sys.exit(128 + signal.SIGTERM)
-    except train.NotFinite as diverged:
-        logging.error("%s", diverged)
+    except (train.NotFinite, train.OutOfMemory) as failed:
+        logging.error("%s", failed)
         sys.exit(1)
     shown = lambda key: f"{summary[key]:.4f}" if key in summary else "n/a"  # none: no step ran
     logging.info(

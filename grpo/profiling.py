@@ -2,7 +2,8 @@
 
 The loop marks every phase (`Phase`: rollout, reward, advantage, reference, update, eval,
 checkpoint) as a named range and every step as a step (`Window.step`), so a `jax.profiler`
-trace reads as the step loop does; the marks cost next to nothing while no trace runs.
+trace reads as the step loop does; the marks cost next to nothing while no trace runs. An
+error that leaves a phase remembers it (`failed_phase`), so the app can say where it failed.
 `Window` traces the steps `TrainConfig.profile_steps` names into the run's TensorBoard folder
 (`<workdir>/tensorboard/plugins/profile/<time>/<host>.xplane.pb`: TensorBoard's Profile tab,
 or Perfetto through xprof).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 from absl import logging
@@ -33,11 +35,18 @@ class Phase:
         self._tick = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, error: BaseException | None, tb: Any) -> None:
         self.seconds = time.perf_counter() - self._tick
-        self._annotation.__exit__(*exc)
+        self._annotation.__exit__(exc_type, error, tb)
         if self._totals is not None:
             self._totals[self.name] = self._totals.get(self.name, 0.0) + self.seconds
+        if error is not None and failed_phase(error) is None:  # the innermost phase names it
+            error.grpo_phase = self.name
+
+
+def failed_phase(error: BaseException) -> str | None:
+    """The innermost `Phase` that `error` left, if any."""
+    return getattr(error, "grpo_phase", None)
 
 
 class Window:

@@ -615,6 +615,38 @@ def _stop_if_not_finite(rt: Runtime, step: int, metrics: dict[str, Any]) -> None
         )
 
 
+class OutOfMemory(Exception):
+    """A phase ran out of device memory; the message names it and what would shrink it."""
+
+
+# What shrinks each phase's memory; the rest (the state itself) under `None`.
+_SHRINKS = {
+    "rollout": "fewer rows per rollout (TrainConfig.prompts_per_step or num_generations), a "
+    "shorter make_sampling.max_new_tokens, or make_sampling.shared_prompt_decode (one cache "
+    "per prompt)",
+    "eval": "a smaller TrainConfig.eval_prompts_per_batch",
+    "update": "smaller micro-batches (TrainConfig.completions_per_micro_batch), "
+    "make_model.remat='full', make_optimizer.mu_dtype='bfloat16', or LoRA (make_model.lora_rank)",
+    "reference": "smaller micro-batches (TrainConfig.completions_per_micro_batch)",
+    None: "a smaller state (LoRA, make_optimizer.mu_dtype='bfloat16') or more devices; "
+    "--dry_run prints what each device holds",
+}
+
+
+def _out_of_memory(error: Exception, last_checkpoint: int | None) -> OutOfMemory | None:
+    """An OutOfMemory for an XLA error that says it ran out of device memory, else None."""
+    if not isinstance(error, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in str(error):
+        return None
+    phase = profiling.failed_phase(error)
+    where = f"in the {phase} phase" if phase else "between phases"
+    said = str(error).strip().splitlines()[0][:160]
+    saved = "no checkpoint yet" if last_checkpoint is None else f"step {last_checkpoint}"
+    return OutOfMemory(
+        f"out of device memory {where} ({said}); try {_SHRINKS.get(phase, _SHRINKS[None])}; "
+        f"the last checkpoint: {saved}"
+    )
+
+
 class Preempted(Exception):
     """Raised after the SIGTERM checkpoint is on disk; the app exits with 128 + SIGTERM."""
 
@@ -698,6 +730,12 @@ def train(exp: Experiment, workdir: str, config_text: str | None = None) -> dict
         rt.checkpointer.wait_until_finished()
         if exp.train.export_dir:
             export_policy(exp, rt.state.params, rt.frozen_params, exp.train.export_dir)
+    except jax.errors.JaxRuntimeError as error:
+        rt.checkpointer.wait_until_finished()
+        out_of_memory = _out_of_memory(error, rt.checkpointer.latest_step())
+        if out_of_memory is None:
+            raise
+        raise out_of_memory from error
     finally:
         preemption.restore()
         rt.checkpointer.close()

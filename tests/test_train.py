@@ -24,6 +24,7 @@ from grpo import (
     configurables,
     evaluation,
     gather,
+    profiling,
     sampling,
     train,
 )
@@ -1045,6 +1046,44 @@ def test_a_diverged_update_stops_the_run_before_it_is_saved(tmp_path, length_rew
     saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert saved and max(saved) == step - 1  # tiny.gin saves every step
     assert f"the last checkpoint is step {step - 1}" in str(error.value)
+
+
+OUT_OF_MEMORY = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.50GiB.\nmore"
+
+
+def test_running_out_of_device_memory_names_the_phase_and_what_shrinks_it(
+    tmp_path, length_reward, monkeypatch
+):
+    def sample(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(OUT_OF_MEMORY)
+
+    monkeypatch.setattr(sampling, "sample", sample)
+    with pytest.raises(train.OutOfMemory) as error:
+        _train_in_process(tmp_path, "TrainConfig.eval_every_steps=0")
+    assert str(error.value) == (
+        "out of device memory in the rollout phase (RESOURCE_EXHAUSTED: Out of memory while "
+        "trying to allocate 9.50GiB.); try " + train._SHRINKS["rollout"] + "; the last "
+        "checkpoint: no checkpoint yet"
+    )
+    assert "make_sampling.max_new_tokens" in train._SHRINKS["rollout"]
+
+
+@pytest.mark.parametrize(
+    "phase, advice",
+    [("update", "TrainConfig.completions_per_micro_batch"), (None, "--dry_run prints")],
+)
+def test_out_of_memory_advice_follows_the_innermost_phase(phase, advice):
+    error = jax.errors.JaxRuntimeError(OUT_OF_MEMORY)
+    if phase:
+        with pytest.raises(jax.errors.JaxRuntimeError), profiling.Phase("eval"):
+            with profiling.Phase(phase):
+                raise error
+    message = str(train._out_of_memory(error, 7))
+    where = f"in the {phase} phase" if phase else "between phases"
+    assert message.startswith(f"out of device memory {where} (RESOURCE_EXHAUSTED")
+    assert advice in message and message.endswith("the last checkpoint: step 7")
+    other = jax.errors.JaxRuntimeError("INTERNAL: something else")
+    assert train._out_of_memory(other, 7) is None
 
 
 def _expansion_rows(n: int, first: int) -> list[dict]:
