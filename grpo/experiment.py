@@ -304,7 +304,12 @@ def check_writable_dir(path: str, knob: str) -> None:
     """ValueError unless `path` is a directory this process can write in, or can create: found
     at start, not when the run first saves (or exports, after the last step). Probed by making
     and removing an empty directory in it (or in its nearest existing ancestor), since
-    permission bits do not bind root."""
+    permission bits do not bind root. A URL (gs://...) is refused: the metrics, configs and
+    exports are written with plain file calls, which would make a local `gs:` folder."""
+    if "://" in path:
+        raise ValueError(
+            f"{knob}={path}: a URL; give a local path, or a bucket mounted as one (gcsfuse)"
+        )
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

@@ -309,6 +309,12 @@ def test_a_folder_that_refuses_writes_is_named(tmp_path, monkeypatch):
         experiment_lib.check_writable_dir(str(tmp_path / "new"), "--workdir")
 
 
+def test_a_url_is_refused_as_an_output_folder(tmp_path):
+    with pytest.raises(ValueError, match="--workdir=gs://bucket/run: a URL; give a local path"):
+        experiment_lib.check_writable_dir("gs://bucket/run", "--workdir")
+    assert not os.path.exists("gs:")
+
+
 def test_attention_kernels_are_refused_off_their_platform():
     tiny = lambda **kw: presets.preset("tiny-qwen2", **kw)
     check = configurables._check_attention_platform
