@@ -229,10 +229,13 @@ class MetricsWriter:
 
     def _eta(self, step: int) -> float | None:
         """The seconds the steps after `step` will take, at the pace since this process's
-        first write (so the first step's compile does not count), once there is a pace."""
+        first step's write (so its compile does not count; nor does a starting eval, step 0),
+        once there is a pace."""
         now = time.monotonic()
-        if self._first_write is None:
+        if self._first_write is None and step > 0:
             self._first_write = (now, step)
+        if self._first_write is None:
+            return None
         since, first_step = self._first_write
         if step <= first_step or step >= self._total_steps:
             return None

@@ -60,14 +60,21 @@ def test_format_step_line_full_and_partial():
 def test_the_line_ends_with_the_time_left_at_the_pace_since_the_first_step(
     tmp_path, caplog, monkeypatch
 ):
-    clock = iter([100.0, 112.0, 118.0, 124.0, 130.0])
+    clock = iter([50.0, 100.0, 112.0, 118.0, 124.0, 130.0])
     monkeypatch.setattr(metrics_lib.time, "monotonic", lambda: next(clock))
     with caplog.at_level(logging.INFO):
-        # A resumed run: its first step (4) compiled; then 12 s, 6 s, 6 s a step.
-        _write_steps(tmp_path, [4, 5, 6, 7, 310], total_steps=310)
+        # A starting eval (step 0), then step 1 compiled; then 12 s, 6 s, 6 s a step.
+        _write_steps(tmp_path, [0, 1, 2, 3, 4, 310], total_steps=310)
     ends = [line.rsplit(" | ", 1)[-1] for line in caplog.messages]
-    # 12 s x 305 steps left, 9 s x 304, 8 s x 303; none at the last step.
-    assert ends == ["reward 0.40", "eta 1h01m", "eta 45m36s", "eta 40m24s", "reward 31.00"]
+    # 12 s x 308 steps left, 9 s x 307, 8 s x 306; none at the last step.
+    assert ends == [
+        "reward 0.00",
+        "reward 0.10",
+        "eta 1h01m",
+        "eta 46m03s",
+        "eta 40m48s",
+        "reward 31.00",
+    ]
     assert format_step_line(3, 100, {}, eta_seconds=42.4) == "step 3/100 | eta 42s"
 
 
