@@ -5,8 +5,8 @@ checkpoint) as a named range and every step as a step (`Window.step`), so a `jax
 trace reads as the step loop does; the marks cost next to nothing while no trace runs. An
 error that leaves a phase remembers it (`failed_phase`), so the app can say where it failed.
 `Window` traces the steps `TrainConfig.profile_steps` names into the run's TensorBoard folder
-(`<workdir>/tensorboard/plugins/profile/<time>/<host>.xplane.pb`: TensorBoard's Profile tab,
-or Perfetto through xprof).
+(`<workdir>/tensorboard/plugins/profile/<time>/<host>.xplane.pb`, for TensorBoard's Profile tab
+or xprof).
 """
 
 from __future__ import annotations
