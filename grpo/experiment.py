@@ -19,6 +19,7 @@ from grpo import knobs, sharding
 from grpo.data.prompts import QUESTION, SYSTEM_PROMPT, check_question_template
 from grpo.models.config import ModelConfig
 from grpo.phases import reward as reward_phase
+from grpo.phases.advantage import AGGREGATIONS as REWARD_AGGREGATIONS
 from grpo.phases.advantage import SCALES as ADVANTAGE_SCALES
 from grpo.phases.rollout import SamplingConfig
 from grpo.phases.update import LossConfig
@@ -66,7 +67,10 @@ class TrainConfig:
     # groups (width buckets sort whole groups, by their longest completion); einsum or splash
     # attention (make_model.attention_impl not 'cudnn'). Same loss up to float summation order.
     shared_prompt_forward: bool = False
-    advantage_scale: str = "group"  # group | batch | none
+    advantage_scale: str = "group"  # group | batch | none | rloo
+    # sum_then_normalize: the advantage of the weighted reward total (GRPO); normalize_then_sum:
+    # each reward normalised within its group, then summed (GDPO; needs advantage_scale='group').
+    reward_aggregation: str = "sum_then_normalize"
     eval_every_steps: int = 10  # 0: no periodic eval (and none at the end)
     eval_at_start: bool = False  # also evaluate the starting policy (written as step 0)
     eval_examples: int | None = None  # None: the whole test split
@@ -225,6 +229,16 @@ class TrainConfig:
             raise ValueError(
                 f"advantage_scale must be one of {'|'.join(ADVANTAGE_SCALES)}, "
                 f"got {self.advantage_scale}"
+            )
+        if self.reward_aggregation not in REWARD_AGGREGATIONS:
+            raise ValueError(
+                f"TrainConfig.reward_aggregation must be one of {'|'.join(REWARD_AGGREGATIONS)}, "
+                f"got {self.reward_aggregation!r}"
+            )
+        if self.reward_aggregation == "normalize_then_sum" and self.advantage_scale != "group":
+            raise ValueError(
+                "TrainConfig.reward_aggregation='normalize_then_sum' normalises each reward within "
+                f"its group: it needs advantage_scale='group', not {self.advantage_scale!r}"
             )
 
     def _check_shared_prompt_forward(self) -> None:

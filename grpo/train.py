@@ -41,7 +41,7 @@ from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.phases import dynamic_sampling
 from grpo.phases import reward as reward_phase
-from grpo.phases.advantage import group_advantages
+from grpo.phases.advantage import decoupled_advantages, group_advantages
 from grpo.phases.rollout import trim_completions
 from grpo.phases.update import make_reference_logps_fn, make_update_fn
 from grpo.types import Batch, Rollout, TrainState
@@ -471,10 +471,7 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
     rollout, rewards = scored.rollout, scored.rewards
 
     with profiling.Phase("advantage", timings):
-        (rewards_B,) = sharding.shard_batch(exp.mesh, (rewards.total,))
-        advantages = group_advantages(
-            rewards_B, group_size=cfg.num_generations, scale=cfg.advantage_scale
-        )
+        advantages = _advantages(exp, rewards)
         batch = Batch.from_rollout(rollout, jax.block_until_ready(advantages))
 
     if rt.ref_logps_fn is not None:
@@ -501,6 +498,22 @@ def run_step(exp: Experiment, rt: Runtime, step: int) -> dict[str, Any]:
             logging.info("sample (reward %.2f): %r", value, text[:400])
         rt.metrics.write_completions(step, _completion_records(scored, advantages))
     return metrics
+
+
+def _advantages(exp: Experiment, rewards: reward_phase.RewardResult) -> jax.Array:
+    """The step's advantages, on the mesh: of the reward total, or (normalize_then_sum, GDPO)
+    of each term of it, normalised on its own and summed by its weight."""
+    cfg = exp.train
+    if cfg.reward_aggregation == "sum_then_normalize":
+        (rewards_B,) = sharding.shard_batch(exp.mesh, (rewards.total,))
+        return group_advantages(
+            rewards_B, group_size=cfg.num_generations, scale=cfg.advantage_scale
+        )
+    weights = exp.rewards.term_weights()
+    terms_BxF = np.stack([rewards.per_function[name] for name in weights], axis=1)
+    (terms_BxF,) = sharding.shard_batch(exp.mesh, (terms_BxF,))
+    weights_F = jnp.asarray(list(weights.values()), jnp.float32)
+    return decoupled_advantages(terms_BxF, weights_F, group_size=cfg.num_generations)
 
 
 def _completion_records(scored: _Scored, advantages_B: jax.Array) -> list[dict]:

@@ -49,6 +49,8 @@ def test_recipe_builds_valid_configs_on_the_reference_run(recipe, clean_gin):
         assert loss.aggregation == "seq_mean_token_sum_norm" and cfg.advantage_scale == "none"
     if "gspo" in recipe:  # the paper's four mini-batches per rollout
         assert cfg.updates_per_step == 4
+    if "gdpo" in recipe:  # each reward normalised in its group, then summed
+        assert cfg.reward_aggregation == "normalize_then_sum" and len(rewards.term_weights()) == 3
     if "cispo" in recipe:  # clipped, constant ratio weights; off-policy after the first update
         assert loss.objective == "cispo" and (loss.epsilon_low, loss.epsilon_high) == (1.0, 3.0)
         assert cfg.updates_per_step == 4

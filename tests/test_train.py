@@ -35,7 +35,7 @@ from grpo.data.gsm8k import load_examples
 from grpo.models import loading, presets, splash
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
-from grpo.phases import reward
+from grpo.phases import advantage, reward
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
@@ -401,6 +401,11 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(eval_temperature=0.0), "TrainConfig.eval_temperature must be > 0"),
         (dict(eval_temperature=0.6), "needs TrainConfig.eval_samples > 0"),  # else unused
         (dict(advantage_scale="std"), "advantage_scale must be one of group|batch|none|rloo"),
+        (dict(reward_aggregation="sum"), "reward_aggregation must be one of sum_then_normalize|"),
+        (
+            dict(reward_aggregation="normalize_then_sum", advantage_scale="batch"),
+            "it needs advantage_scale='group', not 'batch'",
+        ),
         (dict(max_prompt_tokens=1025), "max_prompt_tokens must be in [1, 1024]"),
         (dict(question_template="Solve: {q}"), "must hold {question} once"),
         (dict(extra_eval_sets=("a", "a")), "extra_eval_sets must be distinct gin scope names"),
@@ -1361,6 +1366,31 @@ def test_a_batched_reward_scores_each_step_in_one_call(tmp_path, monkeypatch):
     for row in rows:
         assert row["reward_mean"] == pytest.approx(0.5)  # ranks 0..7 over 7
         assert row["reward_failures/length"] == 0 and row["grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_normalize_then_sum_takes_each_rewards_own_group_advantage(tmp_path, length_reward):
+    # Two terms: the length reward (weight 1) and the overlong penalty (0.5), -length / 16 over
+    # the whole 16-token budget; a stop string ends replies at varied lengths.
+    _train_in_process(
+        tmp_path,
+        "TrainConfig.reward_aggregation='normalize_then_sum'",
+        "make_rewards.overlong_buffer=16",
+        "make_rewards.overlong_weight=0.5",
+        "make_sampling.stop_strings=('e',)",
+        "TrainConfig.num_steps=1",
+        "TrainConfig.eval_every_steps=0",
+        "TrainConfig.show_completions_every_steps=1",
+    )
+    records = metrics_lib.read_metrics(tmp_path / "completions.jsonl")
+    terms = np.array([[r["rewards"]["length"], r["rewards"]["overlong"]] for r in records])
+    expected = advantage.decoupled_advantages(
+        jnp.asarray(terms, jnp.float32), jnp.array([1.0, 0.5]), group_size=4
+    )
+    np.testing.assert_allclose([r["advantage"] for r in records], expected, rtol=1e-6)
+    assert np.std(terms[:, 1]) > 0  # both terms vary, so each counts
+    (row,) = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+    assert row["grad_norm"] > 0
 
 
 def test_a_run_without_test_examples_must_not_evaluate(length_reward):

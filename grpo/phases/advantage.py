@@ -2,7 +2,8 @@
 
 Rewards arrive grouped contiguously: rows i*n .. i*n+n-1 are the n samples of prompt i (the
 sampler repeats each prompt n times in a row). The spread is the *sample* standard deviation
-(ddof=1), as in TRL and verl (`torch.std`), so hand-computed values match theirs.
+(ddof=1), as in TRL and verl (`torch.std`), so hand-computed values match theirs. With several
+rewards, `decoupled_advantages` normalises each on its own before summing (GDPO).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import jax
 import jax.numpy as jnp
 
 SCALES = ("group", "batch", "none", "rloo")
+# How a total of several rewards becomes an advantage: GRPO normalises the weighted sum;
+# GDPO (`decoupled_advantages`) normalises each reward, then sums.
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 def group_advantages(
@@ -45,3 +49,19 @@ def group_advantages(
     # Flat groups (all groups when group_size == 1, where ddof=1 gives NaN) divide by 1 instead,
     # which keeps 0/0 and NaN out.
     return (centred_GxN / jnp.where(flat_Gx1, 1.0, std + eps)).reshape(batch)
+
+
+def decoupled_advantages(
+    rewards_BxF: jax.Array, weights_F: jax.Array, *, group_size: int, eps: float = 1e-4
+) -> jax.Array:
+    """GDPO's advantages for a total of several rewards (the columns, weighted by `weights_F`):
+    each reward normalised within its groups on its own, as `group_advantages` does, so one
+    reward's spread does not drown another's; their weighted sum, divided by its std over the
+    whole batch, so the scale does not grow with the number of rewards. fp32, shape (B,).
+
+    (GDPO also subtracts the sum's batch mean, which is 0 here by construction: each group's
+    normalised rewards sum to 0. Leaving it out keeps a group whose rewards are all equal at
+    exactly zero.)"""
+    per_reward = lambda r_B: group_advantages(r_B, group_size=group_size, scale="group", eps=eps)
+    summed_B = jax.vmap(per_reward, in_axes=1, out_axes=1)(rewards_BxF) @ weights_F
+    return summed_B / (jnp.std(summed_B, ddof=1) + eps)

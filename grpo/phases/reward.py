@@ -427,6 +427,16 @@ class RewardConfig:
         if self.length_reward_weight and LENGTH_REWARD in self.names:
             raise ValueError(f"RewardConfig: {LENGTH_REWARD!r} names the length reward")
 
+    def term_weights(self) -> dict[str, float]:
+        """The weight of each term of a reward total, by its name among the per-function
+        rewards: the functions', then the overlong penalty's and the length reward's when on."""
+        weights = dict(zip(self.names, self.weights, strict=True))
+        if self.overlong_buffer:
+            weights[OVERLONG] = self.overlong_weight
+        if self.length_reward_weight:
+            weights[LENGTH_REWARD] = self.length_reward_weight
+        return weights
+
 
 # --------------------------------------------------------------------------- time-limited calls
 

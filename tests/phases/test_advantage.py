@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo.phases.advantage import group_advantages
+from grpo.phases.advantage import decoupled_advantages, group_advantages
 
 # Two groups of 3: [0, 3, 6] (mean 3, sample std sqrt((9+0+9)/2) = 3) and a flat [1, 1, 1].
 REWARDS = jnp.array([0.0, 3.0, 6.0, 1.0, 1.0, 1.0])
@@ -73,3 +73,35 @@ def test_bad_arguments():
         group_advantages(REWARDS, group_size=4)
     with pytest.raises(ValueError, match="advantage scale must be one of"):
         group_advantages(REWARDS, group_size=3, scale="global")
+
+
+# Two groups of 2 and two rewards, weights (1, 0.5): group 1 differs in correctness alone, group
+# 2 in format alone. Summed first (GRPO), totals (1.5, 1) and (0.5, 0) both normalise to
+# +-1/sqrt(2). Each normalised alone (a pair's sample std is |a - b| / sqrt(2)), then weighted:
+# (1/sqrt(2), -1/sqrt(2), 0.5/sqrt(2), -0.5/sqrt(2)); their sample std is sqrt(1.25 / 3).
+CORRECTNESS_AND_FORMAT = jnp.array([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+WEIGHTS = jnp.array([1.0, 0.5])
+
+
+def test_decoupled_advantages_keep_each_rewards_weight():
+    got = decoupled_advantages(CORRECTNESS_AND_FORMAT, WEIGHTS, group_size=2, eps=0.0)
+    big, small = math.sqrt(6 / 5), math.sqrt(3 / 10)  # 0.5 / sqrt(5/12), 0.125 / ...
+    np.testing.assert_allclose(got, [big, -big, small, -small], rtol=1e-6)
+    summed = group_advantages(CORRECTNESS_AND_FORMAT @ WEIGHTS, group_size=2, eps=0.0)
+    np.testing.assert_allclose(summed, [0.5**0.5, -(0.5**0.5)] * 2, rtol=1e-6)  # collapsed
+
+
+def test_decoupled_advantages_of_one_reward_are_grpos_over_their_batch_std():
+    got = decoupled_advantages(REWARDS[:, None], jnp.array([2.0]), group_size=3)
+    weighted = 2.0 * group_advantages(REWARDS, group_size=3)
+    np.testing.assert_allclose(got, weighted / (jnp.std(weighted, ddof=1) + 1e-4), rtol=1e-6)
+
+
+def test_decoupled_advantages_of_equal_rewards_are_exact_zeros():
+    flat = jnp.array([[1.0, 0.3], [1.0, 0.3], [0.0, 0.7], [0.0, 0.7]])
+    got = decoupled_advantages(flat, WEIGHTS, group_size=2)
+    assert np.array_equal(got, np.zeros(4))
+    # A flat group beside a varied one stays exactly zero too.
+    mixed = flat.at[2, 0].set(1.0)
+    got = decoupled_advantages(mixed, WEIGHTS, group_size=2)
+    assert np.array_equal(got[:2], np.zeros(2)) and got[2] > 0 > got[3]

@@ -342,6 +342,11 @@ def test_overlong_penalty_joins_the_weighted_total():
     off = dataclasses.replace(config, overlong_buffer=0, overlong_weight=1.0)
     lengths = np.array([9, 9, 10])
     assert reward.add_overlong_penalty(result, lengths, rewards=off, max_length=10) is result
+    # Every term of the total, by its per-function name, with its weight (GDPO reads these).
+    assert config.term_weights() == {"correctness": 1.0, "overlong": 0.5}
+    both = dataclasses.replace(config, length_reward_weight=0.2)
+    assert list(both.term_weights().items())[-1] == ("length_reward", 0.2)
+    assert off.term_weights() == {"correctness": 1.0}
 
 
 def test_empty_batch():
