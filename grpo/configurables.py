@@ -31,6 +31,7 @@ from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
 from grpo.phases import reward, rollout, update
 from grpo.phases.stop_strings import StopStrings, token_bytes
 from grpo.sampling import encode_questions
+from grpo.train import check_state_fits
 
 # The factories check their arguments' types (grpo/knobs.py); the config classes check theirs.
 make_optimizer = gin.external_configurable(knobs.checked(optim.make_optimizer), "make_optimizer")
@@ -304,11 +305,14 @@ def _check_attention_platform(model: ModelConfig, platform: str) -> None:
         raise ValueError("make_model.attention_impl='splash' is a TPU kernel: on a GPU use 'cudnn'")
 
 
-def build_experiment(*, read_params: bool = True, eval_only: bool = False) -> Experiment:
+def build_experiment(
+    *, read_params: bool = True, eval_only: bool = False, trains: bool = True
+) -> Experiment:
     """Calls every factory (gin binds their arguments) and assembles the experiment. The
     weights are read (or initialised, which compiles) last, once the whole configuration has
     passed its checks; `read_params=False` (a dry run) leaves `params` None. `eval_only`: the
-    experiment only evaluates (main's --eval_only), so it needs test examples."""
+    experiment only evaluates (main's --eval_only), so it needs test examples. `trains`: it
+    will train (not --eval_only or --export_only), so its state must fit the devices."""
     train = TrainConfig()
     if train.best_export_dir and not train.eval_every_steps and not eval_only:
         raise ValueError(
@@ -384,6 +388,8 @@ def build_experiment(*, read_params: bool = True, eval_only: bool = False) -> Ex
         extra_eval_sets=extra_eval_sets,
     )
     check_batch_layout(experiment)
+    if trains and not eval_only:
+        check_state_fits(experiment)
     if read_params:
         experiment.params = bundle.read_params()
     return experiment

@@ -119,7 +119,9 @@ def main(argv: list[str]) -> None:
             check_writable_dir(FLAGS.workdir, "--workdir")
         parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
         experiment = configurables.build_experiment(
-            read_params=not FLAGS.dry_run, eval_only=FLAGS.eval_only
+            read_params=not FLAGS.dry_run,
+            eval_only=FLAGS.eval_only,
+            trains=not (FLAGS.eval_only or FLAGS.export_only),
         )
     except (ValueError, FileNotFoundError) as err:  # bad input: one line, before any compile
         logging.error("invalid configuration: %s", err)

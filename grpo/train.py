@@ -141,15 +141,38 @@ def held_memory_gb(exp: Experiment) -> dict[str, float]:
     return {name: sharding.gb_per_device(tree) for name, tree in held.items()}
 
 
+def _device_limit_gb() -> float | None:
+    """What JAX may use of a device, in GB: GPUs and TPUs say (on a GPU, the share
+    XLA_PYTHON_CLIENT_MEM_FRACTION sets); CPUs do not."""
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    return limit / 1e9 if limit else None
+
+
 def held_memory_line(exp: Experiment) -> str:
     """`held_memory_gb` as a log line, beside the device's memory where it says."""
     gb = held_memory_gb(exp)
-    parts = ", ".join(f"{name} {size:.3g}" for name, size in gb.items())
-    line = f"held per device (GB): {parts}; {sum(gb.values()):.3g} in all"
-    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-    if limit:  # GPUs and TPUs say (on a GPU, XLA_PYTHON_CLIENT_MEM_FRACTION's share); CPUs not
-        line += f" of the {limit / 1e9:.1f} JAX may use on a device"
+    line = f"held per device (GB): {_gb_parts(gb)}; {sum(gb.values()):.3g} in all"
+    if (limit := _device_limit_gb()) is not None:
+        line += f" of the {limit:.1f} JAX may use on a device"
     return line + ", before activations and the rollout's KV cache"
+
+
+def check_state_fits(exp: Experiment) -> None:
+    """ValueError when the state a training run holds throughout (`held_memory_gb`) is more
+    than a device's memory: found before the weights are read, not as an out-of-memory error
+    at the first step."""
+    limit, gb = _device_limit_gb(), held_memory_gb(exp)
+    if limit is not None and sum(gb.values()) > limit:
+        raise ValueError(
+            f"the run's state needs {sum(gb.values()):.3g} GB per device before any activation "
+            f"({_gb_parts(gb)}), more than the {limit:.3g} GB JAX may use on one; shrink it with "
+            "LoRA (make_model.lora_rank), make_optimizer.mu_dtype='bfloat16', or more devices "
+            "to shard it over (make_mesh.fsdp)"
+        )
+
+
+def _gb_parts(gb: dict[str, float]) -> str:
+    return ", ".join(f"{name} {size:.3g}" for name, size in gb.items())
 
 
 def _policy_params(rt: Runtime) -> Any:

@@ -274,6 +274,16 @@ def test_real_weights_are_read_once_every_check_has_passed(monkeypatch, length_r
             _experiment(real, unused, read_params=False)
     with pytest.raises(ValueError, match="do not split over dp x fsdp"):
         _experiment(real, "TrainConfig.completions_per_micro_batch=2")
+    # A device too small for the state alone (135M params and their Lion state in fp32, over
+    # tiny.gin's fsdp x tp = 4 shards), as a GPU would report it.
+    small_gpu = type("Gpu", (), {"memory_stats": lambda self: {"bytes_limit": 10**8}})()
+    with monkeypatch.context() as patch:
+        patch.setattr(jax, "local_devices", lambda: [small_gpu])
+        with pytest.raises(ValueError, match=r"needs 0.322 GB per device .*than the 0.1 GB JAX"):
+            _experiment(real)
+        # An eval or an export holds no optimizer state.
+        _experiment(real, eval_only=True, read_params=False)
+        _experiment(real, trains=False, read_params=False)
     assert not reads
     assert _experiment(real, read_params=False).params is None  # --dry_run
     assert not reads
@@ -465,14 +475,16 @@ def length_reward(monkeypatch):
     monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _length_reward)
 
 
-def _experiment(*bindings, read_params=True, eval_only=False):
+def _experiment(*bindings, read_params=True, eval_only=False, trains=True):
     """tiny.gin's experiment with the length reward and `bindings`, built as main builds it."""
     gin.clear_config()
     grpo_main.parse_gin(
         [TINY], ["make_rewards.names=('length',)", "make_rewards.weights=(1.0,)", *bindings], [REPO]
     )
     try:
-        return configurables.build_experiment(read_params=read_params, eval_only=eval_only)
+        return configurables.build_experiment(
+            read_params=read_params, eval_only=eval_only, trains=trains
+        )
     finally:
         gin.clear_config()
 
