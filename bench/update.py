@@ -252,10 +252,8 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
     # an argument.
     ref_params_gb = 0.0
     if loss.beta > 0 and frozen is None:
-        ref_itemsize = jnp.dtype(config.frozen_dtype).itemsize
-        ref_params_gb = (
-            sharding.gb_per_device(params) * ref_itemsize / jnp.dtype(config.param_dtype).itemsize
-        )
+        reference = jax.tree.map(lambda x: x.update(dtype=config.frozen_dtype), params)
+        ref_params_gb = sharding.gb_per_device(reference)
     # Live during the update: its arguments, outputs not aliased to donated arguments, its
     # temporaries, and the reference params.
     estimate = common.live_gb(memory)
