@@ -23,6 +23,8 @@ class Rollout:
     logps_BxC: jax.Array  # fp32 log-prob of each sampled token under the sampling policy
     lengths_B: jax.Array  # int32, number of True in completion_mask
     truncated_B: jax.Array  # bool, hit the token budget without an end token
+    # bool, True on the completion tokens a tool wrote (grpo.tools); None: the model wrote all
+    tool_mask_BxC: jax.Array | None = None
 
 
 @chex.dataclass
@@ -37,6 +39,7 @@ class Batch:
     advantages_B: jax.Array  # fp32
     truncated_B: jax.Array  # bool: the completion hit the token budget without an end token
     ref_logps_BxC: jax.Array | None = None  # frozen reference policy; None when beta == 0
+    tool_mask_BxC: jax.Array | None = None  # tokens a tool wrote: attended to, never trained on
 
     @classmethod
     def from_rollout(cls, rollout: Rollout, advantages_B: jax.Array) -> Batch:
@@ -49,6 +52,7 @@ class Batch:
             old_logps_BxC=rollout.logps_BxC,
             advantages_B=advantages_B,
             truncated_B=rollout.truncated_B,
+            tool_mask_BxC=rollout.tool_mask_BxC,
         )
 
 

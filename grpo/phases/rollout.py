@@ -140,7 +140,8 @@ class SamplingState:
     tokens_BxC: jax.Array  # int32, pad_id where not yet sampled or after the end token
     logps_BxC: jax.Array  # fp32
     done_B: jax.Array  # bool: has emitted an end id or completed a stop string
-    ends_B: jax.Array  # int32: the completion length once done, else the width
+    budget_B: jax.Array  # int32: the most tokens the row may sample (the width, unless given)
+    ends_B: jax.Array  # int32: the completion length once done, else its budget
     stops_BxS: jax.Array  # int32: each stop string's automaton state (S = 0 without any)
     seen_BxV: jax.Array  # bool: ids in the row so far, for the repetition penalty (V = 0 without)
     cache: tf.KVCache  # with shared_prompt_decode, the completions' slots alone
@@ -156,12 +157,16 @@ def generate(
     sampling: SamplingConfig,
     num_samples: int,
     mesh: Mesh | None = None,
+    budget_B: jax.Array | None = None,
 ) -> Rollout:
     """Samples `num_samples` completions per left-padded prompt; rows are group-contiguous.
 
     Output B = prompts x num_samples, completion width C = sampling.max_new_tokens. With a mesh
     (else the context mesh of `jax.set_mesh`, if any), the batch-shaped loop state is constrained
-    to the batch axes (params keep their sharding).
+    to the batch axes (params keep their sharding). `budget_B` (int32, one per output row) caps
+    each row's new tokens below C: a row that reaches its budget is truncated there, and one of
+    budget 0 samples nothing, so the loop runs only as long as the rows with budget left need
+    (the tool rounds continue some rows of a batch and not others).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -178,6 +183,9 @@ def generate(
             f"stop strings built for {sampling.stop.vocab_size} token ids, the model has "
             f"{model.vocab_size}"
         )
+    rows = np.shape(prompt_tokens_BxP)[0] * num_samples
+    if budget_B is not None and np.shape(budget_B) != (rows,):
+        raise ValueError(f"budget_B has shape {np.shape(budget_B)}, the output rows ({rows},)")
     if isinstance(prompt_mask_BxP, np.ndarray) and not prompt_mask_BxP[:, -1].all():
         raise ValueError("prompts must be left-padded and non-empty (last mask column all True)")
     return _generate(
@@ -189,6 +197,7 @@ def generate(
         sampling=sampling,
         num_samples=num_samples,
         mesh=mesh,
+        budget_B=budget_B,
     )
 
 
@@ -203,6 +212,7 @@ def _generate(
     sampling: SamplingConfig,
     num_samples: int,
     mesh: Mesh | None,
+    budget_B: jax.Array | None = None,
 ) -> Rollout:
     # Cast once, not once per decode step; forward's own casts are then no-ops (same numerics).
     # Split the layers once too (fused with the cast): the decode step then reads each layer's
@@ -233,6 +243,9 @@ def _generate(
         for x in (prompt_tokens_BxP, prompt_mask_BxP)
     )
     prompt_len_B = prompt_mask_BxP.sum(axis=1, dtype=jnp.int32)
+    if budget_B is None:
+        budget_B = jnp.full((batch,), width, jnp.int32)
+    budget_B = sharding.constrain(jnp.minimum(budget_B.astype(jnp.int32), width), ("batch",), mesh)
 
     state = SamplingState(
         step=jnp.zeros((), jnp.int32),
@@ -240,7 +253,8 @@ def _generate(
         tokens_BxC=jnp.full((batch, width), sampling.pad_id, jnp.int32),
         logps_BxC=jnp.zeros((batch, width), jnp.float32),
         done_B=jnp.zeros((batch,), bool),
-        ends_B=jnp.full((batch,), width, jnp.int32),
+        budget_B=budget_B,
+        ends_B=budget_B,
         stops_BxS=jnp.zeros((batch, len(sampling.stop.strings) if sampling.stop else 0), jnp.int32),
         seen_BxV=_ids_seen(prompt_tokens_BxP, prompt_mask_BxP, model.vocab_size, sampling, mesh),
         cache=cache,
@@ -263,7 +277,7 @@ def _generate(
         return _record(state.replace(cache=cache), logits_BxV, rng, sampling, mesh)
 
     def decode_until(end: int, state: SamplingState, prompt_len_B: jax.Array) -> SamplingState:
-        not_done = lambda state: (state.step < end) & ~jnp.all(state.done_B)
+        not_done = lambda state: (state.step < end) & ~jnp.all(_stopped(state))
         step = lambda state: decode_step(state, prompt_len_B)
         return jax.lax.while_loop(not_done, step, state)
 
@@ -294,7 +308,7 @@ def _on_live_rows(decode, grow, state: SamplingState, prompt_len_B: jax.Array, s
     incoming cache as a read-only operand, so a loop over it in place would copy it whole
     first (XLA's GPU compile did, for the all-rows branch: a second full cache at the peak)."""
     per_shard = state.done_B.shape[0] // shards
-    done_SxR = state.done_B.reshape(shards, per_shard)
+    done_SxR = _stopped(state).reshape(shards, per_shard)
     order_SxR = jnp.argsort(done_SxR, axis=1, stable=True)
     live = jnp.max(jnp.sum(~done_SxR, axis=1))
     widths = compaction_widths(per_shard)
@@ -380,6 +394,11 @@ def _per_sample(cache: tf.KVCache, repeat) -> tf.KVCache:
     )
 
 
+def _stopped(state: SamplingState) -> jax.Array:
+    """bool [B]: the row samples no more (it ended, or used its budget)."""
+    return state.done_B | (state.step >= state.budget_B)
+
+
 def _record(
     state: SamplingState,
     logits_BxV: jax.Array,
@@ -393,12 +412,14 @@ def _record(
     # Every row on every device first (the vocabulary-split logits reduce to that cheaply); asked
     # for rows split like the batch, XLA:TPU moves a [rows, vocab] index array per step instead.
     token_B, logp_B = (sharding.constrain(x, (None,), mesh) for x in (token_B, logp_B))
-    token_B = jnp.where(state.done_B, sampling.pad_id, token_B)
-    logp_B = jnp.where(state.done_B, 0.0, logp_B)
-    ends_here_B, stops_BxS = _is_end(token_B, sampling.end_ids), state.stops_BxS
+    stopped_B = _stopped(state)
+    token_B = jnp.where(stopped_B, sampling.pad_id, token_B)
+    logp_B = jnp.where(stopped_B, 0.0, logp_B)
+    ends_here_B = _is_end(token_B, sampling.end_ids) & ~stopped_B
+    stops_BxS = state.stops_BxS
     if sampling.stop is not None:
-        stops_BxS, stopped_B = sampling.stop.advance(stops_BxS, token_B)
-        ends_here_B |= stopped_B
+        stops_BxS, completed_B = sampling.stop.advance(stops_BxS, token_B)
+        ends_here_B |= completed_B & ~stopped_B
     write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=state.step, axis=1)
     new = state.replace(
         step=state.step + 1,
@@ -406,7 +427,7 @@ def _record(
         tokens_BxC=write(state.tokens_BxC, token_B[:, None]),
         logps_BxC=write(state.logps_BxC, logp_B[:, None]),
         done_B=state.done_B | ends_here_B,
-        ends_B=jnp.where(ends_here_B & ~state.done_B, state.step + 1, state.ends_B),
+        ends_B=jnp.where(ends_here_B, state.step + 1, state.ends_B),
         stops_BxS=stops_BxS,
         seen_BxV=state.seen_BxV | _one_hot_like(state.seen_BxV, token_B),
     )
@@ -542,6 +563,7 @@ def _constrain_state(state: SamplingState, mesh: Mesh | None) -> SamplingState:
         tokens_BxC=sharding.constrain(state.tokens_BxC, ("batch", None), mesh),
         logps_BxC=sharding.constrain(state.logps_BxC, ("batch", None), mesh),
         done_B=sharding.constrain(state.done_B, ("batch",), mesh),
+        budget_B=sharding.constrain(state.budget_B, ("batch",), mesh),
         ends_B=sharding.constrain(state.ends_B, ("batch",), mesh),
         stops_BxS=sharding.constrain(state.stops_BxS, ("batch", None), mesh),
         seen_BxV=sharding.constrain(state.seen_BxV, (None, "unembed_vocab"), mesh),
@@ -591,4 +613,5 @@ def trim_completions(rollout: Rollout, buckets: Sequence[int]) -> Rollout:
         completion_tokens_BxC=rollout.completion_tokens_BxC[:, :keep],
         completion_mask_BxC=rollout.completion_mask_BxC[:, :keep],
         logps_BxC=rollout.logps_BxC[:, :keep],
+        tool_mask_BxC=None if rollout.tool_mask_BxC is None else rollout.tool_mask_BxC[:, :keep],
     )

@@ -447,6 +447,63 @@ def test_end_tokens_mask_pad_and_flag_truncation(params, prompts):
     assert (ended.logps_BxC[mask] < 0).all()
 
 
+@pytest.mark.parametrize(
+    "sampling",
+    [GREEDY_NO_END, dataclasses.replace(GREEDY_NO_END, decode_segments=4, compact_rows=True)],
+    ids=["one-loop", "compacted"],
+)
+def test_row_budgets_cut_rows_and_a_zero_budget_samples_nothing(params, prompts, sampling):
+    free = _generate(params, prompts, GREEDY_NO_END, num_samples=1)
+    budget = np.array([0, 3, WIDTH, 5], np.int32)
+    tokens, mask = prompts
+    cut = ro.generate(
+        params,
+        tokens,
+        mask,
+        jax.random.key(1),
+        model=CONFIG,
+        sampling=sampling,
+        num_samples=1,
+        budget_B=budget,
+    )
+    cut = jax.tree.map(np.asarray, cut)
+    kept = np.arange(WIDTH)[None, :] < budget[:, None]
+    np.testing.assert_array_equal(cut.lengths_B, budget)
+    np.testing.assert_array_equal(cut.completion_mask_BxC, kept)
+    np.testing.assert_array_equal(
+        cut.completion_tokens_BxC, np.where(kept, free.completion_tokens_BxC, sampling.pad_id)
+    )
+    np.testing.assert_allclose(cut.logps_BxC, np.where(kept, free.logps_BxC, 0.0), atol=1e-5)
+    assert cut.truncated_B.all()  # no end token: every row stopped at its budget
+
+    # A row that ends before its budget ends there, not truncated.
+    end = int(free.completion_tokens_BxC[1, 1])
+    ended = ro.generate(
+        params,
+        tokens,
+        mask,
+        jax.random.key(1),
+        model=CONFIG,
+        sampling=dataclasses.replace(sampling, end_ids=(end,)),
+        num_samples=1,
+        budget_B=budget,
+    )
+    assert int(ended.lengths_B[1]) == 2 and not bool(ended.truncated_B[1])
+    with pytest.raises(
+        ValueError, match=re.escape("budget_B has shape (3,), the output rows (4,)")
+    ):
+        ro.generate(
+            params,
+            tokens,
+            mask,
+            jax.random.key(1),
+            model=CONFIG,
+            sampling=sampling,
+            num_samples=1,
+            budget_B=budget[:3],
+        )
+
+
 def test_stop_strings_end_rows_where_their_text_first_holds_one(params, prompts):
     # Token i reads "<i>" here, so "<a><b>" appears exactly where a is followed by b. A row
     # stops on that b and keeps what it drew before: each row's draws depend on its own logits
