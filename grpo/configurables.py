@@ -16,7 +16,7 @@ import jax
 from absl import logging
 
 import gin
-from grpo import knobs, optim, sharding
+from grpo import knobs, optim, sharding, tools
 from grpo.data import gsm8k
 from grpo.experiment import (
     MAIN_SET,
@@ -41,6 +41,7 @@ make_lr_schedule = gin.external_configurable(
 make_mesh = gin.external_configurable(knobs.checked(sharding.make_mesh), "make_mesh")
 make_loss = gin.external_configurable(update.LossConfig, "make_loss")
 make_rewards = gin.external_configurable(reward.RewardConfig, "make_rewards")
+make_tools = gin.external_configurable(tools.ToolConfig, "make_tools")
 TrainConfig = gin.external_configurable(TrainConfig, "TrainConfig")
 
 
@@ -166,7 +167,7 @@ def make_dataset(
     return load(train_split, num_train), load(test_split, num_test)
 
 
-@gin.configurable(denylist=["token_bytes"])
+@gin.configurable(denylist=["token_bytes", "tool_stops"])
 @knobs.checked
 def make_sampling(
     *,
@@ -183,14 +184,17 @@ def make_sampling(
     shared_prompt_decode: bool = False,
     compact_rows: bool = False,
     token_bytes: Callable[[], list[bytes]] | None = None,
+    tool_stops: tuple[str, ...] = (),
 ) -> rollout.SamplingConfig:
     """`token_bytes` (the run's, not a gin knob): each token id's bytes in a reply's text, for
-    the stop strings' automata."""
+    the stop strings' automata. `tool_stops` (the tools', not a gin knob): the tags that close
+    a tool call, stop strings too."""
     stop = None
-    if stop_strings:
+    strings = tuple(dict.fromkeys((*stop_strings, *tool_stops)))
+    if strings:
         if token_bytes is None:
             raise ValueError("make_sampling.stop_strings needs the tokenizer's token bytes")
-        stop = StopStrings.build(stop_strings, token_bytes())
+        stop = StopStrings.build(strings, token_bytes())
     return rollout.SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -330,6 +334,7 @@ def build_experiment(
     lr_schedule = make_lr_schedule(train.num_steps * train.updates_per_step)
     tx = make_optimizer(lr_schedule)
     rewards = make_rewards()
+    tool_config = make_tools()
     bundle = make_model()
     _check_attention_platform(bundle.config, mesh.devices.flat[0].platform)
     if train.shared_prompt_forward:
@@ -347,6 +352,7 @@ def build_experiment(
         end_ids=end_ids,
         pad_id=pad_id,
         token_bytes=lambda: token_bytes(bundle.tokenizer, bundle.config.vocab_size),
+        tool_stops=tool_config.close_tags,
     )
     if rewards.overlong_buffer > sampling.max_new_tokens:
         raise ValueError(
@@ -372,6 +378,10 @@ def build_experiment(
     )
     stops = f", stop strings {sampling.stop.strings}" if sampling.stop else ""
     logging.info("end ids %s, pad id %d%s", end_ids, pad_id, stops)
+    if tool_config.names:
+        logging.info(
+            "tools %s, up to %d calls per completion", tool_config.names, tool_config.max_calls
+        )
     experiment = Experiment(
         model=bundle.config,
         params=None,
@@ -386,6 +396,7 @@ def build_experiment(
         mesh=mesh,
         train=train,
         extra_eval_sets=extra_eval_sets,
+        tools=tool_config if tool_config.names else None,
     )
     check_batch_layout(experiment)
     if trains and not eval_only:

@@ -154,7 +154,7 @@ def _eval_replies(
         padded = chunk + [chunk[-1]] * (per_batch - len(chunk))
         mine = padded[index * per_batch // procs : (index + 1) * per_batch // procs]
         key = jax.random.fold_in(jax.random.key(0), start)  # the same draws at every eval
-        rollout, local_texts = sampling.sample(exp, params, mine, key, sampler, samples)
+        rollout, local_texts, *_ = sampling.sample(exp, params, mine, key, sampler, samples)
         correct = check_answers(cfg, local_texts, [e for e in mine for _ in range(samples)])
         rows = len(chunk) * samples  # the padding's replies are dropped
         for column, values in zip(

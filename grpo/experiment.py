@@ -23,6 +23,7 @@ from grpo.phases.advantage import AGGREGATIONS as REWARD_AGGREGATIONS
 from grpo.phases.advantage import SCALES as ADVANTAGE_SCALES
 from grpo.phases.rollout import SamplingConfig
 from grpo.phases.update import LossConfig
+from grpo.tools import ToolConfig
 
 # With extra train sets, each train example names its set under this key ("main": the
 # make_dataset one), and the step reports reward_mean/<set> and accuracy/<set>.
@@ -353,6 +354,7 @@ class Experiment:
     train: TrainConfig
     # name -> test examples, evaluated beside test_examples (TrainConfig.extra_eval_sets)
     extra_eval_sets: dict[str, Sequence[dict]] = dataclasses.field(default_factory=dict)
+    tools: ToolConfig | None = None  # what completions may call (grpo.tools); None: no tools
 
 
 def effective_batch_lines(exp: Experiment) -> list[str]:

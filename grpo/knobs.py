@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
+import importlib
 import inspect
 import numbers
 import types
@@ -100,3 +101,16 @@ def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def import_function(name: str, what: str) -> Callable[..., Any]:
+    """The function `module:function` names (the module importable on every host); ValueError
+    naming `what` it was for otherwise."""
+    module_name, _, attribute = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"cannot import {what} {name!r}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"{what} {name!r} is a {type(fn).__name__}, not a function")
+    return fn

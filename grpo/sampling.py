@@ -1,10 +1,12 @@
 """Host glue around the rollout phase: examples -> chat-template prompts -> tokens on the mesh
--> `generate` -> decoded replies. Shared by the training step and the eval."""
+-> `generate` -> decoded replies, with the tools' rounds when the run has tools (grpo.tools).
+Shared by the training step and the eval."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -48,6 +50,13 @@ def decode(exp: Experiment, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
     ]
 
 
+class Sampled(NamedTuple):
+    rollout: Rollout  # global
+    texts: list[str]  # this process's replies
+    tool_calls: np.ndarray  # int32, this process's rows: the tool calls each reply made
+    tool_errors: np.ndarray  # int32, this process's rows: those of its calls that failed
+
+
 def sample(
     exp: Experiment,
     params: Any,
@@ -55,9 +64,9 @@ def sample(
     key: jax.Array,
     sampler: SamplingConfig,
     samples: int,
-) -> tuple[Rollout, list[str]]:
-    """Rollout of `samples` completions per example under `sampler` (rows group-contiguous);
-    returns the global Rollout and this process's texts.
+) -> Sampled:
+    """Rollout of `samples` completions per example under `sampler` (rows group-contiguous),
+    the completions going on through tool calls when the run has tools (`_tool_rounds`).
 
     Each prompt is prefilled once and its cache shared by its samples when the global prompt
     count divides over the batch axes; otherwise the prompts are repeated here, one row each.
@@ -76,9 +85,151 @@ def sample(
         num_samples=samples // repeat,
         mesh=exp.mesh,
     )
+    if exp.tools is not None:
+        return _tool_rounds(exp, params, rollout, key, sampler)
     texts = decode(
         exp,
         gather.local_rows(rollout.completion_tokens_BxC),
         gather.local_rows(rollout.completion_mask_BxC),
     )
-    return rollout, texts
+    no_calls = np.zeros(len(texts), np.int32)
+    return Sampled(rollout, texts, no_calls, no_calls)
+
+
+@dataclasses.dataclass
+class _Reply:
+    """One completion written over tool rounds (host side)."""
+
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logps: list[float] = dataclasses.field(default_factory=list)
+    by_tool: list[bool] = dataclasses.field(default_factory=list)
+    call: tuple[str, str | None] | None = None  # a call the next round answers
+    calls: int = 0
+    errors: int = 0
+    truncated: bool = False
+
+    def extend(self, tokens: Sequence[int], logps: Sequence[float], by_tool: bool) -> None:
+        self.tokens += list(tokens)
+        self.logps += list(logps)
+        self.by_tool += [by_tool] * len(tokens)
+
+
+def _tool_rounds(
+    exp: Experiment, params: Any, first: Rollout, key: jax.Array, sampler: SamplingConfig
+) -> Sampled:
+    """Runs the calls `first`'s replies end with, appends the results, samples on from there,
+    and so on until no reply calls a tool (each at most `max_calls` times).
+
+    Every round after the first prefills each reply's prompt and completion so far, left-padded
+    to one width (the first round's prompt width plus the token budget: one compile), and
+    samples only the replies with a call answered and budget left (`generate`'s `budget_B`: the
+    others sample nothing). The budget `max_new_tokens` counts the model's and the tools'
+    tokens together; a tool result that does not fit is cut, and the reply truncated there."""
+    tools, budget = exp.tools, sampler.max_new_tokens
+    prompt_tokens = gather.local_rows(first.prompt_tokens_BxP)
+    prompts = [
+        row[m].tolist()
+        for row, m in zip(prompt_tokens, gather.local_rows(first.prompt_mask_BxP), strict=True)
+    ]
+    replies = [_Reply() for _ in prompts]
+    latest = first
+    for round_index in range(tools.max_calls + 1):
+        _take_round(exp, replies, latest)
+        going = _answer_calls(exp, replies, budget)
+        if round_index == tools.max_calls or not gather.all_rows(np.array([len(going)])).sum():
+            break
+        contexts = [
+            prompts[i] + replies[i].tokens if i in going else [sampler.pad_id]
+            for i in range(len(replies))
+        ]
+        tokens, mask = pad_prompts(
+            contexts, pad_id=sampler.pad_id, buckets=[prompt_tokens.shape[1] + budget]
+        )
+        room = np.array(
+            [budget - len(replies[i].tokens) if i in going else 0 for i in range(len(replies))],
+            np.int32,
+        )
+        tokens, mask, room = sharding.shard_batch(exp.mesh, (tokens, mask, room))
+        latest = generate(
+            params,
+            tokens,
+            mask,
+            jax.random.fold_in(key, round_index + 1),
+            model=exp.model,
+            sampling=sampler,
+            num_samples=1,
+            mesh=exp.mesh,
+            budget_B=room,
+        )
+    return _assembled(exp, first, replies, sampler)
+
+
+def _take_round(exp: Experiment, replies: list[_Reply], rollout: Rollout) -> None:
+    """Appends each reply's tokens from a round (replies not sampled in it got none) and notes
+    the call its text ends with, if it may make one more."""
+    tokens, lengths, logps, truncated = (
+        gather.local_rows(x)
+        for x in (
+            rollout.completion_tokens_BxC,
+            rollout.lengths_B,
+            rollout.logps_BxC,
+            rollout.truncated_B,
+        )
+    )
+    for reply, row, length, row_logps, cut in zip(
+        replies, tokens, lengths, logps, truncated, strict=True
+    ):
+        if not length:
+            continue
+        reply.extend(row[:length].tolist(), row_logps[:length].tolist(), by_tool=False)
+        text = exp.tokenizer.decode(row[:length].tolist(), skip_special_tokens=True)
+        call = exp.tools.find_call(text)
+        reply.call = call if call is not None and reply.calls < exp.tools.max_calls else None
+        reply.truncated = bool(cut) and call is None
+
+
+def _answer_calls(exp: Experiment, replies: list[_Reply], budget: int) -> set[int]:
+    """Runs the pending calls, appends their results (cut to the budget); returns the replies
+    that go on sampling."""
+    asked = [i for i, reply in enumerate(replies) if reply.call is not None]
+    results = exp.tools.run([replies[i].call for i in asked])
+    going = set()
+    for i, (text, failed) in zip(asked, results, strict=True):
+        reply = replies[i]
+        reply.call, reply.calls, reply.errors = None, reply.calls + 1, reply.errors + failed
+        result = exp.tokenizer.encode(text, add_special_tokens=False)
+        room = budget - len(reply.tokens)
+        reply.extend(result[:room], [0.0] * min(len(result), room), by_tool=True)
+        if len(result) < room:
+            going.add(i)
+        else:
+            reply.truncated = True
+    return going
+
+
+def _assembled(
+    exp: Experiment, first: Rollout, replies: list[_Reply], sampler: SamplingConfig
+) -> Sampled:
+    """The replies as a global Rollout (the first round's prompts), right-padded to the budget."""
+    rows, budget = len(replies), sampler.max_new_tokens
+    tokens = np.full((rows, budget), sampler.pad_id, np.int32)
+    logps = np.zeros((rows, budget), np.float32)
+    by_tool = np.zeros((rows, budget), bool)
+    for row, reply in enumerate(replies):
+        n = len(reply.tokens)
+        tokens[row, :n], logps[row, :n], by_tool[row, :n] = reply.tokens, reply.logps, reply.by_tool
+    lengths = np.array([len(reply.tokens) for reply in replies], np.int32)
+    local = Rollout(
+        prompt_tokens_BxP=gather.local_rows(first.prompt_tokens_BxP),
+        prompt_mask_BxP=gather.local_rows(first.prompt_mask_BxP),
+        completion_tokens_BxC=tokens,
+        completion_mask_BxC=np.arange(budget)[None, :] < lengths[:, None],
+        logps_BxC=logps,
+        lengths_B=lengths,
+        truncated_B=np.array([reply.truncated for reply in replies]),
+        tool_mask_BxC=by_tool,
+    )
+    texts = [exp.tokenizer.decode(r.tokens, skip_special_tokens=True) for r in replies]
+    calls = np.array([reply.calls for reply in replies], np.int32)
+    errors = np.array([reply.errors for reply in replies], np.int32)
+    return Sampled(sharding.shard_batch(exp.mesh, local), texts, calls, errors)

@@ -350,7 +350,20 @@ def _rollout_metrics(scored: _Scored, group: int) -> dict:
         metrics[f"reward_failures/{name}"] = int(gather.all_rows(np.array([count])).sum())
     if SOURCE in scored.examples[0]:
         metrics.update(_per_set_metrics(scored, total, correct.reshape(-1)))
+    if scored.tool_calls is not None:
+        metrics.update(_tool_metrics(scored.tool_calls, scored.tool_errors))
     return metrics
+
+
+def _tool_metrics(local_calls: np.ndarray, local_errors: np.ndarray) -> dict[str, float]:
+    """Tool calls per completion, the fraction of completions that made one, and the fraction
+    of calls that failed (every process's rows)."""
+    calls, errors = gather.all_rows(local_calls), gather.all_rows(local_errors)
+    return {
+        "tool_calls_mean": calls.mean(),
+        "tool_call_rate": (calls > 0).mean(),
+        "tool_error_rate": errors.sum() / max(calls.sum(), 1),
+    }
 
 
 def _per_set_metrics(scored: _Scored, total: np.ndarray, correct: np.ndarray) -> dict[str, float]:
@@ -378,6 +391,8 @@ class _Scored:
     lengths: np.ndarray  # float32: every process's completion lengths, in batch order
     sampled_tokens: int  # completion tokens sampled for the step, every round together
     rounds: int = 1
+    tool_calls: np.ndarray | None = None  # int32 per row: the tool calls it made (with tools)
+    tool_errors: np.ndarray | None = None  # int32 per row: those that failed
 
 
 def _rollout_and_score(
@@ -389,10 +404,9 @@ def _rollout_and_score(
         examples = next(rt.stream)
         indices = rt.stream.last_indices
         params = _policy_params(rt)
-        rollout, texts = sampling.sample(
-            exp, params, examples, key, exp.sampling, cfg.num_generations
-        )
-        rollout = jax.block_until_ready(trim_completions(rollout, cfg.completion_buckets))
+        sampled = sampling.sample(exp, params, examples, key, exp.sampling, cfg.num_generations)
+        rollout = jax.block_until_ready(trim_completions(sampled.rollout, cfg.completion_buckets))
+        texts = sampled.texts
 
     with profiling.Phase("reward", timings):
         local_examples = [e for e in examples for _ in range(cfg.num_generations)]
@@ -410,6 +424,7 @@ def _rollout_and_score(
             rewards, local_lengths, correct, rewards=exp.rewards, group_size=cfg.num_generations
         )
     lengths = gather.all_rows(rollout.lengths_B).astype(np.float32)
+    with_tools = exp.tools is not None
     return _Scored(
         rollout,
         rewards,
@@ -417,8 +432,18 @@ def _rollout_and_score(
         texts,
         local_examples,
         lengths,
-        sampled_tokens=int(lengths.sum()),
+        sampled_tokens=int(lengths.sum()) - _tool_tokens(rollout),
+        tool_calls=sampled.tool_calls if with_tools else None,
+        tool_errors=sampled.tool_errors if with_tools else None,
     )
+
+
+def _tool_tokens(rollout: Rollout) -> int:
+    """How many of the rollout's completion tokens the tools wrote (the model sampled the rest)."""
+    if rollout.tool_mask_BxC is None:
+        return 0
+    local = gather.local_rows(rollout.tool_mask_BxC).sum()
+    return int(gather.all_rows(np.array([local])).sum())
 
 
 def _retire_solved(
@@ -448,6 +473,8 @@ def _dynamic_sampling(
             "total": scored.rewards.total,
             "per_function": scored.rewards.per_function,
             "correct": scored.correct,
+            "tool_calls": scored.tool_calls,
+            "tool_errors": scored.tool_errors,
         }
         scores.append(jax.tree.map(gather.all_rows, local_scores))
         totals = np.concatenate([score["total"] for score in scores])
@@ -479,6 +506,8 @@ def _dynamic_sampling(
         lengths=pool.lengths_B[rows].astype(np.float32),
         sampled_tokens=sum(r.sampled_tokens for r in rounds),
         rounds=len(rounds),
+        tool_calls=kept["tool_calls"],
+        tool_errors=kept["tool_errors"],
     )
 
 
@@ -559,6 +588,7 @@ def _completion_records(scored: _Scored, advantages_B: jax.Array) -> list[dict]:
             "length": int(lengths[i]),
             "truncated": bool(truncated[i]),
             **({"set": example[SOURCE]} if SOURCE in example else {}),
+            **({"tool_calls": int(scored.tool_calls[i])} if scored.tool_calls is not None else {}),
         }
         for i, (text, example) in enumerate(zip(scored.texts, scored.examples, strict=True))
     ]

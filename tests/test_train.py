@@ -1165,13 +1165,13 @@ def test_math_style_data_trains_with_math_verify_answers(tmp_path, monkeypatch):
     sample = sampling.sample
 
     def answering_sample(exp, params, examples, key, sampling, samples):
-        rollout, texts = sample(exp, params, examples, key, sampling, samples)
+        sampled = sample(exp, params, examples, key, sampling, samples)
         finals = [reward.extract_reference_answer(e["answer"]) for e in examples]
         replies = [
             f"<answer>{_reordered(finals[i // samples]) if i % 2 == 0 else 'x^2+1'}</answer>"
-            for i in range(len(texts))
+            for i in range(len(sampled.texts))
         ]
-        return rollout, replies
+        return sampled._replace(texts=replies)
 
     monkeypatch.setattr(sampling, "sample", answering_sample)
     _train_in_process(

@@ -60,4 +60,7 @@ def concat_rollouts(rollouts: Sequence[Rollout], *, pad_id: int) -> Rollout:
         logps_BxC=stack("logps_BxC", completion_width, 0.0, left=False),
         lengths_B=np.concatenate([np.asarray(r.lengths_B) for r in rollouts]),
         truncated_B=np.concatenate([np.asarray(r.truncated_B) for r in rollouts]),
+        tool_mask_BxC=None
+        if rollouts[0].tool_mask_BxC is None
+        else stack("tool_mask_BxC", completion_width, False, left=False),
     )

@@ -358,7 +358,7 @@ def get_reward_fn(name: str) -> RewardFn:
     `my_rewards:brevity`, the module importable on every host) that function; ValueError with
     the reason otherwise."""
     if ":" in name:
-        return _import_reward_fn(name)
+        return knobs.import_function(name, "reward function")
     try:
         return REWARD_FUNCTIONS[name]
     except KeyError:
@@ -366,17 +366,6 @@ def get_reward_fn(name: str) -> RewardFn:
         raise ValueError(
             f"unknown reward function {name!r}; valid: {valid}, or module:function"
         ) from None
-
-
-def _import_reward_fn(name: str) -> RewardFn:
-    module_name, _, attribute = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"cannot import reward function {name!r}: {e}") from None
-    if not callable(fn):
-        raise ValueError(f"reward function {name!r} is a {type(fn).__name__}, not a function")
-    return fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,6 +548,16 @@ def _settle(
     if call.started_at is None and pool.live_workers() == 0 and call.future.cancel():
         return 0.0, "not run: every reward worker is stuck on an earlier call"
     return None
+
+
+def run_guarded(
+    fn: Callable[..., Any], arg_tuples: Sequence[tuple[Any, ...]], timeout_s: float
+) -> list[tuple[Any, str | None]]:
+    """`fn(*args)` for each of `arg_tuples` on the reward workers, each under `timeout_s`:
+    (its value, None), or (None, why) where it raised or overran. For host calls that must not
+    stop or stall the run (the tools' too)."""
+    outcomes = _run_with_timeouts([_Call(fn, args) for args in arg_tuples], timeout_s, _POOL)
+    return [(None, reason) if reason else (value, None) for value, reason in outcomes]
 
 
 def _run_with_timeouts(

@@ -352,6 +352,7 @@ _COMPLETION_FIELDS = (
     "completion_mask_BxC",
     "old_logps_BxC",
     "ref_logps_BxC",
+    "tool_mask_BxC",
 )
 
 
@@ -427,10 +428,14 @@ def _padded_to(x_bxW: jax.Array, width: int) -> jax.Array:
 
 
 def loss_mask(batch: Batch, *, config: LossConfig) -> jax.Array:
-    """The tokens the loss counts: the completions' own, less truncated completions if masked."""
-    if not config.mask_truncated_completions:
-        return batch.completion_mask_BxC
-    return batch.completion_mask_BxC & ~batch.truncated_B[:, None]
+    """The tokens the loss counts: the completions' own, less the tools' (the policy did not
+    sample those), less truncated completions if masked."""
+    mask_BxC = batch.completion_mask_BxC
+    if batch.tool_mask_BxC is not None:
+        mask_BxC = mask_BxC & ~batch.tool_mask_BxC
+    if config.mask_truncated_completions:
+        mask_BxC = mask_BxC & ~batch.truncated_B[:, None]
+    return mask_BxC
 
 
 def _check_micro_batches(rows: int, num_micro_batches: int, prompt_group: int = 1) -> None:

@@ -59,6 +59,28 @@ def test_concat_rollouts_pads_to_the_widest_as_the_sampler_does():
     # The first round re-padded to the second's widths is what the sampler writes at them.
     expected = _rollout([[1, 2], [4, 5, 6]], [[3], [7, 8, 1, 2]], width_p=4, width_c=4)
     for field in expected.keys():
+        if expected[field] is None:  # no tools: no tool mask
+            assert stacked[field] is None, field
+            continue
         np.testing.assert_array_equal(stacked[field], expected[field], err_msg=field)
         assert stacked[field].dtype == expected[field].dtype, field
     assert stacked.truncated_B.tolist() == [False, True]
+
+
+def test_concat_rollouts_pads_the_tool_masks_too():
+    first = _rollout([[1, 2]], [[3, 4]], width_p=2, width_c=2).replace(
+        tool_mask_BxC=np.array([[False, True]])
+    )
+    second = _rollout([[4]], [[7, 8, 1]], width_p=1, width_c=3).replace(
+        tool_mask_BxC=np.array([[False, True, True]])
+    )
+    stacked = dynamic_sampling.concat_rollouts([first, second], pad_id=PAD)
+    np.testing.assert_array_equal(
+        stacked.tool_mask_BxC, [[False, True, False], [False, True, True]]
+    )
+    assert (
+        dynamic_sampling.concat_rollouts([first.replace(tool_mask_BxC=None)], pad_id=PAD)[
+            "tool_mask_BxC"
+        ]
+        is None
+    )

@@ -408,6 +408,33 @@ def test_gradient_is_reinforce_when_ratio_is_one(params, batch, aggregation, mas
     assert float(metrics["clip_frac_low"]) == float(metrics["clip_frac_high"]) == 0.0
 
 
+def test_tool_tokens_are_read_but_not_trained_on(params, batch):
+    # Tokens a tool wrote (grpo.tools) stay in the context the policy's log-probs are computed
+    # from, but carry no weight and no count: REINFORCE over the model's own tokens alone. Their
+    # old log-probs (0 in a rollout) are ignored whatever they hold.
+    mask = np.asarray(batch.completion_mask_BxC)
+    tool = np.zeros(mask.shape, bool)
+    tool[:, 1:3] = True
+    tool &= mask
+    with_tools = batch.replace(
+        tool_mask_BxC=jnp.asarray(tool),
+        old_logps_BxC=jnp.where(jnp.asarray(tool), 5.0, batch.old_logps_BxC),
+    )
+    grads, metrics = _grad_fn(_loss())(params, with_tools)
+    trained = (mask & ~tool).astype(np.float32)
+    expected = _reinforce_grad(params, batch, jnp.asarray(trained), trained.sum())
+    _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["ratio_mean"]), 1.0, atol=1e-6)
+    plain, _ = _grad_fn(_loss())(params, batch)
+    assert (
+        max(
+            float(jnp.abs(a - b).max())
+            for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain), strict=True)
+        )
+        > 1e-4
+    ), "the tool tokens' weight should have moved the gradient"
+
+
 def test_cispo_gradient_is_reinforce_weighted_by_the_clipped_ratio(params, batch):
     # Off the policy, so ratios leave [0.9, 1.1] on both sides: those tokens keep a gradient,
     # with the bound as their weight.

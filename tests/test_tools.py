@@ -1,0 +1,336 @@
+"""Tools a completion calls mid-reply (grpo.tools): the calculator, the call syntax, guarded
+calls, the sampler's tool rounds (scripted, and on the tiny model), and a training run."""
+
+import json
+import re
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from grpo import sampling, sharding, tools
+from grpo.models import transformer as tf
+from grpo.types import Rollout
+from tests.test_train import _experiment, _train_in_process, length_reward  # noqa: F401
+
+TOOLS = "make_tools.names=('calculator',)"
+
+
+@pytest.mark.parametrize(
+    "expression, value",
+    [
+        ("2+3*4", "14"),
+        ("(3 - 5) * 2", "-4"),
+        ("7/2", "3.5"),
+        ("10/4*2", "5"),  # a whole float prints as an integer
+        ("1,234 + 6", "1240"),  # digit-group commas
+        ("$12 x 3", "36"),
+        ("6 × 7 ÷ 2", "21"),
+        ("2^10", "1024"),
+        ("17 // 5 + 17 % 5", "5"),
+        ("0.1 + 0.2", "0.3"),  # 10 significant digits
+        ("-2 ** 2", "-4"),
+    ],
+)
+def test_calculator_values(expression, value):
+    assert tools.calculator(expression) == value
+
+
+@pytest.mark.parametrize(
+    "expression, message",
+    [
+        ("1/0", "division by zero"),
+        ("2**1000", "exponent 1000 beyond +-64"),
+        ("9**60", "result out of range"),
+        ("__import__('os')", "unsupported in an arithmetic expression"),
+        ("x + 1", "not an arithmetic expression"),  # `x` multiplies: '* + 1'
+        ("12,5", "unsupported"),  # a tuple, not a number
+        ("1" * 201, "longer than 200 characters"),
+    ],
+)
+def test_calculator_refuses(expression, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tools.calculator(expression)
+
+
+def test_find_call_reads_the_first_closed_call():
+    config = tools.ToolConfig(names=("calculator", "tests.test_tools:echo"))
+    assert config.close_tags == ("</calculator>", "</echo>")
+    assert config.find_call("so <calculator>2+3</calculator>") == ("calculator", "2+3")
+    assert config.find_call("<echo>a</echo><calculator>1</calculator>") == (
+        "tests.test_tools:echo",
+        "a",
+    )
+    assert config.find_call("<calculator>1</calculator>> then") == ("calculator", "1")
+    assert config.find_call("no call <calculator>2") is None
+    assert config.find_call("2+3</calculator>") == ("calculator", None)
+
+
+def echo(argument):
+    return argument.upper()
+
+
+def sleepy(argument):
+    time.sleep(5)
+    return argument
+
+
+def broken(argument):
+    raise RuntimeError("no service")
+
+
+def test_run_answers_each_call_and_reports_failures_without_raising():
+    config = tools.ToolConfig(
+        names=(
+            "calculator",
+            "tests.test_tools:echo",
+            "tests.test_tools:sleepy",
+            "tests.test_tools:broken",
+        ),
+        timeout_s=0.3,
+        max_output_chars=3,
+        result_template="[{output}]",
+    )
+    results = config.run(
+        [
+            ("calculator", "6*7"),
+            ("tests.test_tools:echo", "abcdef"),  # cut to 3 characters
+            ("tests.test_tools:sleepy", "x"),
+            ("tests.test_tools:broken", "x"),
+            ("calculator", None),
+            ("calculator", "1/0"),
+        ]
+    )
+    assert results[:2] == [("[42]", False), ("[ABC]", False)]
+    assert [failed for _, failed in results[2:]] == [True] * 4
+    assert all(text.startswith("[err") for text, _ in results[2:])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(names=("abacus",)), "unknown tool 'abacus'; valid: calculator, or module:function"),
+        (dict(names=("nowhere:tool",)), "cannot import tool 'nowhere:tool'"),
+        (dict(max_calls=2), "make_tools.max_calls needs tools: bind make_tools.names"),
+        (dict(names=("calculator",), max_calls=0), "max_calls must be >= 1"),
+        (dict(names=("calculator",), result_template="<r></r>"), "must contain {output}"),
+        (dict(names=("calculator", "calculator")), "give one tag twice"),
+    ],
+)
+def test_tool_config_refuses(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tools.ToolConfig(**kwargs)
+
+
+@pytest.mark.usefixtures("length_reward")
+def test_a_misbound_tool_knob_fails_before_the_model_loads():
+    with pytest.raises(ValueError, match="make_tools.timeout_s needs tools"):
+        _experiment("make_tools.timeout_s=1.0", read_params=False)
+
+
+# ------------------------------------------------------------------ the sampler's tool rounds
+
+BUDGET = 64
+
+
+class _ScriptedGenerate:
+    """Stands in for `generate`: round r gives row i the tokens `rounds[r][i]` (None: not
+    sampled), log-prob -0.5 each, and records what it was asked."""
+
+    def __init__(self, exp, rounds):
+        self.exp, self.rounds, self.calls = exp, rounds, []
+
+    def __call__(
+        self, params, tokens, mask, key, *, model, sampling, num_samples, mesh, budget_B=None
+    ):
+        rows = np.asarray(tokens).shape[0] * num_samples
+        budget = np.full(rows, BUDGET) if budget_B is None else np.asarray(budget_B)
+        self.calls.append((np.asarray(tokens), np.asarray(mask), budget))
+        script = self.rounds[len(self.calls) - 1]
+        completion = np.zeros((rows, BUDGET), np.int32)
+        lengths = np.zeros(rows, np.int32)
+        for i, ids in enumerate(script):
+            ids = ids or []
+            assert len(ids) <= budget[i], f"row {i} scripted past its budget"
+            completion[i, : len(ids)], lengths[i] = ids, len(ids)
+        local = Rollout(
+            prompt_tokens_BxP=np.repeat(np.asarray(tokens), num_samples, axis=0),
+            prompt_mask_BxP=np.repeat(np.asarray(mask), num_samples, axis=0),
+            completion_tokens_BxC=completion,
+            completion_mask_BxC=np.arange(BUDGET)[None, :] < lengths[:, None],
+            logps_BxC=np.where(np.arange(BUDGET)[None, :] < lengths[:, None], -0.5, 0.0),
+            lengths_B=lengths,
+            truncated_B=np.zeros(rows, bool),
+        )
+        return sharding.shard_batch(self.exp.mesh, local)
+
+
+@pytest.mark.usefixtures("length_reward")
+def test_tool_rounds_append_results_and_sample_on_only_where_a_call_was_answered(monkeypatch):
+    exp = _experiment(
+        TOOLS,
+        "make_tools.max_calls=2",
+        f"make_sampling.max_new_tokens={BUDGET}",
+        read_params=False,
+    )
+    enc = lambda text: exp.tokenizer.encode(text, add_special_tokens=False)
+    result = lambda output: enc(f"<result>{output}</result>")
+    filler = enc(" a")
+    near_full = filler * (BUDGET - 2 - len(enc("<calculator>1+1</calculator>")))
+    rounds = [
+        [
+            enc("First <calculator>2+3</calculator>"),  # two calls, then an answer
+            enc("It is 7."),  # no call
+            enc("<calculator>1/0</calculator>"),  # the tool fails
+            enc("2+3</calculator>"),  # no opening tag
+            near_full + enc("<calculator>1+1</calculator>"),  # the result does not fit
+            enc("<calculator>1</calculator>"),
+            enc("Done."),
+            enc("Done."),
+        ],
+        [
+            enc(" so <calculator>5*2</calculator>"),
+            None,
+            enc(" oops"),
+            enc(" ok"),
+            None,
+            enc(" <calculator>3</calculator>"),
+            None,
+            None,
+        ],
+        [enc(" = 10."), None, None, None, None, enc(" <calculator>4</calculator>"), None, None],
+    ]
+    scripted = _ScriptedGenerate(exp, rounds)
+    monkeypatch.setattr(sampling, "generate", scripted)
+    examples = exp.train_examples[:2]
+    out = sampling.sample(exp, None, examples, jax.random.key(0), exp.sampling, 4)
+
+    assert len(scripted.calls) == 3  # row 5 asks a third time: max_calls=2 ends it there
+    model_parts = {
+        0: [rounds[0][0], rounds[1][0], rounds[2][0]],
+        2: [rounds[0][2], rounds[1][2]],
+        3: [rounds[0][3], rounds[1][3]],
+        5: [rounds[0][5], rounds[1][5], rounds[2][5]],
+    }
+    tool_parts = {
+        0: [result("5"), result("10")],
+        2: [result("error: ValueError: division by zero")],
+        3: [result("error: </calculator> without <calculator>")],
+        4: [result("2")],
+        5: [result("1"), result("3")],
+    }
+    rollout = jax.tree.map(np.asarray, out.rollout)
+    for row in range(8):
+        parts, by_tool = [], []
+        models, results = model_parts.get(row, [rounds[0][row]]), tool_parts.get(row, [])
+        for i, part in enumerate(models):
+            parts.append(part)
+            by_tool += [False] * len(part)
+            if i < len(results):
+                parts.append(results[i])
+                by_tool += [True] * len(results[i])
+        expected = [t for part in parts for t in part][:BUDGET]
+        n = len(expected)
+        assert rollout.lengths_B[row] == n, row
+        np.testing.assert_array_equal(rollout.completion_tokens_BxC[row, :n], expected)
+        np.testing.assert_array_equal(rollout.tool_mask_BxC[row, :n], by_tool[:n])
+        assert (
+            not rollout.tool_mask_BxC[row, n:].any()
+            and not rollout.completion_mask_BxC[row, n:].any()
+        )
+        np.testing.assert_array_equal(rollout.logps_BxC[row, :n], np.where(by_tool[:n], 0.0, -0.5))
+        assert out.texts[row] == exp.tokenizer.decode(expected, skip_special_tokens=True)
+    np.testing.assert_array_equal(out.tool_calls, [2, 0, 1, 1, 1, 2, 0, 0])
+    np.testing.assert_array_equal(out.tool_errors, [0, 0, 1, 1, 0, 0, 0, 0])
+    # Only row 4 is truncated: its result was cut at the budget.
+    np.testing.assert_array_equal(rollout.truncated_B, np.arange(8) == 4)
+    assert rollout.lengths_B[4] == BUDGET and rollout.tool_mask_BxC[4, -2:].all()
+    assert "<result>error: ValueError: division by zero</result>" in out.texts[2]
+
+    # Round 1 prefilled each answered row's prompt and reply so far, with the budget left; the
+    # others sampled nothing.
+    prompts = sampling.prompts_for(exp, examples, 4)[1].sum(axis=1)
+    tokens, mask, budget = scripted.calls[1]
+    assert tokens.shape[1] == scripted.calls[0][0].shape[1] + BUDGET  # one width: one compile
+    so_far = {0: 0, 2: 2, 3: 3, 5: 5}
+    for row in range(8):
+        if row in so_far:
+            done = len(rounds[0][row]) + len(tool_parts[row][0])
+            assert mask[row].sum() == prompts[row] + done and budget[row] == BUDGET - done
+            np.testing.assert_array_equal(tokens[row, -done:], rounds[0][row] + tool_parts[row][0])
+        else:
+            assert mask[row].sum() == 1 and budget[row] == 0
+
+
+def _forced_first_call(monkeypatch, call="<calculator>2+3</calculator>"):
+    """Makes every row's first sampling round write `call` (the random tiny model never calls
+    a tool); later rounds are the real sampler's."""
+    generate, seen = sampling.generate, []
+
+    def first_round_calls(params, tokens, mask, key, **kwargs):
+        rollout = generate(params, tokens, mask, key, **kwargs)
+        if kwargs.get("budget_B") is not None:
+            return rollout
+        seen.append(1)
+        local = jax.tree.map(np.array, rollout)
+        ids = np.asarray(first_round_calls.tokenizer.encode(call, add_special_tokens=False))
+        width = local.completion_tokens_BxC.shape[1]
+        local.completion_tokens_BxC[:] = kwargs["sampling"].pad_id
+        local.completion_tokens_BxC[:, : len(ids)] = ids
+        local.completion_mask_BxC[:] = np.arange(width) < len(ids)
+        local.logps_BxC[:] = np.where(local.completion_mask_BxC, -1.0, 0.0)
+        local.lengths_B[:] = len(ids)
+        local.truncated_B[:] = False
+        return sharding.shard_batch(kwargs["mesh"], local)
+
+    monkeypatch.setattr(sampling, "generate", first_round_calls)
+    return first_round_calls
+
+
+@pytest.mark.usefixtures("length_reward")
+def test_later_rounds_record_the_trainers_logps_after_a_tool_result(monkeypatch):
+    # The round after a call prefills prompt + reply + result afresh; the log-probs it records
+    # must be the trainer's recomputation over the whole sequence, at the same positions.
+    exp = _experiment(TOOLS, "make_sampling.max_new_tokens=32")
+    forced = _forced_first_call(monkeypatch)
+    forced.tokenizer = exp.tokenizer
+    out = sampling.sample(
+        exp, exp.params, exp.train_examples[:2], jax.random.key(3), exp.sampling, 4
+    )
+    rollout = jax.tree.map(np.asarray, out.rollout)
+    after_a_result = np.cumsum(rollout.tool_mask_BxC, axis=1) > 0
+    later = rollout.completion_mask_BxC & after_a_result & ~rollout.tool_mask_BxC
+    assert later.sum() > 8, "want the second round sampled"
+    assert (out.tool_calls >= 1).all()
+    logps, _ = tf.completion_logprobs(
+        exp.params,
+        rollout.prompt_tokens_BxP,
+        rollout.prompt_mask_BxP,
+        rollout.completion_tokens_BxC,
+        rollout.completion_mask_BxC,
+        config=exp.model,
+        temperature=exp.sampling.logp_temperature,
+    )
+    np.testing.assert_allclose(rollout.logps_BxC[later], np.asarray(logps)[later], atol=2e-5)
+
+
+@pytest.mark.usefixtures("length_reward")
+def test_a_run_with_tools_trains_and_reports_its_calls(tmp_path, monkeypatch):
+    forced = _forced_first_call(monkeypatch)
+    exp_tokenizer = _experiment(read_params=False).tokenizer
+    forced.tokenizer = exp_tokenizer
+    summary = _train_in_process(
+        tmp_path, TOOLS, "TrainConfig.num_steps=2", "make_sampling.max_new_tokens=24"
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "tool_calls_mean" in r]
+    assert len(steps) == 2 and all(np.isfinite(r["loss"]) for r in steps)
+    assert all(r["tool_call_rate"] == 1.0 and r["tool_error_rate"] == 0.0 for r in steps)
+    assert all(r["tool_calls_mean"] >= 1.0 for r in steps)
+    records = [
+        json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()
+    ]
+    assert records and all(r["tool_calls"] >= 1 for r in records)
+    assert all("<result>5</result>" in r["completion"] for r in records)
+    assert summary is not None
