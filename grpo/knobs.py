@@ -103,9 +103,21 @@ def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def import_function(name: str, what: str) -> Callable[..., Any]:
-    """The function `module:function` names (the module importable on every host); ValueError
-    naming `what` it was for otherwise."""
+def named_function(
+    name: str, registry: collections.abc.Mapping[str, Callable[..., Any]], what: str
+) -> Callable[..., Any]:
+    """`registry[name]`, or the function `module:function` names (the module importable on
+    every host); ValueError naming `what` it was for, and the valid names, otherwise."""
+    if ":" in name:
+        return _imported_function(name, what)
+    try:
+        return registry[name]
+    except KeyError:
+        valid = ", ".join(sorted(registry))
+        raise ValueError(f"unknown {what} {name!r}; valid: {valid}, or module:function") from None
+
+
+def _imported_function(name: str, what: str) -> Callable[..., Any]:
     module_name, _, attribute = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attribute)

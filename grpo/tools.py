@@ -112,13 +112,7 @@ BUILT_IN_TOOLS: dict[str, Callable[[str], Any]] = {"calculator": calculator}
 
 def tool_function(name: str) -> Callable[[str], Any]:
     """The built-in tool called `name`, or the function `module:function` names."""
-    if ":" in name:
-        return knobs.import_function(name, "tool")
-    try:
-        return BUILT_IN_TOOLS[name]
-    except KeyError:
-        valid = ", ".join(sorted(BUILT_IN_TOOLS))
-        raise ValueError(f"unknown tool {name!r}; valid: {valid}, or module:function") from None
+    return knobs.named_function(name, BUILT_IN_TOOLS, "tool")
 
 
 def tool_tag(name: str) -> str:

@@ -357,15 +357,7 @@ def get_reward_fn(name: str) -> RewardFn:
     """The registered reward function called `name`, or with `module:function` (e.g.
     `my_rewards:brevity`, the module importable on every host) that function; ValueError with
     the reason otherwise."""
-    if ":" in name:
-        return knobs.import_function(name, "reward function")
-    try:
-        return REWARD_FUNCTIONS[name]
-    except KeyError:
-        valid = ", ".join(sorted(REWARD_FUNCTIONS))
-        raise ValueError(
-            f"unknown reward function {name!r}; valid: {valid}, or module:function"
-        ) from None
+    return knobs.named_function(name, REWARD_FUNCTIONS, "reward function")
 
 
 @dataclasses.dataclass(frozen=True)

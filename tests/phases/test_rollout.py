@@ -455,18 +455,10 @@ def test_end_tokens_mask_pad_and_flag_truncation(params, prompts):
 def test_row_budgets_cut_rows_and_a_zero_budget_samples_nothing(params, prompts, sampling):
     free = _generate(params, prompts, GREEDY_NO_END, num_samples=1)
     budget = np.array([0, 3, WIDTH, 5], np.int32)
-    tokens, mask = prompts
-    cut = ro.generate(
-        params,
-        tokens,
-        mask,
-        jax.random.key(1),
-        model=CONFIG,
-        sampling=sampling,
-        num_samples=1,
-        budget_B=budget,
+    run = functools.partial(
+        ro.generate, params, *prompts, jax.random.key(1), model=CONFIG, num_samples=1
     )
-    cut = jax.tree.map(np.asarray, cut)
+    cut = jax.tree.map(np.asarray, run(sampling=sampling, budget_B=budget))
     kept = np.arange(WIDTH)[None, :] < budget[:, None]
     np.testing.assert_array_equal(cut.lengths_B, budget)
     np.testing.assert_array_equal(cut.completion_mask_BxC, kept)
@@ -478,30 +470,12 @@ def test_row_budgets_cut_rows_and_a_zero_budget_samples_nothing(params, prompts,
 
     # A row that ends before its budget ends there, not truncated.
     end = int(free.completion_tokens_BxC[1, 1])
-    ended = ro.generate(
-        params,
-        tokens,
-        mask,
-        jax.random.key(1),
-        model=CONFIG,
-        sampling=dataclasses.replace(sampling, end_ids=(end,)),
-        num_samples=1,
-        budget_B=budget,
-    )
+    ended = run(sampling=dataclasses.replace(sampling, end_ids=(end,)), budget_B=budget)
     assert int(ended.lengths_B[1]) == 2 and not bool(ended.truncated_B[1])
     with pytest.raises(
         ValueError, match=re.escape("budget_B has shape (3,), the output rows (4,)")
     ):
-        ro.generate(
-            params,
-            tokens,
-            mask,
-            jax.random.key(1),
-            model=CONFIG,
-            sampling=sampling,
-            num_samples=1,
-            budget_B=budget[:3],
-        )
+        run(sampling=sampling, budget_B=budget[:3])
 
 
 def test_stop_strings_end_rows_where_their_text_first_holds_one(params, prompts):
