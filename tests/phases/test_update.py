@@ -433,6 +433,9 @@ def test_tool_tokens_are_read_but_not_trained_on(params, batch):
         )
         > 1e-4
     ), "the tool tokens' weight should have moved the gradient"
+    # Width buckets cut the tool mask with the completions (4 micro-batches at widths <= C).
+    bucketed, _ = _bucketed_grad_fn(_loss(), 4, 3)(params, with_tools)
+    _assert_trees_close(bucketed, grads, atol=1e-6)
 
 
 def test_cispo_gradient_is_reinforce_weighted_by_the_clipped_ratio(params, batch):
