@@ -133,6 +133,8 @@ def _tool_rounds(
     ]
     replies = [_Reply() for _ in prompts]
     latest = first
+    # Keys of their own: fold_in(key, i) is dynamic sampling's i-th round (train._dynamic_sampling).
+    rounds_key = jax.random.split(key)[1]
     for round_index in range(tools.max_calls + 1):
         _take_round(exp, replies, latest)
         going = _answer_calls(exp, replies, budget)
@@ -154,7 +156,7 @@ def _tool_rounds(
             params,
             tokens,
             mask,
-            jax.random.fold_in(key, round_index + 1),
+            jax.random.fold_in(rounds_key, round_index),
             model=exp.model,
             sampling=sampler,
             num_samples=1,

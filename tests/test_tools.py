@@ -139,7 +139,7 @@ class _ScriptedGenerate:
     sampled), log-prob -0.5 each, and records what it was asked."""
 
     def __init__(self, exp, rounds):
-        self.exp, self.rounds, self.calls = exp, rounds, []
+        self.exp, self.rounds, self.calls, self.keys = exp, rounds, [], []
 
     def __call__(
         self, params, tokens, mask, key, *, model, sampling, num_samples, mesh, budget_B=None
@@ -147,6 +147,7 @@ class _ScriptedGenerate:
         rows = np.asarray(tokens).shape[0] * num_samples
         budget = np.full(rows, BUDGET) if budget_B is None else np.asarray(budget_B)
         self.calls.append((np.asarray(tokens), np.asarray(mask), budget))
+        self.keys.append(jax.random.key_data(key).tolist())
         script = self.rounds[len(self.calls) - 1]
         completion = np.zeros((rows, BUDGET), np.int32)
         lengths = np.zeros(rows, np.int32)
@@ -207,6 +208,11 @@ def test_tool_rounds_append_results_and_sample_on_only_where_a_call_was_answered
     out = sampling.sample(exp, None, examples, jax.random.key(0), exp.sampling, 4)
 
     assert len(scripted.calls) == 3  # row 5 asks a third time: max_calls=2 ends it there
+    # Each round draws with a key of its own, none of them a dynamic-sampling round's.
+    step_key = jax.random.key(0)
+    rounds_of_dynamic_sampling = [jax.random.fold_in(step_key, i) for i in range(1, 4)]
+    taken = [jax.random.key_data(k).tolist() for k in rounds_of_dynamic_sampling]
+    assert len({str(k) for k in scripted.keys}) == 3 and not any(k in taken for k in scripted.keys)
     model_parts = {
         0: [rounds[0][0], rounds[1][0], rounds[2][0]],
         2: [rounds[0][2], rounds[1][2]],
