@@ -21,6 +21,11 @@ def all_rows(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def summed(count: int | np.integer) -> int:
+    """A per-process count summed over every process."""
+    return int(all_rows(np.array([count])).sum())
+
+
 def local_rows(x: jax.Array) -> np.ndarray:
     """This process's contiguous rows of a batch-sharded global array."""
     if x.is_fully_addressable:

@@ -53,8 +53,10 @@ def decode(exp: Experiment, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
 class Sampled(NamedTuple):
     rollout: Rollout  # global
     texts: list[str]  # this process's replies
-    tool_calls: np.ndarray  # int32, this process's rows: the tool calls each reply made
-    tool_errors: np.ndarray  # int32, this process's rows: those of its calls that failed
+    # int32, this process's rows: the tool calls each reply made, those that failed (None
+    # without tools)
+    tool_calls: np.ndarray | None = None
+    tool_errors: np.ndarray | None = None
 
 
 def sample(
@@ -92,8 +94,7 @@ def sample(
         gather.local_rows(rollout.completion_tokens_BxC),
         gather.local_rows(rollout.completion_mask_BxC),
     )
-    no_calls = np.zeros(len(texts), np.int32)
-    return Sampled(rollout, texts, no_calls, no_calls)
+    return Sampled(rollout, texts)
 
 
 @dataclasses.dataclass
@@ -127,10 +128,8 @@ def _tool_rounds(
     tokens together; a tool result that does not fit is cut, and the reply truncated there."""
     tools, budget = exp.tools, sampler.max_new_tokens
     prompt_tokens = gather.local_rows(first.prompt_tokens_BxP)
-    prompts = [
-        row[m].tolist()
-        for row, m in zip(prompt_tokens, gather.local_rows(first.prompt_mask_BxP), strict=True)
-    ]
+    prompt_mask = gather.local_rows(first.prompt_mask_BxP)
+    prompts = [row[m].tolist() for row, m in zip(prompt_tokens, prompt_mask, strict=True)]
     replies = [_Reply() for _ in prompts]
     latest = first
     # Keys of their own: fold_in(key, i) is dynamic sampling's i-th round (train._dynamic_sampling).
@@ -138,7 +137,7 @@ def _tool_rounds(
     for round_index in range(tools.max_calls + 1):
         _take_round(exp, replies, latest)
         going = _answer_calls(exp, replies, budget)
-        if round_index == tools.max_calls or not gather.all_rows(np.array([len(going)])).sum():
+        if round_index == tools.max_calls or not gather.summed(len(going)):
             break
         contexts = [
             prompts[i] + replies[i].tokens if i in going else [sampler.pad_id]
@@ -163,7 +162,7 @@ def _tool_rounds(
             mesh=exp.mesh,
             budget_B=room,
         )
-    return _assembled(exp, first, replies, sampler)
+    return _assembled(exp, (prompt_tokens, prompt_mask), replies, sampler)
 
 
 def _take_round(exp: Experiment, replies: list[_Reply], rollout: Rollout) -> None:
@@ -210,9 +209,13 @@ def _answer_calls(exp: Experiment, replies: list[_Reply], budget: int) -> set[in
 
 
 def _assembled(
-    exp: Experiment, first: Rollout, replies: list[_Reply], sampler: SamplingConfig
+    exp: Experiment,
+    prompts: tuple[np.ndarray, np.ndarray],
+    replies: list[_Reply],
+    sampler: SamplingConfig,
 ) -> Sampled:
-    """The replies as a global Rollout (the first round's prompts), right-padded to the budget."""
+    """The replies as a global Rollout under their (local, left-padded) prompts and masks,
+    right-padded to the budget."""
     rows, budget = len(replies), sampler.max_new_tokens
     tokens = np.full((rows, budget), sampler.pad_id, np.int32)
     logps = np.zeros((rows, budget), np.float32)
@@ -222,8 +225,8 @@ def _assembled(
         tokens[row, :n], logps[row, :n], by_tool[row, :n] = reply.tokens, reply.logps, reply.by_tool
     lengths = np.array([len(reply.tokens) for reply in replies], np.int32)
     local = Rollout(
-        prompt_tokens_BxP=gather.local_rows(first.prompt_tokens_BxP),
-        prompt_mask_BxP=gather.local_rows(first.prompt_mask_BxP),
+        prompt_tokens_BxP=prompts[0],
+        prompt_mask_BxP=prompts[1],
         completion_tokens_BxC=tokens,
         completion_mask_BxC=np.arange(budget)[None, :] < lengths[:, None],
         logps_BxC=logps,

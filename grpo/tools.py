@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -147,8 +148,7 @@ class ToolConfig:
         bad = [tag for tag in tags if not tag.isidentifier()]
         if bad:
             raise ValueError(f"ToolConfig: a tool's tag must be an identifier, got {bad}")
-        for name in self.names:
-            tool_function(name)
+        self.functions  # noqa: B018 - resolves every name now: a bad one fails at config time
         if self.max_calls < 1:
             raise ValueError(f"ToolConfig.max_calls must be >= 1, got {self.max_calls}")
         if "{output}" not in self.result_template:
@@ -160,6 +160,11 @@ class ToolConfig:
                 "ToolConfig.timeout_s must be > 0 and max_output_chars >= 1, got "
                 f"{self.timeout_s} and {self.max_output_chars}"
             )
+
+    @functools.cached_property
+    def functions(self) -> dict[str, Callable[[str], Any]]:
+        """Each tool's function, by its name in `names`."""
+        return {name: tool_function(name) for name in self.names}
 
     @property
     def close_tags(self) -> tuple[str, ...]:
@@ -173,17 +178,17 @@ class ToolConfig:
         The sampler stops a row at the token that completes a closing tag, so the text of one
         sampling round closes at most one call, at its end."""
         pairs = zip(self.names, self.close_tags, strict=True)
-        found = [(text.find(tag), name, tag) for name, tag in pairs if tag in text]
+        found = [(text.find(tag), name) for name, tag in pairs if tag in text]
         if not found:
             return None
-        at, name, tag = min(found)
+        at, name = min(found)
         opening = f"<{tool_tag(name)}>"
         start = text.rfind(opening, 0, at)
         return name, None if start < 0 else text[start + len(opening) : at]
 
     def run(self, calls: Sequence[tuple[str, str | None]]) -> list[tuple[str, bool]]:
         """Each call's result text (`result_template` filled in) and whether it failed."""
-        runnable = [(tool_function(name), arg) for name, arg in calls if arg is not None]
+        runnable = [(self.functions[name], arg) for name, arg in calls if arg is not None]
         outcomes = iter(reward_phase.run_guarded(_call_as_text, runnable, self.timeout_s))
         results = []
         for name, argument in calls:

@@ -347,7 +347,7 @@ def _rollout_metrics(scored: _Scored, group: int) -> dict:
     for name, values in rewards.per_function.items():
         metrics[f"reward/{name}"] = gather.all_rows(values).mean()
     for name, count in rewards.failures.items():
-        metrics[f"reward_failures/{name}"] = int(gather.all_rows(np.array([count])).sum())
+        metrics[f"reward_failures/{name}"] = gather.summed(count)
     if SOURCE in scored.examples[0]:
         metrics.update(_per_set_metrics(scored, total, correct.reshape(-1)))
     if scored.tool_calls is not None:
@@ -424,7 +424,6 @@ def _rollout_and_score(
             rewards, local_lengths, correct, rewards=exp.rewards, group_size=cfg.num_generations
         )
     lengths = gather.all_rows(rollout.lengths_B).astype(np.float32)
-    with_tools = exp.tools is not None
     return _Scored(
         rollout,
         rewards,
@@ -433,8 +432,8 @@ def _rollout_and_score(
         local_examples,
         lengths,
         sampled_tokens=int(lengths.sum()) - _tool_tokens(rollout),
-        tool_calls=sampled.tool_calls if with_tools else None,
-        tool_errors=sampled.tool_errors if with_tools else None,
+        tool_calls=sampled.tool_calls,
+        tool_errors=sampled.tool_errors,
     )
 
 
@@ -442,8 +441,7 @@ def _tool_tokens(rollout: Rollout) -> int:
     """How many of the rollout's completion tokens the tools wrote (the model sampled the rest)."""
     if rollout.tool_mask_BxC is None:
         return 0
-    local = gather.local_rows(rollout.tool_mask_BxC).sum()
-    return int(gather.all_rows(np.array([local])).sum())
+    return gather.summed(gather.local_rows(rollout.tool_mask_BxC).sum())
 
 
 def _retire_solved(

@@ -415,11 +415,11 @@ def _record(
     stopped_B = _stopped(state)
     token_B = jnp.where(stopped_B, sampling.pad_id, token_B)
     logp_B = jnp.where(stopped_B, 0.0, logp_B)
-    ends_here_B = _is_end(token_B, sampling.end_ids) & ~stopped_B
-    stops_BxS = state.stops_BxS
+    ends_here_B, stops_BxS = _is_end(token_B, sampling.end_ids), state.stops_BxS
     if sampling.stop is not None:
         stops_BxS, completed_B = sampling.stop.advance(stops_BxS, token_B)
-        ends_here_B |= completed_B & ~stopped_B
+        ends_here_B |= completed_B
+    ends_here_B &= ~stopped_B
     write = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=state.step, axis=1)
     new = state.replace(
         step=state.step + 1,
