@@ -225,7 +225,11 @@ def _end_and_pad_ids(bundle: ModelBundle) -> tuple[tuple[int, ...], int]:
 
 
 def _datasets(
-    train: TrainConfig, rewards: reward.RewardConfig, tokenizer: Any, eval_only: bool
+    train: TrainConfig,
+    rewards: reward.RewardConfig,
+    tokenizer: Any,
+    tool_config: tools.ToolConfig | None,
+    eval_only: bool,
 ) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
     """(train examples, the extra train sets' joined in; test examples; the extra eval sets'
     test examples by name), each checked against the answer settings and without prompts over
@@ -245,7 +249,10 @@ def _datasets(
     if train.answer_match == "numeric" or set(rewards.names) & set(reward.NUMERIC_REWARDS):
         for where, examples in sets:
             reward.check_numeric_references(examples, where)
-    kept = [_drop_long_prompts(examples, where, tokenizer, train) for where, examples in sets]
+    kept = [
+        _drop_long_prompts(examples, where, tokenizer, train, tool_config)
+        for where, examples in sets
+    ]
     if len(kept[0]) < train.prompts_per_step:
         raise ValueError(
             f"{len(kept[0])} train examples are fewer than one step's "
@@ -261,6 +268,17 @@ def _datasets(
     return kept[0], kept[1], dict(zip(extra, kept[2:], strict=True))
 
 
+def _read_chat_template(path: str | None) -> str | None:
+    """The Jinja text of TrainConfig.chat_template_path (None: the tokenizer's own)."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"TrainConfig.chat_template_path: {e}") from None
+
+
 def _scope(name: str, setting: str) -> str:
     """`name`, once gin is known to bind `name/make_dataset.source` (else a one-line error)."""
     try:
@@ -273,12 +291,16 @@ def _scope(name: str, setting: str) -> str:
 
 
 def _drop_long_prompts(
-    examples: list[dict], split: str, tokenizer: Any, train: TrainConfig
+    examples: list[dict],
+    split: str,
+    tokenizer: Any,
+    train: TrainConfig,
+    tool_config: tools.ToolConfig | None,
 ) -> list[dict]:
     """The examples whose prompt fits `train.prompt_token_limit` tokens, in order; says how many
     it dropped."""
     limit = train.prompt_token_limit
-    ids = encode_questions(train, tokenizer, examples)
+    ids = encode_questions(train, tokenizer, examples, tool_config)
     kept = [e for e, p in zip(examples, ids, strict=True) if len(p) <= limit]
     if examples and not kept:
         raise ValueError(
@@ -335,17 +357,28 @@ def build_experiment(
     tx = make_optimizer(lr_schedule)
     rewards = make_rewards()
     tool_config = make_tools()
+    chat_template = _read_chat_template(train.chat_template_path)
     bundle = make_model()
     _check_attention_platform(bundle.config, mesh.devices.flat[0].platform)
     if train.shared_prompt_forward:
         transformer.check_shared_prompt_attention(bundle.config)
+    if chat_template is not None:
+        bundle.tokenizer.chat_template = chat_template
     if train.chat_template_kwargs and not getattr(bundle.tokenizer, "chat_template", None):
         raise ValueError(
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "
             "with a chat template"
         )
+    if tool_config.call_format == "hermes" and not train.use_chat_template:
+        raise ValueError("make_tools.call_format='hermes' needs TrainConfig.use_chat_template")
+    tool_config = tool_config.for_chat_template(
+        bundle.tokenizer,
+        system_prompt=train.system_prompt,
+        template_kwargs=train.chat_template_kwargs,
+    )
+    tools_or_none = tool_config if tool_config.names else None
     train_examples, test_examples, extra_eval_sets = _datasets(
-        train, rewards, bundle.tokenizer, eval_only
+        train, rewards, bundle.tokenizer, tools_or_none, eval_only
     )
     end_ids, pad_id = _end_and_pad_ids(bundle)
     sampling = make_sampling(
@@ -380,7 +413,10 @@ def build_experiment(
     logging.info("end ids %s, pad id %d%s", end_ids, pad_id, stops)
     if tool_config.names:
         logging.info(
-            "tools %s, up to %d calls per completion", tool_config.names, tool_config.max_calls
+            "tools %s (%s calls), up to %d per completion",
+            tool_config.names,
+            tool_config.call_format,
+            tool_config.max_calls,
         )
     experiment = Experiment(
         model=bundle.config,
@@ -396,7 +432,7 @@ def build_experiment(
         mesh=mesh,
         train=train,
         extra_eval_sets=extra_eval_sets,
-        tools=tool_config if tool_config.names else None,
+        tools=tools_or_none,
     )
     check_batch_layout(experiment)
     if trains and not eval_only:

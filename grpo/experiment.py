@@ -97,6 +97,9 @@ class TrainConfig:
     chat_template_kwargs: dict[str, Any] | None = None
     # False: the question template alone is the prompt (no chat template, no system turn).
     use_chat_template: bool = True
+    # A Jinja file that replaces the tokenizer's chat template (exports carry it too), e.g.
+    # gin/templates/chatml_tools.jinja: ChatML with tools, for make_tools.call_format='hermes'.
+    chat_template_path: str | None = None
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
     # Examples whose prompt (chat template included) is longer are dropped from both splits at
     # start, so every prompt fits a bucket; None: the largest bucket.
@@ -203,11 +206,13 @@ class TrainConfig:
         for name in ("system_prompt", "question_template"):
             _refuse_escape_slips(f"TrainConfig.{name}", getattr(self, name) or "")
         if not self.use_chat_template and (
-            self.system_prompt is not None or self.chat_template_kwargs
+            self.system_prompt is not None
+            or self.chat_template_kwargs
+            or self.chat_template_path is not None
         ):
             raise ValueError(
                 "TrainConfig.use_chat_template=False: the question template is the whole prompt; "
-                "set system_prompt=None and no chat_template_kwargs"
+                "set system_prompt=None and no chat_template_kwargs or chat_template_path"
             )
         if self.max_prompt_tokens is not None and not (
             1 <= self.max_prompt_tokens <= max(self.prompt_buckets)

@@ -15,11 +15,15 @@ from grpo import gather, sharding
 from grpo.data.prompts import encode_prompts
 from grpo.experiment import Experiment, TrainConfig
 from grpo.phases.rollout import SamplingConfig, generate, pad_prompts
+from grpo.tools import ToolCall, ToolConfig
 from grpo.types import Rollout
 
 
-def encode_questions(cfg: TrainConfig, tokenizer: Any, examples: Sequence[dict]) -> list[list[int]]:
-    """The prompt token ids of each example's question, as the run's prompt settings say."""
+def encode_questions(
+    cfg: TrainConfig, tokenizer: Any, examples: Sequence[dict], tools: ToolConfig | None
+) -> list[list[int]]:
+    """The prompt token ids of each example's question, as the run's prompt settings say (and
+    the tools' schemas, where the call format puts them in the prompt)."""
     return encode_prompts(
         tokenizer,
         [e["question"] for e in examples],
@@ -27,6 +31,7 @@ def encode_questions(cfg: TrainConfig, tokenizer: Any, examples: Sequence[dict])
         template_kwargs=cfg.chat_template_kwargs,
         question_template=cfg.question_template,
         chat_template=cfg.use_chat_template,
+        tools=tools.prompt_tools if tools is not None else None,
     )
 
 
@@ -34,7 +39,8 @@ def prompts_for(
     exp: Experiment, examples: Sequence[dict], repeat: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenised, left-padded prompts, each repeated `repeat` times; bucket agreed by processes."""
-    ids = [p for p in encode_questions(exp.train, exp.tokenizer, examples) for _ in range(repeat)]
+    encoded = encode_questions(exp.train, exp.tokenizer, examples, exp.tools)
+    ids = [p for p in encoded for _ in range(repeat)]
     longest = int(gather.all_rows(np.array([max(len(p) for p in ids)])).max())
     fits = [b for b in exp.train.prompt_buckets if b >= longest]
     if not fits:  # build_experiment drops the examples whose prompt is longer
@@ -104,7 +110,7 @@ class _Reply:
     tokens: list[int] = dataclasses.field(default_factory=list)
     logps: list[float] = dataclasses.field(default_factory=list)
     by_tool: list[bool] = dataclasses.field(default_factory=list)
-    call: tuple[str, str | None] | None = None  # a call the next round answers
+    call: ToolCall | None = None  # a call the next round answers
     calls: int = 0
     errors: int = 0
     truncated: bool = False

@@ -1,17 +1,25 @@
 """Tools the policy calls in the middle of a completion (tool-integrated reasoning, as in
 Toolformer, ReTool or Search-R1).
 
-A completion calls tool `name` by writing `<name>argument</name>`. The sampler stops the row at
-the closing tag (a stop string), the host runs the tool on the argument and appends its output,
-in `ToolConfig.result_template`, to the completion as tokens, and the row goes on sampling from
-there (`grpo.sampling`). The policy reads the tools' tokens but never trains on them: the
-rollout marks them (`Rollout.tool_mask_BxC`) and the loss leaves them out.
+Two call formats (`ToolConfig.call_format`):
+- `tags`: a completion calls tool `name` by writing `<name>argument</name>`; the system prompt
+  says so. The tool's output comes back as `<result>output</result>`.
+- `hermes`: the format Qwen2.5 and Qwen3 (and Hermes models) are trained on. The chat template
+  puts the tools' JSON schemas (from each function's signature and docstring) in the prompt; a
+  completion calls one with `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, and the
+  output comes back as the template's tool turn (Qwen: `<|im_end|>`, a user turn holding
+  `<tool_response>output</tool_response>`, then the assistant's turn opened again).
+The sampler stops the row at the call's closing tag (a stop string), the host runs the tool and
+appends the result to the completion as tokens, and the row goes on sampling from there
+(`grpo.sampling`). The policy reads the tools' tokens but never trains on them: the rollout
+marks them (`Rollout.tool_mask_BxC`) and the loss leaves them out.
 
-A tool is a function from the argument (a string) to its output (a string, or anything `str`
-renders). It runs on the host, on the reward workers, under `ToolConfig.timeout_s`; one that
-raises or overruns answers `error: ...` to the policy and is counted, never stopping the run.
-`calculator` is built in; `module:function` names any other (importable on every host), whose
-tag is the function's name.
+A tool is a function of one string (`tags`) or of the JSON arguments (`hermes`) to its output
+(a string, or anything `str` renders). It runs on the host, on the reward workers, under
+`ToolConfig.timeout_s`; one that raises or overruns, or a malformed call, answers `error: ...`
+to the policy and is counted, never stopping the run. `calculator` is built in;
+`module:function` names any other (importable on every host), whose name in calls is the
+function's name.
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import json
 import math
 import operator
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from grpo import knobs
+from grpo.data import prompts
 from grpo.phases import reward as reward_phase
 
 _BINARY = {
@@ -42,11 +52,16 @@ _MAX_MAGNITUDE = 1e30
 _MAX_EXPRESSION_CHARS = 200
 
 
+# Commas between digit groups are dropped; x or × multiplies, ÷ divides, ^ is a power with an
+# exponent up to 64. Integers print as integers, other values with up to 10 significant digits;
+# anything else raises ValueError saying what is wrong (the policy reads that as the answer).
+# The docstring is what the hermes format's schema tells the policy.
 def calculator(expression: str) -> str:
-    """The value of an arithmetic expression: numbers (commas between digit groups allowed),
-    + - * / // % ** (exponents up to 64) and parentheses; `x` or `×` multiplies, `÷` divides.
-    Integers print as integers, other values with up to 10 significant digits; anything else
-    raises ValueError with what is wrong (the policy reads that as the tool's answer)."""
+    """Evaluates an arithmetic expression: numbers, + - * / // % ** and parentheses.
+
+    Args:
+        expression: The expression, e.g. "12 * (3 + 4)".
+    """
     text = (
         expression.strip().replace("×", "*").replace("÷", "/").replace("^", "**").replace("$", "")
     )
@@ -108,10 +123,10 @@ def _formatted(value: int | float) -> str:
     return f"{value:.10g}"
 
 
-BUILT_IN_TOOLS: dict[str, Callable[[str], Any]] = {"calculator": calculator}
+BUILT_IN_TOOLS: dict[str, Callable[..., Any]] = {"calculator": calculator}
 
 
-def tool_function(name: str) -> Callable[[str], Any]:
+def tool_function(name: str) -> Callable[..., Any]:
     """The built-in tool called `name`, or the function `module:function` names."""
     return knobs.named_function(name, BUILT_IN_TOOLS, "tool")
 
@@ -121,16 +136,35 @@ def tool_tag(name: str) -> str:
     return name.rpartition(":")[2]
 
 
+CALL_FORMATS = ("tags", "hermes")
+_TAGS_RESULT = "<result>{output}</result>"
+_HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
+_OUTPUT_MARK = "TOOL_OUTPUT_MARK"  # stands for the output when the chat template renders a turn
+
+
+class ToolCall(NamedTuple):
+    """A call a completion wrote: the tool's name (as in `ToolConfig.names`) and its argument,
+    the text between the tags (`tags`) or the JSON call's arguments (`hermes`). A malformed call
+    says why in `problem` (and has no argument), and the policy gets that as the answer."""
+
+    name: str
+    argument: str | dict[str, Any] | None
+    problem: str | None = None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ToolConfig:
     """The tools a completion may call, and how; no `names`, no tools (the default). `max_calls`
     bounds the calls per completion: a completion that asks for one more ends there (it is not
-    truncated, and its reward is what it wrote so far). `result_template` is what each call
-    appends, `{output}` the tool's output cut to `max_output_chars`."""
+    truncated, and its reward is what it wrote so far). `call_format` is how a completion calls
+    (see the module doc). `result_template` is what each call appends, `{output}` the tool's
+    output cut to `max_output_chars`; None: `<result>{output}</result>` for `tags`, the chat
+    template's tool turn for `hermes` (`for_chat_template`)."""
 
     names: tuple[str, ...] = ()
     max_calls: int = 4
-    result_template: str = "<result>{output}</result>"
+    call_format: str = "tags"
+    result_template: str | None = None
     timeout_s: float = 5.0
     max_output_chars: int = 500
 
@@ -151,10 +185,18 @@ class ToolConfig:
         self.functions  # noqa: B018 - resolves every name now: a bad one fails at config time
         if self.max_calls < 1:
             raise ValueError(f"ToolConfig.max_calls must be >= 1, got {self.max_calls}")
-        if "{output}" not in self.result_template:
+        if self.call_format not in CALL_FORMATS:
+            raise ValueError(
+                f"ToolConfig.call_format must be one of {CALL_FORMATS}, got {self.call_format!r}"
+            )
+        if self.result_template is None and self.call_format == "tags":
+            object.__setattr__(self, "result_template", _TAGS_RESULT)
+        if self.result_template is not None and "{output}" not in self.result_template:
             raise ValueError(
                 f"ToolConfig.result_template must contain {{output}}: {self.result_template!r}"
             )
+        if self.call_format == "hermes":
+            self.schemas  # noqa: B018 - a function the schema cannot describe fails now
         if not self.timeout_s > 0 or self.max_output_chars < 1:
             raise ValueError(
                 "ToolConfig.timeout_s must be > 0 and max_output_chars >= 1, got "
@@ -162,21 +204,99 @@ class ToolConfig:
             )
 
     @functools.cached_property
-    def functions(self) -> dict[str, Callable[[str], Any]]:
+    def functions(self) -> dict[str, Callable[..., Any]]:
         """Each tool's function, by its name in `names`."""
         return {name: tool_function(name) for name in self.names}
+
+    @functools.cached_property
+    def schemas(self) -> list[dict[str, Any]]:
+        """Each tool's JSON schema, as chat templates take tools (`hermes`): its name, the
+        docstring's description, and a parameter per argument (type hint and `Args:` line)."""
+        from transformers.utils import get_json_schema
+
+        schemas = []
+        for name, fn in self.functions.items():
+            try:
+                schema = get_json_schema(fn)
+            except Exception as e:  # transformers' docstring and type-hint parsing errors
+                raise ValueError(
+                    f"ToolConfig: call_format='hermes' describes tool {name!r} by its type hints "
+                    f"and docstring (with an Args: section): {e}"
+                ) from None
+            schema["function"]["name"] = tool_tag(name)
+            schemas.append(schema)
+        return schemas
+
+    @property
+    def prompt_tools(self) -> list[dict[str, Any]] | None:
+        """What the chat template renders into every prompt (`tools=`): the schemas for
+        `hermes`; None for `tags` (the system prompt says how to call)."""
+        return self.schemas if self.call_format == "hermes" else None
 
     @property
     def close_tags(self) -> tuple[str, ...]:
         """The strings that end a call: the sampler's stop strings for the tools."""
+        if self.call_format == "hermes":
+            return (_HERMES_CLOSE,)
         return tuple(f"</{tool_tag(name)}>" for name in self.names)
 
-    def find_call(self, text: str) -> tuple[str, str | None] | None:
-        """(tool name, argument) of the first call `text` closes; the argument is None when
-        the closing tag has no opening tag before it. None when `text` closes no call.
+    def for_chat_template(
+        self,
+        tokenizer: Any,
+        *,
+        system_prompt: str | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> ToolConfig:
+        """This config for prompts through `tokenizer`'s chat template. For `hermes`, the
+        template must render the tools, and an unbound `result_template` becomes its tool turn:
+        what it renders between a call's `</tool_call>` and the assistant's next words."""
+        if self.call_format != "hermes":
+            return self
+        question = prompts.build_messages("?", system_prompt)
+
+        def render(messages: list[dict[str, Any]], tools: Any) -> str:
+            return tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                add_generation_prompt=True,
+                tokenize=False,
+                **(template_kwargs or {}),
+            )
+
+        if not getattr(tokenizer, "chat_template", None) or render(
+            question, self.schemas
+        ) == render(question, None):
+            raise ValueError(
+                "make_tools.call_format='hermes' needs a chat template that renders tools, and "
+                "this tokenizer's does not: bind TrainConfig.chat_template_path (e.g. "
+                "gin/templates/chatml_tools.jinja) or make_tools.call_format='tags'"
+            )
+        if self.result_template is not None:
+            return self
+        tag = tool_tag(self.names[0])
+        call = {"type": "function", "function": {"name": tag, "arguments": {}}}
+        turns = [
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "name": tag, "content": _OUTPUT_MARK},
+        ]
+        text = render(question + turns, self.schemas)
+        mark = text.find(_OUTPUT_MARK)
+        close = text.rfind(_HERMES_CLOSE, 0, max(mark, 0))
+        if mark < 0 or close < 0:
+            raise ValueError(
+                "make_tools.call_format='hermes': the chat template renders no tool turn after "
+                f"a {_HERMES_CLOSE}; bind make_tools.result_template"
+            )
+        turn = text[close + len(_HERMES_CLOSE) :].replace("{", "{{").replace("}", "}}")
+        return dataclasses.replace(self, result_template=turn.replace(_OUTPUT_MARK, "{output}"))
+
+    def find_call(self, text: str) -> ToolCall | None:
+        """The first call `text` closes; None when it closes none.
 
         The sampler stops a row at the token that completes a closing tag, so the text of one
         sampling round closes at most one call, at its end."""
+        if self.call_format == "hermes":
+            return self._find_hermes_call(text)
         pairs = zip(self.names, self.close_tags, strict=True)
         found = [(text.find(tag), name) for name, tag in pairs if tag in text]
         if not found:
@@ -184,18 +304,44 @@ class ToolConfig:
         at, name = min(found)
         opening = f"<{tool_tag(name)}>"
         start = text.rfind(opening, 0, at)
-        return name, None if start < 0 else text[start + len(opening) : at]
+        if start < 0:
+            return ToolCall(name, None, f"</{tool_tag(name)}> without {opening}")
+        return ToolCall(name, text[start + len(opening) : at])
 
-    def run(self, calls: Sequence[tuple[str, str | None]]) -> list[tuple[str, bool]]:
+    def _find_hermes_call(self, text: str) -> ToolCall | None:
+        at = text.find(_HERMES_CLOSE)
+        if at < 0:
+            return None
+        start = text.rfind(_HERMES_OPEN, 0, at)
+        if start < 0:
+            return ToolCall("", None, f"{_HERMES_CLOSE} without {_HERMES_OPEN}")
+        try:
+            call = json.loads(text[start + len(_HERMES_OPEN) : at])
+        except json.JSONDecodeError as e:
+            return ToolCall("", None, f"the call is not JSON ({e})")
+        arguments = call.get("arguments", {}) if isinstance(call, dict) else None
+        if isinstance(arguments, str):  # some models write the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                arguments = None
+        if not isinstance(arguments, dict) or not isinstance(call.get("name"), str):
+            return ToolCall("", None, 'a call is {"name": <tool>, "arguments": {...}}')
+        names = {tool_tag(name): name for name in self.names}
+        if call["name"] not in names:
+            known = ", ".join(names)
+            return ToolCall("", None, f"no tool named {call['name']!r} (there are: {known})")
+        return ToolCall(names[call["name"]], arguments)
+
+    def run(self, calls: Sequence[ToolCall]) -> list[tuple[str, bool]]:
         """Each call's result text (`result_template` filled in) and whether it failed."""
-        runnable = [(self.functions[name], arg) for name, arg in calls if arg is not None]
+        if self.result_template is None:
+            raise ValueError("ToolConfig.run: no result_template (see for_chat_template)")
+        runnable = [(self.functions[c.name], c.argument) for c in calls if c.problem is None]
         outcomes = iter(reward_phase.run_guarded(_call_as_text, runnable, self.timeout_s))
         results = []
-        for name, argument in calls:
-            tag = tool_tag(name)
-            output, failure = (
-                (None, f"</{tag}> without <{tag}>") if argument is None else next(outcomes)
-            )
+        for call in calls:
+            output, failure = (None, call.problem) if call.problem else next(outcomes)
             text = f"error: {failure}" if failure is not None else output
             results.append(
                 (
@@ -206,5 +352,5 @@ class ToolConfig:
         return results
 
 
-def _call_as_text(fn: Callable[[str], Any], argument: str) -> str:
-    return str(fn(argument))
+def _call_as_text(fn: Callable[..., Any], argument: str | dict[str, Any]) -> str:
+    return str(fn(**argument) if isinstance(argument, dict) else fn(argument))

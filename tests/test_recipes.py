@@ -32,8 +32,9 @@ def test_recipe_builds_valid_configs_on_the_reference_run(recipe, clean_gin):
     cfg = configurables.TrainConfig()  # the gin-bound class
     assert isinstance(loss, update.LossConfig) and isinstance(rewards, reward.RewardConfig)
     assert rewards.overlong_buffer <= gin.query_parameter("make_sampling.max_new_tokens")
-    if "calculator" in recipe:  # the prompt tells the policy the tool's syntax
-        assert tools.names == ("calculator",) and "<calculator>" in cfg.system_prompt
+    if "calculator" in recipe:  # the prompt tells the policy the tool's syntax, or the template
+        assert tools.names == ("calculator",)
+        assert ("<calculator>" in cfg.system_prompt) == (tools.call_format == "tags")
     if "lora" in recipe:  # make_model would load the 3B base; its LoRA settings are checked here
         query = lambda name: gin.query_parameter(f"make_model.{name}")
         assert LoraConfig(query("lora_rank"), query("lora_alpha")).rank > 0  # validated

@@ -2,6 +2,7 @@
 calls, the sampler's tool rounds (scripted, and on the tiny model), and a training run."""
 
 import json
+import os
 import re
 import time
 
@@ -11,10 +12,24 @@ import pytest
 
 from grpo import sampling, sharding, tools
 from grpo.models import transformer as tf
+from grpo.tools import ToolCall as Call
 from grpo.types import Rollout
-from tests.test_train import _experiment, _train_in_process, length_reward  # noqa: F401
+from tests.test_train import REPO, _experiment, _train_in_process, length_reward  # noqa: F401
 
 TOOLS = "make_tools.names=('calculator',)"
+CHATML_TOOLS = os.path.join(REPO, "gin/templates/chatml_tools.jinja")
+# The calculator in Qwen's format, for the tiny runs' SmolLM2 tokenizer: its own ChatML template
+# has no tools, so the shipped ChatML-with-tools template replaces it.
+HERMES = (
+    TOOLS,
+    "make_tools.call_format='hermes'",
+    f"TrainConfig.chat_template_path='{CHATML_TOOLS}'",
+    "TrainConfig.prompt_buckets=(384,)",  # the tools' schemas make the prompt ~300 tokens
+)
+CHATML_TOOL_TURN = (
+    "<|im_end|>\n<|im_start|>user\n<tool_response>\n{output}\n</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -57,14 +72,72 @@ def test_calculator_refuses(expression, message):
 def test_find_call_reads_the_first_closed_call():
     config = tools.ToolConfig(names=("calculator", "tests.test_tools:echo"))
     assert config.close_tags == ("</calculator>", "</echo>")
-    assert config.find_call("so <calculator>2+3</calculator>") == ("calculator", "2+3")
-    assert config.find_call("<echo>a</echo><calculator>1</calculator>") == (
-        "tests.test_tools:echo",
-        "a",
+    assert config.find_call("so <calculator>2+3</calculator>") == Call("calculator", "2+3")
+    assert config.find_call("<echo>a</echo><calculator>1</calculator>") == Call(
+        "tests.test_tools:echo", "a"
     )
-    assert config.find_call("<calculator>1</calculator>> then") == ("calculator", "1")
+    assert config.find_call("<calculator>1</calculator>> then") == Call("calculator", "1")
     assert config.find_call("no call <calculator>2") is None
-    assert config.find_call("2+3</calculator>") == ("calculator", None)
+    assert config.find_call("2+3</calculator>") == Call(
+        "calculator", None, "</calculator> without <calculator>"
+    )
+
+
+def _hermes(name, arguments):
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+
+
+def test_find_call_reads_hermes_json_calls():
+    config = tools.ToolConfig(names=("calculator", "tests.test_tools:power"), call_format="hermes")
+    assert config.close_tags == ("</tool_call>",)
+    assert config.find_call(
+        "Let me compute. " + _hermes("calculator", '{"expression": "2+3"}')
+    ) == Call("calculator", {"expression": "2+3"})
+    # The arguments as a JSON string (some models write them so), and a module:function tool by
+    # its function's name.
+    assert config.find_call(_hermes("power", '"{\\"base\\": 2, \\"exponent\\": 5}"')) == Call(
+        "tests.test_tools:power", {"base": 2, "exponent": 5}
+    )
+    assert config.find_call('<tool_call>{"name": "calculator"') is None  # not closed yet
+    malformed = {
+        '<tool_call>{"name": "calculator", </tool_call>': "the call is not JSON",
+        '"name": "calculator"}</tool_call>': "</tool_call> without <tool_call>",
+        "<tool_call>[1, 2]</tool_call>": 'a call is {"name": <tool>, "arguments": {...}}',
+        _hermes("calculator", "[1]"): 'a call is {"name": <tool>',
+        _hermes("abacus", "{}"): "no tool named 'abacus' (there are: calculator, power)",
+    }
+    for text, problem in malformed.items():
+        call = config.find_call(text)
+        assert call.argument is None and call.problem.startswith(problem), (text, call)
+
+
+def power(base: int, exponent: int) -> int:
+    """Raises a number to a power.
+
+    Args:
+        base: The number.
+        exponent: The power.
+    """
+    return base**exponent
+
+
+def test_hermes_tools_are_described_by_their_signatures_and_docstrings():
+    config = tools.ToolConfig(names=("calculator", "tests.test_tools:power"), call_format="hermes")
+    calculator, power_schema = (schema["function"] for schema in config.schemas)
+    assert calculator["name"] == "calculator"
+    assert calculator["description"].startswith("Evaluates an arithmetic expression")
+    assert calculator["parameters"]["required"] == ["expression"]
+    assert power_schema["name"] == "power"
+    assert power_schema["parameters"]["properties"] == {
+        "base": {"type": "integer", "description": "The number."},
+        "exponent": {"type": "integer", "description": "The power."},
+    }
+    assert config.prompt_tools == config.schemas
+    assert tools.ToolConfig(names=("calculator",)).prompt_tools is None  # tags: the system prompt
+    with pytest.raises(
+        ValueError, match="describes tool 'tests.test_tools:echo' by its type hints"
+    ):
+        tools.ToolConfig(names=("tests.test_tools:echo",), call_format="hermes")
 
 
 def echo(argument):
@@ -94,17 +167,25 @@ def test_run_answers_each_call_and_reports_failures_without_raising():
     )
     results = config.run(
         [
-            ("calculator", "6*7"),
-            ("tests.test_tools:echo", "abcdef"),  # cut to 3 characters
-            ("tests.test_tools:sleepy", "x"),
-            ("tests.test_tools:broken", "x"),
-            ("calculator", None),
-            ("calculator", "1/0"),
+            Call("calculator", "6*7"),
+            Call("tests.test_tools:echo", "abcdef"),  # cut to 3 characters
+            Call("tests.test_tools:sleepy", "x"),
+            Call("tests.test_tools:broken", "x"),
+            Call("calculator", None, "malformed"),
+            Call("calculator", "1/0"),
         ]
     )
     assert results[:2] == [("[42]", False), ("[ABC]", False)]
     assert [failed for _, failed in results[2:]] == [True] * 4
     assert all(text.startswith("[err") for text, _ in results[2:])
+    hermes = tools.ToolConfig(
+        names=("tests.test_tools:power",), call_format="hermes", result_template="<{output}>"
+    )
+    assert hermes.run(
+        [Call("tests.test_tools:power", {"base": 3, "exponent": 4}), Call("x", None, "bad JSON")]
+    ) == [("<81>", False), ("<error: bad JSON>", True)]
+    ((text, failed),) = hermes.run([Call("tests.test_tools:power", {"base": 3})])  # too few
+    assert failed and text.startswith("<error: TypeError: power() missing 1 required")
 
 
 @pytest.mark.parametrize(
@@ -116,6 +197,7 @@ def test_run_answers_each_call_and_reports_failures_without_raising():
         (dict(names=("calculator",), max_calls=0), "max_calls must be >= 1"),
         (dict(names=("calculator",), result_template="<r></r>"), "must contain {output}"),
         (dict(names=("calculator", "calculator")), "give one tag twice"),
+        (dict(names=("calculator",), call_format="xml"), "call_format must be one of"),
     ],
 )
 def test_tool_config_refuses(kwargs, message):
@@ -127,6 +209,46 @@ def test_tool_config_refuses(kwargs, message):
 def test_a_misbound_tool_knob_fails_before_the_model_loads():
     with pytest.raises(ValueError, match="make_tools.timeout_s needs tools"):
         _experiment("make_tools.timeout_s=1.0", read_params=False)
+
+
+@pytest.mark.usefixtures("length_reward")
+def test_hermes_tools_reach_the_prompt_and_answer_in_the_chat_templates_tool_turn():
+    exp = _experiment(*HERMES, read_params=False)
+    with open(CHATML_TOOLS) as f:
+        assert exp.tokenizer.chat_template == f.read()  # what an export writes, too
+    # The result turn is read off the template: what follows a call's </tool_call> up to the
+    # assistant's next words.
+    assert exp.tools.result_template == CHATML_TOOL_TURN
+    tokens, mask = sampling.prompts_for(exp, exp.train_examples[:1], 1)
+    prompt = exp.tokenizer.decode(tokens[0][mask[0]])
+    assert exp.train.system_prompt is None  # tiny.gin's: the tools' system turn alone
+    assert prompt.startswith("<|im_start|>system\nYou may call these functions")
+    assert '<tools>\n{"type": "function", "function": {"name": "calculator"' in prompt
+    assert prompt.endswith(
+        exp.train_examples[0]["question"] + "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    bound = _experiment(*HERMES, "make_tools.result_template='[{output}]'", read_params=False)
+    assert bound.tools.result_template == "[{output}]"
+
+
+@pytest.mark.usefixtures("length_reward")
+@pytest.mark.parametrize(
+    "bindings, message",
+    [
+        (HERMES[:2], "needs a chat template that renders tools, and this tokenizer's does not"),
+        (
+            (*HERMES[:2], "TrainConfig.use_chat_template=False", "TrainConfig.system_prompt=None"),
+            "make_tools.call_format='hermes' needs TrainConfig.use_chat_template",
+        ),
+        (
+            ("TrainConfig.chat_template_path='/no/such.jinja'",),
+            "TrainConfig.chat_template_path: [Errno 2] No such file or directory",
+        ),
+    ],
+)
+def test_hermes_tools_need_a_chat_template_that_renders_them(bindings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _experiment(*bindings, read_params=False)
 
 
 # ------------------------------------------------------------------ the sampler's tool rounds
@@ -295,11 +417,21 @@ def _forced_first_call(monkeypatch, call="<calculator>2+3</calculator>"):
 
 
 @pytest.mark.usefixtures("length_reward")
-def test_later_rounds_record_the_trainers_logps_after_a_tool_result(monkeypatch):
+@pytest.mark.parametrize(
+    "bindings, call, budget",
+    [
+        ((TOOLS,), "<calculator>2+3</calculator>", 32),
+        (HERMES, _hermes("calculator", '{"expression": "2+3"}'), 96),
+    ],
+    ids=["tags", "hermes"],
+)
+def test_later_rounds_record_the_trainers_logps_after_a_tool_result(
+    monkeypatch, bindings, call, budget
+):
     # The round after a call prefills prompt + reply + result afresh; the log-probs it records
     # must be the trainer's recomputation over the whole sequence, at the same positions.
-    exp = _experiment(TOOLS, "make_sampling.max_new_tokens=32")
-    forced = _forced_first_call(monkeypatch)
+    exp = _experiment(*bindings, f"make_sampling.max_new_tokens={budget}")
+    forced = _forced_first_call(monkeypatch, call)
     forced.tokenizer = exp.tokenizer
     out = sampling.sample(
         exp, exp.params, exp.train_examples[:2], jax.random.key(3), exp.sampling, 4
@@ -308,7 +440,19 @@ def test_later_rounds_record_the_trainers_logps_after_a_tool_result(monkeypatch)
     after_a_result = np.cumsum(rollout.tool_mask_BxC, axis=1) > 0
     later = rollout.completion_mask_BxC & after_a_result & ~rollout.tool_mask_BxC
     assert later.sum() > 8, "want the second round sampled"
-    assert (out.tool_calls >= 1).all()
+    assert (out.tool_calls >= 1).all() and not out.tool_errors.any()
+    # Each reply: the call, then the result (special tokens and all, for hermes: the template's
+    # tool turn), written by the tool.
+    called = exp.tokenizer.encode(call, add_special_tokens=False)
+    result = exp.tokenizer.encode(
+        exp.tools.result_template.format(output="5"), add_special_tokens=False
+    )
+    for row in range(len(out.texts)):
+        tokens, by_tool = rollout.completion_tokens_BxC[row], rollout.tool_mask_BxC[row]
+        np.testing.assert_array_equal(tokens[: len(called)], called)
+        np.testing.assert_array_equal(tokens[len(called) : len(called) + len(result)], result)
+        assert by_tool[len(called) : len(called) + len(result)].all()
+        assert not by_tool[: len(called)].any() and not by_tool[len(called) + len(result)]
     logps, _ = tf.completion_logprobs(
         exp.params,
         rollout.prompt_tokens_BxP,

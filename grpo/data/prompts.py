@@ -52,25 +52,30 @@ def encode_prompts(
     template_kwargs: Mapping[str, Any] | None = None,
     question_template: str = QUESTION,
     chat_template: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[list[int]]:
     """Token ids of each question's prompt (chat template, else the plain fallback; with
     `chat_template=False`, the question template's text alone).
 
-    `template_kwargs` are variables for the chat template, e.g. Qwen3's `enable_thinking`.
+    `template_kwargs` are variables for the chat template, e.g. Qwen3's `enable_thinking`;
+    `tools` the JSON schemas of functions the model may call, which the template renders.
     `question_template` is the user turn, the question where it says `{question}` (plain text
     otherwise, so LaTeX braces need no escaping), e.g. `"{question} Put your final answer
     within \\boxed{}."`."""
     check_question_template(question_template)
     questions = [question_template.replace(QUESTION, q) for q in questions]
     if not chat_template:
-        if system_prompt is not None or template_kwargs:
-            raise ValueError("a prompt without the chat template has no system turn or variables")
+        if system_prompt is not None or template_kwargs or tools:
+            raise ValueError(
+                "a prompt without the chat template has no system turn, variables or tools"
+            )
         return [_as_token_ids(tokenizer.encode(q)) for q in questions]
     if getattr(tokenizer, "chat_template", None):
         return [
             _as_token_ids(
                 tokenizer.apply_chat_template(
                     build_messages(q, system_prompt),
+                    tools=tools,
                     add_generation_prompt=True,
                     tokenize=True,
                     **(template_kwargs or {}),
@@ -78,8 +83,8 @@ def encode_prompts(
             )
             for q in questions
         ]
-    if template_kwargs:
-        raise ValueError(f"chat template variables {dict(template_kwargs)} need a chat template")
+    if template_kwargs or tools:
+        raise ValueError("chat template variables and tools need a chat template")
     return [_as_token_ids(tokenizer.encode(plain_prompt(q, system_prompt))) for q in questions]
 
 
