@@ -117,9 +117,25 @@ def test_chat_template_variables_reach_the_template():
     assert off == [_ids(tokenizer, prompt + " Answer :")]
 
 
-def test_chat_template_variables_without_a_template_are_refused():
+def test_tools_reach_the_template():
+    # A template that names each tool first, as a tool-calling template lists their schemas.
+    tokenizer = _tokenizer(
+        "{% for t in tools or [] %}{{ t['function']['name'] }} {% endfor %}" + _CHATML
+    )
+    schema = {"type": "function", "function": {"name": "apples", "parameters": {}}}
+    prompt = "<|im_start|> user how many ? <|im_end|> <|im_start|> assistant"
+    assert encode_prompts(tokenizer, ["how many?"], tools=[schema]) == [
+        _ids(tokenizer, "apples " + prompt)
+    ]
+    assert encode_prompts(tokenizer, ["how many?"]) == [_ids(tokenizer, prompt)]
+
+
+@pytest.mark.parametrize(
+    "extra", [dict(template_kwargs={"enable_thinking": False}), dict(tools=[{"type": "function"}])]
+)
+def test_chat_template_variables_or_tools_without_a_template_are_refused(extra):
     with pytest.raises(ValueError, match="need a chat template"):
-        encode_prompts(_tokenizer(None), ["how many?"], template_kwargs={"enable_thinking": False})
+        encode_prompts(_tokenizer(None), ["how many?"], **extra)
 
 
 def test_question_template_wraps_the_user_turn(chatml):
@@ -143,7 +159,11 @@ def test_without_the_chat_template_the_question_template_is_the_prompt(chatml):
             tokenizer, ["how many ?"], question_template=template, chat_template=False
         )
         assert got == [_ids(tokenizer, "be brief : how many ? Answer :")]
-    for extra in (dict(system_prompt="be brief"), dict(template_kwargs={"enable_thinking": False})):
+    for extra in (
+        dict(system_prompt="be brief"),
+        dict(template_kwargs={"enable_thinking": False}),
+        dict(tools=[{"type": "function"}]),
+    ):
         with pytest.raises(ValueError, match="without the chat template has no system turn"):
             encode_prompts(chatml, ["how many ?"], chat_template=False, **extra)
 
