@@ -15,9 +15,7 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Persist XLA compiles across the in-process and subprocess runs of one test session.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/grpo-test-jax-cache")
-# Every compile, however short: the subprocess runs (CLI, resume, multi-process) then reuse
-# what the in-process tests compiled (cold test_tools + test_evaluation: 64 s against 70 s).
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 # Converted GGUF tokenizers (grpo.models.loading), kept apart from the user's ~/.cache/grpo.
 os.environ.setdefault("GRPO_CACHE_DIR", "/tmp/grpo-test-cache")
 
