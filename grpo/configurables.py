@@ -369,10 +369,9 @@ def build_experiment(
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "
             "with a chat template"
         )
-    if tool_config.call_format == "hermes" and not train.use_chat_template:
-        raise ValueError("make_tools.call_format='hermes' needs TrainConfig.use_chat_template")
     tool_config = tool_config.for_chat_template(
         bundle.tokenizer,
+        use_chat_template=train.use_chat_template,
         system_prompt=train.system_prompt,
         template_kwargs=train.chat_template_kwargs,
     )

@@ -244,6 +244,7 @@ class ToolConfig:
         self,
         tokenizer: Any,
         *,
+        use_chat_template: bool = True,
         system_prompt: str | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
     ) -> ToolConfig:
@@ -252,6 +253,8 @@ class ToolConfig:
         what it renders between a call's `</tool_call>` and the assistant's next words."""
         if self.call_format != "hermes":
             return self
+        if not use_chat_template:
+            raise ValueError("make_tools.call_format='hermes' needs TrainConfig.use_chat_template")
         question = prompts.build_messages("?", system_prompt)
 
         def render(messages: list[dict[str, Any]], tools: Any) -> str:
