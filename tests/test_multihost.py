@@ -1,6 +1,6 @@
 """One program on many processes, on one machine: two processes x 4 virtual CPU devices joined
-over localhost (gloo collectives) must train like one process with 8 devices, survive a
-preemption and resume, refuse to start, quickly and clearly, when a process is missing, and stop
+over localhost (gloo collectives) must train like one process with 8 devices (LoRA, dynamic
+sampling and tool calls included), survive a preemption and resume, refuse to start, quickly and clearly, when a process is missing, and stop
 within the heartbeat timeout when a process dies mid-run.
 
 Every run is a subprocess of `grpo.main` with a `length` reward registered first (the tiny
@@ -30,6 +30,15 @@ ENTRY = (
     # Equal rewards for odd answers (dynamic sampling's test): len() / 100 for the others.
     "reward.REWARD_FUNCTIONS['half_flat'] = lambda completion, example: (\n"
     "    0.0 if int(example['answer'].rsplit('####', 1)[1]) % 2 else len(completion) / 100.0)\n"
+    # With FIRST_CALL set, every rollout's first round writes that tool call (tests/forced_calls).
+    "import os\n"
+    "if os.environ.get('FIRST_CALL'):\n"
+    "    from grpo import sampling\n"
+    "    from grpo.models import loading\n"
+    "    from tests.forced_calls import first_rounds_call\n"
+    "    tokenizer = loading.load_tokenizer('smollm2-135m-instruct')  # tiny.gin's\n"
+    "    ids = tokenizer.encode(os.environ['FIRST_CALL'], add_special_tokens=False)\n"
+    "    sampling.generate = first_rounds_call(sampling.generate, ids)\n"
     "from grpo import main\n"
     "main.run()\n"
 )
@@ -239,11 +248,13 @@ def test_two_processes_evaluate_every_checkpoint_as_their_run_did(two_processes)
 
 
 @pytest.mark.slow
-def test_dynamic_sampling_and_lora_on_two_processes_train_as_one(tmp_path):
+def test_dynamic_sampling_lora_and_tools_on_two_processes_train_as_one(tmp_path):
     # Every process gathers every round and picks the same groups, then takes its own rows:
     # the steps match one process's, extra rounds included. The runs train LoRA adapters too
     # (each process builds the same adapters; the frozen base is sharded like the params),
     # two optimizer updates a step, and gather each round's solved prompts (none, here).
+    # Every reply calls the calculator first: each process runs its own rows' calls, and all
+    # of them agree on when the tool rounds end.
     bindings = (
         "make_rewards.names=('half_flat',)",
         "make_model.lora_rank=4",
@@ -252,13 +263,25 @@ def test_dynamic_sampling_and_lora_on_two_processes_train_as_one(tmp_path):
         "TrainConfig.max_sampling_rounds=4",
         "TrainConfig.num_steps=2",
         "TrainConfig.eval_every_steps=0",
+        "make_tools.names=('calculator',)",
+        "make_tools.result_template=' = {output}'",  # short: 14 of the 16 tokens, 2 to go on
     )
-    runs = [_Run(tmp_path / "two", *bindings), _Run(tmp_path / "one", *bindings, num_processes=1)]
+    call = {"FIRST_CALL": "<calculator>2+3</calculator>"}
+    runs = [
+        _Run(tmp_path / "two", *bindings, env=_env(4, **call)),
+        _Run(tmp_path / "one", *bindings, num_processes=1, env=_env(8, **call)),
+    ]
     for run in runs:
         _finish(run)
     two, one = (_deterministic(run.rows()) for run in runs)
     assert max(r["sampling_rounds"] for r in one) > 1, "the seed should need a second round"
+    assert all(r["tool_call_rate"] == 1.0 and r["tool_error_rate"] == 0.0 for r in two)
     _assert_metrics_close(one, two)
+    logged = [metrics_lib.read_metrics(run.workdir / "completions.jsonl") for run in runs]
+    called = "<calculator>2+3</calculator> = 5"
+    assert logged[0] and all(r["completion"].startswith(called) for r in logged[0])
+    assert any(len(r["completion"]) > len(called) for r in logged[0]), "no second round"
+    assert [r["completion"] for r in logged[0]] == [r["completion"] for r in logged[1]]
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from grpo import sampling, sharding, tools
 from grpo.models import transformer as tf
 from grpo.tools import ToolCall as Call
 from grpo.types import Rollout
+from tests.forced_calls import first_rounds_call
 from tests.test_train import REPO, _experiment, _train_in_process, length_reward  # noqa: F401
 
 TOOLS = "make_tools.names=('calculator',)"
@@ -391,29 +392,11 @@ def test_tool_rounds_append_results_and_sample_on_only_where_a_call_was_answered
             assert mask[row].sum() == 1 and budget[row] == 0
 
 
-def _forced_first_call(monkeypatch, call="<calculator>2+3</calculator>"):
+def _force_first_call(monkeypatch, tokenizer, call="<calculator>2+3</calculator>"):
     """Makes every row's first sampling round write `call` (the random tiny model never calls
     a tool); later rounds are the real sampler's."""
-    generate, seen = sampling.generate, []
-
-    def first_round_calls(params, tokens, mask, key, **kwargs):
-        rollout = generate(params, tokens, mask, key, **kwargs)
-        if kwargs.get("budget_B") is not None:
-            return rollout
-        seen.append(1)
-        local = jax.tree.map(np.array, rollout)
-        ids = np.asarray(first_round_calls.tokenizer.encode(call, add_special_tokens=False))
-        width = local.completion_tokens_BxC.shape[1]
-        local.completion_tokens_BxC[:] = kwargs["sampling"].pad_id
-        local.completion_tokens_BxC[:, : len(ids)] = ids
-        local.completion_mask_BxC[:] = np.arange(width) < len(ids)
-        local.logps_BxC[:] = np.where(local.completion_mask_BxC, -1.0, 0.0)
-        local.lengths_B[:] = len(ids)
-        local.truncated_B[:] = False
-        return sharding.shard_batch(kwargs["mesh"], local)
-
-    monkeypatch.setattr(sampling, "generate", first_round_calls)
-    return first_round_calls
+    ids = tokenizer.encode(call, add_special_tokens=False)
+    monkeypatch.setattr(sampling, "generate", first_rounds_call(sampling.generate, ids))
 
 
 @pytest.mark.usefixtures("length_reward")
@@ -431,8 +414,7 @@ def test_later_rounds_record_the_trainers_logps_after_a_tool_result(
     # The round after a call prefills prompt + reply + result afresh; the log-probs it records
     # must be the trainer's recomputation over the whole sequence, at the same positions.
     exp = _experiment(*bindings, f"make_sampling.max_new_tokens={budget}")
-    forced = _forced_first_call(monkeypatch, call)
-    forced.tokenizer = exp.tokenizer
+    _force_first_call(monkeypatch, exp.tokenizer, call)
     out = sampling.sample(
         exp, exp.params, exp.train_examples[:2], jax.random.key(3), exp.sampling, 4
     )
@@ -467,9 +449,7 @@ def test_later_rounds_record_the_trainers_logps_after_a_tool_result(
 
 @pytest.mark.usefixtures("length_reward")
 def test_a_run_with_tools_trains_and_reports_its_calls(tmp_path, monkeypatch):
-    forced = _forced_first_call(monkeypatch)
-    exp_tokenizer = _experiment(read_params=False).tokenizer
-    forced.tokenizer = exp_tokenizer
+    _force_first_call(monkeypatch, _experiment(read_params=False).tokenizer)
     summary = _train_in_process(
         tmp_path, TOOLS, "TrainConfig.num_steps=2", "make_sampling.max_new_tokens=24"
     )
