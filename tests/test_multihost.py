@@ -1,7 +1,8 @@
 """One program on many processes, on one machine: two processes x 4 virtual CPU devices joined
 over localhost (gloo collectives) must train like one process with 8 devices (LoRA, dynamic
-sampling and tool calls included), survive a preemption and resume, refuse to start, quickly and clearly, when a process is missing, and stop
-within the heartbeat timeout when a process dies mid-run.
+sampling and tool calls included), survive a preemption and resume, refuse to start, quickly
+and clearly, when a process is missing, and stop within the heartbeat timeout when a process
+dies mid-run.
 
 Every run is a subprocess of `grpo.main` with a `length` reward registered first (the tiny
 random policy never solves a problem, so correctness rewards would give no gradient).
