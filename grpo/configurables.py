@@ -187,8 +187,8 @@ def make_sampling(
     tool_stops: tuple[str, ...] = (),
 ) -> rollout.SamplingConfig:
     """`token_bytes` (the run's, not a gin knob): each token id's bytes in a reply's text, for
-    the stop strings' automata. `tool_stops` (the tools', not a gin knob): the tags that close
-    a tool call, stop strings too."""
+    the stop strings' automata. `tool_stops` (the tools', not a gin knob): where a round stops
+    for a tool call, stop strings too."""
     stop = None
     strings = tuple(dict.fromkeys((*stop_strings, *tool_stops)))
     if strings:
@@ -369,8 +369,10 @@ def build_experiment(
             f"TrainConfig.chat_template_kwargs={train.chat_template_kwargs} needs a tokenizer "
             "with a chat template"
         )
+    end_ids, pad_id = _end_and_pad_ids(bundle)
     tool_config = tool_config.for_chat_template(
         bundle.tokenizer,
+        end_tokens=bundle.tokenizer.convert_ids_to_tokens(list(end_ids)),
         use_chat_template=train.use_chat_template,
         system_prompt=train.system_prompt,
         template_kwargs=train.chat_template_kwargs,
@@ -379,12 +381,11 @@ def build_experiment(
     train_examples, test_examples, extra_eval_sets = _datasets(
         train, rewards, bundle.tokenizer, tools_or_none, eval_only
     )
-    end_ids, pad_id = _end_and_pad_ids(bundle)
     sampling = make_sampling(
         end_ids=end_ids,
         pad_id=pad_id,
         token_bytes=lambda: token_bytes(bundle.tokenizer, bundle.config.vocab_size),
-        tool_stops=tool_config.close_tags,
+        tool_stops=tool_config.round_stops,
     )
     if rewards.overlong_buffer > sampling.max_new_tokens:
         raise ValueError(

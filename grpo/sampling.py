@@ -110,7 +110,7 @@ class _Reply:
     tokens: list[int] = dataclasses.field(default_factory=list)
     logps: list[float] = dataclasses.field(default_factory=list)
     by_tool: list[bool] = dataclasses.field(default_factory=list)
-    call: ToolCall | None = None  # a call the next round answers
+    asked: list[ToolCall] = dataclasses.field(default_factory=list)  # for the next round to answer
     calls: int = 0
     errors: int = 0
     truncated: bool = False
@@ -124,8 +124,8 @@ class _Reply:
 def _tool_rounds(
     exp: Experiment, params: Any, first: Rollout, key: jax.Array, sampler: SamplingConfig
 ) -> Sampled:
-    """Runs the calls `first`'s replies end with, appends the results, samples on from there,
-    and so on until no reply calls a tool (each at most `max_calls` times).
+    """Runs the calls `first`'s replies make, appends the results, samples on from there, and
+    so on until no reply calls a tool (each at most `max_calls` times).
 
     Every round after the first prefills each reply's prompt and completion so far, left-padded
     to one width (the first round's prompt width plus the token budget: one compile), and
@@ -173,7 +173,7 @@ def _tool_rounds(
 
 def _take_round(exp: Experiment, replies: list[_Reply], rollout: Rollout) -> None:
     """Appends each reply's tokens from a round (replies not sampled in it got none) and notes
-    the call its text ends with, if it may make one more."""
+    the calls the round made, if it may make that many more."""
     tokens, lengths, logps, truncated = (
         gather.local_rows(x)
         for x in (
@@ -189,22 +189,34 @@ def _take_round(exp: Experiment, replies: list[_Reply], rollout: Rollout) -> Non
         if not length:
             continue
         reply.extend(row[:length].tolist(), row_logps[:length].tolist(), by_tool=False)
-        text = exp.tokenizer.decode(row[:length].tolist(), skip_special_tokens=True)
-        call = exp.tools.find_call(text)
-        reply.call = call if call is not None and reply.calls < exp.tools.max_calls else None
-        reply.truncated = bool(cut) and call is None
+        calls = [] if cut else _calls_made(exp, row[:length].tolist())
+        reply.asked = calls if reply.calls + len(calls) <= exp.tools.max_calls else []
+        reply.truncated = bool(cut)
+
+
+def _calls_made(exp: Experiment, round_tokens: list[int]) -> list[ToolCall]:
+    """The calls of a round the sampler ended (not cut at the budget): `tags`, the call whose
+    closing tag stopped it; `hermes`, those of the assistant's turn, if an end token ended it
+    (a user's stop string ends the completion, calls or not)."""
+    if exp.tools.call_format == "hermes" and round_tokens[-1] not in exp.sampling.end_ids:
+        return []
+    text = exp.tokenizer.decode(round_tokens, skip_special_tokens=True)
+    return exp.tools.find_calls(text)
 
 
 def _answer_calls(exp: Experiment, replies: list[_Reply], budget: int) -> set[int]:
     """Runs the pending calls, appends their results (cut to the budget); returns the replies
     that go on sampling."""
-    asked = [i for i, reply in enumerate(replies) if reply.call is not None]
-    results = exp.tools.run([replies[i].call for i in asked])
+    asked = [i for i, reply in enumerate(replies) if reply.asked]
+    outcomes = iter(exp.tools.run([call for i in asked for call in replies[i].asked]))
     going = set()
-    for i, (text, failed) in zip(asked, results, strict=True):
+    for i in asked:
         reply = replies[i]
-        reply.call, reply.calls, reply.errors = None, reply.calls + 1, reply.errors + failed
-        result = exp.tokenizer.encode(text, add_special_tokens=False)
+        results = [next(outcomes) for _ in reply.asked]
+        reply.asked, reply.calls = [], reply.calls + len(results)
+        reply.errors += sum(failed for _, failed in results)
+        answer = exp.tools.answer([output for output, _ in results])
+        result = exp.tokenizer.encode(answer, add_special_tokens=False)
         room = budget - len(reply.tokens)
         reply.extend(result[:room], [0.0] * min(len(result), room), by_tool=True)
         if len(result) < room:

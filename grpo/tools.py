@@ -3,16 +3,18 @@ Toolformer, ReTool or Search-R1).
 
 Two call formats (`ToolConfig.call_format`):
 - `tags`: a completion calls tool `name` by writing `<name>argument</name>`; the system prompt
-  says so. The tool's output comes back as `<result>output</result>`.
-- `hermes`: the format Qwen2.5 and Qwen3 (and Hermes models) are trained on. The chat template
-  puts the tools' JSON schemas (from each function's signature and docstring) in the prompt; a
-  completion calls one with `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, and the
-  output comes back as the template's tool turn (Qwen: `<|im_end|>`, a user turn holding
-  `<tool_response>output</tool_response>`, then the assistant's turn opened again).
-The sampler stops the row at the call's closing tag (a stop string), the host runs the tool and
-appends the result to the completion as tokens, and the row goes on sampling from there
-(`grpo.sampling`). The policy reads the tools' tokens but never trains on them: the rollout
-marks them (`Rollout.tool_mask_BxC`) and the loss leaves them out.
+  says so. The sampler stops the row at the closing tag (a stop string), and the tool's output
+  comes back as `<result>output</result>`.
+- `hermes`: the format Qwen2.5 and Qwen3 (and Hermes models) are trained on, turn by turn as
+  TRL's and verl's multi-turn rollouts take it. The chat template puts the tools' JSON schemas
+  (from each function's signature and docstring) in the prompt; the assistant's turn calls any
+  number of them, each as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, and ends
+  (its end-of-turn token, e.g. Qwen's `<|im_end|>`, sampled by the policy). Every call of the
+  turn runs, and the outputs come back as the template's tool turn (Qwen: a user turn holding
+  one `<tool_response>output</tool_response>` per call), which opens the assistant's next turn.
+The host runs the calls and appends the results to the completion as tokens, and the row goes
+on sampling from there (`grpo.sampling`). The policy reads the tools' tokens but never trains on
+them: the rollout marks them (`Rollout.tool_mask_BxC`) and the loss leaves them out.
 
 A tool is a function of one string (`tags`) or of the JSON arguments (`hermes`) to its output
 (a string, or anything `str` renders). It runs on the host, on the reward workers, under
@@ -139,7 +141,8 @@ def tool_tag(name: str) -> str:
 CALL_FORMATS = ("tags", "hermes")
 _TAGS_RESULT = "<result>{output}</result>"
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
-_OUTPUT_MARK = "TOOL_OUTPUT_MARK"  # stands for the output when the chat template renders a turn
+# Stand for the outputs when the chat template renders a tool turn.
+_OUTPUT_MARKS = ("TOOL_OUTPUT_MARK_A", "TOOL_OUTPUT_MARK_B")
 
 
 class ToolCall(NamedTuple):
@@ -155,16 +158,18 @@ class ToolCall(NamedTuple):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ToolConfig:
     """The tools a completion may call, and how; no `names`, no tools (the default). `max_calls`
-    bounds the calls per completion: a completion that asks for one more ends there (it is not
+    bounds the calls per completion: a completion that asks for more ends there (it is not
     truncated, and its reward is what it wrote so far). `call_format` is how a completion calls
-    (see the module doc). `result_template` is what each call appends, `{output}` the tool's
-    output cut to `max_output_chars`; None: `<result>{output}</result>` for `tags`, the chat
-    template's tool turn for `hermes` (`for_chat_template`)."""
+    (see the module doc). `result_template` is what a round's calls append, `{output}` the
+    tool's output cut to `max_output_chars` (`hermes`: the outputs of the turn's calls, joined
+    by `result_separator`); None: `<result>{output}</result>` for `tags`, the chat template's
+    tool turn for `hermes` (`for_chat_template`), and its separator likewise."""
 
     names: tuple[str, ...] = ()
     max_calls: int = 4
     call_format: str = "tags"
     result_template: str | None = None
+    result_separator: str | None = None
     timeout_s: float = 5.0
     max_output_chars: int = 500
 
@@ -197,6 +202,11 @@ class ToolConfig:
             )
         if self.call_format == "hermes":
             self.schemas  # noqa: B018 - a function the schema cannot describe fails now
+        elif self.result_separator is not None:
+            raise ValueError(
+                "make_tools.result_separator joins the outputs of a turn's calls: it needs "
+                "make_tools.call_format='hermes' (a tags round makes one call)"
+            )
         if not self.timeout_s > 0 or self.max_output_chars < 1:
             raise ValueError(
                 "ToolConfig.timeout_s must be > 0 and max_output_chars >= 1, got "
@@ -234,23 +244,27 @@ class ToolConfig:
         return self.schemas if self.call_format == "hermes" else None
 
     @property
-    def close_tags(self) -> tuple[str, ...]:
-        """The strings that end a call: the sampler's stop strings for the tools."""
+    def round_stops(self) -> tuple[str, ...]:
+        """The strings at which the sampler stops a row for its call: the closing tags
+        (`tags`); none for `hermes`, whose rounds end with the assistant's turn."""
         if self.call_format == "hermes":
-            return (_HERMES_CLOSE,)
+            return ()
         return tuple(f"</{tool_tag(name)}>" for name in self.names)
 
     def for_chat_template(
         self,
         tokenizer: Any,
         *,
+        end_tokens: Sequence[str] = (),
         use_chat_template: bool = True,
         system_prompt: str | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
     ) -> ToolConfig:
         """This config for prompts through `tokenizer`'s chat template. For `hermes`, the
-        template must render the tools, and an unbound `result_template` becomes its tool turn:
-        what it renders between a call's `</tool_call>` and the assistant's next words."""
+        template must render the tools, and an unbound `result_template` (`result_separator`)
+        becomes its tool turn (between two outputs): what it renders after the assistant's turn
+        that calls, past that turn's end-of-turn token (one of `end_tokens`, the sampler's end
+        tokens as text), up to the assistant's next words."""
         if self.call_format != "hermes":
             return self
         if not use_chat_template:
@@ -274,52 +288,85 @@ class ToolConfig:
                 "this tokenizer's does not: bind TrainConfig.chat_template_path (e.g. "
                 "gin/templates/chatml_tools.jinja) or make_tools.call_format='tags'"
             )
-        if self.result_template is not None:
+        if self.result_template is not None and self.result_separator is not None:
             return self
+        template, separator = self._tool_turn(
+            lambda messages: render(question + messages, self.schemas), end_tokens
+        )
+        read = {"result_template": template, "result_separator": separator}
+        bound = {knob: getattr(self, knob) for knob in read if getattr(self, knob) is not None}
+        return dataclasses.replace(self, **{**read, **bound})
+
+    def _tool_turn(
+        self, render: Callable[[list[dict[str, Any]]], str], end_tokens: Sequence[str]
+    ) -> tuple[str, str]:
+        """The chat template's tool turn as (`result_template`, `result_separator`), read off
+        its renderings of a turn of one call and of two, after the end-of-turn token."""
         tag = tool_tag(self.names[0])
         call = {"type": "function", "function": {"name": tag, "arguments": {}}}
-        turns = [
-            {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "name": tag, "content": _OUTPUT_MARK},
-        ]
-        text = render(question + turns, self.schemas)
-        mark = text.find(_OUTPUT_MARK)
-        close = text.rfind(_HERMES_CLOSE, 0, max(mark, 0))
-        if mark < 0 or close < 0:
+
+        def turn(outputs: Sequence[str]) -> str | None:
+            messages = [{"role": "assistant", "content": "", "tool_calls": [call] * len(outputs)}]
+            messages += [{"role": "tool", "name": tag, "content": out} for out in outputs]
+            text = render(messages)
+            close = text.rfind(_HERMES_CLOSE, 0, max(text.find(outputs[0]), 0))
+            after = text[close + len(_HERMES_CLOSE) :] if close >= 0 else ""
+            end = next((end for end in end_tokens if end and after.startswith(end)), None)
+            return after[len(end) :] if end is not None else None
+
+        mark, second = _OUTPUT_MARKS
+        one, two = turn([mark]), turn([mark, second])
+        if one is None or two is None:
             raise ValueError(
                 "make_tools.call_format='hermes': the chat template renders no tool turn after "
-                f"a {_HERMES_CLOSE}; bind make_tools.result_template"
+                f"a {_HERMES_CLOSE} and an end-of-turn token ({', '.join(end_tokens)}); bind "
+                "make_tools.result_template and make_tools.result_separator"
             )
-        turn = text[close + len(_HERMES_CLOSE) :].replace("{", "{{").replace("}", "}}")
-        return dataclasses.replace(self, result_template=turn.replace(_OUTPUT_MARK, "{output}"))
+        head, _, tail = one.partition(mark)
+        two_head, _, rest = two.partition(mark)
+        separator, _, two_tail = rest.partition(second)
+        if (two_head, two_tail) != (head, tail):
+            raise ValueError(
+                "make_tools.call_format='hermes': the chat template's tool turn for two calls "
+                "is not its turn for one with the outputs side by side; bind "
+                "make_tools.result_template and make_tools.result_separator"
+            )
+        escape = lambda text: text.replace("{", "{{").replace("}", "}}")
+        return escape(head) + "{output}" + escape(tail), separator
 
-    def find_call(self, text: str) -> ToolCall | None:
-        """The first call `text` closes; None when it closes none.
-
-        The sampler stops a row at the token that completes a closing tag, so the text of one
-        sampling round closes at most one call, at its end."""
+    def find_calls(self, text: str) -> list[ToolCall]:
+        """The calls a round's `text` makes: `tags`, the first call it closes (the sampler
+        stops a row at the token that completes a closing tag, so a round closes at most one
+        call, at its end); `hermes`, every call of the turn, malformed ones included."""
         if self.call_format == "hermes":
-            return self._find_hermes_call(text)
-        pairs = zip(self.names, self.close_tags, strict=True)
+            return self._hermes_calls(text)
+        pairs = zip(self.names, self.round_stops, strict=True)
         found = [(text.find(tag), name) for name, tag in pairs if tag in text]
         if not found:
-            return None
+            return []
         at, name = min(found)
         opening = f"<{tool_tag(name)}>"
         start = text.rfind(opening, 0, at)
         if start < 0:
-            return ToolCall(name, None, f"</{tool_tag(name)}> without {opening}")
-        return ToolCall(name, text[start + len(opening) : at])
+            return [ToolCall(name, None, f"</{tool_tag(name)}> without {opening}")]
+        return [ToolCall(name, text[start + len(opening) : at])]
 
-    def _find_hermes_call(self, text: str) -> ToolCall | None:
-        at = text.find(_HERMES_CLOSE)
-        if at < 0:
-            return None
-        start = text.rfind(_HERMES_OPEN, 0, at)
-        if start < 0:
-            return ToolCall("", None, f"{_HERMES_CLOSE} without {_HERMES_OPEN}")
+    def _hermes_calls(self, text: str) -> list[ToolCall]:
+        calls, done = [], 0
+        while (at := text.find(_HERMES_CLOSE, done)) >= 0:
+            start = text.rfind(_HERMES_OPEN, done, at)
+            if start < 0:
+                calls.append(ToolCall("", None, f"{_HERMES_CLOSE} without {_HERMES_OPEN}"))
+            else:
+                calls.append(self._hermes_call(text[start + len(_HERMES_OPEN) : at]))
+            done = at + len(_HERMES_CLOSE)
+        if _HERMES_OPEN in text[done:]:
+            calls.append(ToolCall("", None, f"{_HERMES_OPEN} without {_HERMES_CLOSE}"))
+        return calls
+
+    def _hermes_call(self, body: str) -> ToolCall:
         try:
-            call = json.loads(text[start + len(_HERMES_OPEN) : at])
+            call = json.loads(body)
         except json.JSONDecodeError as e:
             return ToolCall("", None, f"the call is not JSON ({e})")
         arguments = call.get("arguments", {}) if isinstance(call, dict) else None
@@ -337,22 +384,26 @@ class ToolConfig:
         return ToolCall(names[call["name"]], arguments)
 
     def run(self, calls: Sequence[ToolCall]) -> list[tuple[str, bool]]:
-        """Each call's result text (`result_template` filled in) and whether it failed."""
-        if self.result_template is None:
-            raise ValueError("ToolConfig.run: no result_template (see for_chat_template)")
+        """Each call's output, cut to `max_output_chars` (`error: ...` for one that failed), and
+        whether it failed."""
         runnable = [(self.functions[c.name], c.argument) for c in calls if c.problem is None]
         outcomes = iter(reward_phase.run_guarded(_call_as_text, runnable, self.timeout_s))
         results = []
         for call in calls:
             output, failure = (None, call.problem) if call.problem else next(outcomes)
             text = f"error: {failure}" if failure is not None else output
-            results.append(
-                (
-                    self.result_template.format(output=text[: self.max_output_chars]),
-                    failure is not None,
-                )
-            )
+            results.append((text[: self.max_output_chars], failure is not None))
         return results
+
+    def answer(self, outputs: Sequence[str]) -> str:
+        """What a round's calls append to the completion, given their outputs (`run`)."""
+        if self.result_template is None:
+            raise ValueError("ToolConfig.answer: no result_template (see for_chat_template)")
+        if self.call_format == "hermes":
+            if len(outputs) > 1 and self.result_separator is None:
+                raise ValueError("ToolConfig.answer: no result_separator (see for_chat_template)")
+            return self.result_template.format(output=(self.result_separator or "").join(outputs))
+        return "".join(self.result_template.format(output=output) for output in outputs)
 
 
 def _call_as_text(fn: Callable[..., Any], argument: str | dict[str, Any]) -> str:

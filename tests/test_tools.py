@@ -27,10 +27,12 @@ HERMES = (
     f"TrainConfig.chat_template_path='{CHATML_TOOLS}'",
     "TrainConfig.prompt_buckets=(384,)",  # the tools' schemas make the prompt ~300 tokens
 )
+# What follows the assistant's <|im_end|> after its calls, up to its next turn.
 CHATML_TOOL_TURN = (
-    "<|im_end|>\n<|im_start|>user\n<tool_response>\n{output}\n</tool_response><|im_end|>\n"
+    "\n<|im_start|>user\n<tool_response>\n{output}\n</tool_response><|im_end|>\n"
     "<|im_start|>assistant\n"
 )
+CHATML_BETWEEN_RESULTS = "\n</tool_response>\n<tool_response>\n"
 
 
 @pytest.mark.parametrize(
@@ -70,46 +72,56 @@ def test_calculator_refuses(expression, message):
         tools.calculator(expression)
 
 
-def test_find_call_reads_the_first_closed_call():
+def test_find_calls_reads_the_first_closed_call():
     config = tools.ToolConfig(names=("calculator", "tests.test_tools:echo"))
-    assert config.close_tags == ("</calculator>", "</echo>")
-    assert config.find_call("so <calculator>2+3</calculator>") == Call("calculator", "2+3")
-    assert config.find_call("<echo>a</echo><calculator>1</calculator>") == Call(
-        "tests.test_tools:echo", "a"
-    )
-    assert config.find_call("<calculator>1</calculator>> then") == Call("calculator", "1")
-    assert config.find_call("no call <calculator>2") is None
-    assert config.find_call("2+3</calculator>") == Call(
-        "calculator", None, "</calculator> without <calculator>"
-    )
+    assert config.round_stops == ("</calculator>", "</echo>")
+    assert config.find_calls("so <calculator>2+3</calculator>") == [Call("calculator", "2+3")]
+    assert config.find_calls("<echo>a</echo><calculator>1</calculator>") == [
+        Call("tests.test_tools:echo", "a")
+    ]
+    assert config.find_calls("<calculator>1</calculator>> then") == [Call("calculator", "1")]
+    assert config.find_calls("no call <calculator>2") == []
+    assert config.find_calls("2+3</calculator>") == [
+        Call("calculator", None, "</calculator> without <calculator>")
+    ]
 
 
 def _hermes(name, arguments):
     return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
 
 
-def test_find_call_reads_hermes_json_calls():
+def test_find_calls_reads_every_hermes_json_call_of_the_turn():
     config = tools.ToolConfig(names=("calculator", "tests.test_tools:power"), call_format="hermes")
-    assert config.close_tags == ("</tool_call>",)
-    assert config.find_call(
+    assert config.round_stops == ()  # a round ends with the assistant's turn
+    assert config.find_calls(
         "Let me compute. " + _hermes("calculator", '{"expression": "2+3"}')
-    ) == Call("calculator", {"expression": "2+3"})
+    ) == [Call("calculator", {"expression": "2+3"})]
     # The arguments as a JSON string (some models write them so), and a module:function tool by
-    # its function's name.
-    assert config.find_call(_hermes("power", '"{\\"base\\": 2, \\"exponent\\": 5}"')) == Call(
-        "tests.test_tools:power", {"base": 2, "exponent": 5}
-    )
-    assert config.find_call('<tool_call>{"name": "calculator"') is None  # not closed yet
+    # its function's name; several calls in one turn, in order, with text between them.
+    assert config.find_calls(
+        _hermes("power", '"{\\"base\\": 2, \\"exponent\\": 5}"')
+        + "\nand "
+        + _hermes("calculator", '{"expression": "1"}')
+    ) == [
+        Call("tests.test_tools:power", {"base": 2, "exponent": 5}),
+        Call("calculator", {"expression": "1"}),
+    ]
+    assert config.find_calls("The answer is 5.") == []
     malformed = {
         '<tool_call>{"name": "calculator", </tool_call>': "the call is not JSON",
         '"name": "calculator"}</tool_call>': "</tool_call> without <tool_call>",
         "<tool_call>[1, 2]</tool_call>": 'a call is {"name": <tool>, "arguments": {...}}',
         _hermes("calculator", "[1]"): 'a call is {"name": <tool>',
         _hermes("abacus", "{}"): "no tool named 'abacus' (there are: calculator, power)",
+        '<tool_call>{"name": "calculator"': "<tool_call> without </tool_call>",
     }
     for text, problem in malformed.items():
-        call = config.find_call(text)
+        (call,) = config.find_calls(text)
         assert call.argument is None and call.problem.startswith(problem), (text, call)
+    # A malformed call beside good ones is answered with its error, in its place.
+    good = _hermes("calculator", '{"expression": "2"}')
+    calls = config.find_calls(good + _hermes("abacus", "{}") + good + "<tool_call>{")
+    assert [c.problem is None for c in calls] == [True, False, True, False]
 
 
 def power(base: int, exponent: int) -> int:
@@ -176,17 +188,24 @@ def test_run_answers_each_call_and_reports_failures_without_raising():
             Call("calculator", "1/0"),
         ]
     )
-    assert results[:2] == [("[42]", False), ("[ABC]", False)]
+    assert results[:2] == [("42", False), ("ABC", False)]
     assert [failed for _, failed in results[2:]] == [True] * 4
-    assert all(text.startswith("[err") for text, _ in results[2:])
+    assert all(text.startswith("err") for text, _ in results[2:])
+    assert config.answer(["42"]) == "[42]"
     hermes = tools.ToolConfig(
-        names=("tests.test_tools:power",), call_format="hermes", result_template="<{output}>"
+        names=("tests.test_tools:power",),
+        call_format="hermes",
+        result_template="<{output}>",
+        result_separator="|",
     )
-    assert hermes.run(
+    results = hermes.run(
         [Call("tests.test_tools:power", {"base": 3, "exponent": 4}), Call("x", None, "bad JSON")]
-    ) == [("<81>", False), ("<error: bad JSON>", True)]
+    )
+    assert results == [("81", False), ("error: bad JSON", True)]
+    # One turn's outputs come back together, in one tool turn.
+    assert hermes.answer([output for output, _ in results]) == "<81|error: bad JSON>"
     ((text, failed),) = hermes.run([Call("tests.test_tools:power", {"base": 3})])  # too few
-    assert failed and text.startswith("<error: TypeError: power() missing 1 required")
+    assert failed and text.startswith("error: TypeError: power() missing 1 required")
 
 
 @pytest.mark.parametrize(
@@ -199,6 +218,11 @@ def test_run_answers_each_call_and_reports_failures_without_raising():
         (dict(names=("calculator",), result_template="<r></r>"), "must contain {output}"),
         (dict(names=("calculator", "calculator")), "give one tag twice"),
         (dict(names=("calculator",), call_format="xml"), "call_format must be one of"),
+        (
+            dict(names=("calculator",), result_separator="\n"),
+            "make_tools.result_separator joins the outputs of a turn's calls: it needs "
+            "make_tools.call_format='hermes'",
+        ),
     ],
 )
 def test_tool_config_refuses(kwargs, message):
@@ -217,9 +241,10 @@ def test_hermes_tools_reach_the_prompt_and_answer_in_the_chat_templates_tool_tur
     exp = _experiment(*HERMES, read_params=False)
     with open(CHATML_TOOLS) as f:
         assert exp.tokenizer.chat_template == f.read()  # what an export writes, too
-    # The result turn is read off the template: what follows a call's </tool_call> up to the
-    # assistant's next words.
+    # The result turn is read off the template: what follows the end of a turn that calls, up
+    # to the assistant's next words; and what it puts between two results.
     assert exp.tools.result_template == CHATML_TOOL_TURN
+    assert exp.tools.result_separator == CHATML_BETWEEN_RESULTS
     tokens, mask = sampling.prompts_for(exp, exp.train_examples[:1], 1)
     prompt = exp.tokenizer.decode(tokens[0][mask[0]])
     assert exp.train.system_prompt is None  # tiny.gin's: the tools' system turn alone
@@ -230,6 +255,50 @@ def test_hermes_tools_reach_the_prompt_and_answer_in_the_chat_templates_tool_tur
     )
     bound = _experiment(*HERMES, "make_tools.result_template='[{output}]'", read_params=False)
     assert bound.tools.result_template == "[{output}]"
+    assert bound.tools.result_separator == CHATML_BETWEEN_RESULTS
+
+
+class _Template:
+    """A tokenizer whose chat template renders what `render(messages)` gives (tools or not)."""
+
+    chat_template = "(a template)"
+
+    def __init__(self, render):
+        self.render = render
+
+    def apply_chat_template(self, messages, tools=None, **kwargs):
+        return ("(tools) " if tools else "") + self.render(messages)
+
+
+def _calls_then_results(messages, between="\n"):
+    calls = "".join("<tool_call>{}</tool_call>" for m in messages if m.get("tool_calls"))
+    results = between.join(m["content"] for m in messages if m["role"] == "tool")
+    return f"{calls}<end>[{results}]" if results else ""
+
+
+@pytest.mark.parametrize(
+    "render, message",
+    [
+        (
+            lambda messages: _calls_then_results(messages).replace("<end>", ""),
+            "renders no tool turn after a </tool_call> and an end-of-turn token (<end>)",
+        ),
+        (
+            lambda messages: _calls_then_results(messages).replace("[", "(" * len(messages)),
+            "the chat template's tool turn for two calls is not its turn for one",
+        ),
+    ],
+)
+def test_a_tool_turn_the_template_does_not_render_plainly_asks_for_the_knobs(render, message):
+    config = tools.ToolConfig(names=("calculator",), call_format="hermes")
+    read = config.for_chat_template(_Template(_calls_then_results), end_tokens=("<end>",))
+    assert (read.result_template, read.result_separator) == ("[{output}]", "\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config.for_chat_template(_Template(render), end_tokens=("<end>",))
+    bound = tools.ToolConfig(
+        names=("calculator",), call_format="hermes", result_template="{output}", result_separator=""
+    )
+    assert bound.for_chat_template(_Template(render), end_tokens=("<end>",)) == bound
 
 
 @pytest.mark.usefixtures("length_reward")
@@ -267,12 +336,12 @@ class _ScriptedGenerate:
     def __call__(
         self, params, tokens, mask, key, *, model, sampling, num_samples, mesh, budget_B=None
     ):
-        rows = np.asarray(tokens).shape[0] * num_samples
-        budget = np.full(rows, BUDGET) if budget_B is None else np.asarray(budget_B)
+        rows, width = np.asarray(tokens).shape[0] * num_samples, sampling.max_new_tokens
+        budget = np.full(rows, width) if budget_B is None else np.asarray(budget_B)
         self.calls.append((np.asarray(tokens), np.asarray(mask), budget))
         self.keys.append(jax.random.key_data(key).tolist())
         script = self.rounds[len(self.calls) - 1]
-        completion = np.zeros((rows, BUDGET), np.int32)
+        completion = np.zeros((rows, width), np.int32)
         lengths = np.zeros(rows, np.int32)
         for i, ids in enumerate(script):
             ids = ids or []
@@ -282,8 +351,8 @@ class _ScriptedGenerate:
             prompt_tokens_BxP=np.repeat(np.asarray(tokens), num_samples, axis=0),
             prompt_mask_BxP=np.repeat(np.asarray(mask), num_samples, axis=0),
             completion_tokens_BxC=completion,
-            completion_mask_BxC=np.arange(BUDGET)[None, :] < lengths[:, None],
-            logps_BxC=np.where(np.arange(BUDGET)[None, :] < lengths[:, None], -0.5, 0.0),
+            completion_mask_BxC=np.arange(width)[None, :] < lengths[:, None],
+            logps_BxC=np.where(np.arange(width)[None, :] < lengths[:, None], -0.5, 0.0),
             lengths_B=lengths,
             truncated_B=np.zeros(rows, bool),
         )
@@ -392,6 +461,58 @@ def test_tool_rounds_append_results_and_sample_on_only_where_a_call_was_answered
             assert mask[row].sum() == 1 and budget[row] == 0
 
 
+@pytest.mark.usefixtures("length_reward")
+def test_a_hermes_turn_calls_several_tools_and_gets_their_results_in_one_turn(monkeypatch):
+    exp = _experiment(
+        *HERMES, "make_tools.max_calls=3", "make_sampling.max_new_tokens=256", read_params=False
+    )
+    enc = lambda text: exp.tokenizer.encode(text, add_special_tokens=False)
+    calc = lambda expression: _hermes("calculator", f'{{"expression": "{expression}"}}')
+    end = "<|im_end|>"
+    turn = lambda *outputs: enc(
+        CHATML_TOOL_TURN.format(output=CHATML_BETWEEN_RESULTS.join(outputs))
+    )
+    rounds = [
+        [
+            enc(f"Two sums. {calc('2+3')}\n{calc('4*5')}{end}"),  # both run, one tool turn
+            enc(calc("1/0") + _hermes("abacus", "{}") + end),  # both fail, both answered
+            enc(calc("1")),  # no end-of-turn token (a stop string ended it): no call runs
+            enc(calc("1") + calc("2") + calc("3") + end),  # max_calls=3: all three run
+        ],
+        [enc(f" So 25.{end}"), enc(f" ok{end}"), None, enc(calc("4") + end)],  # row 3: a 4th
+    ]
+    scripted = _ScriptedGenerate(exp, rounds)
+    monkeypatch.setattr(sampling, "generate", scripted)
+    out = sampling.sample(exp, None, exp.train_examples[:1], jax.random.key(0), exp.sampling, 4)
+
+    assert len(scripted.calls) == 2  # row 3's fourth call ends it instead of a third round
+    no_such = "error: no tool named 'abacus' (there are: calculator)"
+    results = {
+        0: turn("5", "20"),
+        1: turn("error: ValueError: division by zero", no_such),
+        3: turn("1", "2", "3"),
+    }
+    rollout = jax.tree.map(np.asarray, out.rollout)
+    for row in range(4):
+        parts = [rounds[0][row]] + ([results[row], rounds[1][row]] if row in results else [])
+        expected = [t for part in parts for t in part]
+        by_tool = [i == 1 for i, part in enumerate(parts) for _ in part]
+        n = rollout.lengths_B[row]
+        assert n == len(expected), row
+        np.testing.assert_array_equal(rollout.completion_tokens_BxC[row, :n], expected)
+        np.testing.assert_array_equal(rollout.tool_mask_BxC[row, :n], by_tool)
+    # The policy's own end-of-turn token stays its own (trained on); the tool turn follows it.
+    im_end = exp.tokenizer.convert_tokens_to_ids(end)
+    assert rollout.completion_tokens_BxC[0, len(rounds[0][0]) - 1] == im_end
+    assert not rollout.tool_mask_BxC[0, len(rounds[0][0]) - 1]
+    np.testing.assert_array_equal(out.tool_calls, [2, 2, 0, 3])
+    np.testing.assert_array_equal(out.tool_errors, [0, 2, 0, 0])
+    assert not rollout.truncated_B.any()
+    assert "<tool_response>\n5\n</tool_response>\n<tool_response>\n20\n" in out.texts[0]
+    _, _, budget = scripted.calls[1]
+    np.testing.assert_array_equal(budget > 0, [True, True, False, True])
+
+
 def _force_first_call(monkeypatch, tokenizer, call="<calculator>2+3</calculator>"):
     """Makes every row's first sampling round write `call` (the random tiny model never calls
     a tool); later rounds are the real sampler's."""
@@ -404,7 +525,7 @@ def _force_first_call(monkeypatch, tokenizer, call="<calculator>2+3</calculator>
     "bindings, call, budget",
     [
         ((TOOLS,), "<calculator>2+3</calculator>", 32),
-        (HERMES, _hermes("calculator", '{"expression": "2+3"}'), 96),
+        (HERMES, _hermes("calculator", '{"expression": "2+3"}') + "<|im_end|>", 96),
     ],
     ids=["tags", "hermes"],
 )
