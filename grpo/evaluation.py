@@ -36,6 +36,18 @@ def evaluate(exp: Experiment, params: Any, on_replies: OnReplies | None = None) 
     return metrics
 
 
+def prompts_per_batch(exp: Experiment) -> int:
+    """Prompts per eval rollout: `eval_prompts_per_batch`, rounded down to a multiple of the
+    batch axes' devices (one per device at least)."""
+    divisor = sharding.batch_divisor(exp.mesh)
+    return max(divisor, exp.train.eval_prompts_per_batch // divisor * divisor)
+
+
+def rollout_rows(exp: Experiment) -> int:
+    """The most rows an eval rollout samples at once (its sampled pass: `eval_samples` each)."""
+    return prompts_per_batch(exp) * max(1, exp.train.eval_samples)
+
+
 def _evaluate_examples(
     exp: Experiment,
     params: Any,
@@ -143,8 +155,7 @@ def _eval_replies(
     cfg = exp.train
     examples = list(test_examples)
     procs, index = jax.process_count(), jax.process_index()
-    divisor = sharding.batch_divisor(exp.mesh)
-    per_batch = max(divisor, cfg.eval_prompts_per_batch // divisor * divisor)
+    per_batch = prompts_per_batch(exp)
     columns: list[list[np.ndarray]] = [[], [], []]
     texts: list[str] = []
     votes: list[str | None] = []

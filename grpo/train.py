@@ -42,7 +42,7 @@ from grpo.models.config import ModelConfig
 from grpo.phases import dynamic_sampling
 from grpo.phases import reward as reward_phase
 from grpo.phases.advantage import decoupled_advantages, group_advantages
-from grpo.phases.rollout import trim_completions
+from grpo.phases.rollout import cache_gb_per_device, trim_completions
 from grpo.phases.update import make_reference_logps_fn, make_update_fn
 from grpo.types import Batch, Rollout, TrainState
 
@@ -148,26 +148,56 @@ def _device_limit_gb() -> float | None:
     return limit / 1e9 if limit else None
 
 
+def rollout_cache_gb(exp: Experiment) -> dict[str, float]:
+    """The KV cache each device holds in the run's largest rollouts, in GB, on top of
+    `held_memory_gb`: the training rollout's (a step's completions) and, with evals, the eval's;
+    each row at the widest prompt bucket plus the token budget, twice the budget with tools
+    (the rounds after a call prefill the reply so far, then sample on)."""
+    cfg = exp.train
+    budgets = 2 if exp.tools is not None else 1
+    slots = max(cfg.prompt_buckets) + budgets * exp.sampling.max_new_tokens
+    rows = {"training": cfg.completions_per_step}
+    if cfg.eval_every_steps and exp.test_examples:
+        rows["eval"] = evaluation.rollout_rows(exp)
+    return {
+        name: cache_gb_per_device(exp.model, count, slots, exp.mesh) for name, count in rows.items()
+    }
+
+
 def held_memory_line(exp: Experiment) -> str:
-    """`held_memory_gb` as a log line, beside the device's memory where it says."""
+    """`held_memory_gb` and `rollout_cache_gb` as a log line, beside the device's memory where
+    it says."""
     gb = held_memory_gb(exp)
     line = f"held per device (GB): {_gb_parts(gb)}; {sum(gb.values()):.3g} in all"
     if (limit := _device_limit_gb()) is not None:
         line += f" of the {limit:.1f} JAX may use on a device"
-    return line + ", before activations and the rollout's KV cache"
+    caches = ", ".join(f"{size:.3g} {name}" for name, size in rollout_cache_gb(exp).items())
+    return line + f"; a rollout's KV cache adds {caches}; activations come on top"
 
 
 def check_state_fits(exp: Experiment) -> None:
-    """ValueError when the state a training run holds throughout (`held_memory_gb`) is more
-    than a device's memory: found before the weights are read, not as an out-of-memory error
-    at the first step."""
+    """ValueError when the state a training run holds throughout (`held_memory_gb`), or that
+    and its largest rollout's KV cache (`rollout_cache_gb`), is more than a device's memory:
+    found before the weights are read, not as an out-of-memory error at the first step."""
     limit, gb = _device_limit_gb(), held_memory_gb(exp)
-    if limit is not None and sum(gb.values()) > limit:
+    if limit is None:
+        return
+    state = sum(gb.values())
+    if state > limit:
         raise ValueError(
-            f"the run's state needs {sum(gb.values()):.3g} GB per device before any activation "
+            f"the run's state needs {state:.3g} GB per device before any activation "
             f"({_gb_parts(gb)}), more than the {limit:.3g} GB JAX may use on one; shrink it with "
             "LoRA (make_model.lora_rank), make_optimizer.mu_dtype='bfloat16', or more devices "
             "to shard it over (make_mesh.fsdp)"
+        )
+    name, cache = max(rollout_cache_gb(exp).items(), key=lambda item: item[1])
+    if state + cache > limit:
+        raise ValueError(
+            f"the {name} rollout's KV cache ({cache:.3g} GB per device) and the run's state "
+            f"({state:.3g} GB) need more than the {limit:.3g} GB JAX may use on a device; "
+            "shrink the rollout (TrainConfig.prompts_per_step, num_generations, "
+            "eval_prompts_per_batch, prompt_buckets; make_sampling.max_new_tokens) or spread "
+            "its rows over more devices (make_mesh.dp, fsdp)"
         )
 
 

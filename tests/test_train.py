@@ -35,7 +35,7 @@ from grpo.data.gsm8k import load_examples
 from grpo.models import loading, presets, splash
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
-from grpo.phases import advantage, reward
+from grpo.phases import advantage, reward, rollout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
@@ -261,6 +261,7 @@ def test_dry_run_checks_everything_and_compiles_nothing(tmp_path):
     assert "batch per update: 2 prompts, 8 completions" in result.stderr
     assert "sorted by length, each at the narrowest of 3 widths" in result.stderr
     assert "held per device (GB): params " in result.stderr
+    assert "a rollout's KV cache adds " in result.stderr
     assert "Compiling" not in result.stderr and not (tmp_path / "run").exists()
 
 
@@ -1330,6 +1331,49 @@ def test_the_memory_held_per_device_is_what_the_run_places(tmp_path, length_rewa
     for name, gb in expected.items():
         assert gb * 1e9 == pytest.approx(_held_by_first_device(placed[name]), rel=1e-9), name
     assert "held per device (GB): params " in train.held_memory_line(exp)
+
+
+def test_a_rollouts_kv_cache_per_device_is_what_the_decode_lays_out(length_reward):
+    # tiny.gin: 2 prompts x 4 samples a step, evals of 8 prompts, prompt buckets up to 128, 16
+    # new tokens; tiny-qwen2 (2 layers, 2 KV heads of 8) in bf16 on dp x fsdp x tp = 2 x 2 x 2.
+    # Per device: 8 rows / 4 = 2; per row and slot, keys and values of 2 layers x 1 head (tp
+    # splits the 2) x 8 x 2 bytes = 64 bytes, plus the slot's valid flag.
+    exp = _experiment("make_model.dtype='bfloat16'", read_params=False)
+    slots = 128 + 16
+    assert train.rollout_cache_gb(exp) == pytest.approx(
+        {"training": 2 * slots * 65 / 1e9, "eval": 2 * slots * 65 / 1e9}, rel=1e-12
+    )
+    cache = jax.jit(lambda: rollout._constrain_cache(tf.init_cache(exp.model, 8, slots), exp.mesh))
+    assert _held_by_first_device(cache()) == 2 * slots * 65 + 4  # + the int32 write index
+    # Tools: the rounds after a call prefill the budget, then sample it; 3 samples per eval
+    # prompt; no eval rollout without evals.
+    tools = _experiment(
+        "make_model.dtype='bfloat16'",
+        "make_tools.names=('calculator',)",
+        "TrainConfig.eval_samples=3",
+        read_params=False,
+    )
+    assert train.rollout_cache_gb(tools) == pytest.approx(
+        {"training": 2 * (128 + 32) * 65 / 1e9, "eval": 6 * (128 + 32) * 65 / 1e9}, rel=1e-12
+    )
+    no_evals = _experiment("TrainConfig.eval_every_steps=0", read_params=False)
+    assert set(train.rollout_cache_gb(no_evals)) == {"training"}
+
+
+def test_a_run_whose_rollout_cannot_fit_beside_its_state_fails_before_loading(
+    monkeypatch, length_reward
+):
+    exp = _experiment("TrainConfig.eval_every_steps=0", read_params=False)
+    state = sum(train.held_memory_gb(exp).values())
+    cache = train.rollout_cache_gb(exp)["training"]
+    monkeypatch.setattr(train, "_device_limit_gb", lambda: state + cache * 1.01)
+    train.check_state_fits(exp)
+    monkeypatch.setattr(train, "_device_limit_gb", lambda: state + cache * 0.99)
+    with pytest.raises(ValueError, match=r"the training rollout's KV cache \(.* GB per device\)"):
+        train.check_state_fits(exp)
+    monkeypatch.setattr(train, "_device_limit_gb", lambda: state * 0.99)
+    with pytest.raises(ValueError, match="the run's state needs"):
+        train.check_state_fits(exp)
 
 
 def test_device_memory_metrics_take_the_fullest_device(monkeypatch):

@@ -547,14 +547,32 @@ def _unembedding_split_over_vocab(
     return sharding.constrain(tf.unembed_matrix(params, model), (None, "unembed_vocab"), mesh)
 
 
+_KV_AXES = ("batch", None, "kv_heads", "head_dim")  # a layer's keys or values
+_VALID_AXES = ("batch", None)
+
+
 def _constrain_cache(cache: tf.KVCache, mesh: Mesh | None) -> tf.KVCache:
-    kv_names = ("batch", None, "kv_heads", "head_dim")
-    layer_kv = functools.partial(sharding.constrain, names=kv_names, mesh=mesh)
+    layer_kv = functools.partial(sharding.constrain, names=_KV_AXES, mesh=mesh)
     return cache.replace(
         k_layers=tuple(map(layer_kv, cache.k_layers)),
         v_layers=tuple(map(layer_kv, cache.v_layers)),
-        valid_BxS=sharding.constrain(cache.valid_BxS, ("batch", None), mesh),
+        valid_BxS=sharding.constrain(cache.valid_BxS, _VALID_AXES, mesh),
     )
+
+
+def cache_gb_per_device(model: ModelConfig, rows: int, slots: int, mesh: Mesh) -> float:
+    """GB one device holds of a decode KV cache of `rows` x `slots` token slots, laid out as the
+    decode loop lays its cache out (rows over the batch axes, KV heads over tp)."""
+
+    def laid_out(shape: tuple[int, ...], dtype: jnp.dtype, names: tuple) -> jax.ShapeDtypeStruct:
+        spec = sharding.logical_to_spec(names, shape, mesh)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.NamedSharding(mesh, spec))
+
+    layer = laid_out(
+        (rows, slots, model.num_kv_heads, model.head_dim), jnp.dtype(model.dtype), _KV_AXES
+    )
+    valid = laid_out((rows, slots), jnp.dtype(bool), _VALID_AXES)
+    return 2 * model.num_layers * sharding.gb_per_device(layer) + sharding.gb_per_device(valid)
 
 
 def _constrain_state(state: SamplingState, mesh: Mesh | None) -> SamplingState:
