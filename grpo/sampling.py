@@ -5,6 +5,7 @@ Shared by the training step and the eval."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -14,7 +15,7 @@ import numpy as np
 from grpo import gather, sharding
 from grpo.data.prompts import encode_prompts
 from grpo.experiment import Experiment, TrainConfig
-from grpo.phases.rollout import SamplingConfig, generate, pad_prompts
+from grpo.phases.rollout import SamplingConfig, generate, generate_in_rounds, pad_prompts
 from grpo.tools import ToolCall, ToolConfig
 from grpo.types import Rollout
 
@@ -82,19 +83,18 @@ def sample(
     prefill_once = len(examples) * jax.process_count() % sharding.batch_divisor(exp.mesh) == 0
     repeat = 1 if prefill_once else samples
     tokens, mask = prompts_for(exp, examples, repeat)
-    prompt_tokens, prompt_mask = sharding.shard_batch(exp.mesh, (tokens, mask))
+    prompts = sharding.shard_batch(exp.mesh, (tokens, mask))
+    if exp.tools is not None:
+        return _tool_rounds(exp, params, prompts, key, sampler, samples // repeat)
     rollout = generate(
         params,
-        prompt_tokens,
-        prompt_mask,
+        *prompts,
         key,
         model=exp.model,
         sampling=sampler,
         num_samples=samples // repeat,
         mesh=exp.mesh,
     )
-    if exp.tools is not None:
-        return _tool_rounds(exp, params, rollout, key, sampler)
     texts = decode(
         exp,
         gather.local_rows(rollout.completion_tokens_BxC),
@@ -122,53 +122,59 @@ class _Reply:
 
 
 def _tool_rounds(
-    exp: Experiment, params: Any, first: Rollout, key: jax.Array, sampler: SamplingConfig
+    exp: Experiment,
+    params: Any,
+    prompts: tuple[jax.Array, jax.Array],
+    key: jax.Array,
+    sampler: SamplingConfig,
+    num_samples: int,
 ) -> Sampled:
-    """Runs the calls `first`'s replies make, appends the results, samples on from there, and
-    so on until no reply calls a tool (each at most `max_calls` times).
+    """Samples the replies, runs the calls they make, appends the results, samples on from
+    there, and so on until no reply calls a tool (each at most `max_calls` times).
 
-    Every round after the first prefills each reply's prompt and completion so far, left-padded
-    to one width (the first round's prompt width plus the token budget: one compile), and
-    samples only the replies with a call answered and budget left (`generate`'s `budget_B`: the
+    Every round after the first reads each reply's keys and values from the round before
+    (`generate_in_rounds`' context) and computes only those of its last token and its result,
+    left-padded to one width (a power of two, `_MIN_RESULT_WIDTH` at least: a compile per
+    width); it samples only the replies with a call answered and budget left (`budget_B`: the
     others sample nothing). The budget `max_new_tokens` counts the model's and the tools'
-    tokens together; a tool result that does not fit is cut, and the reply truncated there."""
+    tokens together; a result that does not fit is cut, and the reply truncated there."""
     tools, budget = exp.tools, sampler.max_new_tokens
-    prompt_tokens = gather.local_rows(first.prompt_tokens_BxP)
-    prompt_mask = gather.local_rows(first.prompt_mask_BxP)
-    prompts = [row[m].tolist() for row, m in zip(prompt_tokens, prompt_mask, strict=True)]
-    replies = [_Reply() for _ in prompts]
-    latest = first
+    run = functools.partial(generate_in_rounds, model=exp.model, sampling=sampler, mesh=exp.mesh)
+    latest, context = run(params, *prompts, key, num_samples=num_samples)
+    prompt_tokens = gather.local_rows(latest.prompt_tokens_BxP)
+    prompt_mask = gather.local_rows(latest.prompt_mask_BxP)
+    replies = [_Reply() for _ in prompt_tokens]
     # Keys of their own: fold_in(key, i) is dynamic sampling's i-th round (train._dynamic_sampling).
     rounds_key = jax.random.split(key)[1]
     for round_index in range(tools.max_calls + 1):
         _take_round(exp, replies, latest)
-        going = _answer_calls(exp, replies, budget)
-        if round_index == tools.max_calls or not gather.summed(len(going)):
+        results = _answer_calls(exp, replies, budget)
+        if round_index == tools.max_calls or not gather.summed(len(results)):
             break
-        contexts = [
-            prompts[i] + replies[i].tokens if i in going else [sampler.pad_id]
-            for i in range(len(replies))
-        ]
-        tokens, mask = pad_prompts(
-            contexts, pad_id=sampler.pad_id, buckets=[prompt_tokens.shape[1] + budget]
-        )
+        appended = [results.get(i, [sampler.pad_id]) for i in range(len(replies))]
         room = np.array(
-            [budget - len(replies[i].tokens) if i in going else 0 for i in range(len(replies))],
+            [budget - len(reply.tokens) if i in results else 0 for i, reply in enumerate(replies)],
             np.int32,
         )
-        tokens, mask, room = sharding.shard_batch(exp.mesh, (tokens, mask, room))
-        latest = generate(
+        window = pad_prompts(appended, pad_id=sampler.pad_id, buckets=[_result_width(appended)])
+        latest, context = run(
             params,
-            tokens,
-            mask,
+            *sharding.shard_batch(exp.mesh, window),
             jax.random.fold_in(rounds_key, round_index),
-            model=exp.model,
-            sampling=sampler,
             num_samples=1,
-            mesh=exp.mesh,
-            budget_B=room,
+            budget_B=sharding.shard_batch(exp.mesh, room),
+            context=context,
         )
     return _assembled(exp, (prompt_tokens, prompt_mask), replies, sampler)
+
+
+_MIN_RESULT_WIDTH = 16
+
+
+def _result_width(appended: list[list[int]]) -> int:
+    """The width every process pads a round's results to: a power of two that holds them."""
+    longest = int(gather.all_rows(np.array([max(len(ids) for ids in appended)])).max())
+    return max(_MIN_RESULT_WIDTH, 1 << (longest - 1).bit_length())
 
 
 def _take_round(exp: Experiment, replies: list[_Reply], rollout: Rollout) -> None:
@@ -204,12 +210,13 @@ def _calls_made(exp: Experiment, round_tokens: list[int]) -> list[ToolCall]:
     return exp.tools.find_calls(text)
 
 
-def _answer_calls(exp: Experiment, replies: list[_Reply], budget: int) -> set[int]:
-    """Runs the pending calls, appends their results (cut to the budget); returns the replies
-    that go on sampling."""
+def _answer_calls(exp: Experiment, replies: list[_Reply], budget: int) -> dict[int, list[int]]:
+    """Runs the pending calls and appends their results (cut to the budget); returns, for the
+    replies that go on sampling, what the next round reads after their context: the reply's
+    last sampled token (not in its context yet), then the result."""
     asked = [i for i, reply in enumerate(replies) if reply.asked]
     outcomes = iter(exp.tools.run([call for i in asked for call in replies[i].asked]))
-    going = set()
+    going = {}
     for i in asked:
         reply = replies[i]
         results = [next(outcomes) for _ in reply.asked]
@@ -217,10 +224,10 @@ def _answer_calls(exp: Experiment, replies: list[_Reply], budget: int) -> set[in
         reply.errors += sum(failed for _, failed in results)
         answer = exp.tools.answer([output for output, _ in results])
         result = exp.tokenizer.encode(answer, add_special_tokens=False)
-        room = budget - len(reply.tokens)
+        room, last = budget - len(reply.tokens), reply.tokens[-1]
         reply.extend(result[:room], [0.0] * min(len(result), room), by_tool=True)
         if len(result) < room:
-            going.add(i)
+            going[i] = [last, *result]
         else:
             reply.truncated = True
     return going

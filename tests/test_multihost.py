@@ -39,7 +39,7 @@ ENTRY = (
     "    from tests.forced_calls import first_rounds_call\n"
     "    tokenizer = loading.load_tokenizer('smollm2-135m-instruct')  # tiny.gin's\n"
     "    ids = tokenizer.encode(os.environ['FIRST_CALL'], add_special_tokens=False)\n"
-    "    sampling.generate = first_rounds_call(sampling.generate, ids)\n"
+    "    sampling.generate_in_rounds = first_rounds_call(sampling.generate_in_rounds, ids)\n"
     "from grpo import main\n"
     "main.run()\n"
 )

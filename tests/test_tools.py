@@ -326,20 +326,33 @@ def test_hermes_tools_need_a_chat_template_that_renders_them(bindings, message):
 BUDGET = 64
 
 
-class _ScriptedGenerate:
-    """Stands in for `generate`: round r gives row i the tokens `rounds[r][i]` (None: not
-    sampled), log-prob -0.5 each, and records what it was asked."""
+class _ScriptedRounds:
+    """Stands in for `generate_in_rounds`: round r gives row i the tokens `rounds[r][i]`
+    (None: not sampled), log-prob -0.5 each, and records what it was asked; its context is
+    the round's number."""
 
     def __init__(self, exp, rounds):
-        self.exp, self.rounds, self.calls, self.keys = exp, rounds, [], []
+        self.exp, self.rounds, self.calls, self.keys, self.contexts = exp, rounds, [], [], []
 
     def __call__(
-        self, params, tokens, mask, key, *, model, sampling, num_samples, mesh, budget_B=None
+        self,
+        params,
+        tokens,
+        mask,
+        key,
+        *,
+        model,
+        sampling,
+        num_samples,
+        mesh,
+        budget_B=None,
+        context=None,
     ):
         rows, width = np.asarray(tokens).shape[0] * num_samples, sampling.max_new_tokens
         budget = np.full(rows, width) if budget_B is None else np.asarray(budget_B)
         self.calls.append((np.asarray(tokens), np.asarray(mask), budget))
         self.keys.append(jax.random.key_data(key).tolist())
+        self.contexts.append(context)
         script = self.rounds[len(self.calls) - 1]
         completion = np.zeros((rows, width), np.int32)
         lengths = np.zeros(rows, np.int32)
@@ -356,7 +369,7 @@ class _ScriptedGenerate:
             lengths_B=lengths,
             truncated_B=np.zeros(rows, bool),
         )
-        return sharding.shard_batch(self.exp.mesh, local)
+        return sharding.shard_batch(self.exp.mesh, local), len(self.calls)
 
 
 @pytest.mark.usefixtures("length_reward")
@@ -394,8 +407,8 @@ def test_tool_rounds_append_results_and_sample_on_only_where_a_call_was_answered
         ],
         [enc(" = 10."), None, None, None, None, enc(" <calculator>4</calculator>"), None, None],
     ]
-    scripted = _ScriptedGenerate(exp, rounds)
-    monkeypatch.setattr(sampling, "generate", scripted)
+    scripted = _ScriptedRounds(exp, rounds)
+    monkeypatch.setattr(sampling, "generate_in_rounds", scripted)
     examples = exp.train_examples[:2]
     out = sampling.sample(exp, None, examples, jax.random.key(0), exp.sampling, 4)
 
@@ -446,17 +459,19 @@ def test_tool_rounds_append_results_and_sample_on_only_where_a_call_was_answered
     assert rollout.lengths_B[4] == BUDGET and rollout.tool_mask_BxC[4, -2:].all()
     assert "<result>error: ValueError: division by zero</result>" in out.texts[2]
 
-    # Round 1 prefilled each answered row's prompt and reply so far, with the budget left; the
-    # others sampled nothing.
-    prompts = sampling.prompts_for(exp, examples, 4)[1].sum(axis=1)
+    # Round 1 read each answered row's context from round 0 and computed its last token and the
+    # result, with the budget left; the others sampled nothing.
     tokens, mask, budget = scripted.calls[1]
-    assert tokens.shape[1] == scripted.calls[0][0].shape[1] + BUDGET  # one width: one compile
+    assert scripted.contexts == [None, 1, 2]  # each round on the context of the one before
     so_far = {0: 0, 2: 2, 3: 3, 5: 5}
+    # The results (and last tokens), left-padded to the power of two (>= 16) that holds them.
+    assert 16 < max(1 + len(tool_parts[row][0]) for row in so_far) <= tokens.shape[1] == 32
     for row in range(8):
         if row in so_far:
+            window = [rounds[0][row][-1], *tool_parts[row][0]]
             done = len(rounds[0][row]) + len(tool_parts[row][0])
-            assert mask[row].sum() == prompts[row] + done and budget[row] == BUDGET - done
-            np.testing.assert_array_equal(tokens[row, -done:], rounds[0][row] + tool_parts[row][0])
+            assert mask[row].sum() == len(window) and budget[row] == BUDGET - done
+            np.testing.assert_array_equal(tokens[row, -len(window) :], window)
         else:
             assert mask[row].sum() == 1 and budget[row] == 0
 
@@ -481,8 +496,8 @@ def test_a_hermes_turn_calls_several_tools_and_gets_their_results_in_one_turn(mo
         ],
         [enc(f" So 25.{end}"), enc(f" ok{end}"), None, enc(calc("4") + end)],  # row 3: a 4th
     ]
-    scripted = _ScriptedGenerate(exp, rounds)
-    monkeypatch.setattr(sampling, "generate", scripted)
+    scripted = _ScriptedRounds(exp, rounds)
+    monkeypatch.setattr(sampling, "generate_in_rounds", scripted)
     out = sampling.sample(exp, None, exp.train_examples[:1], jax.random.key(0), exp.sampling, 4)
 
     assert len(scripted.calls) == 2  # row 3's fourth call ends it instead of a third round
@@ -517,7 +532,8 @@ def _force_first_call(monkeypatch, tokenizer, call="<calculator>2+3</calculator>
     """Makes every row's first sampling round write `call` (the random tiny model never calls
     a tool); later rounds are the real sampler's."""
     ids = tokenizer.encode(call, add_special_tokens=False)
-    monkeypatch.setattr(sampling, "generate", first_rounds_call(sampling.generate, ids))
+    forced = first_rounds_call(sampling.generate_in_rounds, ids)
+    monkeypatch.setattr(sampling, "generate_in_rounds", forced)
 
 
 @pytest.mark.usefixtures("length_reward")

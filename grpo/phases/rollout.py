@@ -6,7 +6,9 @@ the prompts once into a preallocated KV cache, repeats the cache per sample (or,
 samples), and decodes inside `lax.while_loop`s (one, or one per `decode_segments`) until every
 row has emitted an end id (or completed a stop string: `stop_strings.py`) or the budget is
 spent. Nothing returns to the host per token. Sampling keys are
-`fold_in(rng, completion_index)`, so a key fixes the output.
+`fold_in(rng, completion_index)`, so a key fixes the output. `generate_in_rounds` also returns
+each row's keys and values (a `DecodeContext`), and samples rows on from such a context after
+tokens the host appends (a tool's result), computing only those tokens' keys and values.
 
 Log-prob convention (what `Rollout.logps_BxC` holds, in fp32, computed from the fp32 logits of
 the same `transformer.forward` / `transformer.logits` the trainer uses):
@@ -147,6 +149,18 @@ class SamplingState:
     cache: tf.KVCache  # with shared_prompt_decode, the completions' slots alone
 
 
+@chex.dataclass
+class DecodeContext:
+    """Rows to sample on after a round (`generate_in_rounds`): each row's keys and values for
+    every token it has read or sampled but its last (valid slots first, then invalid ones; the
+    last token's come with the next round's tokens, which start with it), how many tokens that
+    is (the last token's position) and, with a repetition penalty, the ids the row has seen."""
+
+    cache: tf.KVCache
+    lengths_B: jax.Array  # int32: the tokens in `cache`'s valid slots
+    seen_BxV: jax.Array  # bool ([B, 0] without a repetition penalty)
+
+
 def generate(
     params: tf.Params,
     prompt_tokens_BxP: jax.Array,
@@ -168,6 +182,69 @@ def generate(
     budget 0 samples nothing, so the loop runs only as long as the rows with budget left need
     (the tool rounds continue some rows of a batch and not others).
     """
+    _check_inputs(prompt_tokens_BxP, prompt_mask_BxP, model, sampling, num_samples, budget_B)
+    return _generate(
+        params,
+        prompt_tokens_BxP,
+        prompt_mask_BxP,
+        rng,
+        model=model,
+        sampling=sampling,
+        num_samples=num_samples,
+        mesh=mesh,
+        budget_B=budget_B,
+    )
+
+
+def generate_in_rounds(
+    params: tf.Params,
+    tokens_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    rng: jax.Array,
+    *,
+    model: ModelConfig,
+    sampling: SamplingConfig,
+    num_samples: int,
+    mesh: Mesh | None = None,
+    budget_B: jax.Array | None = None,
+    context: DecodeContext | None = None,
+) -> tuple[Rollout, DecodeContext]:
+    """`generate`, also returning each row's `DecodeContext`, to sample on from later.
+
+    Without `context`, `tokens_BxT` are the prompts. With the `context` of the previous round
+    (`num_samples` 1), each row samples on after its context and its `tokens_BxT`
+    (left-padded): the row's last token (the last it sampled; the context holds every token
+    before it), then what the host appends, say a tool's result. Only their keys and values
+    are computed; the context's are read as they are. The context's slots bound a row's tokens
+    over all rounds (the first round's prompt width plus `max_new_tokens`): a row's budget is
+    cut to what is left of them. One compile per width of `tokens_BxT`.
+    """
+    _check_inputs(tokens_BxT, mask_BxT, model, sampling, num_samples, budget_B)
+    if context is not None and num_samples != 1:
+        raise ValueError(f"a round after the first samples each row once, not {num_samples}")
+    return _generate(
+        params,
+        tokens_BxT,
+        mask_BxT,
+        rng,
+        model=model,
+        sampling=sampling,
+        num_samples=num_samples,
+        mesh=mesh,
+        budget_B=budget_B,
+        context=context,
+        keep_context=True,
+    )
+
+
+def _check_inputs(
+    prompt_tokens_BxP: jax.Array,
+    prompt_mask_BxP: jax.Array,
+    model: ModelConfig,
+    sampling: SamplingConfig,
+    num_samples: int,
+    budget_B: jax.Array | None,
+) -> None:
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if np.ndim(prompt_tokens_BxP) != 2 or np.shape(prompt_tokens_BxP) != np.shape(prompt_mask_BxP):
@@ -188,20 +265,15 @@ def generate(
         raise ValueError(f"budget_B has shape {np.shape(budget_B)}, the output rows ({rows},)")
     if isinstance(prompt_mask_BxP, np.ndarray) and not prompt_mask_BxP[:, -1].all():
         raise ValueError("prompts must be left-padded and non-empty (last mask column all True)")
-    return _generate(
-        params,
-        prompt_tokens_BxP,
-        prompt_mask_BxP,
-        rng,
-        model=model,
-        sampling=sampling,
-        num_samples=num_samples,
-        mesh=mesh,
-        budget_B=budget_B,
-    )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "num_samples", "mesh"))
+# A round's context is read once, into the next round's cache: donated, its buffers can hold
+# the context the round returns (the same shape).
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "sampling", "num_samples", "mesh", "keep_context"),
+    donate_argnames=("context",),
+)
 def _generate(
     params: tf.Params,
     prompt_tokens_BxP: jax.Array,
@@ -213,7 +285,9 @@ def _generate(
     num_samples: int,
     mesh: Mesh | None,
     budget_B: jax.Array | None = None,
-) -> Rollout:
+    context: DecodeContext | None = None,
+    keep_context: bool = False,
+) -> Rollout | tuple[Rollout, DecodeContext]:
     # Cast once, not once per decode step; forward's own casts are then no-ops (same numerics).
     # Split the layers once too (fused with the cast): the decode step then reads each layer's
     # weights in place, where scanning the stacked weights copies every layer on every step.
@@ -230,14 +304,16 @@ def _generate(
     ends = segment_ends(width, sampling.decode_segments)
     free_slots = 0 if shared else ends[0]
     prompts_cache, logits_NxV = _prefill(
-        params, unembed_DxV, prompt_tokens_BxP, prompt_mask_BxP, model, free_slots, mesh
+        params, unembed_DxV, prompt_tokens_BxP, prompt_mask_BxP, model, free_slots, mesh, context
     )
+    # The slots before the completion's: the context's, then the prompt's.
+    prompt_slots = prompt_len + (0 if context is None else _slots(context.cache))
     per_sample = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
     if shared:  # the completions' own slots; the prompts' cache is every decode step's prefix
         cache = tf.init_cache(model, batch, ends[0])
         prefix, prefix_len = prompts_cache, 0
     else:  # a copy of its prompt's cache per sample, with room for the completion
-        cache, prefix, prefix_len = _per_sample(prompts_cache, per_sample), None, prompt_len
+        cache, prefix, prefix_len = _per_sample(prompts_cache, per_sample), None, prompt_slots
     prompt_tokens_BxP, prompt_mask_BxP = (
         sharding.constrain(jnp.repeat(x, num_samples, axis=0), ("batch", None), mesh)
         for x in (prompt_tokens_BxP, prompt_mask_BxP)
@@ -245,7 +321,14 @@ def _generate(
     prompt_len_B = prompt_mask_BxP.sum(axis=1, dtype=jnp.int32)
     if budget_B is None:
         budget_B = jnp.full((batch,), width, jnp.int32)
-    budget_B = sharding.constrain(jnp.minimum(budget_B.astype(jnp.int32), width), ("batch",), mesh)
+    budget_B = jnp.minimum(budget_B.astype(jnp.int32), width)
+    if context is not None:  # positions go on from the context's; its slots bound the row
+        prompt_len_B = prompt_len_B + context.lengths_B
+        budget_B = jnp.clip(_slots(context.cache) - prompt_len_B, 0, budget_B)
+    budget_B = sharding.constrain(budget_B, ("batch",), mesh)
+    seen_BxV = _ids_seen(prompt_tokens_BxP, prompt_mask_BxP, model.vocab_size, sampling, mesh)
+    if context is not None:
+        seen_BxV = seen_BxV | context.seen_BxV
 
     state = SamplingState(
         step=jnp.zeros((), jnp.int32),
@@ -256,7 +339,7 @@ def _generate(
         budget_B=budget_B,
         ends_B=budget_B,
         stops_BxS=jnp.zeros((batch, len(sampling.stop.strings) if sampling.stop else 0), jnp.int32),
-        seen_BxV=_ids_seen(prompt_tokens_BxP, prompt_mask_BxP, model.vocab_size, sampling, mesh),
+        seen_BxV=seen_BxV,
         cache=cache,
     )
     state = _record(state, per_sample(logits_NxV), rng, sampling, mesh)
@@ -292,7 +375,13 @@ def _generate(
             state = _on_live_rows(decode, grow, state, prompt_len_B, shards)
         else:
             state = decode(grow(state), prompt_len_B)
-    return _finish(state, prompt_tokens_BxP, prompt_mask_BxP, sampling, mesh)
+    rollout = _finish(state, prompt_tokens_BxP, prompt_mask_BxP, sampling, mesh)
+    if not keep_context:
+        return rollout
+    if shared:  # each row's own copy of its prompt's keys and values, then its completion's
+        state = state.replace(cache=_joined(_per_sample(prefix, per_sample), state.cache))
+    slots = _slots(context.cache) if context is not None else prompt_len + width
+    return rollout, _next_context(state, prompt_slots, prompt_len_B, slots, mesh)
 
 
 _COMPACTIONS = 3  # decode at a half, a quarter or an eighth of the rows, besides all of them
@@ -374,12 +463,20 @@ def _prefill(
     model: ModelConfig,
     free_slots: int,
     mesh: Mesh | None,
+    context: DecodeContext | None = None,
 ) -> tuple[tf.KVCache, jax.Array]:
-    """Runs each prompt once; returns its cache (with `free_slots` more slots after the
-    prompt's) and its next-token logits."""
+    """Runs each prompt once (after its row's context, if given); returns its cache (the
+    context's slots, the prompt's, then `free_slots` more) and its next-token logits."""
     num_prompts, prompt_len = prompt_tokens_BxP.shape
-    cache = _constrain_cache(tf.init_cache(model, num_prompts, prompt_len + free_slots), mesh)
     positions_BxP = tf.positions_from_mask(prompt_mask_BxP)
+    if context is None:
+        cache = tf.init_cache(model, num_prompts, prompt_len + free_slots)
+    else:
+        filled = _slots(context.cache)
+        cache = tf.grow_cache(context.cache, filled + prompt_len + free_slots)
+        cache = cache.replace(index=jnp.asarray(filled, jnp.int32))
+        positions_BxP = positions_BxP + context.lengths_B[:, None]
+    cache = _constrain_cache(cache, mesh)
     hidden_BxPxD, cache = tf.forward(
         params, prompt_tokens_BxP, positions_BxP, prompt_mask_BxP, config=model, cache=cache
     )
@@ -391,6 +488,49 @@ def _per_sample(cache: tf.KVCache, repeat) -> tf.KVCache:
         k_layers=tuple(map(repeat, cache.k_layers)),
         v_layers=tuple(map(repeat, cache.v_layers)),
         valid_BxS=repeat(cache.valid_BxS),
+    )
+
+
+def _slots(cache: tf.KVCache) -> int:
+    return cache.valid_BxS.shape[1]
+
+
+def _joined(first: tf.KVCache, then: tf.KVCache) -> tf.KVCache:
+    """One cache holding `first`'s slots, then `then`'s (rows alike)."""
+    join = lambda a, b: jnp.concatenate([a, b], axis=1)
+    return then.replace(
+        k_layers=tuple(map(join, first.k_layers, then.k_layers)),
+        v_layers=tuple(map(join, first.v_layers, then.v_layers)),
+        valid_BxS=join(first.valid_BxS, then.valid_BxS),
+    )
+
+
+def _next_context(
+    state: SamplingState,
+    prompt_slots: int,
+    prompt_len_B: jax.Array,
+    slots: int,
+    mesh: Mesh | None,
+) -> DecodeContext:
+    """Each row's context after the round: the valid slots of its prompt and of its completion
+    but its last token (the last sampled, or for a row that sampled none its prompt's last;
+    slots past it may hold padding fed after the row ended, or nothing), moved first (in order)
+    and cut to `slots`, which hold them all."""
+    cache, kept_B = state.cache, state.ends_B - 1
+    completion_slot = jnp.arange(_slots(cache))[None, :] - prompt_slots
+    valid_BxS = cache.valid_BxS & (completion_slot < kept_B[:, None])
+    order_BxS = jnp.argsort(~valid_BxS, axis=1, stable=True)[:, :slots]
+    take = lambda a: jnp.take_along_axis(a, order_BxS.reshape(order_BxS.shape + (1, 1)), axis=1)
+    kept = tf.KVCache(
+        k_layers=tuple(map(take, cache.k_layers)),
+        v_layers=tuple(map(take, cache.v_layers)),
+        valid_BxS=jnp.take_along_axis(valid_BxS, order_BxS, axis=1),
+        index=jnp.asarray(slots, jnp.int32),
+    )
+    return DecodeContext(
+        cache=_constrain_cache(kept, mesh),
+        lengths_B=prompt_len_B + kept_B,
+        seen_BxV=state.seen_BxV,
     )
 
 
@@ -429,7 +569,7 @@ def _record(
         done_B=state.done_B | ends_here_B,
         ends_B=jnp.where(ends_here_B, state.step + 1, state.ends_B),
         stops_BxS=stops_BxS,
-        seen_BxV=state.seen_BxV | _one_hot_like(state.seen_BxV, token_B),
+        seen_BxV=state.seen_BxV | (_one_hot_like(state.seen_BxV, token_B) & ~stopped_B[:, None]),
     )
     return _constrain_state(new, mesh)
 

@@ -478,6 +478,102 @@ def test_row_budgets_cut_rows_and_a_zero_budget_samples_nothing(params, prompts,
         run(sampling=sampling, budget_B=budget[:3])
 
 
+# What the host appends to each prompt's two rows after the first round (say, a tool's result).
+APPENDED = [[7, 30], [44, 45, 46], [21], [11, 10]]
+ROUND_BUDGETS = (np.full(8, 3, np.int32), np.array([4, 4, 4, 0, 4, 2, 4, 4], np.int32))
+
+
+def _rounds(params, prompts, sampling, mesh=None, placed=None):
+    """Two rounds: 2 samples of at most 3 tokens per prompt, then each row on after APPENDED;
+    both rollouts and the contexts, on the host."""
+    tokens, mask = prompts
+    run = functools.partial(ro.generate_in_rounds, model=CONFIG, sampling=sampling, mesh=mesh)
+    if mesh is not None:
+        params, tokens, mask, _ = _on_mesh(mesh, params, prompts)
+    first, context = run(
+        params, tokens, mask, jax.random.key(1), num_samples=2, budget_B=ROUND_BUDGETS[0]
+    )
+    # Each row's last token (not in its context), then what is appended.
+    tokens_BxC, lengths_B = np.asarray(first.completion_tokens_BxC), np.asarray(first.lengths_B)
+    last = [int(tokens_BxC[i, lengths_B[i] - 1]) for i in range(8)]
+    appended = [[last[i], *APPENDED[i // 2]] for i in range(8)]
+    window = ro.pad_prompts(appended, pad_id=0, buckets=(4,))
+    if mesh is not None:
+        window = sharding.shard_batch(mesh, window)
+    context_on_host = jax.tree.map(np.asarray, context)
+    second, after = run(
+        params, *window, jax.random.key(2), num_samples=1, budget_B=ROUND_BUDGETS[1],
+        context=context,
+    )  # fmt: skip
+    return [jax.tree.map(np.asarray, x) for x in (first, context_on_host, second, after)]
+
+
+@pytest.mark.parametrize(
+    "decode",
+    [
+        {},
+        dict(shared_prompt_decode=True),
+        dict(decode_segments=3, compact_rows=True),
+        dict(repetition_penalty=3.0),
+    ],
+    ids=str,
+)
+def test_a_round_on_a_context_samples_as_a_prefill_of_all_before_it(params, prompts, decode):
+    # The second round reads each row's keys and values from the first's context and computes
+    # only the appended tokens'; greedy, it must sample what a fresh prefill of the whole text
+    # (prompt, first round, appended) samples, the log-probs to float rounding. The context's
+    # slots (prompt bucket 8 + budget 8) bound each row: a row with 13 tokens before its second
+    # round samples 3 at most, whatever its budget.
+    # Greedy, 9 ends the rows of the first prompt after one token and of the third after two,
+    # while the others run on: their contexts must drop what the loop fed after their end.
+    sampling = _sampling(temperature=0.0, end_ids=(*END_IDS, 9), **decode)
+    first, context, second, after = _rounds(params, prompts, sampling)
+    np.testing.assert_array_equal(first.lengths_B, [1, 1, 3, 3, 2, 2, 3, 3])
+    tokens, mask = prompts
+    so_far = [
+        tokens[i // 2][mask[i // 2]].tolist()
+        + first.completion_tokens_BxC[i, : first.lengths_B[i]].tolist()
+        + APPENDED[i // 2]
+        for i in range(8)
+    ]
+    assert max(len(row) for row in so_far) == 13, "want a row whose budget the slots cut"
+    room = np.minimum(ROUND_BUDGETS[1], 16 - np.array([len(row) for row in so_far]))
+    whole = ro.generate(
+        params,
+        *ro.pad_prompts(so_far, pad_id=0, buckets=(16,)),
+        jax.random.key(2),
+        model=CONFIG,
+        sampling=sampling,
+        num_samples=1,
+        budget_B=room,
+    )
+    whole = jax.tree.map(np.asarray, whole)
+    np.testing.assert_array_equal(second.lengths_B, whole.lengths_B)
+    np.testing.assert_array_equal(second.completion_tokens_BxC, whole.completion_tokens_BxC)
+    np.testing.assert_allclose(second.logps_BxC, whole.logps_BxC, atol=1e-5, rtol=0)
+    assert second.lengths_B[3] == 0 and (np.delete(second.lengths_B, 3) > 0).all()
+    # Each context: the row's tokens so far but the last, whose keys and values come with the
+    # next round's tokens (a row that sampled nothing: its appended tokens' last).
+    expected = np.array([len(row) for row in so_far]) + second.lengths_B - 1
+    np.testing.assert_array_equal(after.lengths_B, expected)
+    np.testing.assert_array_equal(after.cache.valid_BxS.sum(axis=1), expected)
+    assert after.cache.valid_BxS.shape == context.cache.valid_BxS.shape == (8, 16)
+    np.testing.assert_array_equal(
+        context.lengths_B, mask.sum(axis=1).repeat(2) + first.lengths_B - 1
+    )
+
+
+@pytest.mark.eight_devices
+def test_rounds_on_a_mesh_sample_as_on_one_device(params, prompts):
+    sampling = _sampling(temperature=0.0, shared_prompt_decode=True)
+    mesh = sharding.make_mesh(dp=2, fsdp=2, tp=2)
+    on_mesh, alone = _rounds(params, prompts, sampling, mesh), _rounds(params, prompts, sampling)
+    assert on_mesh[1].cache.k_layers[0].shape == alone[1].cache.k_layers[0].shape
+    for got, expected in zip(on_mesh[::2], alone[::2], strict=True):  # the two rollouts
+        np.testing.assert_array_equal(got.completion_tokens_BxC, expected.completion_tokens_BxC)
+        np.testing.assert_allclose(got.logps_BxC, expected.logps_BxC, atol=1e-5)
+
+
 def test_stop_strings_end_rows_where_their_text_first_holds_one(params, prompts):
     # Token i reads "<i>" here, so "<a><b>" appears exactly where a is followed by b. A row
     # stops on that b and keeps what it drew before: each row's draws depend on its own logits
