@@ -73,7 +73,8 @@ def checks(tokenizer: str) -> list[Check]:
     for its group (TrainConfig.shared_prompt_forward), and both together; part 4: the
     rollout of 8 samples per prompt with and without `make_sampling.shared_prompt_decode` and
     `decode_segments`; part 5: that rollout with a long tail of completion lengths, with and
-    without segments and `compact_rows`. A call that starts a machine spends a minute or more of
+    without segments and `compact_rows`, and the round after a tool call on the first round's
+    cache against a fresh prefill. A call that starts a machine spends a minute or more of
     the session's 15 before part 1 begins."""
     update_1p5b = ("bench.update", "--preset=qwen2.5-1.5b", "--batch=64", "--prompt_len=256")
     # 4 micro-batches: the best H200 roofline that fits (BUILD_NOTES: update shape choices).
@@ -223,6 +224,13 @@ def checks(tokenizer: str) -> list[Check]:
                 ("segments_4", 110, ("--decode_segments=4",)),
                 ("compact_rows", 170, ("--decode_segments=4", "--compact_rows")),
             )
+        ),
+        Check(  # the round after a tool call: on the first round's cache, against re-prefilled
+            "rollout_tool_round",
+            5,
+            160,
+            rollout_grouped + ("--appended=32", "--iters=1"),
+            rollout_tiny + ("--appended=4",),
         ),
     ]
 

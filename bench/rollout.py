@@ -12,6 +12,11 @@ random weights, same shape, `min_new_tokens=new_tokens`) in the same run. `--pro
 one more call and prints its costliest XLA ops with the jax op each came from (where a decode
 step's time goes: layer weights, attention over the cache, sampling over the vocabulary).
 
+`--appended=N` also times the round after a tool call: a first round samples half the budget,
+N tokens are appended (a tool's result), and the second half is sampled on the first round's
+keys and values (`generate_in_rounds`), against a fresh prefill of the whole text (the prompt
+bucket plus the budget, as the tool rounds ran before they kept the cache), side by side.
+
 Memory-bandwidth bound: a decode step reads every parameter once (in the compute dtype) plus the
 whole preallocated KV cache (attention runs over all prompt_len + new_tokens slots, masked), so
 tokens/s <= batch * bandwidth / (param bytes + KV cache bytes).
@@ -62,6 +67,9 @@ flags.DEFINE_float(
     "spread lengths (a long tail at small rates); 0: fixed-length generation.",
 )  # fmt: skip
 flags.DEFINE_integer("iters", 3, "Timed calls after the warm-up.")
+flags.DEFINE_integer(
+    "appended", 0, "> 0: also time the round after a tool call that appends this many tokens."
+)
 flags.DEFINE_integer("lora_rank", 0, "> 0: decode with fresh LoRA adapters attached (merged).")
 flags.DEFINE_bool("hf_baseline", False, "Also time transformers' generate on the same shape.")
 flags.DEFINE_float("mem_bw_gbps", None, "Device memory bandwidth, GB/s, for the roofline fraction.")
@@ -256,6 +264,51 @@ def _time_calls(fn, iters: int) -> tuple[float, float, object]:
     return first, (time.perf_counter() - start) / iters, out
 
 
+def _round_after_a_call(config: ModelConfig, params, tokens, mask, sampling) -> dict:
+    """--appended: seconds of the round after a call on the first round's context, and of the
+    same round prefilled afresh, each sampling the rest of the budget."""
+    half, rows = FLAGS.new_tokens // 2, FLAGS.batch
+    room = np.full(rows, FLAGS.new_tokens - half - FLAGS.appended, np.int32)
+    if room.min() < 1:
+        raise app.UsageError("--appended must leave budget after half of --new_tokens")
+    first, context = rollout.generate_in_rounds(
+        params, tokens, mask, jax.random.key(1),
+        model=config, sampling=sampling, num_samples=FLAGS.num_samples,
+        budget_B=np.full(rows, half, np.int32),
+    )  # fmt: skip
+    sampled = np.asarray(first.completion_tokens_BxC)[:, :half]
+    appended = np.random.default_rng(1).integers(0, config.vocab_size - 1, (rows, FLAGS.appended))
+    window = np.concatenate([sampled[:, -1:], appended], axis=1).astype(np.int32)
+    whole = np.concatenate([np.repeat(tokens, FLAGS.num_samples, 0), sampled, appended], axis=1)
+    whole, whole_mask = rollout.pad_prompts(
+        whole.tolist(), pad_id=0, buckets=[FLAGS.prompt_len + FLAGS.new_tokens]
+    )
+    on = functools.partial(
+        rollout.generate_in_rounds, params, window, np.ones_like(window, bool), jax.random.key(2),
+        model=config, sampling=sampling, num_samples=1, budget_B=room,
+    )  # fmt: skip
+    prefilled = functools.partial(
+        rollout.generate, params, whole, whole_mask, jax.random.key(2),
+        model=config, sampling=sampling, num_samples=1, budget_B=room,
+    )  # fmt: skip
+
+    def on_context_s() -> float:  # the context is donated: each call gets a copy of its own
+        copy = jax.block_until_ready(jax.tree.map(jnp.copy, context))
+        start = time.perf_counter()
+        jax.block_until_ready(on(context=copy))
+        return time.perf_counter() - start
+
+    on_context_s()  # compile
+    on_context = min(on_context_s() for _ in range(FLAGS.iters))
+    _, again, _ = _time_calls(prefilled, FLAGS.iters)
+    return {
+        "appended": FLAGS.appended,
+        "round_on_context_s": round(on_context, 4),
+        "round_prefilled_s": round(again, 4),
+        "prefilled_over_context": round(again / on_context, 2),
+    }
+
+
 def _bytes_per_step(config: ModelConfig) -> int:
     """The weights and the KV cache: every row's prompt and completion slots, or with
     --shared_prompt_decode each prompt's once."""
@@ -363,6 +416,8 @@ def main(argv: list[str]) -> None:
         # The traced executable's HLO (from the compilation cache), to name each op's jax source.
         compiled = _compile(config, params, tokens, mask, jax.random.key(1))
         result["top_ops"] = common.top_ops(FLAGS.profile_dir, compiled.as_text())
+    if FLAGS.appended:
+        result.update(_round_after_a_call(config, params, tokens, mask, sampling))
     if FLAGS.hf_baseline:
         hf = _hf_tokens_per_s(config, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens)
         result["hf_new_tokens_per_s"] = round(hf, 1)
