@@ -184,16 +184,9 @@ def generate(
     """
     _check_inputs(prompt_tokens_BxP, prompt_mask_BxP, model, sampling, num_samples, budget_B)
     return _generate(
-        params,
-        prompt_tokens_BxP,
-        prompt_mask_BxP,
-        rng,
-        model=model,
-        sampling=sampling,
-        num_samples=num_samples,
-        mesh=mesh,
-        budget_B=budget_B,
-    )
+        params, prompt_tokens_BxP, prompt_mask_BxP, rng,
+        model=model, sampling=sampling, num_samples=num_samples, mesh=mesh, budget_B=budget_B,
+    )  # fmt: skip
 
 
 def generate_in_rounds(
@@ -223,18 +216,10 @@ def generate_in_rounds(
     if context is not None and num_samples != 1:
         raise ValueError(f"a round after the first samples each row once, not {num_samples}")
     return _generate(
-        params,
-        tokens_BxT,
-        mask_BxT,
-        rng,
-        model=model,
-        sampling=sampling,
-        num_samples=num_samples,
-        mesh=mesh,
-        budget_B=budget_B,
-        context=context,
-        keep_context=True,
-    )
+        params, tokens_BxT, mask_BxT, rng,
+        model=model, sampling=sampling, num_samples=num_samples, mesh=mesh, budget_B=budget_B,
+        context=context, keep_context=True,
+    )  # fmt: skip
 
 
 def _check_inputs(
