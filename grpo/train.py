@@ -151,8 +151,9 @@ def _device_limit_gb() -> float | None:
 def rollout_cache_gb(exp: Experiment) -> dict[str, float]:
     """The KV cache each device holds in the run's largest rollouts, in GB, on top of
     `held_memory_gb`: the training rollout's (a step's completions) and, with evals, the eval's;
-    each row at the widest prompt bucket plus the token budget, twice the budget with tools
-    (the rounds after a call prefill the reply so far, then sample on)."""
+    each row at the widest prompt bucket plus the token budget; with tools, plus the budget
+    once more, a lower bound (a round after a call holds the round before's cache, the result
+    and the budget)."""
     cfg = exp.train
     budgets = 2 if exp.tools is not None else 1
     slots = max(cfg.prompt_buckets) + budgets * exp.sampling.max_new_tokens
