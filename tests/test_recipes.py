@@ -58,3 +58,6 @@ def test_recipe_builds_valid_configs_on_the_reference_run(recipe, clean_gin):
     if "cispo" in recipe:  # clipped, constant ratio weights; off-policy after the first update
         assert loss.objective == "cispo" and (loss.epsilon_low, loss.epsilon_high) == (1.0, 3.0)
         assert cfg.updates_per_step == 4
+    if "sapo" in recipe:  # a soft gate in place of the clip; off-policy after the first update
+        assert loss.objective == "sapo" and (loss.sapo_tau_pos, loss.sapo_tau_neg) == (1.0, 1.05)
+        assert cfg.updates_per_step == 4

@@ -20,6 +20,13 @@ weighted by each token's ratio clipped to [1 - epsilon_low, 1 + epsilon_high] an
 the gradient is -clip(r) A grad log pi for every token, so a token past the clip range still
 moves, by a capped weight, where the clipped surrogate would give it no gradient at all.
 
+With `objective="sapo"` (Qwen's SAPO, arXiv 2511.20347) a soft gate replaces the clip: each
+token's loss is -f(r) A with f(r) = sigmoid(tau (r - 1)) 4 / tau, tau = `sapo_tau_pos` where
+A > 0 and `sapo_tau_neg` where A < 0. Its gradient is -4 s (1 - s) r A grad log pi (s the
+sigmoid): the unclipped surrogate's, damped by 4 s (1 - s) <= 1, which is 1 at r = 1 (GRPO's
+gradient there) and falls smoothly as r leaves 1, never to zero at a bound; a larger tau falls
+faster, and the paper lets the negative advantages' tokens fall faster.
+
 With `top_entropy_quantile` = rho < 1 (Wang et al., 2025, "Beyond the 80/20 rule"; TRL's knob of
 that name) only the tokens whose policy entropy is in the batch's top rho fraction keep their
 loss weight; N is unchanged. The threshold is the (1 - rho) quantile of the entropies of every
@@ -63,7 +70,7 @@ from grpo.models.config import ModelConfig
 from grpo.types import Batch, TrainState
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-OBJECTIVES = ("clip", "cispo")
+OBJECTIVES = ("clip", "cispo", "sapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 # Token-mean diagnostics: fraction (or mean) over the valid tokens of the batch.
@@ -78,8 +85,13 @@ class LossConfig:
     """Static knobs of the GRPO loss (hashable: closed over by the jitted update)."""
 
     # "clip": PPO's clipped surrogate (GRPO); "cispo": each token's policy gradient weighted by
-    # its clipped ratio, held constant (MiniMax-M1's CISPO; see the module docstring).
+    # its clipped ratio, held constant (MiniMax-M1's CISPO); "sapo": a soft gate on the ratio
+    # instead of a clip (Qwen's SAPO). See the module docstring.
     objective: str = "clip"
+    # SAPO's gate temperatures for tokens of positive and of negative advantage (the paper's
+    # 1.0 and 1.05: the negative side fades faster, for stability).
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
     epsilon_low: float = 0.2  # ratio clipped below at 1 - epsilon_low
     epsilon_high: float = 0.2  # ... and above at 1 + epsilon_high (DAPO raises it, e.g. 0.28)
     dual_clip: float | None = None  # c > 1: for A < 0 the token loss is capped at -c * A
@@ -120,15 +132,17 @@ class LossConfig:
             )
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.objective == "cispo" and self.dual_clip is not None:
+        if self.objective != "clip" and self.dual_clip is not None:
             raise ValueError(
-                "dual_clip caps the clipped surrogate's loss: objective='cispo' has none"
+                "dual_clip caps the clipped surrogate's loss: "
+                f"objective={self.objective!r} has none"
             )
-        if self.objective == "cispo" and self.importance_sampling_level != "token":
+        if self.objective != "clip" and self.importance_sampling_level != "token":
             raise ValueError(
-                "objective='cispo' weighs each token by its own ratio: importance_sampling_level "
-                "must be 'token'"
+                f"objective={self.objective!r} weighs each token by its own ratio: "
+                "importance_sampling_level must be 'token'"
             )
+        self._check_sapo()
         if self.epsilon_low < 0 or self.epsilon_high < 0:
             raise ValueError(
                 f"clip epsilons must be >= 0, got low={self.epsilon_low} high={self.epsilon_high}"
@@ -151,6 +165,23 @@ class LossConfig:
             raise ValueError(
                 f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}"
             )
+
+    def _check_sapo(self) -> None:
+        """The gate's temperatures are positive and set only for SAPO, which has no clip range."""
+        if min(self.sapo_tau_pos, self.sapo_tau_neg) <= 0:
+            raise ValueError(
+                "sapo_tau_pos and sapo_tau_neg must be > 0, got "
+                f"{self.sapo_tau_pos} and {self.sapo_tau_neg}"
+            )
+        default = LossConfig.__dataclass_fields__
+        changed = lambda *names: any(getattr(self, n) != default[n].default for n in names)
+        if self.objective == "sapo" and changed("epsilon_low", "epsilon_high"):
+            raise ValueError(
+                "objective='sapo' gates the ratio instead of clipping it: set "
+                "sapo_tau_pos / sapo_tau_neg, not epsilon_low / epsilon_high"
+            )
+        if self.objective != "sapo" and changed("sapo_tau_pos", "sapo_tau_neg"):
+            raise ValueError("sapo_tau_pos / sapo_tau_neg are SAPO's: they need objective='sapo'")
 
 
 def token_weights(mask_BxC: jax.Array, *, config: LossConfig) -> jax.Array:
@@ -199,7 +230,7 @@ def _per_token(
     """The policy loss (+ beta * KL estimate) per token, and the per-token diagnostics."""
     adv_Bx1 = advantages_B.astype(jnp.float32)[:, None]
     ratio_BxC = jnp.exp(_log_ratio(logps_BxC, old_logps_BxC, mask_BxC, config=config))
-    objective = _cispo if config.objective == "cispo" else _clipped_surrogate
+    objective = {"clip": _clipped_surrogate, "cispo": _cispo, "sapo": _sapo}[config.objective]
     loss_BxC, clipped_low, clipped_high = objective(logps_BxC, ratio_BxC, adv_Bx1, config)
     kl_BxC = jnp.zeros_like(loss_BxC)
     if config.beta > 0:
@@ -235,6 +266,16 @@ def _cispo(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
     weight_BxC = jax.lax.stop_gradient(jnp.clip(ratio_BxC, low, high))
     step_BxC = 1.0 + logps_BxC - jax.lax.stop_gradient(logps_BxC)
     return -weight_BxC * adv_Bx1 * step_BxC, ratio_BxC < low, ratio_BxC > high
+
+
+def _sapo(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
+    """SAPO per token, -f(r) A with the soft gate f(r) = sigmoid(tau (r - 1)) 4 / tau, tau by
+    the sign of A; nothing is clipped."""
+    del logps_BxC  # the ratio carries the gradient
+    tau_Bx1 = jnp.where(adv_Bx1 > 0, config.sapo_tau_pos, config.sapo_tau_neg)
+    gate_BxC = jax.nn.sigmoid(tau_Bx1 * (ratio_BxC - 1.0)) * (4.0 / tau_Bx1)
+    unclipped = jnp.zeros(ratio_BxC.shape, bool)
+    return -gate_BxC * adv_Bx1, unclipped, unclipped
 
 
 def _kl(log_r_BxC: jax.Array, estimator: str) -> jax.Array:

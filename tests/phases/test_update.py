@@ -183,6 +183,41 @@ def test_cispo_by_hand():
     np.testing.assert_allclose(grad, [[-0.24, -0.1, -0.2], [0.28, 0.44, 0.0]], atol=1e-6)
 
 
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_sapo_by_hand():
+    # Soft gate f(r) = sigmoid(tau (r - 1)) 4 / tau, tau = 1 for seq 0 (A = +1) and 1.05 for
+    # seq 1 (A = -2); loss -f(r) A per token. Seq 0's ratios 1.5, 0.5, 1.0: sigmoid(0.5) +
+    # sigmoid(-0.5) = 1, so its losses sum to -(4 + 2) = -6. The gradient in log pi is
+    # -4 s (1 - s) r A / 5 (s the token's sigmoid): -A / 5 at r = 1, as GRPO's; for the tokens
+    # the clip would leave no gradient (1.5 above, 0.7 below), the unclipped surrogate's
+    # -r A / 5 damped by 4 s (1 - s) < 1.
+    def loss_and_grad(**taus):
+        config = LossConfig(objective="sapo", **taus)
+        loss_fn = lambda lp: update.policy_loss(
+            lp, OLD_LOGPS, None, ADVANTAGES, MASK, config=config
+        )
+        return jax.value_and_grad(loss_fn, has_aux=True)(LOGPS)
+
+    (loss, aux), grad = loss_and_grad()
+    tau = np.array([[1.0], [1.05]])
+    s = _sigmoid(tau * (RATIOS - 1))
+    seq1_loss = 2 * (4 / 1.05) * (s[1, 0] + s[1, 1])
+    np.testing.assert_allclose(float(loss), (-6.0 + seq1_loss) / 5, rtol=1e-6)
+    expected_grad = np.where(MASK, -4 * s * (1 - s) * RATIOS * np.array([[1.0], [-2.0]]) / 5, 0)
+    np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
+    assert float(grad[0, 2]) == pytest.approx(-0.2)
+    assert 0 > float(grad[0, 0]) > -1.5 / 5 and 0 < float(grad[1, 0]) < 0.7 * 2 / 5
+    assert float(aux["clip_frac_low"]) == float(aux["clip_frac_high"]) == 0.0  # none clipped
+    # A larger tau fades faster: the 1.5 token keeps less of its gradient at tau_pos 4.
+    _, steep = loss_and_grad(sapo_tau_pos=4.0)
+    s = _sigmoid(4.0 * 0.5)
+    np.testing.assert_allclose(float(steep[0, 0]), -4 * s * (1 - s) * 1.5 / 5, rtol=1e-5)
+    assert abs(float(steep[0, 0])) < abs(float(grad[0, 0]))
+
+
 def test_sequence_level_importance_ratio_by_hand():
     # GSPO: a completion's ratio is the geometric mean of its tokens' ratios,
     #   seq 0: (1.5 * 0.5 * 1.0)^(1/3) = 0.75^(1/3) ~ 0.909;  seq 1: (0.7 * 1.1)^(1/2) ~ 0.877,
@@ -239,6 +274,11 @@ def test_sequence_level_ratio_clips_whole_completions():
         (dict(objective="ppo"), "objective must be one of"),
         (dict(objective="cispo", dual_clip=3.0), "objective='cispo' has none"),
         (dict(objective="cispo", importance_sampling_level="sequence"), "must be 'token'"),
+        (dict(objective="sapo", dual_clip=3.0), "objective='sapo' has none"),
+        (dict(objective="sapo", importance_sampling_level="sequence"), "must be 'token'"),
+        (dict(objective="sapo", epsilon_high=0.28), "gates the ratio instead of clipping"),
+        (dict(objective="sapo", sapo_tau_neg=0.0), "must be > 0, got 1.0 and 0.0"),
+        (dict(sapo_tau_neg=2.0), "they need objective='sapo'"),
     ],
 )
 def test_loss_config_validation(kwargs, message):
@@ -451,6 +491,25 @@ def test_cispo_gradient_is_reinforce_weighted_by_the_clipped_ratio(params, batch
     weights = jnp.asarray(mask * np.clip(ratio, 0.9, 1.1))
     expected = _reinforce_grad(params, batch, weights, mask.sum())
     _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
+
+
+def test_sapo_gradient_is_reinforce_weighted_by_the_gates_slope(params, batch):
+    # Off the policy: each token's REINFORCE term weighted by 4 s (1 - s) r, s = sigmoid(tau
+    # (r - 1)) with tau by the sign of its advantage; four micro-batches sum to the same.
+    batch = _perturbed(batch, with_ref=False)
+    loss = _loss(objective="sapo", sapo_tau_pos=2.0, sapo_tau_neg=3.0)
+    grads, metrics = _grad_fn(loss)(params, batch)
+    mask = np.asarray(batch.completion_mask_BxC, np.float32)
+    ratio = np.exp(np.asarray(_logps(params, batch)) - np.asarray(batch.old_logps_BxC))
+    assert np.abs(np.log(ratio))[mask > 0].max() > 0.3  # far enough off the policy to fade
+    tau = np.where(np.asarray(batch.advantages_B) > 0, 2.0, 3.0)[:, None]
+    s = _sigmoid(tau * (ratio - 1))
+    weights = jnp.asarray(mask * 4 * s * (1 - s) * ratio)
+    expected = _reinforce_grad(params, batch, weights, mask.sum())
+    _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
+    grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
+    _assert_trees_close(grads_4, grads, atol=1e-6)
+    _assert_trees_close(metrics_4, metrics, atol=1e-6)
 
 
 def test_masked_truncated_completions_have_no_effect(params, batch):
