@@ -525,6 +525,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
     # ref_sync: the KL reference becomes the policy at step 2 (alpha 1), so step 3's KL is 0;
     # the checkpoint must carry that reference (the reloaded model's would give KL > 0).
     # mini_batches: two optimizer updates per step; the resumed run must still count GRPO steps.
+    # The second is off the policy, where the off-policy sequence mask drops drifted negatives.
     # retire: 4 problems, 2 a step; the two with answers below 6 are always solved in epoch 0
     # (steps 1-2) and must stay out of steps 3-4, also after the resume.
     # plain: also resumed on another mesh, fsdp 8 instead of dp 2 x fsdp 2 x tp 2 (another
@@ -542,7 +543,11 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
             "TrainConfig.show_completions_every_steps=1",
         ]
     if mini_batches:
-        common += ["TrainConfig.prompts_per_update=1", "make_loss.beta=0.1"]
+        common += [
+            "TrainConfig.prompts_per_update=1",
+            "make_loss.beta=0.1",
+            "make_loss.off_policy_mask_threshold=1e-4",
+        ]
     if variant == "ref_sync":
         common += [
             "make_loss.beta=0.1",
@@ -586,6 +591,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
         assert [r["kl"] == 0.0 for r in rows_a] == [True, False, True, False]
     if mini_batches:  # the schedule spans 8 updates: the last is still above 0
         assert rows_a[-1]["learning_rate"] > 0 and rows_a[0]["kl"] > 0
+        assert max(r["off_policy_masked_frac"] for r in rows_a) > 0
     if retire:
         _check_solved_prompts_retired(straight, rows_a)
     params_a = load_file(straight / "export" / "model.safetensors")

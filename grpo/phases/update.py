@@ -27,6 +27,12 @@ sigmoid): the unclipped surrogate's, damped by 4 s (1 - s) <= 1, which is 1 at r
 gradient there) and falls smoothly as r leaves 1, never to zero at a bound; a larger tau falls
 faster, and the paper lets the negative advantages' tokens fall faster.
 
+With `off_policy_mask_threshold` = delta (DeepSeek-V3.2's off-policy sequence masking) a
+completion of negative advantage whose mean log(pi_old / pi) over its tokens exceeds delta
+loses its policy term (not its KL term; N is unchanged): the policy has moved so far from the
+sampler's on it that pushing it down further mostly adds noise. Positive completions always
+count. The mask depends on its own row only, so micro-batching stays exact.
+
 With `top_entropy_quantile` = rho < 1 (Wang et al., 2025, "Beyond the 80/20 rule"; TRL's knob of
 that name) only the tokens whose policy entropy is in the batch's top rho fraction keep their
 loss weight; N is unchanged. The threshold is the (1 - rho) quantile of the entropies of every
@@ -116,6 +122,9 @@ class LossConfig:
     # rho < 1: only the batch's top-rho tokens by policy entropy carry loss (the forking tokens);
     # 1: every token. Costs one more forward pass over the batch.
     top_entropy_quantile: float = 1.0
+    # delta >= 0: completions of negative advantage whose mean log(pi_old / pi) exceeds delta
+    # lose their policy term (DeepSeek-V3.2's off-policy sequence mask); None: off.
+    off_policy_mask_threshold: float | None = None
 
     def __post_init__(self):
         knobs.check_fields(self, "LossConfig")
@@ -143,6 +152,11 @@ class LossConfig:
                 "importance_sampling_level must be 'token'"
             )
         self._check_sapo()
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
+            raise ValueError(
+                "off_policy_mask_threshold must be >= 0 (or None), got "
+                f"{self.off_policy_mask_threshold}"
+            )
         if self.epsilon_low < 0 or self.epsilon_high < 0:
             raise ValueError(
                 f"clip epsilons must be >= 0, got low={self.epsilon_low} high={self.epsilon_high}"
@@ -182,6 +196,13 @@ class LossConfig:
             )
         if self.objective != "sapo" and changed("sapo_tau_pos", "sapo_tau_neg"):
             raise ValueError("sapo_tau_pos / sapo_tau_neg are SAPO's: they need objective='sapo'")
+
+
+def token_stat_names(config: LossConfig) -> tuple[str, ...]:
+    """TOKEN_STATS, and `off_policy_masked_frac` (the valid tokens whose completion the
+    off-policy mask dropped) when the mask is on."""
+    masked = ("off_policy_masked_frac",) if config.off_policy_mask_threshold is not None else ()
+    return TOKEN_STATS + masked
 
 
 def token_weights(mask_BxC: jax.Array, *, config: LossConfig) -> jax.Array:
@@ -232,18 +253,30 @@ def _per_token(
     ratio_BxC = jnp.exp(_log_ratio(logps_BxC, old_logps_BxC, mask_BxC, config=config))
     objective = {"clip": _clipped_surrogate, "cispo": _cispo, "sapo": _sapo}[config.objective]
     loss_BxC, clipped_low, clipped_high = objective(logps_BxC, ratio_BxC, adv_Bx1, config)
-    kl_BxC = jnp.zeros_like(loss_BxC)
-    if config.beta > 0:
-        kl_BxC = _kl(ref_logps_BxC - logps_BxC, config.kl_estimator)
-        loss_BxC = loss_BxC + config.beta * kl_BxC
     stats = {
-        "kl": kl_BxC,
         "clip_frac_low": clipped_low,
         "clip_frac_high": clipped_high,
         "ratio_mean": ratio_BxC,
         "abs_log_ratio_mean": jnp.abs(logps_BxC - old_logps_BxC),
     }
+    if config.off_policy_mask_threshold is not None:
+        drifted_Bx1 = _drifted_negatives(logps_BxC, old_logps_BxC, adv_Bx1, mask_BxC, config)
+        loss_BxC = jnp.where(drifted_Bx1, 0.0, loss_BxC)
+        stats["off_policy_masked_frac"] = jnp.broadcast_to(drifted_Bx1, loss_BxC.shape)
+    stats["kl"] = jnp.zeros_like(loss_BxC)
+    if config.beta > 0:
+        stats["kl"] = _kl(ref_logps_BxC - logps_BxC, config.kl_estimator)
+        loss_BxC = loss_BxC + config.beta * stats["kl"]
     return loss_BxC, stats
+
+
+def _drifted_negatives(logps_BxC, old_logps_BxC, adv_Bx1, mask_BxC, config: LossConfig):
+    """The completions the off-policy mask drops: negative advantage, and a mean log(pi_old / pi)
+    over their valid tokens above the threshold (masked slots hold 0 in both log-probs)."""
+    length_Bx1 = jnp.maximum(mask_BxC.sum(axis=1, keepdims=True, dtype=jnp.float32), 1.0)
+    drift_BxC = jax.lax.stop_gradient(old_logps_BxC - logps_BxC)
+    drift_Bx1 = drift_BxC.sum(axis=1, keepdims=True) / length_Bx1
+    return (adv_Bx1 < 0) & (drift_Bx1 > config.off_policy_mask_threshold)
 
 
 def _clipped_surrogate(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
@@ -579,7 +612,8 @@ def compute_gradients(
             loss.top_entropy_quantile,
         )
     zero_grads = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
-    zero_sums = {name: jnp.zeros((), jnp.float32) for name in ("loss", "entropy", *TOKEN_STATS)}
+    stat_names = ("loss", "entropy", *token_stat_names(loss))
+    zero_sums = {name: jnp.zeros((), jnp.float32) for name in stat_names}
     (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (micro_batches, keep))
     loss_norm = loss_normaliser(mask_BxC, config=loss)
     grads = jax.tree.map(lambda g, p: (g / loss_norm).astype(p.dtype), grads, params)

@@ -218,6 +218,33 @@ def test_sapo_by_hand():
     assert abs(float(steep[0, 0])) < abs(float(grad[0, 0]))
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_off_policy_sequence_mask_by_hand(beta):
+    # Mean log(pi_old / pi) per completion: seq 0 -(ln 1.5 + ln 0.5) / 3 = 0.0959 (A = +1: never
+    # masked), seq 1 -(ln 0.7 + ln 1.1) / 2 = 0.1307 (A = -2). At delta 0.1 seq 1 loses its
+    # policy term (1.6 + 2.2) but keeps its KL; N stays 5 tokens. At 0.2 nothing is masked.
+    ref = REF_LOGPS if beta else None
+
+    def loss_and_grad(delta):
+        config = LossConfig(off_policy_mask_threshold=delta, beta=beta)
+        loss_fn = lambda lp: update.policy_loss(lp, OLD_LOGPS, ref, ADVANTAGES, MASK, config=config)
+        return jax.value_and_grad(loss_fn, has_aux=True)(LOGPS)
+
+    kl_mean = beta and (KL_SEQ0 + KL_SEQ1) / 5
+    (loss, aux), grad = loss_and_grad(0.1)
+    np.testing.assert_allclose(float(loss), -2.7 / 5 + beta * kl_mean, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["off_policy_masked_frac"]), 2 / 5, rtol=1e-6)
+    kl_grad_seq1 = beta * (1 - 0.5) / 5  # k3's d/dlogp at ref/pi = 1/2: 1 - 1/2, at (1, 1) only
+    np.testing.assert_allclose(grad[1], [0.0, kl_grad_seq1, 0.0], atol=1e-6)
+    (loss, aux), _ = loss_and_grad(0.2)
+    np.testing.assert_allclose(float(loss), 0.22 + beta * kl_mean, rtol=1e-6)
+    assert float(aux["off_policy_masked_frac"]) == 0.0
+    _, plain = update.policy_loss(
+        LOGPS, OLD_LOGPS, ref, ADVANTAGES, MASK, config=LossConfig(beta=beta)
+    )
+    assert "off_policy_masked_frac" not in plain  # a metric only when the mask is on
+
+
 def test_sequence_level_importance_ratio_by_hand():
     # GSPO: a completion's ratio is the geometric mean of its tokens' ratios,
     #   seq 0: (1.5 * 0.5 * 1.0)^(1/3) = 0.75^(1/3) ~ 0.909;  seq 1: (0.7 * 1.1)^(1/2) ~ 0.877,
@@ -279,6 +306,7 @@ def test_sequence_level_ratio_clips_whole_completions():
         (dict(objective="sapo", epsilon_high=0.28), "gates the ratio instead of clipping"),
         (dict(objective="sapo", sapo_tau_neg=0.0), "must be > 0, got 1.0 and 0.0"),
         (dict(sapo_tau_neg=2.0), "they need objective='sapo'"),
+        (dict(off_policy_mask_threshold=-0.1), "off_policy_mask_threshold must be >= 0"),
     ],
 )
 def test_loss_config_validation(kwargs, message):
@@ -507,6 +535,27 @@ def test_sapo_gradient_is_reinforce_weighted_by_the_gates_slope(params, batch):
     weights = jnp.asarray(mask * 4 * s * (1 - s) * ratio)
     expected = _reinforce_grad(params, batch, weights, mask.sum())
     _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
+    grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
+    _assert_trees_close(grads_4, grads, atol=1e-6)
+    _assert_trees_close(metrics_4, metrics, atol=1e-6)
+
+
+def test_off_policy_mask_drops_the_drifted_negatives_policy_term(params, batch):
+    # Off the policy: the masked completions' policy term is gone, exactly as if their advantage
+    # were 0 (the clipped surrogate of A = 0 is 0); four micro-batches sum to the same.
+    batch = _perturbed(batch, with_ref=False)
+    loss = _loss(off_policy_mask_threshold=0.02)
+    grads, metrics = _grad_fn(loss)(params, batch)
+    mask = np.asarray(batch.completion_mask_BxC)
+    drift = np.asarray(batch.old_logps_BxC) - np.asarray(_logps(params, batch))
+    drift = np.where(mask, drift, 0).sum(1) / np.maximum(mask.sum(1), 1)
+    masked = (np.asarray(batch.advantages_B) < 0) & (drift > 0.02)
+    assert 0 < masked.sum() < (np.asarray(batch.advantages_B) < 0).sum()  # the test has power
+    frac = (mask * masked[:, None]).sum() / mask.sum()
+    np.testing.assert_allclose(float(metrics["off_policy_masked_frac"]), frac, rtol=1e-6)
+    zeroed = batch.replace(advantages_B=jnp.where(masked, 0.0, batch.advantages_B))
+    expected, _ = _grad_fn(_loss())(params, zeroed)
+    _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-5)
     grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
     _assert_trees_close(grads_4, grads, atol=1e-6)
     _assert_trees_close(metrics_4, metrics, atol=1e-6)
