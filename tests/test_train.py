@@ -525,7 +525,8 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
     # ref_sync: the KL reference becomes the policy at step 2 (alpha 1), so step 3's KL is 0;
     # the checkpoint must carry that reference (the reloaded model's would give KL > 0).
     # mini_batches: two optimizer updates per step; the resumed run must still count GRPO steps.
-    # The second is off the policy, where the off-policy sequence mask drops drifted negatives.
+    # The second is off the policy, where the off-policy sequence mask drops drifted negatives
+    # and the KL estimate is importance weighted.
     # retire: 4 problems, 2 a step; the two with answers below 6 are always solved in epoch 0
     # (steps 1-2) and must stay out of steps 3-4, also after the resume.
     # plain: also resumed on another mesh, fsdp 8 instead of dp 2 x fsdp 2 x tp 2 (another
@@ -547,6 +548,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
             "TrainConfig.prompts_per_update=1",
             "make_loss.beta=0.1",
             "make_loss.off_policy_mask_threshold=1e-4",
+            "make_loss.kl_importance_weighted=True",
         ]
     if variant == "ref_sync":
         common += [

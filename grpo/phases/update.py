@@ -27,6 +27,12 @@ sigmoid): the unclipped surrogate's, damped by 4 s (1 - s) <= 1, which is 1 at r
 gradient there) and falls smoothly as r leaves 1, never to zero at a bound; a larger tau falls
 faster, and the paper lets the negative advantages' tokens fall faster.
 
+With `kl_importance_weighted` (DeepSeek-V3.2's unbiased KL estimate) each token's KL estimate is
+multiplied by its ratio r = pi / pi_old: the tokens were drawn from the sampler's policy, so on
+an update off it the plain estimate averages KL under pi_old's samples, and its gradient is not
+KL(pi || pi_ref)'s. Weighted, k3's gradient becomes r log(pi / pi_ref) grad log pi, the exact
+KL's under pi's own samples, importance weighted; at r = 1 nothing changes.
+
 With `off_policy_mask_threshold` = delta (DeepSeek-V3.2's off-policy sequence masking) a
 completion of negative advantage whose mean log(pi_old / pi) over its tokens exceeds delta
 loses its policy term (not its KL term; N is unchanged): the policy has moved so far from the
@@ -106,6 +112,10 @@ class LossConfig:
     # (GRPO, TRL; verl's low_var_kl), "k2" = (log r)^2 / 2 (its gradient is the reverse KL's;
     # verl's mse), "k1" = -log r (verl's kl).
     kl_estimator: str = "k3"
+    # True: each token's KL estimate is weighted by its ratio pi / pi_old, so that on an update
+    # off the sampler's policy it still estimates (and its gradient follows) KL(pi || pi_ref)
+    # under pi, not under pi_old (DeepSeek-V3.2's unbiased KL estimate).
+    kl_importance_weighted: bool = False
     # c != 0 subtracts c x the policy's entropy (aggregated like the loss) from the loss: an
     # entropy bonus against entropy collapse (verl's entropy_coeff); 0 leaves it a metric.
     entropy_coeff: float = 0.0
@@ -167,6 +177,8 @@ class LossConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.beta == 0 and self.kl_estimator != "k3":
             raise ValueError(f"kl_estimator={self.kl_estimator!r} needs beta > 0 (else no KL term)")
+        if self.beta == 0 and self.kl_importance_weighted:
+            raise ValueError("kl_importance_weighted needs beta > 0 (else no KL term)")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.max_completion_length is not None and self.max_completion_length < 1:
@@ -266,6 +278,8 @@ def _per_token(
     stats["kl"] = jnp.zeros_like(loss_BxC)
     if config.beta > 0:
         stats["kl"] = _kl(ref_logps_BxC - logps_BxC, config.kl_estimator)
+        if config.kl_importance_weighted:
+            stats["kl"] = jnp.exp(logps_BxC - old_logps_BxC) * stats["kl"]
         loss_BxC = loss_BxC + config.beta * stats["kl"]
     return loss_BxC, stats
 

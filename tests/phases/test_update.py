@@ -102,6 +102,20 @@ def test_kl_estimators_by_hand(estimator, kl_mean, kl_grad):
     np.testing.assert_allclose(grad, np.array(kl_grad) / 5, atol=1e-6)
 
 
+def test_importance_weighted_kl_by_hand():
+    # Each token's k3 times its ratio pi / pi_old (RATIOS): 1.5 (1 - ln 2) at (0, 0) and
+    # 1.1 (ln 2 - 0.5) at (1, 1), 0 elsewhere. Its gradient in log pi, ratio x (k3 + 1 -
+    # pi_ref / pi) = ratio x log(pi / pi_ref): -1.5 ln 2 and 1.1 ln 2 (unweighted: -1 and 0.5).
+    config = LossConfig(beta=1.0, kl_importance_weighted=True)
+    zero_adv = jnp.zeros(2)
+    loss_fn = lambda lp: update.policy_loss(lp, OLD_LOGPS, REF_LOGPS, zero_adv, MASK, config=config)
+    (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(LOGPS)
+    kl_mean = (1.5 * KL_SEQ0 + 1.1 * KL_SEQ1) / 5
+    np.testing.assert_allclose([float(loss), float(aux["kl"])], [kl_mean, kl_mean], rtol=1e-6)
+    ln2 = math.log(2)
+    np.testing.assert_allclose(grad, [[-1.5 * ln2 / 5, 0, 0], [0, 1.1 * ln2 / 5, 0]], atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "aggregation, expected",
     [
@@ -291,6 +305,7 @@ def test_sequence_level_ratio_clips_whole_completions():
         (dict(importance_sampling_level="seq"), "importance_sampling_level must be one of"),
         (dict(kl_estimator="mse"), "kl_estimator must be one of"),
         (dict(kl_estimator="k2"), "kl_estimator='k2' needs beta > 0"),  # else unused
+        (dict(kl_importance_weighted=True), "kl_importance_weighted needs beta > 0"),
         (dict(epsilon_low=-0.1), "clip epsilons must be >= 0"),
         (dict(dual_clip=1.0), "dual_clip must be > 1"),
         (dict(beta=-1.0), "beta must be >= 0"),
