@@ -463,6 +463,12 @@ def test_masked_tokens_have_no_effect(params, batch):
 
 
 @jax.jit
+def _assert_four_micro_batches_give(grads, metrics, loss, params, batch):
+    grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
+    _assert_trees_close(grads_4, grads, atol=1e-6)
+    _assert_trees_close(metrics_4, metrics, atol=1e-6)
+
+
 def _reinforce_grad(params, batch, weights_BxC, normaliser):
     """-sum_b A_b grad(sum_t w_bt logp_bt) / N, straight from the model's log-probs."""
     objective = lambda p: jnp.sum(batch.advantages_B[:, None] * weights_BxC * _logps(p, batch))
@@ -550,9 +556,7 @@ def test_sapo_gradient_is_reinforce_weighted_by_the_gates_slope(params, batch):
     weights = jnp.asarray(mask * 4 * s * (1 - s) * ratio)
     expected = _reinforce_grad(params, batch, weights, mask.sum())
     _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
-    grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
-    _assert_trees_close(grads_4, grads, atol=1e-6)
-    _assert_trees_close(metrics_4, metrics, atol=1e-6)
+    _assert_four_micro_batches_give(grads, metrics, loss, params, batch)
 
 
 def test_off_policy_mask_drops_the_drifted_negatives_policy_term(params, batch):
@@ -571,9 +575,7 @@ def test_off_policy_mask_drops_the_drifted_negatives_policy_term(params, batch):
     zeroed = batch.replace(advantages_B=jnp.where(masked, 0.0, batch.advantages_B))
     expected, _ = _grad_fn(_loss())(params, zeroed)
     _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-5)
-    grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
-    _assert_trees_close(grads_4, grads, atol=1e-6)
-    _assert_trees_close(metrics_4, metrics, atol=1e-6)
+    _assert_four_micro_batches_give(grads, metrics, loss, params, batch)
 
 
 def test_masked_truncated_completions_have_no_effect(params, batch):
@@ -621,9 +623,7 @@ def test_micro_batches_match_full_batch(params, batch, aggregation, objective):
         )
     grads, metrics = _grad_fn(loss)(params, batch)
     assert float(metrics["clip_frac_low"]) > 0 and float(metrics["clip_frac_high"]) > 0
-    grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
-    _assert_trees_close(grads_4, grads, atol=1e-6)
-    _assert_trees_close(metrics_4, metrics, atol=1e-6)
+    _assert_four_micro_batches_give(grads, metrics, loss, params, batch)
 
 
 def test_bucket_widths():
