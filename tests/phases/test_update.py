@@ -462,13 +462,13 @@ def test_masked_tokens_have_no_effect(params, batch):
     _assert_trees_close(metrics_g, metrics, atol=1e-7)
 
 
-@jax.jit
 def _assert_four_micro_batches_give(grads, metrics, loss, params, batch):
     grads_4, metrics_4 = _grad_fn(loss, 4)(params, batch)
     _assert_trees_close(grads_4, grads, atol=1e-6)
     _assert_trees_close(metrics_4, metrics, atol=1e-6)
 
 
+@jax.jit
 def _reinforce_grad(params, batch, weights_BxC, normaliser):
     """-sum_b A_b grad(sum_t w_bt logp_bt) / N, straight from the model's log-probs."""
     objective = lambda p: jnp.sum(batch.advantages_B[:, None] * weights_BxC * _logps(p, batch))
