@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,7 +26,9 @@ def evaluate(exp: Experiment, params: Any, on_replies: OnReplies | None = None) 
     mean length and truncation rate; with `eval_samples` = k > 0 also k replies per example at
     the training sampler's settings (at `eval_temperature`, if set): the mean accuracy over
     them (`eval_mean_at_k`), the fraction of examples with a right one (`eval_pass_at_k`) and
-    of examples whose majority answer is right (`eval_maj_at_k`). Each extra eval set adds the
+    of examples whose majority answer is right (`eval_maj_at_k`), and for each k of
+    `eval_pass_at` the unbiased pass@k estimate from those replies (`eval_pass_at_<k>`, see
+    `pass_at`). Each extra eval set adds the
     same as `<metric>/<name>`. `on_replies` gets the greedy replies of each set (question,
     reference answer, completion, correct, length, truncated).
     """
@@ -80,7 +83,18 @@ def _evaluate_examples(
         metrics["eval_mean_at_k"] = fraction(sampled.correct)
         metrics["eval_pass_at_k"] = fraction(sampled.correct.any(axis=1))
         metrics["eval_maj_at_k"] = fraction(_majority_correct(sampled))
+        for k in exp.train.eval_pass_at:
+            metrics[f"eval_pass_at_{k}"] = fraction(pass_at(sampled.correct, k))
     return metrics
+
+
+def pass_at(correct_ExN: np.ndarray, k: int) -> np.ndarray:
+    """Each example's unbiased pass@k estimate from its n replies, c of them right (Chen et al.,
+    2021): the chance that k of them drawn without replacement hold a right one, 1 - C(n - c, k)
+    / C(n, k). pass@1 is c / n; pass@n is whether any is right."""
+    n = correct_ExN.shape[1]
+    right = correct_ExN.sum(axis=1)
+    return np.array([1.0 - math.comb(n - int(c), k) / math.comb(n, k) for c in right])
 
 
 def _majority_correct(replies: _Replies) -> np.ndarray:

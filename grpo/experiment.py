@@ -78,6 +78,9 @@ class TrainConfig:
     eval_prompts_per_batch: int = 64  # prompts per eval rollout (x eval_samples rows)
     eval_samples: int = 0  # k > 0: also k sampled replies per example (mean and pass@k)
     eval_temperature: float | None = None  # of those k replies; None: the training sampler's
+    # k values for unbiased pass@k estimates from those n = eval_samples replies (each k <= n):
+    # eval_pass_at_<k>, e.g. (1, 4, 16) beside eval_samples=16.
+    eval_pass_at: tuple[int, ...] = ()
     # More test sets, each a gin scope of make_dataset (`gsm8k/make_dataset.source = ...`),
     # evaluated beside the main one as eval_accuracy/<name> (and the other eval metrics).
     extra_eval_sets: tuple[str, ...] = ()
@@ -180,6 +183,7 @@ class TrainConfig:
                 "TrainConfig.eval_temperature is the temperature of the eval's sampled replies: "
                 "it needs TrainConfig.eval_samples > 0"
             )
+        self._check_eval_pass_at()
         reward_phase.check_answer_match(self.answer_match)
         if self.ref_sync_every_steps < 0 or not 0 < self.ref_sync_alpha <= 1:
             raise ValueError(
@@ -256,12 +260,26 @@ class TrainConfig:
                 f"num_generations={self.num_generations} (completions_per_micro_batch)"
             )
 
+    def _check_eval_pass_at(self) -> None:
+        ks = self.eval_pass_at
+        if ks and not self.eval_samples:
+            raise ValueError(
+                "TrainConfig.eval_pass_at estimates pass@k from the eval's sampled replies: it "
+                "needs TrainConfig.eval_samples > 0"
+            )
+        if len(set(ks)) != len(ks) or any(not 1 <= k <= self.eval_samples for k in ks):
+            raise ValueError(
+                f"TrainConfig.eval_pass_at must be distinct k in [1, eval_samples="
+                f"{self.eval_samples}], got {ks}"
+            )
+
     @property
     def best_metrics(self) -> list[str]:
         """The eval metrics where higher is better, for `best_export_metric`."""
         names = ["eval_accuracy"] + (
             ["eval_mean_at_k", "eval_pass_at_k", "eval_maj_at_k"] if self.eval_samples else []
         )
+        names += [f"eval_pass_at_{k}" for k in self.eval_pass_at]
         return names + [f"{name}/{s}" for s in self.extra_eval_sets for name in names]
 
     @property

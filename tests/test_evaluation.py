@@ -36,7 +36,10 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperatu
     monkeypatch.setattr(reward, "is_correct", fake_is_correct)
     exp = types.SimpleNamespace(
         train=TrainConfig(
-            eval_prompts_per_batch=4, eval_samples=3, eval_temperature=eval_temperature
+            eval_prompts_per_batch=4,
+            eval_samples=3,
+            eval_temperature=eval_temperature,
+            eval_pass_at=(1, 2, 3),
         ),
         test_examples=examples,
         # An extra set of examples 0-3: greedy right on 0; replies right on 0 (j=0) and 2 (j=2).
@@ -46,20 +49,30 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperatu
     )
     replies = {}
     keep = lambda name, records: replies.setdefault(name, records)
-    assert evaluation.evaluate(exp, None, keep) == {
-        "eval_accuracy": 2 / 10,
-        "eval_length_mean": 4.5,
-        "eval_truncation_rate": 2 / 10,
-        "eval_mean_at_k": 5 / 30,
-        "eval_pass_at_k": 5 / 10,
-        "eval_maj_at_k": 0.0,  # these replies give no answer to vote with (see below)
-        "eval_accuracy/head": 1 / 4,
-        "eval_length_mean/head": 1.5,
-        "eval_truncation_rate/head": 0.0,
-        "eval_mean_at_k/head": 2 / 12,
-        "eval_pass_at_k/head": 2 / 4,
-        "eval_maj_at_k/head": 0.0,
-    }
+    # pass@k of an example with one right reply of 3: 1/3, 1 - C(2, 2) / C(3, 2) = 2/3, 1.
+    assert evaluation.evaluate(exp, None, keep) == pytest.approx(
+        {
+            "eval_accuracy": 2 / 10,
+            "eval_length_mean": 4.5,
+            "eval_truncation_rate": 2 / 10,
+            "eval_mean_at_k": 5 / 30,
+            "eval_pass_at_k": 5 / 10,
+            "eval_maj_at_k": 0.0,  # these replies give no answer to vote with (see below)
+            "eval_pass_at_1": 5 / 30,
+            "eval_pass_at_2": 5 * 2 / 3 / 10,
+            "eval_pass_at_3": 5 / 10,
+            "eval_accuracy/head": 1 / 4,
+            "eval_length_mean/head": 1.5,
+            "eval_truncation_rate/head": 0.0,
+            "eval_mean_at_k/head": 2 / 12,
+            "eval_pass_at_k/head": 2 / 4,
+            "eval_maj_at_k/head": 0.0,
+            "eval_pass_at_1/head": 2 / 12,
+            "eval_pass_at_2/head": 2 * 2 / 3 / 4,
+            "eval_pass_at_3/head": 2 / 4,
+        },
+        rel=1e-12,
+    )
     # Greedy, then at the eval's temperature (None: the training sampler's 0.7); each set.
     assert sampled_with == [(0.0, 1)] * 3 + [(sampled_at, 3)] * 3 + [(0.0, 1), (sampled_at, 3)]
     # Every greedy reply of each set, in order, without the padding's.
@@ -75,6 +88,19 @@ def test_eval_flags_each_reply_and_drops_the_padding(monkeypatch, eval_temperatu
     assert [r["completion"] for r in replies["test"]] == [f"{i}|0" for i in range(10)]
     assert [r["correct"] for r in replies["head"]] == [True, False, False, False]
     assert [r["truncated"] for r in replies["test"]] == [i >= 8 for i in range(10)]
+
+
+def test_pass_at_k_by_hand():
+    # n = 4 replies; c right. pass@2 = 1 - C(4 - c, 2) / C(4, 2): c = 1 -> 1 - 3/6, c = 2 ->
+    # 1 - 1/6, c = 3 -> 1 (any 2 hold a right one). pass@1 = c / 4; pass@4 = any right.
+    correct = np.array([[0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], bool)
+    np.testing.assert_allclose(evaluation.pass_at(correct, 2), [0, 0.5, 5 / 6, 1])
+    np.testing.assert_allclose(evaluation.pass_at(correct, 1), [0, 0.25, 0.5, 0.75])
+    np.testing.assert_array_equal(evaluation.pass_at(correct, 4), [0, 1, 1, 1])
+    # Large n stays exact: one right of 64, pass@8 = 8/64.
+    one_of_64 = np.zeros((1, 64), bool)
+    one_of_64[0, 17] = True
+    assert evaluation.pass_at(one_of_64, 8)[0] == pytest.approx(0.125, rel=1e-12)
 
 
 def test_majority_vote_counts_the_answer_most_replies_give(monkeypatch):

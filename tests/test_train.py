@@ -58,6 +58,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         "TrainConfig.num_steps=3",
         "TrainConfig.eval_every_steps=3",
         "TrainConfig.eval_samples=2",
+        "TrainConfig.eval_pass_at=(1, 2)",
         "TrainConfig.eval_at_start=True",
         "TrainConfig.extra_eval_sets=('harder',)",
         "harder/make_dataset.source='synthetic'",
@@ -98,6 +99,9 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         assert key in rows[0], key
     assert "eval_accuracy" in rows[2]
     assert 0 <= rows[2]["eval_mean_at_k"] <= rows[2]["eval_pass_at_k"] <= 1
+    for row in (start, rows[2]):  # unbiased pass@1 is the mean, pass@n whether any is right
+        assert row["eval_pass_at_1"] == pytest.approx(row["eval_mean_at_k"])
+        assert row["eval_pass_at_2/harder"] == pytest.approx(row["eval_pass_at_k/harder"])
     # Every greedy eval reply, at steps 0 and 3: tiny.gin's 8 test problems and the 4 harder.
     replies = metrics_lib.read_metrics(tmp_path / metrics_lib.EVAL_COMPLETIONS_FILE)
     for step, row in ((0, start), (3, rows[2])):
@@ -411,6 +415,9 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused():
         (dict(eval_samples=-1), "TrainConfig.eval_samples must be >= 0"),
         (dict(eval_temperature=0.0), "TrainConfig.eval_temperature must be > 0"),
         (dict(eval_temperature=0.6), "needs TrainConfig.eval_samples > 0"),  # else unused
+        (dict(eval_pass_at=(1,)), "it needs TrainConfig.eval_samples > 0"),
+        (dict(eval_samples=4, eval_pass_at=(1, 5)), "distinct k in [1, eval_samples=4]"),
+        (dict(eval_samples=4, eval_pass_at=(2, 2)), "distinct k in [1, eval_samples=4]"),
         (dict(advantage_scale="std"), "advantage_scale must be one of group|batch|none|rloo"),
         (dict(reward_aggregation="sum"), "reward_aggregation must be one of sum_then_normalize|"),
         (
