@@ -28,7 +28,7 @@ from grpo.experiment import (
 )
 from grpo.models import loading, presets, transformer
 from grpo.models.config import LORA_TARGETS, LoraConfig, ModelConfig
-from grpo.phases import reward, rollout, update
+from grpo.phases import reward, reward_model, rollout, update
 from grpo.phases.stop_strings import StopStrings, token_bytes
 from grpo.sampling import encode_questions
 from grpo.train import check_state_fits
@@ -110,6 +110,39 @@ def make_model(
     if adapter is not None:
         read_params = functools.partial(_with_adapter, read_params, config, adapter)
     return ModelBundle(config, read_params, tok)
+
+
+@gin.configurable(denylist=["named", "attention_impl"])
+@knobs.checked
+def make_reward_model(
+    source: str | None = None,
+    *,
+    dtype: str = "bfloat16",
+    named: bool = False,
+    attention_impl: str = "xla",
+) -> reward_model.RewardModel | None:
+    """A learned reward model, for the `make_rewards.names` entry 'reward_model' (`named`, which
+    needs `source`, and only it): a Hugging Face `*ForSequenceClassification` folder or hub id
+    with one label, its weights and compute in `dtype` (frozen: bf16 loses nothing a step
+    needs), on the policy's `attention_impl` (`xla` where that is cuDNN's and `dtype` fp32, which
+    cuDNN's kernel does not take); None: no reward model."""
+    if named != (source is not None):
+        raise ValueError(
+            f"make_rewards.names holds {reward.REWARD_MODEL!r}: set make_reward_model.source"
+            if named
+            else f"make_reward_model.source is set, but make_rewards.names has no "
+            f"{reward.REWARD_MODEL!r} to give it a weight"
+        )
+    if source is None:
+        if dtype != "bfloat16":
+            raise ValueError("make_reward_model.dtype needs make_reward_model.source")
+        return None
+    if attention_impl == "cudnn" and dtype != "bfloat16":
+        attention_impl = "xla"
+    config, read_params, tokenizer, pad_id = loading.open_reward_model(
+        source, dtype=dtype, param_dtype=dtype, remat="none", attention_impl=attention_impl
+    )
+    return reward_model.RewardModel(source, config, read_params, tokenizer, pad_id)
 
 
 def _random_params(config: ModelConfig, seed: int) -> Any:
@@ -360,6 +393,9 @@ def build_experiment(
     chat_template = _read_chat_template(train.chat_template_path)
     bundle = make_model()
     _check_attention_platform(bundle.config, mesh.devices.flat[0].platform)
+    scorer = make_reward_model(
+        named=reward.REWARD_MODEL in rewards.names, attention_impl=bundle.config.attention_impl
+    )
     if train.shared_prompt_forward:
         transformer.check_shared_prompt_attention(bundle.config)
     if chat_template is not None:
@@ -433,6 +469,7 @@ def build_experiment(
         train=train,
         extra_eval_sets=extra_eval_sets,
         tools=tools_or_none,
+        reward_model=scorer,
     )
     check_batch_layout(experiment)
     if trains and not eval_only:

@@ -21,6 +21,7 @@ from grpo.models.config import ModelConfig
 from grpo.phases import reward as reward_phase
 from grpo.phases.advantage import AGGREGATIONS as REWARD_AGGREGATIONS
 from grpo.phases.advantage import SCALES as ADVANTAGE_SCALES
+from grpo.phases.reward_model import RewardModel
 from grpo.phases.rollout import SamplingConfig
 from grpo.phases.update import LossConfig
 from grpo.tools import ToolConfig
@@ -378,6 +379,7 @@ class Experiment:
     # name -> test examples, evaluated beside test_examples (TrainConfig.extra_eval_sets)
     extra_eval_sets: dict[str, Sequence[dict]] = dataclasses.field(default_factory=dict)
     tools: ToolConfig | None = None  # what completions may call (grpo.tools); None: no tools
+    reward_model: RewardModel | None = None  # scores replies beside the functions; None: none
 
 
 def effective_batch_lines(exp: Experiment) -> list[str]:

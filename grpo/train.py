@@ -39,7 +39,7 @@ from grpo.experiment import (
 from grpo.metrics import MetricsWriter
 from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
-from grpo.phases import dynamic_sampling
+from grpo.phases import dynamic_sampling, reward_model
 from grpo.phases import reward as reward_phase
 from grpo.phases.advantage import decoupled_advantages, group_advantages
 from grpo.phases.rollout import cache_gb_per_device, trim_completions
@@ -59,6 +59,8 @@ class Runtime:
     ref_moves: bool  # ref sync is on: the reference changes and checkpoints keep it
     update_fn: Callable
     ref_logps_fn: Callable | None
+    # The reward model's params on the mesh and its jitted scores fn; None without one.
+    reward_model: tuple[Any, Callable] | None
     stream: PromptStream
     checkpointer: Checkpointer
     metrics: MetricsWriter
@@ -131,14 +133,27 @@ def _abstract_model(exp: Experiment, dtype: Any) -> Any:
 
 def held_memory_gb(exp: Experiment) -> dict[str, float]:
     """What each device holds from start to end, in GB, before any activation or KV cache: the
-    trainable params and their optimizer state, the frozen base (LoRA), the KL reference."""
+    trainable params and their optimizer state, the frozen base (LoRA), the KL reference, the
+    reward model."""
     trainable = abstract_trainable(exp)
     held = {"params": trainable, "optimizer state": optim.abstract_opt_state(exp.tx, trainable)}
     if exp.model.lora is not None:
         held["frozen base"] = _abstract_model(exp, exp.model.param_dtype)
     elif exp.loss.beta > 0:
         held["KL reference"] = _abstract_model(exp, _reference_dtype(exp))
+    if exp.reward_model is not None:
+        held["reward model"] = _abstract_reward_model(exp)
     return {name: sharding.gb_per_device(tree) for name, tree in held.items()}
+
+
+def _abstract_reward_model(exp: Experiment) -> Any:
+    config = exp.reward_model.config
+    shapes = jax.tree.map(
+        lambda shape: jax.ShapeDtypeStruct(shape, config.param_dtype),
+        reward_model.param_shapes(config),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    return _layout(exp.mesh, reward_model.logical_axes(config), shapes, config.param_dtype)
 
 
 def _device_limit_gb() -> float | None:
@@ -343,6 +358,7 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
             if exp.loss.beta > 0
             else None
         ),
+        reward_model=_placed_reward_model(exp),
         stream=stream,
         checkpointer=checkpointer,
         metrics=MetricsWriter(
@@ -356,6 +372,22 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
         ),
         start_step=start_step,
     )
+
+
+def _placed_reward_model(exp: Experiment) -> tuple[Any, Callable] | None:
+    """The reward model's weights on the mesh (read now, never checkpointed) and its scores fn,
+    run in the update's micro-batch rows."""
+    if exp.reward_model is None:
+        return None
+    config, cfg = exp.reward_model.config, exp.train
+    params = _place(
+        exp.mesh,
+        reward_model.logical_axes(config),
+        exp.reward_model.read_params(),
+        config.param_dtype,
+    )
+    parts = cfg.num_micro_batches * cfg.updates_per_pass
+    return params, reward_model.make_scores_fn(config, exp.reward_model.pad_id, parts)
 
 
 def _rollout_metrics(scored: _Scored, group: int) -> dict:
@@ -442,7 +474,11 @@ def _rollout_and_score(
     with profiling.Phase("reward", timings):
         local_examples = [e for e in examples for _ in range(cfg.num_generations)]
         rewards = reward_phase.score(
-            texts, local_examples, rewards=exp.rewards, timeout_s=cfg.reward_timeout_s
+            texts,
+            local_examples,
+            rewards=exp.rewards,
+            timeout_s=cfg.reward_timeout_s,
+            scored=_reward_model_scores(exp, rt, local_examples, texts),
         )
         local_lengths = gather.local_rows(rollout.lengths_B)
         rewards = reward_phase.add_overlong_penalty(
@@ -466,6 +502,26 @@ def _rollout_and_score(
         tool_calls=sampled.tool_calls,
         tool_errors=sampled.tool_errors,
     )
+
+
+def _reward_model_scores(
+    exp: Experiment, rt: Runtime, examples: list[dict], texts: list[str]
+) -> dict[str, np.ndarray]:
+    """{'reward_model': this process's rows' scores}, or {} without a reward model."""
+    if rt.reward_model is None:
+        return {}
+    cfg = exp.train
+    scores = reward_model.score_replies(
+        exp.reward_model,
+        *rt.reward_model,
+        exp.mesh,
+        examples,
+        texts,
+        system_prompt=cfg.system_prompt,
+        question_template=cfg.question_template,
+        chat_template=cfg.use_chat_template,
+    )
+    return {reward_phase.REWARD_MODEL: scores}
 
 
 def _tool_tokens(rollout: Rollout) -> int:

@@ -69,10 +69,10 @@ def encode_prompts(
             raise ValueError(
                 "a prompt without the chat template has no system turn, variables or tools"
             )
-        return [_as_token_ids(tokenizer.encode(q)) for q in questions]
+        return [as_token_ids(tokenizer.encode(q)) for q in questions]
     if getattr(tokenizer, "chat_template", None):
         return [
-            _as_token_ids(
+            as_token_ids(
                 tokenizer.apply_chat_template(
                     build_messages(q, system_prompt),
                     tools=tools,
@@ -85,10 +85,10 @@ def encode_prompts(
         ]
     if template_kwargs or tools:
         raise ValueError("chat template variables and tools need a chat template")
-    return [_as_token_ids(tokenizer.encode(plain_prompt(q, system_prompt))) for q in questions]
+    return [as_token_ids(tokenizer.encode(plain_prompt(q, system_prompt))) for q in questions]
 
 
-def _as_token_ids(output: Any) -> list[int]:
+def as_token_ids(output: Any) -> list[int]:
     """A flat id list from what a tokenizer returned: a list, a batch of one, or (transformers
     5) a dict / BatchEncoding holding `input_ids`."""
     if isinstance(output, Mapping):

@@ -46,6 +46,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 CACHE_DIR_ENV = "GRPO_CACHE_DIR"
 # Tensors some checkpoints carry that we recompute from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# A sequence classifier's head (a reward model's): the last hidden state -> one score, [D, 1].
+SCORE_HEAD = "score"
 
 
 # --------------------------------------------------------------------------- name/shape mapping
@@ -58,8 +60,9 @@ class _HfTensor:
     transposed: bool  # a projection stored [out, in]; ours puts the input dimensions first
 
 
-def _hf_layout(config: ModelConfig) -> dict[tuple[str, ...], _HfTensor]:
-    """Our param path -> the Hugging Face tensor it comes from (per layer for `layers/*`)."""
+def _hf_layout(config: ModelConfig, score_head: bool = False) -> dict[tuple[str, ...], _HfTensor]:
+    """Our param path -> the Hugging Face tensor it comes from (per layer for `layers/*`);
+    `score_head`: a `*ForSequenceClassification` checkpoint's one-label head too."""
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     dh = config.head_dim
     q, kv = config.num_heads * dh, config.num_kv_heads * dh
@@ -88,6 +91,8 @@ def _hf_layout(config: ModelConfig) -> dict[tuple[str, ...], _HfTensor]:
         layout[("layers", "k_norm")] = _HfTensor(f"{attn}.k_norm.weight", (dh,), False)
     if not config.tie_word_embeddings:
         layout[("lm_head",)] = _HfTensor("lm_head.weight", (v, d), True)
+    if score_head:
+        layout[(SCORE_HEAD,)] = _HfTensor("score.weight", (1, d), True)
     return layout
 
 
@@ -97,13 +102,18 @@ def _hf_names(path: tuple[str, ...], spec: _HfTensor, config: ModelConfig) -> li
     return [spec.name]
 
 
-def params_from_hf_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig) -> Params:
-    """Hugging Face tensors (Qwen2/Qwen3/Llama names) -> our stacked params in param_dtype."""
+def params_from_hf_state_dict(
+    state: Mapping[str, np.ndarray], config: ModelConfig, score_head: bool = False
+) -> Params:
+    """Hugging Face tensors (Qwen2/Qwen3/Llama names) -> our stacked params in param_dtype;
+    `score_head`: a sequence classifier's, its head as `params[SCORE_HEAD]`."""
     shapes = param_shapes(config)
+    if score_head:
+        shapes[SCORE_HEAD] = (config.hidden_size, 1)
     dtype = jnp.dtype(config.param_dtype)
     params: Params = {"layers": {}}
     used = set()
-    for path, spec in _hf_layout(config).items():
+    for path, spec in _hf_layout(config, score_head).items():
         names = _hf_names(path, spec, config)
         # Filled one tensor at a time: peak memory is the params plus one source tensor.
         value = np.empty(_lookup(shapes, path), dtype)
@@ -264,21 +274,26 @@ def load_hf_folder(path: str, **config_overrides: Any) -> tuple[ModelConfig, Par
 
 
 def _open_hf_folder(
-    path: str, config_overrides: dict[str, Any]
+    path: str, config_overrides: dict[str, Any], score_head: bool = False
 ) -> tuple[ModelConfig, Callable[[], Params]]:
     """The folder's config, and a function that reads its weights (checked present here)."""
     config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model folder)")
     try:
-        with open(config_file) as f:
-            hf_config = json.load(f)
-        config = ModelConfig.from_hf(hf_config, **config_overrides)
+        config = ModelConfig.from_hf(_read_hf_config(path), **config_overrides)
     except KeyError as err:
         raise ValueError(f"{config_file}: missing key {err}") from err
     except ValueError as err:
         raise ValueError(f"{config_file}: {_one_line(err)}") from err
-    return config, functools.partial(params_from_hf_state_dict, _read_hf_tensors(path), config)
+    read = functools.partial(params_from_hf_state_dict, _read_hf_tensors(path), config, score_head)
+    return config, read
+
+
+def _read_hf_config(path: str) -> dict[str, Any]:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model folder)")
+    with open(config_file) as f:
+        return json.load(f)
 
 
 # --------------------------------------------------------------------------- GGUF
@@ -571,6 +586,31 @@ def open_model(spec: str, **config_overrides: Any) -> tuple[ModelConfig, Callabl
         return config, read_params, _gguf_tokenizer_cached(path, reader)
     config, read_params = _open_hf_folder(path, config_overrides)
     return config, read_params, load_tokenizer(path)
+
+
+def open_reward_model(
+    spec: str, **config_overrides: Any
+) -> tuple[ModelConfig, Callable[[], Params], Any, int | None]:
+    """A reward model: a Hugging Face `*ForSequenceClassification` folder (or hub id) with one
+    label, as `open_model` gives a policy, plus the config's `pad_token_id` (transformers
+    scores the last token that is not it). Its params hold the decoder and `params[SCORE_HEAD]`;
+    a classifier has no unembedding, so its config says tied (no `lm_head`)."""
+    path = _resolve(spec)
+    if path.endswith(".gguf"):
+        raise ValueError(f"{spec}: a GGUF file holds no classifier head; give an HF folder")
+    hf = _read_hf_config(path)
+    architectures = hf.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(
+            f"{spec}: not a sequence classifier (architectures={architectures}); a reward model "
+            "is a *ForSequenceClassification checkpoint with one label"
+        )
+    labels = hf.get("num_labels") or len(hf.get("id2label") or (0, 1))  # transformers' default
+    if labels != 1:
+        raise ValueError(f"{spec}: a reward model scores with one label, this one has {labels}")
+    overrides = {**config_overrides, "tie_word_embeddings": True}
+    config, read_params = _open_hf_folder(path, overrides, score_head=True)
+    return config, read_params, load_tokenizer(path), hf.get("pad_token_id")
 
 
 # --------------------------------------------------------------------------- PEFT adapters

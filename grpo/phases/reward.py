@@ -350,6 +350,8 @@ ANSWER_CHECK_REWARDS = {
 
 OVERLONG = "overlong"  # the length penalty's name among the per-function rewards
 LENGTH_REWARD = "length_reward"  # Kimi k1.5's length reward's
+# A learned reward model's (grpo/phases/reward_model.py): scored on the mesh, not by a function.
+REWARD_MODEL = "reward_model"
 OVERLONG_WEIGHT = 1.0
 
 
@@ -389,7 +391,8 @@ class RewardConfig:
         if not all(math.isfinite(w) for w in self.weights):
             raise ValueError(f"RewardConfig weights must be finite: {self.weights}")
         for name in self.names:
-            get_reward_fn(name)
+            if name != REWARD_MODEL:
+                get_reward_fn(name)
         if "correctness_math_verify" in self.names:
             check_answer_match("math_verify")
         if self.overlong_buffer < 0 or not math.isfinite(self.overlong_weight):
@@ -591,21 +594,30 @@ def score(
     *,
     rewards: RewardConfig,
     timeout_s: float = 5.0,
+    scored: Mapping[str, np.ndarray] | None = None,
 ) -> RewardResult:
-    """Scores completion i against examples[i] with every function in `rewards`."""
+    """Scores completion i against examples[i] with every function in `rewards`; a name in
+    `scored` (the reward model's) takes those values instead of a call."""
+    scored = scored or {}
     if len(completions) != len(examples):
         raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     batch = len(completions)
-    plans = [_reward_calls(get_reward_fn(name), completions, examples) for name in rewards.names]
+    plans = [
+        [] if name in scored else _reward_calls(get_reward_fn(name), completions, examples)
+        for name in rewards.names
+    ]
     outcomes = _run_with_timeouts([call for plan in plans for call in plan], timeout_s, _POOL)
     total_B = np.zeros(batch, np.float32)
     per_function, failures = {}, {}
     start = 0
     for name, weight, plan in zip(rewards.names, rewards.weights, plans, strict=True):
         chunk, start = outcomes[start : start + len(plan)], start + len(plan)
-        rows = chunk if len(plan) == batch else _batch_rows(chunk[0], batch)
+        if name in scored:  # a non-finite score fails its row, as a batched function's
+            rows = _batch_rows((np.asarray(scored[name]).reshape(batch), None), batch)
+        else:
+            rows = chunk if len(plan) == batch else _batch_rows(chunk[0], batch)
         per_function[name] = np.array([reward for reward, _ in rows], np.float32)
         total_B += np.float32(weight) * per_function[name]
         failures[name] = _log_failures(f"reward {name!r}", rows, "scored 0")

@@ -419,7 +419,7 @@ def policy_loss(
     return metrics.pop("loss"), metrics
 
 
-def _split(tree: Any, num_parts: int, group_size: int = 1) -> Any:
+def split_rows(tree: Any, num_parts: int, group_size: int = 1) -> Any:
     """(B, ...) -> (U, B/U, ...), part u holding the groups u, u+U, u+2U, ... whole (group g:
     rows gG to gG+G-1; G = 1: rows u, u+U, ...).
 
@@ -432,6 +432,13 @@ def _split(tree: Any, num_parts: int, group_size: int = 1) -> Any:
         lambda x: x.reshape(-1, u, g, *x.shape[1:]).swapaxes(0, 1).reshape(u, -1, *x.shape[1:]),
         tree,
     )
+
+
+def merge_rows(x_UxbX: jax.Array, group_size: int = 1) -> jax.Array:
+    """`split_rows`' inverse for one array: (U, B/U, ...) -> (B, ...), rows back in order."""
+    u, g, rest = x_UxbX.shape[0], group_size, x_UxbX.shape[2:]
+    x_UxnxGX = x_UxbX.reshape(u, -1, g, *rest)
+    return x_UxnxGX.swapaxes(0, 1).reshape(-1, *rest)
 
 
 # The Batch fields with a completion axis: what a micro-batch of a narrower width cuts.
@@ -460,7 +467,7 @@ def _used_width_B(mask_BxC: jax.Array) -> jax.Array:
 def _length_sorted(
     tree: Any, used_B: jax.Array, num_micro_batches: int, group_size: int = 1
 ) -> tuple[Any, jax.Array]:
-    """The rows reordered so that `_split`'s micro-batch m holds the m-th run of B/M rows by
+    """The rows reordered so that `split_rows`'s micro-batch m holds the m-th run of B/M rows by
     used width, shortest first, in whole groups of `group_size` rows ranked by their longest
     row; and the order (new row i is old row order[i]).
 
@@ -563,11 +570,11 @@ def compute_gradients(
     `params` are the trainable ones: the whole model, or LoRA adapters on the `frozen` base
     (models/lora.py), which gets no gradient.
 
-    Micro-batch m holds rows m, m+M, ... (see `_split`), of the batch sorted by length when
+    Micro-batch m holds rows m, m+M, ... (see `split_rows`), of the batch sorted by length when
     `width_buckets` > 1 (each micro-batch then runs at the narrowest bucket width that holds
     it); the sums are normalised once, by the whole batch's N, so any num_micro_batches dividing
     B and any width_buckets give the same gradient. With `prompt_group` = G > 1 (rows in whole
-    groups of G that share a prompt) micro-batch m holds groups m, m+M, ... (`_split`)
+    groups of G that share a prompt) micro-batch m holds groups m, m+M, ... (`split_rows`)
     and each prompt runs once per micro-batch; the gradient is the same.
     """
     _check_batch(batch, loss=loss, num_micro_batches=num_micro_batches, prompt_group=prompt_group)
@@ -614,7 +621,7 @@ def compute_gradients(
         entropy_at = lambda w: _padded_to(logps_and_entropy(params, _cut(mb, w))[1], width)
         return None, _at_fitting_width(widths, loss_mask(mb, config=loss), entropy_at)
 
-    split = functools.partial(_split, num_parts=num_micro_batches, group_size=prompt_group)
+    split = functools.partial(split_rows, num_parts=num_micro_batches, group_size=prompt_group)
     micro_batches = split(batch)
     keep = None
     if loss.top_entropy_quantile < 1:  # the whole batch's entropies set the threshold
@@ -651,7 +658,7 @@ def make_update_fn(
     `frozen`: the base params under LoRA adapters (`state.params`), else None.
 
     The batch makes `updates_per_batch` optimizer steps, one per mini-batch of whole groups of
-    `group_size` rows (see `_split`), in order; each accumulates its gradient over
+    `group_size` rows (see `split_rows`), in order; each accumulates its gradient over
     `num_micro_batches` micro-batches, of `width_buckets` possible widths (`compute_gradients`).
     `prompt_group` > 1 (the group size): each group's prompt runs once per micro-batch.
 
@@ -694,7 +701,7 @@ def make_update_fn(
         if updates_per_batch == 1:
             return one_update(state, batch, frozen)
         _check_updates(batch.completion_mask_BxC.shape[0], updates_per_batch, group_size)
-        parts = _split(batch, updates_per_batch, group_size)
+        parts = split_rows(batch, updates_per_batch, group_size)
         state, metrics_U = jax.lax.scan(lambda s, b: one_update(s, b, frozen), state, parts)
         return state, jax.tree.map(lambda m: m.mean(axis=0), metrics_U)
 
@@ -747,10 +754,8 @@ def make_reference_logps_fn(
             )
             return _at_fitting_width(widths, mb.completion_mask_BxC, logps_at)
 
-        logps_MxbxC = jax.lax.map(one, _split(batch, num_micro_batches, prompt_group))
-        # Undo the strided split: (M, B/M, C) -> (B/(MG), M, G, C) -> (B, C).
-        logps_MxnxGxC = logps_MxbxC.reshape(num_micro_batches, -1, prompt_group, width)
-        logps_BxC = logps_MxnxGxC.swapaxes(0, 1).reshape(rows, width)
+        logps_MxbxC = jax.lax.map(one, split_rows(batch, num_micro_batches, prompt_group))
+        logps_BxC = merge_rows(logps_MxbxC, prompt_group)
         if order is None:
             return logps_BxC
         return sharding.constrain(logps_BxC[jnp.argsort(order)], ("batch", None))

@@ -558,6 +558,16 @@ def test_a_failed_batched_call_scores_every_row_zero(monkeypatch, fn):
     assert result.failures == {"batch": 3, "correctness": 0}
 
 
+def test_scores_given_for_a_name_join_the_total_without_a_call():
+    # The reward model's scores come from the mesh; a non-finite one fails its row alone.
+    config = reward.RewardConfig(names=(reward.REWARD_MODEL, "correctness"), weights=(0.5, 1.0))
+    scored = {reward.REWARD_MODEL: np.array([2.0, np.nan, -4.0], np.float32)}
+    result = reward.score(["#### 72"] * 3, [gsm8k("72")] * 3, rewards=config, scored=scored)
+    np.testing.assert_array_equal(result.per_function[reward.REWARD_MODEL], [2, 0, -4])
+    np.testing.assert_array_equal(result.total, [2, 1, -1])
+    assert result.failures == {reward.REWARD_MODEL: 1, "correctness": 0}
+
+
 def test_length_reward_by_hand():
     # Group 1 lengths (10, 20, 30, 20), right, right, wrong, wrong: lambda = 0.5 - (l - 10) / 20
     # = (0.5, 0, -0.5, 0); wrong replies keep only a negative lambda. Group 2: equal lengths, 0.

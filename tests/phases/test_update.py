@@ -644,10 +644,10 @@ def test_length_sorted_micro_batches_hold_runs_of_similar_lengths():
     rows, order = update._length_sorted(jnp.arange(8), used, 4)
     np.testing.assert_array_equal(rows, order)  # new row i is old row order[i]
     # Sorted by used width: rows 7 1 | 4 1... stable: 7(0) 4(2) 1(3) 2(4) 6(4) 3(5) 0(6) 5(6).
-    np.testing.assert_array_equal(update._split(rows, 4), [[7, 4], [1, 2], [6, 3], [0, 5]])
+    np.testing.assert_array_equal(update.split_rows(rows, 4), [[7, 4], [1, 2], [6, 3], [0, 5]])
     # In whole groups of 2, ranked by their longest row: groups 3 (4 slots) 1 (5) 0 (6) 2 (6).
     rows, _ = update._length_sorted(jnp.arange(8), used, 2, group_size=2)
-    np.testing.assert_array_equal(update._split(rows, 2, 2), [[6, 7, 2, 3], [0, 1, 4, 5]])
+    np.testing.assert_array_equal(update.split_rows(rows, 2, 2), [[6, 7, 2, 3], [0, 1, 4, 5]])
 
 
 def _bucketed_grad_fn(loss: LossConfig, num_micro_batches: int, width_buckets: int):
@@ -772,9 +772,13 @@ def test_second_iteration_on_a_rollout_moves_the_ratio(params, batch):
 
 def test_split_groups_keeps_groups_whole_and_strides_them():
     rows = np.arange(12)  # 6 groups of 2: part u takes the groups u, u + 2, u + 4
-    parts = update._split(rows, 2, 2)
+    parts = update.split_rows(rows, 2, 2)
     np.testing.assert_array_equal(parts, [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]])
-    np.testing.assert_array_equal(update._split(rows, 3, 2)[1], [2, 3, 8, 9])
+    np.testing.assert_array_equal(update.split_rows(rows, 3, 2)[1], [2, 3, 8, 9])
+
+    for parts, group in ((2, 2), (3, 2), (4, 1), (12, 1)):  # merge_rows undoes the split
+        split = update.split_rows(rows.reshape(12, 1), parts, group)
+        np.testing.assert_array_equal(update.merge_rows(split, group), rows.reshape(12, 1))
 
 
 def test_mini_batches_are_sequential_updates_on_whole_groups(params, batch):

@@ -1,0 +1,205 @@
+"""A learned reward model: loading a `*ForSequenceClassification` folder, its scores against
+transformers' (PyTorch, CPU, fp32) on tiny random models, the conversation it reads, and the
+trainer's reward with it end to end."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import gin
+from grpo import configurables, train
+from grpo import main as grpo_main
+from grpo import metrics as metrics_lib
+from grpo.data.prompts import as_token_ids
+from grpo.models import loading
+from grpo.phases import reward, reward_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "gin/tests/tiny.gin")
+PAD = 0
+_SMALL = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    num_labels=1,
+    pad_token_id=PAD,
+)
+CASES = {
+    "qwen2": lambda vocab: transformers.Qwen2Config(vocab_size=vocab, **_SMALL),
+    "qwen3": lambda vocab: transformers.Qwen3Config(vocab_size=vocab, head_dim=16, **_SMALL),
+    "llama": lambda vocab: transformers.LlamaConfig(vocab_size=vocab, **_SMALL),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return loading.load_tokenizer(loading.SMOLLM2_NAME)
+
+
+def _save_classifier(folder, tokenizer, case="qwen2", vocab=96, **changes):
+    """A random transformers sequence classifier saved as a Hugging Face folder (with SmolLM2's
+    tokenizer); every weight std 0.3 (norms around 1), so a misplaced tensor shows."""
+    torch.manual_seed(0)
+    config = CASES[case](vocab)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    model = transformers.AutoModelForSequenceClassification.from_config(
+        config, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.3)
+    model.eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def _right_padded(rows, width):
+    tokens = np.full((len(rows), width), PAD, np.int32)
+    valid = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)], valid[i, : len(row)] = row, True
+    return tokens, valid
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scores_match_transformers(tmp_path, tokenizer, case):
+    hf_model = _save_classifier(tmp_path, tokenizer, case)
+    config, read_params, _, pad_id = loading.open_reward_model(
+        str(tmp_path), dtype="float32", param_dtype="float32"
+    )
+    assert pad_id == PAD and config.num_layers == 2
+    rows = [
+        [5, 17, 33, 2, 9, 41, 77, 3],
+        [11, 4],
+        [8, PAD, 19, 23, 61],  # a pad id inside the text is read like any token
+        [30, 12, 50, PAD],  # transformers scores the last token that is not the pad id: 50
+    ]
+    tokens, valid = _right_padded(rows, 8)
+    scores_fn = reward_model.make_scores_fn(config, pad_id, num_micro_batches=2)
+    ours = np.asarray(scores_fn(jax.device_put(read_params()), tokens, valid))
+    with torch.no_grad():
+        reference = hf_model(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(valid, dtype=torch.long),
+        ).logits[:, 0]
+    np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-4, atol=1e-4)
+    assert np.ptp(ours) > 0.1  # the rows are told apart
+
+
+def test_the_scored_token_is_the_last_that_is_not_the_pad_id():
+    tokens, valid = _right_padded([[4, 5, 6], [4, PAD, PAD], [PAD], [7]], 4)
+    np.testing.assert_array_equal(reward_model.last_scored_index(tokens, valid, PAD), [2, 0, 0, 0])
+    np.testing.assert_array_equal(reward_model.last_scored_index(tokens, valid, None), [2, 2, 0, 0])
+
+
+def test_only_a_one_label_sequence_classifier_is_a_reward_model(tmp_path, tokenizer):
+    _save_classifier(tmp_path / "two", tokenizer, num_labels=2)
+    with pytest.raises(ValueError, match="a reward model scores with one label, this one has 2"):
+        loading.open_reward_model(str(tmp_path / "two"))
+    causal = tmp_path / "causal"
+    transformers.AutoModelForCausalLM.from_config(CASES["llama"](96)).save_pretrained(causal)
+    with pytest.raises(ValueError, match=r"not a sequence classifier \(architectures=\['Llama"):
+        loading.open_reward_model(str(causal))
+    with pytest.raises(ValueError, match="a GGUF file holds no classifier head"):
+        loading.open_reward_model(loading.SMOLLM2_NAME)
+
+
+def test_the_conversation_is_the_policys_prompt_then_the_reply(tokenizer):
+    ids = reward_model.encode_conversations(
+        tokenizer,
+        ["What is 2 + 3?"],
+        ["It is 5."],
+        system_prompt="Be brief.",
+        question_template="Q: {question}",
+    )
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q: What is 2 + 3?"},
+        {"role": "assistant", "content": "It is 5."},
+    ]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(ids[0]) == expected
+    assert expected.index("Be brief.") < expected.index("Q: What") < expected.index("It is 5.")
+    plain = reward_model.encode_conversations(
+        tokenizer, ["2 + 3 ="], [" 5"], system_prompt=None, chat_template=False
+    )
+    assert plain == [tokenizer.encode("2 + 3 = 5")]
+
+
+def test_replies_pad_to_a_power_of_two_width():
+    tokens, valid = reward_model.padded([[1] * 70, [2, 3]], pad_id=7)
+    assert tokens.shape == (2, 128) and valid.sum(axis=1).tolist() == [70, 2]
+    assert tokens[1, :3].tolist() == [2, 3, 7]
+    assert reward_model.padded([[1]], pad_id=None)[0].shape == (1, 64)
+
+
+def _experiment(*bindings, read_params=False):
+    gin.clear_config()
+    grpo_main.parse_gin([TINY], list(bindings), [REPO])
+    try:
+        return configurables.build_experiment(read_params=read_params)
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize(
+    "bindings, message",
+    [
+        (["make_rewards.names=('reward_model',)", "make_rewards.weights=(1.0,)"], "set make_"),
+        (["make_reward_model.source='x'"], "make_rewards.names has no 'reward_model'"),
+        (["make_reward_model.dtype='float32'"], "make_reward_model.dtype needs"),
+    ],
+)
+def test_a_reward_model_and_its_reward_name_go_together(bindings, message):
+    with pytest.raises(ValueError, match=message):
+        _experiment(*bindings)
+
+
+@pytest.mark.slow
+def test_the_trainer_rewards_replies_with_the_reward_model(tmp_path, tokenizer):
+    folder = tmp_path / "rm"
+    hf_model = _save_classifier(folder, tokenizer, vocab=len(tokenizer))
+    bindings = [
+        f"make_reward_model.source='{folder}'",
+        "make_reward_model.dtype='float32'",
+        "make_rewards.names=('reward_model', 'correctness')",
+        "make_rewards.weights=(0.5, 1.0)",
+        "TrainConfig.num_steps=2",
+        "TrainConfig.eval_every_steps=0",
+    ]
+    exp = _experiment(*bindings)
+    lines = train.held_memory_line(exp)
+    assert "reward model" in lines
+    summary = train.train(_experiment(*bindings, read_params=True), str(tmp_path / "run"))
+    assert summary["steps"] == 2
+    rows = metrics_lib.read_metrics(tmp_path / "run/metrics.jsonl")
+    assert all(np.isfinite(r["reward/reward_model"]) for r in rows)
+    records = [json.loads(line) for line in open(tmp_path / "run/completions.jsonl")]
+    assert len(records) == 8  # step 2's
+    # The reward model's own tokenizer, as transformers loads it from its folder: a Qwen2
+    # config makes it Qwen2's pre-tokenizer over SmolLM2's vocabulary, which splits some text
+    # (runs of spaces) unlike the policy's.
+    reward_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    reference = []
+    for r in records:
+        turns = [{"role": "user", "content": r["question"]}]
+        turns.append({"role": "assistant", "content": r["completion"]})
+        ids = torch.tensor([as_token_ids(reward_tokenizer.apply_chat_template(turns))])
+        with torch.no_grad():
+            reference.append(float(hf_model(input_ids=ids).logits[0, 0]))
+    ours = [r["rewards"][reward.REWARD_MODEL] for r in records]
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+    for r in records:
+        expected = 0.5 * r["rewards"]["reward_model"] + r["rewards"]["correctness"]
+        np.testing.assert_allclose(r["reward"], expected, rtol=1e-5)
+    assert rows[-1]["reward_mean"] == pytest.approx(np.mean([r["reward"] for r in records]))
