@@ -779,6 +779,9 @@ _SHRINKS = {
     "update": "smaller micro-batches (TrainConfig.completions_per_micro_batch), "
     "make_model.remat='full', make_optimizer.mu_dtype='bfloat16', or LoRA (make_model.lora_rank)",
     "reference": "smaller micro-batches (TrainConfig.completions_per_micro_batch)",
+    # Only the reward model's forward holds device memory in the reward phase.
+    "reward": "smaller micro-batches (TrainConfig.completions_per_micro_batch: the reward "
+    "model's forward runs in the update's) or make_reward_model.dtype='bfloat16'",
     None: "a smaller state (LoRA, make_optimizer.mu_dtype='bfloat16') or more devices; "
     "--dry_run prints what each device holds",
 }

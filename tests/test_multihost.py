@@ -22,6 +22,8 @@ from safetensors.numpy import load_file
 
 from grpo import distributed
 from grpo import metrics as metrics_lib
+from grpo.models import loading
+from tests.reward_models import save_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
@@ -161,10 +163,26 @@ def _export(workdir):
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    """An uninterrupted 4-step run on two processes (the reference for the tests below)."""
+def reward_model(tmp_path_factory):
+    """Bindings that add a tiny random reward model to the `length` reward: each process
+    scores its own rows, at a width the processes agree on."""
+    folder = tmp_path_factory.mktemp("reward_model")
+    tokenizer = loading.load_tokenizer(loading.SMOLLM2_NAME)  # tiny.gin's
+    save_classifier(folder, tokenizer, vocab=len(tokenizer))
+    return (
+        f"make_reward_model.source='{folder}'",
+        "make_reward_model.dtype='float32'",
+        "make_rewards.names=('length', 'reward_model')",
+        "make_rewards.weights=(1.0, 0.1)",
+    )
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, reward_model):
+    """An uninterrupted 4-step run on two processes, rewarded by a function and a reward model
+    (the reference for the tests below)."""
     workdir = tmp_path_factory.mktemp("multihost") / "two"
-    run = _Run(workdir, _export(workdir))
+    run = _Run(workdir, _export(workdir), *reward_model)
     _finish(run)
     return run
 
@@ -183,12 +201,13 @@ def _assert_metrics_close(rows_one: list[dict], rows_two: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(two_processes, tmp_path):
-    one = _Run(tmp_path / "one", _export(tmp_path / "one"), num_processes=1)
+def test_two_processes_train_like_one(two_processes, reward_model, tmp_path):
+    one = _Run(tmp_path / "one", _export(tmp_path / "one"), *reward_model, num_processes=1)
     _finish(one)
     assert "process 1/2, 8 devices (4 local)" in two_processes.output(1)
     rows_one, rows_two = _deterministic(one.rows()), _deterministic(two_processes.rows())
     assert [r["step"] for r in rows_two] == [1, 2, 3, 4]
+    assert all(r["reward/reward_model"] != 0 for r in rows_two)
     assert "eval_accuracy" in rows_two[1] and "eval_accuracy" in rows_two[3]
     assert rows_two[-1]["grad_norm"] > 0  # the runs really trained
     _assert_metrics_close(rows_one, rows_two)
@@ -203,6 +222,7 @@ def test_two_processes_train_like_one(two_processes, tmp_path):
             assert record_two[key] == record_one[key], key
         for key in ("reward", "advantage"):
             np.testing.assert_allclose(record_two[key], record_one[key], rtol=RTOL, atol=ATOL)
+        assert record_two["rewards"] == record_one["rewards"]
     params_one, params_two = _params(tmp_path / "one"), _params(two_processes.workdir)
     assert params_one.keys() == params_two.keys()
     for name in params_one:
@@ -286,12 +306,12 @@ def test_dynamic_sampling_lora_and_tools_on_two_processes_train_as_one(tmp_path)
 
 
 @pytest.mark.slow
-def test_preempted_two_processes_resume_exactly(two_processes, tmp_path):
+def test_preempted_two_processes_resume_exactly(two_processes, reward_model, tmp_path):
     """SIGTERM reaches only process 1 (as one host's preemption notice may arrive first); both
     processes must save the same step, exit 143 together, and resume to the same result."""
     workdir = tmp_path / "resumed"
     rarely = "TrainConfig.checkpoint_every_steps=10"  # so only the SIGTERM save writes step 3
-    run = _Run(workdir, rarely)
+    run = _Run(workdir, rarely, *reward_model)
     try:
         while not (workdir / "metrics.jsonl").exists() or len(run.rows()) < 2:
             assert all(p.poll() is None for p in run.procs), run.tails()
@@ -304,7 +324,7 @@ def test_preempted_two_processes_resume_exactly(two_processes, tmp_path):
     assert [r["step"] for r in run.rows()] == [1, 2, 3], run.tails()
     assert "preempted after step 3" in run.output(0)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
-    resumed = _Run(workdir, rarely, _export(workdir))
+    resumed = _Run(workdir, rarely, _export(workdir), *reward_model)
     _finish(resumed)
     assert "resumed from 3 at step 3" in resumed.output(0)
     assert _deterministic(resumed.rows()) == _deterministic(two_processes.rows())  # bitwise

@@ -1109,7 +1109,11 @@ def test_running_out_of_device_memory_names_the_phase_and_what_shrinks_it(
 
 @pytest.mark.parametrize(
     "phase, advice",
-    [("update", "TrainConfig.completions_per_micro_batch"), (None, "--dry_run prints")],
+    [
+        ("update", "TrainConfig.completions_per_micro_batch"),
+        ("reward", "make_reward_model.dtype='bfloat16'"),
+        (None, "--dry_run prints"),
+    ],
 )
 def test_out_of_memory_advice_follows_the_innermost_phase(phase, advice):
     error = jax.errors.JaxRuntimeError(OUT_OF_MEMORY)

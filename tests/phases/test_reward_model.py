@@ -4,6 +4,7 @@ trainer's reward with it end to end."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -18,49 +19,16 @@ from grpo import metrics as metrics_lib
 from grpo.data.prompts import as_token_ids
 from grpo.models import loading
 from grpo.phases import reward, reward_model
+from tests import reward_models
+from tests.reward_models import PAD, save_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
-PAD = 0
-_SMALL = dict(
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    num_labels=1,
-    pad_token_id=PAD,
-)
-CASES = {
-    "qwen2": lambda vocab: transformers.Qwen2Config(vocab_size=vocab, **_SMALL),
-    "qwen3": lambda vocab: transformers.Qwen3Config(vocab_size=vocab, head_dim=16, **_SMALL),
-    "llama": lambda vocab: transformers.LlamaConfig(vocab_size=vocab, **_SMALL),
-}
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return loading.load_tokenizer(loading.SMOLLM2_NAME)
-
-
-def _save_classifier(folder, tokenizer, case="qwen2", vocab=96, **changes):
-    """A random transformers sequence classifier saved as a Hugging Face folder (with SmolLM2's
-    tokenizer); every weight std 0.3 (norms around 1), so a misplaced tensor shows."""
-    torch.manual_seed(0)
-    config = CASES[case](vocab)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    model = transformers.AutoModelForSequenceClassification.from_config(
-        config, attn_implementation="eager"
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.3)
-    model.eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model
 
 
 def _right_padded(rows, width):
@@ -71,9 +39,9 @@ def _right_padded(rows, width):
     return tokens, valid
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(reward_models.CASES))
 def test_scores_match_transformers(tmp_path, tokenizer, case):
-    hf_model = _save_classifier(tmp_path, tokenizer, case)
+    hf_model = save_classifier(tmp_path, tokenizer, case)
     config, read_params, _, pad_id = loading.open_reward_model(
         str(tmp_path), dtype="float32", param_dtype="float32"
     )
@@ -103,11 +71,13 @@ def test_the_scored_token_is_the_last_that_is_not_the_pad_id():
 
 
 def test_only_a_one_label_sequence_classifier_is_a_reward_model(tmp_path, tokenizer):
-    _save_classifier(tmp_path / "two", tokenizer, num_labels=2)
+    save_classifier(tmp_path / "two", tokenizer, num_labels=2)
     with pytest.raises(ValueError, match="a reward model scores with one label, this one has 2"):
         loading.open_reward_model(str(tmp_path / "two"))
     causal = tmp_path / "causal"
-    transformers.AutoModelForCausalLM.from_config(CASES["llama"](96)).save_pretrained(causal)
+    transformers.AutoModelForCausalLM.from_config(reward_models.CASES["llama"](96)).save_pretrained(
+        causal
+    )
     with pytest.raises(ValueError, match=r"not a sequence classifier \(architectures=\['Llama"):
         loading.open_reward_model(str(causal))
     with pytest.raises(ValueError, match="a GGUF file holds no classifier head"):
@@ -166,9 +136,17 @@ def test_a_reward_model_and_its_reward_name_go_together(bindings, message):
 
 
 @pytest.mark.slow
-def test_the_trainer_rewards_replies_with_the_reward_model(tmp_path, tokenizer):
+def test_the_trainer_rewards_replies_with_the_reward_model(tmp_path, tokenizer, monkeypatch):
     folder = tmp_path / "rm"
-    hf_model = _save_classifier(folder, tokenizer, vocab=len(tokenizer))
+    hf_model = save_classifier(folder, tokenizer, vocab=len(tokenizer))
+    read = loading.params_from_hf_state_dict
+    classifiers_read = []
+
+    def recording_read(state, config, score_head=False):
+        classifiers_read.append(score_head)
+        return read(state, config, score_head)
+
+    monkeypatch.setattr(loading, "params_from_hf_state_dict", recording_read)
     bindings = [
         f"make_reward_model.source='{folder}'",
         "make_reward_model.dtype='float32'",
@@ -177,11 +155,11 @@ def test_the_trainer_rewards_replies_with_the_reward_model(tmp_path, tokenizer):
         "TrainConfig.num_steps=2",
         "TrainConfig.eval_every_steps=0",
     ]
-    exp = _experiment(*bindings)
-    lines = train.held_memory_line(exp)
-    assert "reward model" in lines
+    exp = _experiment(*bindings)  # as --dry_run builds it: the weights wait
+    assert re.search(r"reward model 0\.00[1-9]", train.held_memory_line(exp))
+    assert classifiers_read == []
     summary = train.train(_experiment(*bindings, read_params=True), str(tmp_path / "run"))
-    assert summary["steps"] == 2
+    assert summary["steps"] == 2 and classifiers_read == [True]  # read once, when placed
     rows = metrics_lib.read_metrics(tmp_path / "run/metrics.jsonl")
     assert all(np.isfinite(r["reward/reward_model"]) for r in rows)
     records = [json.loads(line) for line in open(tmp_path / "run/completions.jsonl")]
