@@ -447,6 +447,15 @@ def build_experiment(
     )
     stops = f", stop strings {sampling.stop.strings}" if sampling.stop else ""
     logging.info("end ids %s, pad id %d%s", end_ids, pad_id, stops)
+    if scorer is not None:
+        logging.info(
+            "reward model %s: %s, %d layers, %s, pad id %s",
+            scorer.source,
+            scorer.config.model_type,
+            scorer.config.num_layers,
+            scorer.config.dtype,
+            scorer.pad_id,
+        )
     if tool_config.names:
         logging.info(
             "tools %s (%s calls), up to %d per completion",
