@@ -376,7 +376,8 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
 
 def _placed_reward_model(exp: Experiment) -> tuple[Any, Callable] | None:
     """The reward model's weights on the mesh (read now, never checkpointed) and its scores fn,
-    run in the update's micro-batch rows."""
+    run in the update's micro-batch rows; under `shared_prompt_forward` each group's shared
+    prefix (its prompt, in the reward model's rendering) runs once, as in the update."""
     if exp.reward_model is None:
         return None
     config, cfg = exp.reward_model.config, exp.train
@@ -387,7 +388,8 @@ def _placed_reward_model(exp: Experiment) -> tuple[Any, Callable] | None:
         config.param_dtype,
     )
     parts = cfg.num_micro_batches * cfg.updates_per_pass
-    return params, reward_model.make_scores_fn(config, exp.reward_model.pad_id, parts)
+    pad_id = exp.reward_model.pad_id
+    return params, reward_model.make_scores_fn(config, pad_id, parts, cfg.prompt_group)
 
 
 def _rollout_metrics(scored: _Scored, group: int) -> dict:
@@ -517,6 +519,7 @@ def _reward_model_scores(
         exp.mesh,
         examples,
         texts,
+        group=cfg.prompt_group,
         system_prompt=cfg.system_prompt,
         question_template=cfg.question_template,
         chat_template=cfg.use_chat_template,

@@ -66,30 +66,69 @@ def scores(
     config: ModelConfig,
     pad_id: int | None,
 ) -> jax.Array:
-    """Each row's reward (fp32): the head on the final hidden state at `last_scored_index`.
-    Rows hold their tokens first (right padding)."""
+    """Each row's reward (fp32): the head on the final hidden state at `last_scored_index`."""
     positions_BxT = transformer.positions_from_mask(valid_BxT)
     hidden_BxTxD, _ = transformer.forward(
         params, tokens_BxT, positions_BxT, valid_BxT, config=config
     )
     last_B = last_scored_index(tokens_BxT, valid_BxT, pad_id)
-    hidden_BxD = jnp.take_along_axis(hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+    return _head(params, jnp.take_along_axis(hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0])
+
+
+def scores_shared_prefixes(
+    params: Any,
+    prefix_BxP: jax.Array,
+    prefix_valid_BxP: jax.Array,
+    rest_BxC: jax.Array,
+    rest_valid_BxC: jax.Array,
+    *,
+    config: ModelConfig,
+    pad_id: int | None,
+    group: int,
+) -> jax.Array:
+    """`scores` of the rows prefix + rest, where each group of `group` consecutive rows shares
+    its (left-padded) prefix, which then runs once for the group
+    (`transformer.forward_shared_prompts`); the same scores up to float rounding."""
+    every = slice(None, None, group)  # the group's first row holds its prefix
+    hidden_NxPxD, hidden_BxCxD = transformer.forward_shared_prompts(
+        params,
+        prefix_BxP[every],
+        prefix_valid_BxP[every],
+        rest_BxC,
+        rest_valid_BxC,
+        config=config,
+        group=group,
+    )
+    tokens_BxT = jnp.concatenate([prefix_BxP, rest_BxC], axis=1)
+    valid_BxT = jnp.concatenate([prefix_valid_BxP, rest_valid_BxC], axis=1)
+    last_B, p = last_scored_index(tokens_BxT, valid_BxT, pad_id), prefix_BxP.shape[1]
+    rows_B = jnp.arange(last_B.shape[0])
+    in_rest_BxD = hidden_BxCxD[rows_B, jnp.maximum(last_B - p, 0)]
+    in_prefix_BxD = hidden_NxPxD[rows_B // group, jnp.minimum(last_B, p - 1)]
+    return _head(params, jnp.where((last_B >= p)[:, None], in_rest_BxD, in_prefix_BxD))
+
+
+def _head(params: Any, hidden_BxD: jax.Array) -> jax.Array:
     head_Dx1 = params[SCORE_HEAD].astype(hidden_BxD.dtype)
     return transformer.einsum_f32_out("bd,dl->bl", hidden_BxD, head_Dx1)[:, 0]
 
 
 def make_scores_fn(
-    config: ModelConfig, pad_id: int | None, num_micro_batches: int
-) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """A jitted `fn(params, tokens_BxT, valid_BxT) -> scores_B`, run in `num_micro_batches`
-    sequential parts of B/M rows (the update's micro-batch rows: activation memory the run is
-    already sized for)."""
+    config: ModelConfig, pad_id: int | None, num_micro_batches: int, group: int = 1
+) -> Callable[..., jax.Array]:
+    """A jitted `fn(params, *rows) -> scores_B`, run in `num_micro_batches` sequential parts of
+    B/M rows (the update's micro-batch rows: activation memory the run is already sized for).
+    `rows`: `padded`'s (tokens, valid), or with `group` > 1 (whole groups in each part)
+    `split_at_shared_prefixes`' (prefix, prefix valid, rest, rest valid)."""
+    if group > 1:
+        score = functools.partial(scores_shared_prefixes, config=config, pad_id=pad_id, group=group)
+    else:
+        score = functools.partial(scores, config=config, pad_id=pad_id)
 
     @jax.jit
-    def fn(params: Any, tokens_BxT: jax.Array, valid_BxT: jax.Array) -> jax.Array:
-        score = functools.partial(scores, params, config=config, pad_id=pad_id)
-        parts = split_rows((tokens_BxT, valid_BxT), num_micro_batches)
-        return merge_rows(jax.lax.map(lambda part: score(*part), parts))
+    def fn(params: Any, *rows: jax.Array) -> jax.Array:
+        parts = split_rows(rows, num_micro_batches, group)
+        return merge_rows(jax.lax.map(lambda part: score(params, *part), parts), group)
 
     return fn
 
@@ -121,32 +160,65 @@ def encode_conversations(
     return [as_token_ids(tokenizer.encode(p + r)) for p, r in zip(prompts, replies, strict=True)]
 
 
-def padded(ids: Sequence[Sequence[int]], pad_id: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded (tokens, valid) at a power-of-two width (`_MIN_WIDTH` at least) that every
-    process agrees on: each holds its own rows."""
-    longest = int(gather.all_rows(np.array([max(len(row) for row in ids)])).max())
-    width = max(_MIN_WIDTH, 1 << (longest - 1).bit_length())
+def _width(lengths: Sequence[int]) -> int:
+    """A power of two (`_MIN_WIDTH` at least) that holds every process's longest row."""
+    longest = int(gather.all_rows(np.array([max(lengths)])).max())
+    return max(_MIN_WIDTH, 1 << (longest - 1).bit_length())
+
+
+def padded(
+    ids: Sequence[Sequence[int]], pad_id: int | None, *, left: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, valid), right-padded (or `left`) at a `_width` every process agrees on: each
+    holds its own rows."""
+    width = _width([len(row) for row in ids])
     tokens = np.full((len(ids), width), pad_id or 0, np.int32)
     valid = np.zeros((len(ids), width), bool)
     for i, row in enumerate(ids):
-        tokens[i, : len(row)], valid[i, : len(row)] = row, True
+        slots = slice(width - len(row), width) if left else slice(0, len(row))
+        tokens[i, slots], valid[i, slots] = row, True
     return tokens, valid
+
+
+def split_at_shared_prefixes(
+    ids: Sequence[Sequence[int]], group: int, pad_id: int | None
+) -> tuple[np.ndarray, ...]:
+    """Each group of `group` consecutive rows split where its rows part: (prefix, prefix valid)
+    left-padded and (rest, rest valid) right-padded, as `scores_shared_prefixes` takes them.
+    A prefix holds one token at least, and leaves each row one at least where it has two."""
+    prefixes, rests = [], []
+    for start in range(0, len(ids), group):
+        rows = [list(row) for row in ids[start : start + group]]
+        shortest = min(len(row) for row in rows)
+        shared = next(
+            (i for i in range(shortest) if any(row[i] != rows[0][i] for row in rows)), shortest
+        )
+        cut = max(1, min(shared, shortest - 1))
+        prefixes += [rows[0][:cut]] * group
+        rests += [row[cut:] for row in rows]
+    return (*padded(prefixes, pad_id, left=True), *padded(rests, pad_id))
 
 
 def score_replies(
     model: RewardModel,
     params: Any,
-    fn: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    fn: Callable[..., jax.Array],
     mesh: Mesh,
     examples: Sequence[Mapping[str, Any]],
     replies: Sequence[str],
+    *,
+    group: int = 1,
     **prompt: Any,
 ) -> np.ndarray:
     """This process's rows' rewards (float32): `examples[i]['question']` and `replies[i]`,
     encoded as `encode_conversations` does with the run's `prompt` settings, scored by `fn`
-    (`make_scores_fn`) on the mesh. Every process calls it together, with its own rows."""
+    (`make_scores_fn` of this `group`) on the mesh. Every process calls it together, with its
+    own rows (whole groups)."""
     ids = encode_conversations(
         model.tokenizer, [e["question"] for e in examples], replies, **prompt
     )
-    tokens, valid = sharding.shard_batch(mesh, padded(ids, model.pad_id))
-    return gather.local_rows(fn(params, tokens, valid)).astype(np.float32)
+    if group > 1:
+        rows = split_at_shared_prefixes(ids, group, model.pad_id)
+    else:
+        rows = padded(ids, model.pad_id)
+    return gather.local_rows(fn(params, *sharding.shard_batch(mesh, rows))).astype(np.float32)

@@ -39,29 +39,42 @@ def _right_padded(rows, width):
     return tokens, valid
 
 
+# Three groups of two: the first parts after 4 shared tokens; the second scores a token of its
+# shared part (its other row's rest is one pad id), with a pad id inside the text; the third is
+# two equal rows (the split leaves each its last token, a pad id), scored at their last token
+# that is not the pad id, as transformers scores, in the shared part.
+ROWS = [
+    [5, 17, 33, 2, 9, 41, 77, 3],
+    [5, 17, 33, 2, 11, 4],
+    [8, PAD, 19, 23, 61],
+    [8, PAD, 19, PAD],
+    [30, 12, 50, PAD],
+    [30, 12, 50, PAD],
+]
+
+
+@pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize("case", sorted(reward_models.CASES))
-def test_scores_match_transformers(tmp_path, tokenizer, case):
+def test_scores_match_transformers(tmp_path, tokenizer, case, group):
     hf_model = save_classifier(tmp_path, tokenizer, case)
     config, read_params, _, pad_id = loading.open_reward_model(
         str(tmp_path), dtype="float32", param_dtype="float32"
     )
     assert pad_id == PAD and config.num_layers == 2
-    rows = [
-        [5, 17, 33, 2, 9, 41, 77, 3],
-        [11, 4],
-        [8, PAD, 19, 23, 61],  # a pad id inside the text is read like any token
-        [30, 12, 50, PAD],  # transformers scores the last token that is not the pad id: 50
-    ]
-    tokens, valid = _right_padded(rows, 8)
-    scores_fn = reward_model.make_scores_fn(config, pad_id, num_micro_batches=2)
-    ours = np.asarray(scores_fn(jax.device_put(read_params()), tokens, valid))
+    if group > 1:  # each group's shared tokens run once
+        rows = reward_model.split_at_shared_prefixes(ROWS, group, pad_id)
+    else:
+        rows = reward_model.padded(ROWS, pad_id)
+    scores_fn = reward_model.make_scores_fn(config, pad_id, num_micro_batches=3, group=group)
+    ours = np.asarray(scores_fn(jax.device_put(read_params()), *rows))
+    tokens, valid = _right_padded(ROWS, 8)
     with torch.no_grad():
         reference = hf_model(
             input_ids=torch.tensor(tokens, dtype=torch.long),
             attention_mask=torch.tensor(valid, dtype=torch.long),
         ).logits[:, 0]
     np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-4, atol=1e-4)
-    assert np.ptp(ours) > 0.1  # the rows are told apart
+    assert np.ptp(ours[:4]) > 0.1  # the rows are told apart
 
 
 def test_the_scored_token_is_the_last_that_is_not_the_pad_id():
@@ -111,6 +124,19 @@ def test_replies_pad_to_a_power_of_two_width():
     assert tokens.shape == (2, 128) and valid.sum(axis=1).tolist() == [70, 2]
     assert tokens[1, :3].tolist() == [2, 3, 7]
     assert reward_model.padded([[1]], pad_id=None)[0].shape == (1, 64)
+    left, left_valid = reward_model.padded([[2, 3]], pad_id=7, left=True)
+    assert left[0, -3:].tolist() == [7, 2, 3] and left_valid[0, -3:].tolist() == [0, 1, 1]
+
+
+def test_groups_split_where_their_rows_part():
+    prefix, prefix_valid, rest, rest_valid = reward_model.split_at_shared_prefixes(ROWS, 2, PAD)
+    kept = lambda a, v: [row[m].tolist() for row, m in zip(a, v, strict=True)]
+    assert kept(prefix, prefix_valid) == (
+        [[5, 17, 33, 2]] * 2 + [[8, PAD, 19]] * 2 + [[30, 12, 50]] * 2
+    )
+    assert kept(rest, rest_valid) == [[9, 41, 77, 3], [11, 4], [23, 61], [PAD], [PAD], [PAD]]
+    single = reward_model.split_at_shared_prefixes([[4, 5, 6]], 1, PAD)
+    assert kept(*single[:2]) == [[4, 5]] and kept(*single[2:]) == [[6]]
 
 
 def _experiment(*bindings, read_params=False):
@@ -136,7 +162,10 @@ def test_a_reward_model_and_its_reward_name_go_together(bindings, message):
 
 
 @pytest.mark.slow
-def test_the_trainer_rewards_replies_with_the_reward_model(tmp_path, tokenizer, monkeypatch):
+@pytest.mark.parametrize("shared_prompts", [False, True])
+def test_the_trainer_rewards_replies_with_the_reward_model(
+    tmp_path, tokenizer, monkeypatch, shared_prompts
+):
     folder = tmp_path / "rm"
     hf_model = save_classifier(folder, tokenizer, vocab=len(tokenizer))
     read = loading.params_from_hf_state_dict
@@ -154,6 +183,7 @@ def test_the_trainer_rewards_replies_with_the_reward_model(tmp_path, tokenizer, 
         "make_rewards.weights=(0.5, 1.0)",
         "TrainConfig.num_steps=2",
         "TrainConfig.eval_every_steps=0",
+        f"TrainConfig.shared_prompt_forward={shared_prompts}",
     ]
     exp = _experiment(*bindings)  # as --dry_run builds it: the weights wait
     assert re.search(r"reward model 0\.00[1-9]", train.held_memory_line(exp))
