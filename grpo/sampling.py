@@ -1,6 +1,6 @@
 """Host glue around the rollout phase: examples -> chat-template prompts -> tokens on the mesh
--> `generate` -> decoded replies, with the tools' rounds when the run has tools (grpo.tools).
-Shared by the training step and the eval."""
+-> `generate` -> decoded replies, with the tools' rounds when the run has tools (grpo.tools),
+and the replies' reward-model scores. Shared by the training step and the eval."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import numpy as np
 from grpo import gather, sharding
 from grpo.data.prompts import encode_prompts
 from grpo.experiment import Experiment, TrainConfig
+from grpo.phases import reward_model
+from grpo.phases.reward import REWARD_MODEL
 from grpo.phases.rollout import SamplingConfig, generate, generate_in_rounds, pad_prompts
 from grpo.tools import ToolCall, ToolConfig
 from grpo.types import Rollout
@@ -55,6 +57,35 @@ def decode(exp: Experiment, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
         exp.tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
         for row, m in zip(tokens, mask, strict=True)
     ]
+
+
+def reward_model_scores(
+    exp: Experiment,
+    examples: Sequence[dict],
+    replies: Sequence[str],
+    *,
+    group: int,
+    num_micro_batches: int,
+) -> dict[str, np.ndarray]:
+    """{'reward_model': this process's rows' scores}, each reply read after its prompt as the
+    run renders it, in `num_micro_batches` parts, each group of `group` rows sharing its prefix
+    (`reward_model.score_replies`; the weights placed by `train.place_reward_model`); {}
+    without a reward model. Every process calls it together."""
+    if exp.reward_model is None:
+        return {}
+    cfg = exp.train
+    scores = reward_model.score_replies(
+        exp.reward_model,
+        exp.mesh,
+        examples,
+        replies,
+        num_micro_batches=num_micro_batches,
+        group=group,
+        system_prompt=cfg.system_prompt,
+        question_template=cfg.question_template,
+        chat_template=cfg.use_chat_template,
+    )
+    return {REWARD_MODEL: scores}
 
 
 class Sampled(NamedTuple):

@@ -59,8 +59,6 @@ class Runtime:
     ref_moves: bool  # ref sync is on: the reference changes and checkpoints keep it
     update_fn: Callable
     ref_logps_fn: Callable | None
-    # The reward model's params on the mesh and its jitted scores fn; None without one.
-    reward_model: tuple[Any, Callable] | None
     stream: PromptStream
     checkpointer: Checkpointer
     metrics: MetricsWriter
@@ -305,6 +303,7 @@ def _reference_dtype(exp: Experiment) -> str:
 def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
     cfg = exp.train
     state, frozen = _starting_state(exp)
+    place_reward_model(exp)
     stream = PromptStream(
         exp.train_examples,
         batch_size=cfg.prompts_per_step // jax.process_count(),
@@ -358,7 +357,6 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
             if exp.loss.beta > 0
             else None
         ),
-        reward_model=_placed_reward_model(exp),
         stream=stream,
         checkpointer=checkpointer,
         metrics=MetricsWriter(
@@ -374,22 +372,13 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
     )
 
 
-def _placed_reward_model(exp: Experiment) -> tuple[Any, Callable] | None:
-    """The reward model's weights on the mesh (read now, never checkpointed) and its scores fn,
-    run in the update's micro-batch rows; under `shared_prompt_forward` each group's shared
-    prefix (its prompt, in the reward model's rendering) runs once, as in the update."""
-    if exp.reward_model is None:
-        return None
-    config, cfg = exp.reward_model.config, exp.train
-    params = _place(
-        exp.mesh,
-        reward_model.logical_axes(config),
-        exp.reward_model.read_params(),
-        config.param_dtype,
-    )
-    parts = cfg.num_micro_batches * cfg.updates_per_pass
-    pad_id = exp.reward_model.pad_id
-    return params, reward_model.make_scores_fn(config, pad_id, parts, cfg.prompt_group)
+def place_reward_model(exp: Experiment) -> None:
+    """Reads the reward model's weights (if the run has one) onto the mesh, once: they are
+    frozen and never checkpointed."""
+    scorer = exp.reward_model
+    if scorer is not None and scorer.params is None:
+        axes = reward_model.logical_axes(scorer.config)
+        scorer.params = _place(exp.mesh, axes, scorer.read_params(), scorer.config.param_dtype)
 
 
 def _rollout_metrics(scored: _Scored, group: int) -> dict:
@@ -480,7 +469,14 @@ def _rollout_and_score(
             local_examples,
             rewards=exp.rewards,
             timeout_s=cfg.reward_timeout_s,
-            scored=_reward_model_scores(exp, rt, local_examples, texts),
+            # In the update's micro-batch rows; under shared_prompt_forward, whole groups.
+            scored=sampling.reward_model_scores(
+                exp,
+                local_examples,
+                texts,
+                group=cfg.prompt_group,
+                num_micro_batches=cfg.num_micro_batches * cfg.updates_per_pass,
+            ),
         )
         local_lengths = gather.local_rows(rollout.lengths_B)
         rewards = reward_phase.add_overlong_penalty(
@@ -504,27 +500,6 @@ def _rollout_and_score(
         tool_calls=sampled.tool_calls,
         tool_errors=sampled.tool_errors,
     )
-
-
-def _reward_model_scores(
-    exp: Experiment, rt: Runtime, examples: list[dict], texts: list[str]
-) -> dict[str, np.ndarray]:
-    """{'reward_model': this process's rows' scores}, or {} without a reward model."""
-    if rt.reward_model is None:
-        return {}
-    cfg = exp.train
-    scores = reward_model.score_replies(
-        exp.reward_model,
-        *rt.reward_model,
-        exp.mesh,
-        examples,
-        texts,
-        group=cfg.prompt_group,
-        system_prompt=cfg.system_prompt,
-        question_template=cfg.question_template,
-        chat_template=cfg.use_chat_template,
-    )
-    return {reward_phase.REWARD_MODEL: scores}
 
 
 def _tool_tokens(rollout: Rollout) -> int:

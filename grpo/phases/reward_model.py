@@ -40,6 +40,17 @@ class RewardModel:
     read_params: Callable[[], Any]  # host arrays: the decoder's and params[SCORE_HEAD]
     tokenizer: Any
     pad_id: int | None  # config.json's pad_token_id: the score skips trailing ones
+    params: Any = None  # on the mesh, once a job that scores has placed them
+    _fns: dict[tuple[int, int], Callable[..., jax.Array]] = dataclasses.field(
+        default_factory=dict, repr=False
+    )
+
+    def scores_fn(self, num_micro_batches: int, group: int = 1) -> Callable[..., jax.Array]:
+        """`make_scores_fn`'s, built once per shape of the work (a compile each)."""
+        key = (num_micro_batches, group)
+        if key not in self._fns:
+            self._fns[key] = make_scores_fn(self.config, self.pad_id, *key)
+        return self._fns[key]
 
 
 def logical_axes(config: ModelConfig) -> Any:
@@ -201,19 +212,18 @@ def split_at_shared_prefixes(
 
 def score_replies(
     model: RewardModel,
-    params: Any,
-    fn: Callable[..., jax.Array],
     mesh: Mesh,
     examples: Sequence[Mapping[str, Any]],
     replies: Sequence[str],
     *,
+    num_micro_batches: int,
     group: int = 1,
     **prompt: Any,
 ) -> np.ndarray:
     """This process's rows' rewards (float32): `examples[i]['question']` and `replies[i]`,
-    encoded as `encode_conversations` does with the run's `prompt` settings, scored by `fn`
-    (`make_scores_fn` of this `group`) on the mesh. Every process calls it together, with its
-    own rows (whole groups)."""
+    encoded as `encode_conversations` does with the run's `prompt` settings, scored on the mesh
+    by the placed `model.params` in `num_micro_batches` parts, each group of `group` rows sharing
+    its prefix. Every process calls it together, with its own rows (whole groups)."""
     ids = encode_conversations(
         model.tokenizer, [e["question"] for e in examples], replies, **prompt
     )
@@ -221,4 +231,5 @@ def score_replies(
         rows = split_at_shared_prefixes(ids, group, model.pad_id)
     else:
         rows = padded(ids, model.pad_id)
-    return gather.local_rows(fn(params, *sharding.shard_batch(mesh, rows))).astype(np.float32)
+    fn = model.scores_fn(num_micro_batches, group)
+    return gather.local_rows(fn(model.params, *sharding.shard_batch(mesh, rows))).astype(np.float32)
