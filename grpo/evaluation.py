@@ -64,13 +64,23 @@ def _evaluate_examples(
         exp.sampling, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0
     )
     greedy = _eval_replies(
-        exp, params, examples, greedy_sampler, 1, keep_texts=on_replies is not None
+        exp,
+        params,
+        examples,
+        greedy_sampler,
+        1,
+        keep_texts=on_replies is not None,
+        score=exp.train.eval_rewards,
     )
     metrics = {
         "eval_accuracy": fraction(greedy.correct),
         "eval_length_mean": fraction(greedy.lengths),
         "eval_truncation_rate": fraction(greedy.truncated),
     }
+    if exp.train.eval_rewards:
+        metrics["eval_reward_mean"] = fraction(greedy.rewards["total"])
+        for reward_name in exp.rewards.names:
+            metrics[f"eval_reward/{reward_name}"] = fraction(greedy.rewards[reward_name])
     if on_replies is not None:
         on_replies(name, _reply_records(examples, greedy))
     if exp.train.eval_samples:
@@ -123,9 +133,19 @@ def _reply_records(examples: Sequence[dict], greedy: _Replies) -> list[dict]:
             "correct": bool(greedy.correct[i, 0]),
             "length": int(greedy.lengths[i, 0]),
             "truncated": bool(greedy.truncated[i, 0]),
+            **_reward_fields(greedy.rewards, i),
         }
         for i, (example, text) in enumerate(zip(examples, greedy.texts, strict=True))
     ]
+
+
+def _reward_fields(rewards: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    """Example i's reward and rewards by function, as completions.jsonl has them (none unless
+    the eval scored its replies)."""
+    if not rewards:
+        return {}
+    by_name = {name: float(values[i, 0]) for name, values in rewards.items() if name != "total"}
+    return {"reward": float(rewards["total"][i, 0]), "rewards": by_name}
 
 
 def check_answers(cfg: TrainConfig, texts: list[str], examples: list[dict]) -> np.ndarray:
@@ -149,6 +169,8 @@ class _Replies:
     truncated: np.ndarray  # bool [examples, samples]: no end token within the budget
     texts: list[str]  # examples x samples, when asked for; else empty
     votes: list[str | None]  # each reply's `reward.answer_key`, when asked for; else empty
+    # float [examples, samples] by reward name and "total" (their weighted sum), when asked for
+    rewards: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _eval_replies(
@@ -160,8 +182,10 @@ def _eval_replies(
     *,
     keep_texts: bool = False,
     keep_votes: bool = False,
+    score: bool = False,
 ) -> _Replies:
-    """Samples `samples` replies to each of `test_examples` and checks them.
+    """Samples `samples` replies to each of `test_examples` and checks them (and with `score`
+    rewards them as training does, reward model included, without the length shaping).
 
     Every batch keeps one compiled shape (the last is padded with copies of its last example);
     each process samples its share of a batch and the results are gathered onto every process.
@@ -173,6 +197,7 @@ def _eval_replies(
     columns: list[list[np.ndarray]] = [[], [], []]
     texts: list[str] = []
     votes: list[str | None] = []
+    rewards: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     fallback = cfg.answer_last_number_fallback
     for start in range(0, len(examples), per_batch):
         chunk = examples[start : start + per_batch]
@@ -180,8 +205,13 @@ def _eval_replies(
         mine = padded[index * per_batch // procs : (index + 1) * per_batch // procs]
         key = jax.random.fold_in(jax.random.key(0), start)  # the same draws at every eval
         rollout, local_texts, *_ = sampling.sample(exp, params, mine, key, sampler, samples)
-        correct = check_answers(cfg, local_texts, [e for e in mine for _ in range(samples)])
+        local_examples = [e for e in mine for _ in range(samples)]
+        correct = check_answers(cfg, local_texts, local_examples)
         rows = len(chunk) * samples  # the padding's replies are dropped
+        if score:
+            scored = _rewards(exp, local_texts, local_examples, per_batch * samples)
+            for name, values in scored.items():
+                rewards[name].append(gather.all_rows(values)[:rows].reshape(len(chunk), samples))
         for column, values in zip(
             columns, (correct, rollout.lengths_B, rollout.truncated_B), strict=True
         ):
@@ -193,4 +223,34 @@ def _eval_replies(
             votes += gather.all_json(keys)[:rows]
     empty = np.zeros((0, samples))
     correct, lengths, truncated = (np.concatenate(c) if c else empty for c in columns)
-    return _Replies(correct.astype(bool), lengths.astype(int), truncated.astype(bool), texts, votes)
+    return _Replies(
+        correct.astype(bool),
+        lengths.astype(int),
+        truncated.astype(bool),
+        texts,
+        votes,
+        {name: np.concatenate(values) for name, values in rewards.items()},
+    )
+
+
+def _rewards(
+    exp: Experiment, texts: list[str], examples: list[dict], global_rows: int
+) -> dict[str, np.ndarray]:
+    """This process's replies' rewards by function and their weighted "total" (the reward
+    model's forward in parts no wider than the update's micro-batches)."""
+    cfg = exp.train
+    scored = sampling.reward_model_scores(
+        exp, examples, texts, group=1, num_micro_batches=reward_model_parts(exp, global_rows)
+    )
+    result = reward_phase.score(
+        texts, examples, rewards=exp.rewards, timeout_s=cfg.reward_timeout_s, scored=scored
+    )
+    return {**result.per_function, "total": result.total}
+
+
+def reward_model_parts(exp: Experiment, rows: int) -> int:
+    """The fewest parts that split `rows` (a multiple of the batch axes' devices) into parts of
+    as many devices' rows, each no wider than an update's micro-batch."""
+    cfg, divisor = exp.train, sharding.batch_divisor(exp.mesh)
+    widest = max(divisor, cfg.completions_per_update // cfg.num_micro_batches)
+    return next(p for p in range(1, rows + 1) if rows % (p * divisor) == 0 and rows // p <= widest)

@@ -131,3 +131,58 @@ def test_majority_vote_counts_the_answer_most_replies_give(monkeypatch):
     metrics = evaluation.evaluate(exp, None)
     assert metrics["eval_maj_at_k"] == 2 / 5
     assert metrics["eval_mean_at_k"] == 5 / 15 and metrics["eval_pass_at_k"] == 4 / 5
+
+
+def test_eval_rewards_score_the_greedy_replies_as_training_does(monkeypatch):
+    # 10 examples in batches of 4 (the last padded); the greedy reply to example i is "i|0".
+    # Rewards: `digits` = i, and the reward model's stand-in score 0.5 (weights 1 and 2), so
+    # reply i's total is i + 1; the padding's replies are scored but dropped.
+    examples = [{"question": str(i), "answer": "#### 0"} for i in range(10)]
+
+    def fake_sample(exp, params, mine, key, sampler, samples):
+        lengths = np.ones(len(mine) * samples, int)
+        texts = [f"{e['question']}|0" for e in mine for _ in range(samples)]
+        return types.SimpleNamespace(lengths_B=lengths, truncated_B=lengths > 1), texts
+
+    scored_rows = []
+
+    def fake_reward_model_scores(exp, examples, replies, *, group, num_micro_batches):
+        scored_rows.append((len(replies), group, num_micro_batches))
+        return {reward.REWARD_MODEL: np.full(len(replies), 0.5, np.float32)}
+
+    monkeypatch.setattr(sampling, "sample", fake_sample)
+    monkeypatch.setattr(sampling, "reward_model_scores", fake_reward_model_scores)
+    digits = lambda completion, example: float(completion.split("|")[0])
+    monkeypatch.setitem(reward.REWARD_FUNCTIONS, "digits", digits)
+    exp = types.SimpleNamespace(
+        train=TrainConfig(
+            eval_prompts_per_batch=4,
+            eval_rewards=True,
+            best_export_metric="eval_reward_mean",
+            completions_per_micro_batch=2,  # 8 completions per update: 4 micro-batches
+        ),
+        rewards=reward.RewardConfig(names=("digits", reward.REWARD_MODEL), weights=(1.0, 2.0)),
+        test_examples=examples,
+        extra_eval_sets={"head": examples[:4]},
+        mesh=types.SimpleNamespace(shape={"dp": 2, "fsdp": 1}),
+        sampling=SamplingConfig(max_new_tokens=8, temperature=0.7, end_ids=(1,), pad_id=0),
+    )
+    replies = {}
+    metrics = evaluation.evaluate(
+        exp, None, lambda name, records: replies.setdefault(name, records)
+    )
+    assert {k: v for k, v in metrics.items() if "reward" in k} == pytest.approx(
+        {
+            "eval_reward_mean": 5.5,
+            "eval_reward/digits": 4.5,
+            "eval_reward/reward_model": 0.5,
+            "eval_reward_mean/head": 2.5,
+            "eval_reward/digits/head": 1.5,
+            "eval_reward/reward_model/head": 0.5,
+        }
+    )
+    # Every batch of 4 rows is scored in parts of 2 rows (the update's micro-batch width).
+    assert scored_rows == [(4, 1, 2)] * 4
+    assert replies.keys() == {"test", "head"}
+    assert replies["test"][7]["reward"] == 8.0
+    assert replies["test"][7]["rewards"] == {"digits": 7.0, "reward_model": 0.5}

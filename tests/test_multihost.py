@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 from grpo import distributed
 from grpo import metrics as metrics_lib
 from grpo.models import loading
-from tests.reward_models import save_classifier
+from tests.hf_models import save_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")

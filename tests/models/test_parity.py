@@ -25,18 +25,10 @@ from grpo.models.transformer import (
     positions_from_mask,
     unstack_layers,
 )
+from tests.hf_models import TINY_DIMS
 
 ATOL = RTOL = 1e-4
-_SMALL = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-)
+_SMALL = dict(vocab_size=96, **TINY_DIMS, rms_norm_eps=1e-6)
 # Llama, head_dim 16, theta 1e4: rotary wavelengths 6.3 ... 19869 fall in every branch of llama3
 # scaling with original context 256 (kept below 64, smoothed at 199, divided by 8 above 256).
 CASES = {

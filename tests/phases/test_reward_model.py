@@ -2,7 +2,6 @@
 transformers' (PyTorch, CPU, fp32) on tiny random models, the conversation it reads, and the
 trainer's reward with it end to end."""
 
-import json
 import os
 import re
 
@@ -13,14 +12,14 @@ import torch
 import transformers
 
 import gin
-from grpo import configurables, train
+from grpo import checkpoint_jobs, configurables, train
 from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
 from grpo.data.prompts import as_token_ids
 from grpo.models import loading
 from grpo.phases import reward, reward_model
-from tests import reward_models
-from tests.reward_models import PAD, save_classifier
+from tests import hf_models
+from tests.hf_models import PAD, save_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
@@ -54,7 +53,7 @@ ROWS = [
 
 
 @pytest.mark.parametrize("group", [1, 2])
-@pytest.mark.parametrize("case", sorted(reward_models.CASES))
+@pytest.mark.parametrize("case", sorted(hf_models.CASES))
 def test_scores_match_transformers(tmp_path, tokenizer, case, group):
     hf_model = save_classifier(tmp_path, tokenizer, case)
     config, read_params, _, pad_id = loading.open_reward_model(
@@ -88,7 +87,7 @@ def test_only_a_one_label_sequence_classifier_is_a_reward_model(tmp_path, tokeni
     with pytest.raises(ValueError, match="a reward model scores with one label, this one has 2"):
         loading.open_reward_model(str(tmp_path / "two"))
     causal = tmp_path / "causal"
-    transformers.AutoModelForCausalLM.from_config(reward_models.CASES["llama"](96)).save_pretrained(
+    transformers.AutoModelForCausalLM.from_config(hf_models.CASES["llama"](96)).save_pretrained(
         causal
     )
     with pytest.raises(ValueError, match=r"not a sequence classifier \(architectures=\['Llama"):
@@ -161,10 +160,26 @@ def test_a_reward_model_and_its_reward_name_go_together(bindings, message):
         _experiment(*bindings)
 
 
+def _transformers_scores(hf_model, folder, records):
+    """transformers' scores of each record's question and reply as a conversation, tokenized
+    by the reward model's own tokenizer as transformers loads it from its folder (a Qwen2
+    config makes it Qwen2's pre-tokenizer over SmolLM2's vocabulary, which splits some text,
+    runs of spaces, unlike the policy's)."""
+    reward_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    scores = []
+    for r in records:
+        turns = [{"role": "user", "content": r["question"]}]
+        turns.append({"role": "assistant", "content": r["completion"]})
+        ids = torch.tensor([as_token_ids(reward_tokenizer.apply_chat_template(turns))])
+        with torch.no_grad():
+            scores.append(float(hf_model(input_ids=ids).logits[0, 0]))
+    return scores
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("shared_prompts", [False, True])
+@pytest.mark.parametrize("shared_prompts_and_evals", [False, True])
 def test_the_trainer_rewards_replies_with_the_reward_model(
-    tmp_path, tokenizer, monkeypatch, shared_prompts
+    tmp_path, tokenizer, monkeypatch, shared_prompts_and_evals
 ):
     folder = tmp_path / "rm"
     hf_model = save_classifier(folder, tokenizer, vocab=len(tokenizer))
@@ -182,32 +197,44 @@ def test_the_trainer_rewards_replies_with_the_reward_model(
         "make_rewards.names=('reward_model', 'correctness')",
         "make_rewards.weights=(0.5, 1.0)",
         "TrainConfig.num_steps=2",
-        "TrainConfig.eval_every_steps=0",
-        f"TrainConfig.shared_prompt_forward={shared_prompts}",
+        f"TrainConfig.shared_prompt_forward={shared_prompts_and_evals}",
+        f"TrainConfig.eval_every_steps={2 if shared_prompts_and_evals else 0}",
+        f"TrainConfig.eval_rewards={shared_prompts_and_evals}",
+        f"TrainConfig.write_eval_completions={shared_prompts_and_evals}",
     ]
     exp = _experiment(*bindings)  # as --dry_run builds it: the weights wait
     assert re.search(r"reward model 0\.00[1-9]", train.held_memory_line(exp))
     assert classifiers_read == []
-    summary = train.train(_experiment(*bindings, read_params=True), str(tmp_path / "run"))
+    workdir = tmp_path / "run"
+    summary = train.train(_experiment(*bindings, read_params=True), str(workdir))
     assert summary["steps"] == 2 and classifiers_read == [True]  # read once, when placed
-    rows = metrics_lib.read_metrics(tmp_path / "run/metrics.jsonl")
+    rows = metrics_lib.read_metrics(workdir / "metrics.jsonl")
     assert all(np.isfinite(r["reward/reward_model"]) for r in rows)
-    records = [json.loads(line) for line in open(tmp_path / "run/completions.jsonl")]
+    records = metrics_lib.read_metrics(workdir / "completions.jsonl")
     assert len(records) == 8  # step 2's
-    # The reward model's own tokenizer, as transformers loads it from its folder: a Qwen2
-    # config makes it Qwen2's pre-tokenizer over SmolLM2's vocabulary, which splits some text
-    # (runs of spaces) unlike the policy's.
-    reward_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    reference = []
-    for r in records:
-        turns = [{"role": "user", "content": r["question"]}]
-        turns.append({"role": "assistant", "content": r["completion"]})
-        ids = torch.tensor([as_token_ids(reward_tokenizer.apply_chat_template(turns))])
-        with torch.no_grad():
-            reference.append(float(hf_model(input_ids=ids).logits[0, 0]))
     ours = [r["rewards"][reward.REWARD_MODEL] for r in records]
+    reference = _transformers_scores(hf_model, folder, records)
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
     for r in records:
         expected = 0.5 * r["rewards"]["reward_model"] + r["rewards"]["correctness"]
         np.testing.assert_allclose(r["reward"], expected, rtol=1e-5)
     assert rows[-1]["reward_mean"] == pytest.approx(np.mean([r["reward"] for r in records]))
+    if not shared_prompts_and_evals:
+        return
+    # The eval scored its greedy replies alike; an eval-only job of the step-2 checkpoint
+    # places the reward model itself and scores them again.
+    replies = metrics_lib.read_metrics(workdir / metrics_lib.EVAL_COMPLETIONS_FILE)
+    assert len(replies) == 8  # tiny.gin's eval examples
+    reference = _transformers_scores(hf_model, folder, replies)
+    ours = [r["rewards"][reward.REWARD_MODEL] for r in replies]
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+    evaluated = rows[-1]
+    assert evaluated["eval_reward/reward_model"] == pytest.approx(np.mean(ours), rel=1e-5)
+    again = checkpoint_jobs.evaluate_workdir(_experiment(*bindings, read_params=True), str(workdir))
+    assert classifiers_read == [True, True]
+    assert again == {"step": 2, **{k: evaluated[k] for k in again if k != "step"}}
+    assert {
+        "eval_reward_mean",
+        "eval_reward/correctness",
+        "eval_reward/reward_model",
+    } <= again.keys()

@@ -1,24 +1,24 @@
-"""Tiny random reward models: transformers sequence classifiers saved as Hugging Face folders.
-Shared by the reward-model tests and the multi-process runs (tests/test_multihost.py)."""
+"""Tiny random transformers models: the dimensions the parity tests share, and reward models
+(sequence classifiers saved as Hugging Face folders) for the reward-model tests and the
+multi-process runs (tests/test_multihost.py)."""
 
 import torch
 import transformers
 
 PAD = 0  # the classifiers' pad_token_id
-_SMALL = dict(
+TINY_DIMS = dict(
     hidden_size=32,
     intermediate_size=48,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=256,
-    num_labels=1,
-    pad_token_id=PAD,
 )
+_CLASSIFIER = dict(TINY_DIMS, num_labels=1, pad_token_id=PAD)
 CASES = {
-    "qwen2": lambda vocab: transformers.Qwen2Config(vocab_size=vocab, **_SMALL),
-    "qwen3": lambda vocab: transformers.Qwen3Config(vocab_size=vocab, head_dim=16, **_SMALL),
-    "llama": lambda vocab: transformers.LlamaConfig(vocab_size=vocab, **_SMALL),
+    "qwen2": lambda vocab: transformers.Qwen2Config(vocab_size=vocab, **_CLASSIFIER),
+    "qwen3": lambda vocab: transformers.Qwen3Config(vocab_size=vocab, head_dim=16, **_CLASSIFIER),
+    "llama": lambda vocab: transformers.LlamaConfig(vocab_size=vocab, **_CLASSIFIER),
 }
 
 
