@@ -123,9 +123,9 @@ def make_reward_model(
 ) -> reward_model.RewardModel | None:
     """A learned reward model, for the `make_rewards.names` entry 'reward_model' (`named`, which
     needs `source`, and only it): a Hugging Face `*ForSequenceClassification` folder or hub id
-    with one label, its weights and compute in `dtype` (frozen: bf16 loses nothing a step
-    needs), on the policy's `attention_impl` (`xla` where that is cuDNN's and `dtype` fp32, which
-    cuDNN's kernel does not take); None: no reward model."""
+    with one label, its weights and compute in `dtype` (bf16: half the memory, scores rounded
+    as transformers' bf16 rounds them), on the policy's `attention_impl` (`xla` where that is
+    cuDNN's and `dtype` fp32, which cuDNN's kernel does not take); None: no reward model."""
     if named != (source is not None):
         raise ValueError(
             f"make_rewards.names holds {reward.REWARD_MODEL!r}: set make_reward_model.source"

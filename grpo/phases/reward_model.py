@@ -4,11 +4,11 @@ each reply to its prompt, on the mesh beside the policy.
 
 The conversation the policy saw (its system and user turns) with the reply as the assistant's
 turn is rendered by the reward model's own chat template and tokenizer (`encode_conversations`),
-right-padded to a power-of-two width, and run through the policy's decoder
-(`transformer.forward`); the score is the head applied to the final hidden state of the last
-token that is not the pad id, transformers' rule, so a reward model scores here as it was trained
-to. Its weights are frozen, held in `RewardModel.config.param_dtype`, and never checkpointed (a
-resumed run reloads them).
+padded to a power-of-two width, and run through the policy's decoder (`transformer.forward`; or
+each group's shared prefix once, `scores_shared_prefixes`); the score is the head applied to the
+final hidden state of the last token that is not the pad id, transformers' rule, so a reward
+model scores here as it was trained to. Its weights are frozen, held in
+`RewardModel.config.param_dtype`, and never checkpointed (a resumed run reloads them).
 """
 
 from __future__ import annotations
