@@ -164,8 +164,8 @@ def _export(workdir):
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
-    """Bindings that add a tiny random reward model to the `length` reward: each process
-    scores its own rows, at a width the processes agree on."""
+    """Bindings that add a tiny random reward model to the `length` reward, in training and in
+    the evals: each process scores its own rows, at a width the processes agree on."""
     folder = tmp_path_factory.mktemp("reward_model")
     tokenizer = loading.load_tokenizer(loading.SMOLLM2_NAME)  # tiny.gin's
     save_classifier(folder, tokenizer, vocab=len(tokenizer))
@@ -174,6 +174,7 @@ def reward_model(tmp_path_factory):
         "make_reward_model.dtype='float32'",
         "make_rewards.names=('length', 'reward_model')",
         "make_rewards.weights=(1.0, 0.1)",
+        "TrainConfig.eval_rewards=True",
     )
 
 
@@ -208,6 +209,7 @@ def test_two_processes_train_like_one(two_processes, reward_model, tmp_path):
     rows_one, rows_two = _deterministic(one.rows()), _deterministic(two_processes.rows())
     assert [r["step"] for r in rows_two] == [1, 2, 3, 4]
     assert all(r["reward/reward_model"] != 0 for r in rows_two)
+    assert rows_two[1]["eval_reward/reward_model"] != 0
     assert "eval_accuracy" in rows_two[1] and "eval_accuracy" in rows_two[3]
     assert rows_two[-1]["grad_norm"] > 0  # the runs really trained
     _assert_metrics_close(rows_one, rows_two)
