@@ -29,7 +29,7 @@ from grpo.train import (
     abstract_trainable,
     export_policy,
     place_params,
-    place_reward_model,
+    place_reward_models,
     trainable_and_frozen,
 )
 
@@ -235,7 +235,7 @@ class _Job(NamedTuple):
 @contextlib.contextmanager
 def _eval_job(exp: Experiment, workdir: str) -> Iterator[_Job]:
     if exp.train.eval_rewards:  # the replies are scored as the run scores them
-        place_reward_model(exp)
+        place_reward_models(exp)
     writer = EvalWriter(workdir, is_primary=jax.process_index() == 0)
     with _checkpoint_reader(workdir) as reader, writer:
         yield _Job(reader, writer, BestExport(exp, up_to_step=math.inf))

@@ -122,10 +122,11 @@ def make_reward_model(
     attention_impl: str = "xla",
 ) -> reward_model.RewardModel | None:
     """A learned reward model, for the `make_rewards.names` entry 'reward_model' (`named`, which
-    needs `source`, and only it): a Hugging Face `*ForSequenceClassification` folder or hub id
-    with one label, its weights and compute in `dtype` (bf16: half the memory, scores rounded
-    as transformers' bf16 rounds them), on the policy's `attention_impl` (`xla` where that is
-    cuDNN's and `dtype` fp32, which cuDNN's kernel does not take); None: no reward model."""
+    needs `source`, and only it; 'reward_model/<scope>' for one bound in a gin scope): a Hugging
+    Face `*ForSequenceClassification` folder or hub id with one label, its weights and compute
+    in `dtype` (bf16: half the memory, scores rounded as transformers' bf16 rounds them), on the
+    policy's `attention_impl` (`xla` where that is cuDNN's and `dtype` fp32, which cuDNN's
+    kernel does not take); None: no reward model."""
     if named != (source is not None):
         raise ValueError(
             f"make_rewards.names holds {reward.REWARD_MODEL!r}: set make_reward_model.source"
@@ -271,12 +272,12 @@ def _datasets(
     if train.extra_train_sets:  # each example names its set, for the per-set metrics
         train_examples = [{**e, SOURCE: MAIN_SET} for e in train_examples]
     for name in train.extra_train_sets:
-        with gin.config_scope(_scope(name, "extra_train_sets")):
+        with gin.config_scope(_scope(name, "TrainConfig.extra_train_sets", "make_dataset")):
             more = make_dataset(test_split=None)[0]
         train_examples += [{**e, SOURCE: name} for e in more]
     extra = {}
     for name in train.extra_eval_sets:
-        with gin.config_scope(_scope(name, "extra_eval_sets")):
+        with gin.config_scope(_scope(name, "TrainConfig.extra_eval_sets", "make_dataset")):
             extra[name] = make_dataset(train_split=None)[1]
     sets = [("train", train_examples), ("test", test_examples), *extra.items()]
     if train.answer_match == "numeric" or set(rewards.names) & set(reward.NUMERIC_REWARDS):
@@ -301,6 +302,42 @@ def _datasets(
     return kept[0], kept[1], dict(zip(extra, kept[2:], strict=True))
 
 
+def _reward_models(
+    rewards: reward.RewardConfig, attention_impl: str
+) -> dict[str, reward_model.RewardModel]:
+    """The learned reward models `rewards` names, by name: 'reward_model' is gin's
+    make_reward_model, 'reward_model/<scope>' its <scope>/make_reward_model. An unscoped source
+    no name uses fails, as does a named scope gin binds no source for."""
+    scopes = {name: reward.reward_model_scope(name) for name in rewards.names}
+    scoped = [name for name, scope in scopes.items() if scope]
+    models = {}
+    if reward.REWARD_MODEL in rewards.names or not scoped:
+        unscoped = make_reward_model(
+            named=reward.REWARD_MODEL in rewards.names, attention_impl=attention_impl
+        )
+        if unscoped is not None:
+            models[reward.REWARD_MODEL] = unscoped
+    elif _bound("make_reward_model.source") is not None:
+        raise ValueError(
+            f"make_reward_model.source is set, but make_rewards.names has no "
+            f"{reward.REWARD_MODEL!r} (its scoped ones read <scope>/make_reward_model.source)"
+        )
+    for name in scoped:
+        with gin.config_scope(
+            _scope(scopes[name], f"make_rewards.names' {name!r}", "make_reward_model")
+        ):
+            models[name] = make_reward_model(named=True, attention_impl=attention_impl)
+    return models
+
+
+def _bound(parameter: str) -> Any:
+    """What gin binds `parameter` to (None when unbound)."""
+    try:
+        return gin.query_parameter(parameter)
+    except ValueError:
+        return None
+
+
 def _read_chat_template(path: str | None) -> str | None:
     """The Jinja text of TrainConfig.chat_template_path (None: the tokenizer's own)."""
     if path is None:
@@ -312,14 +349,11 @@ def _read_chat_template(path: str | None) -> str | None:
         raise ValueError(f"TrainConfig.chat_template_path: {e}") from None
 
 
-def _scope(name: str, setting: str) -> str:
-    """`name`, once gin is known to bind `name/make_dataset.source` (else a one-line error)."""
-    try:
-        gin.query_parameter(f"{name}/make_dataset.source")
-    except ValueError:
-        raise ValueError(
-            f"TrainConfig.{setting} names {name!r}, but gin binds no {name}/make_dataset.source"
-        ) from None
+def _scope(name: str, setting: str, configurable: str) -> str:
+    """`name`, once gin is known to bind `name/<configurable>.source` (else a one-line error
+    that names the `setting` asking for it)."""
+    if _bound(f"{name}/{configurable}.source") is None:
+        raise ValueError(f"{setting} names {name!r}, but gin binds no {name}/{configurable}.source")
     return name
 
 
@@ -393,9 +427,7 @@ def build_experiment(
     chat_template = _read_chat_template(train.chat_template_path)
     bundle = make_model()
     _check_attention_platform(bundle.config, mesh.devices.flat[0].platform)
-    scorer = make_reward_model(
-        named=reward.REWARD_MODEL in rewards.names, attention_impl=bundle.config.attention_impl
-    )
+    scorers = _reward_models(rewards, bundle.config.attention_impl)
     if train.shared_prompt_forward:
         transformer.check_shared_prompt_attention(bundle.config)
     if chat_template is not None:
@@ -447,9 +479,10 @@ def build_experiment(
     )
     stops = f", stop strings {sampling.stop.strings}" if sampling.stop else ""
     logging.info("end ids %s, pad id %d%s", end_ids, pad_id, stops)
-    if scorer is not None:
+    for name, scorer in scorers.items():
         logging.info(
-            "reward model %s: %s, %d layers, %s, pad id %s",
+            "%s %s: %s, %d layers, %s, pad id %s",
+            name,
             scorer.source,
             scorer.config.model_type,
             scorer.config.num_layers,
@@ -478,7 +511,7 @@ def build_experiment(
         train=train,
         extra_eval_sets=extra_eval_sets,
         tools=tools_or_none,
-        reward_model=scorer,
+        reward_models=scorers,
     )
     check_batch_layout(experiment)
     if trains and not eval_only:

@@ -185,7 +185,7 @@ def _eval_replies(
     score: bool = False,
 ) -> _Replies:
     """Samples `samples` replies to each of `test_examples` and checks them (and with `score`
-    rewards them as training does, reward model included, without the length shaping).
+    rewards them as training does, reward models included, without the length shaping).
 
     Every batch keeps one compiled shape (the last is padded with copies of its last example);
     each process samples its share of a batch and the results are gathered onto every process.

@@ -383,7 +383,8 @@ class Experiment:
     # name -> test examples, evaluated beside test_examples (TrainConfig.extra_eval_sets)
     extra_eval_sets: dict[str, Sequence[dict]] = dataclasses.field(default_factory=dict)
     tools: ToolConfig | None = None  # what completions may call (grpo.tools); None: no tools
-    reward_model: RewardModel | None = None  # scores replies beside the functions; None: none
+    # name in rewards.names -> the learned reward model scoring replies under it
+    reward_models: dict[str, RewardModel] = dataclasses.field(default_factory=dict)
 
 
 def effective_batch_lines(exp: Experiment) -> list[str]:

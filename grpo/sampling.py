@@ -16,7 +16,6 @@ from grpo import gather, sharding
 from grpo.data.prompts import encode_prompts
 from grpo.experiment import Experiment, TrainConfig
 from grpo.phases import reward_model
-from grpo.phases.reward import REWARD_MODEL
 from grpo.phases.rollout import SamplingConfig, generate, generate_in_rounds, pad_prompts
 from grpo.tools import ToolCall, ToolConfig
 from grpo.types import Rollout
@@ -67,25 +66,25 @@ def reward_model_scores(
     group: int,
     num_micro_batches: int,
 ) -> dict[str, np.ndarray]:
-    """{'reward_model': this process's rows' scores}, each reply read after its prompt as the
-    run renders it, in `num_micro_batches` parts, each group of `group` rows sharing its prefix
-    (`reward_model.score_replies`; the weights placed by `train.place_reward_model`); {}
-    without a reward model. Every process calls it together."""
-    if exp.reward_model is None:
-        return {}
+    """{name: this process's rows' scores} for each of the run's reward models, each reply read
+    after its prompt as the run renders it, in `num_micro_batches` parts, each group of `group`
+    rows sharing its prefix (`reward_model.score_replies`; the weights placed by
+    `train.place_reward_models`). Every process calls it together."""
     cfg = exp.train
-    scores = reward_model.score_replies(
-        exp.reward_model,
-        exp.mesh,
-        examples,
-        replies,
-        num_micro_batches=num_micro_batches,
-        group=group,
-        system_prompt=cfg.system_prompt,
-        question_template=cfg.question_template,
-        chat_template=cfg.use_chat_template,
-    )
-    return {REWARD_MODEL: scores}
+    return {
+        name: reward_model.score_replies(
+            scorer,
+            exp.mesh,
+            examples,
+            replies,
+            num_micro_batches=num_micro_batches,
+            group=group,
+            system_prompt=cfg.system_prompt,
+            question_template=cfg.question_template,
+            chat_template=cfg.use_chat_template,
+        )
+        for name, scorer in exp.reward_models.items()
+    }
 
 
 class Sampled(NamedTuple):

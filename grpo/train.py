@@ -131,7 +131,7 @@ def _abstract_model(exp: Experiment, dtype: Any) -> Any:
 
 def held_memory_gb(exp: Experiment) -> dict[str, float]:
     """What each device holds from start to end, in GB, before any activation or KV cache: the
-    trainable params and their optimizer state, the frozen base (LoRA), the KL reference, the
+    trainable params and their optimizer state, the frozen base (LoRA), the KL reference, each
     reward model."""
     trainable = abstract_trainable(exp)
     held = {"params": trainable, "optimizer state": optim.abstract_opt_state(exp.tx, trainable)}
@@ -139,13 +139,12 @@ def held_memory_gb(exp: Experiment) -> dict[str, float]:
         held["frozen base"] = _abstract_model(exp, exp.model.param_dtype)
     elif exp.loss.beta > 0:
         held["KL reference"] = _abstract_model(exp, _reference_dtype(exp))
-    if exp.reward_model is not None:
-        held["reward model"] = _abstract_reward_model(exp)
+    for name, scorer in exp.reward_models.items():
+        held[name.replace("_", " ")] = _abstract_reward_model(exp, scorer.config)
     return {name: sharding.gb_per_device(tree) for name, tree in held.items()}
 
 
-def _abstract_reward_model(exp: Experiment) -> Any:
-    config = exp.reward_model.config
+def _abstract_reward_model(exp: Experiment, config: ModelConfig) -> Any:
     shapes = jax.tree.map(
         lambda shape: jax.ShapeDtypeStruct(shape, config.param_dtype),
         reward_model.param_shapes(config),
@@ -303,7 +302,7 @@ def _reference_dtype(exp: Experiment) -> str:
 def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
     cfg = exp.train
     state, frozen = _starting_state(exp)
-    place_reward_model(exp)
+    place_reward_models(exp)
     stream = PromptStream(
         exp.train_examples,
         batch_size=cfg.prompts_per_step // jax.process_count(),
@@ -372,13 +371,14 @@ def _build_runtime(exp: Experiment, workdir: str) -> Runtime:
     )
 
 
-def place_reward_model(exp: Experiment) -> None:
-    """Reads the reward model's weights (if the run has one) onto the mesh, once: they are
-    frozen and never checkpointed."""
-    scorer = exp.reward_model
-    if scorer is not None and scorer.params is None:
-        axes = reward_model.logical_axes(scorer.config)
-        scorer.params = _place(exp.mesh, axes, scorer.read_params(), scorer.config.param_dtype)
+def place_reward_models(exp: Experiment) -> None:
+    """Reads the reward models' weights onto the mesh, once: they are frozen and never
+    checkpointed."""
+    for scorer in exp.reward_models.values():
+        if scorer.params is None:
+            axes = reward_model.logical_axes(scorer.config)
+            params = scorer.read_params()
+            scorer.params = _place(exp.mesh, axes, params, scorer.config.param_dtype)
 
 
 def _rollout_metrics(scored: _Scored, group: int) -> dict:
@@ -757,8 +757,8 @@ _SHRINKS = {
     "update": "smaller micro-batches (TrainConfig.completions_per_micro_batch), "
     "make_model.remat='full', make_optimizer.mu_dtype='bfloat16', or LoRA (make_model.lora_rank)",
     "reference": "smaller micro-batches (TrainConfig.completions_per_micro_batch)",
-    # Only the reward model's forward holds device memory in the reward phase.
-    "reward": "smaller micro-batches (TrainConfig.completions_per_micro_batch: the reward "
+    # Only the reward models' forwards hold device memory in the reward phase.
+    "reward": "smaller micro-batches (TrainConfig.completions_per_micro_batch: a reward "
     "model's forward runs in the update's) or make_reward_model.dtype='bfloat16'",
     None: "a smaller state (LoRA, make_optimizer.mu_dtype='bfloat16') or more devices; "
     "--dry_run prints what each device holds",

@@ -351,8 +351,20 @@ ANSWER_CHECK_REWARDS = {
 OVERLONG = "overlong"  # the length penalty's name among the per-function rewards
 LENGTH_REWARD = "length_reward"  # Kimi k1.5's length reward's
 # A learned reward model's (grpo/phases/reward_model.py): scored on the mesh, not by a function.
+# More than one: 'reward_model/<scope>' each, read by gin's <scope>/make_reward_model.
 REWARD_MODEL = "reward_model"
 OVERLONG_WEIGHT = 1.0
+
+
+def reward_model_scope(name: str) -> str | None:
+    """The gin scope of the reward model a `make_rewards.names` entry names: '' for
+    'reward_model', 'helpful' for 'reward_model/helpful'; None for a function's name."""
+    head, slash, scope = name.partition("/")
+    if head != REWARD_MODEL:
+        return None
+    if slash and not scope.isidentifier():
+        raise ValueError(f"RewardConfig: {name!r} needs a gin scope name after '/'")
+    return scope
 
 
 def get_reward_fn(name: str) -> RewardFn:
@@ -391,7 +403,7 @@ class RewardConfig:
         if not all(math.isfinite(w) for w in self.weights):
             raise ValueError(f"RewardConfig weights must be finite: {self.weights}")
         for name in self.names:
-            if name != REWARD_MODEL:
+            if reward_model_scope(name) is None:
                 get_reward_fn(name)
         if "correctness_math_verify" in self.names:
             check_answer_match("math_verify")

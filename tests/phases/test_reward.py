@@ -609,3 +609,14 @@ def test_length_reward_joins_the_weighted_total(monkeypatch):
 )
 def test_answer_key_votes_numbers_by_value(completion, fallback, key):
     assert reward.answer_key(completion, last_number_fallback=fallback) == key
+
+
+def test_a_reward_models_name_says_its_gin_scope():
+    assert reward.reward_model_scope("reward_model") == ""
+    assert reward.reward_model_scope("reward_model/helpful") == "helpful"
+    assert reward.reward_model_scope("reward_models") is None
+    assert reward.reward_model_scope("correctness") is None
+    with pytest.raises(ValueError, match="needs a gin scope name after '/'"):
+        reward.reward_model_scope("reward_model/not one")
+    config = reward.RewardConfig(names=("reward_model/a", "reward_model/b"), weights=(1.0, 2.0))
+    assert config.term_weights() == {"reward_model/a": 1.0, "reward_model/b": 2.0}

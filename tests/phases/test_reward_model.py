@@ -17,7 +17,7 @@ from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
 from grpo.data.prompts import as_token_ids
 from grpo.models import loading
-from grpo.phases import reward, reward_model
+from grpo.phases import reward_model
 from tests import hf_models
 from tests.hf_models import PAD, save_classifier
 
@@ -153,6 +153,20 @@ def _experiment(*bindings, read_params=False):
         (["make_rewards.names=('reward_model',)", "make_rewards.weights=(1.0,)"], "set make_"),
         (["make_reward_model.source='x'"], "make_rewards.names has no 'reward_model'"),
         (["make_reward_model.dtype='float32'"], "make_reward_model.dtype needs"),
+        (
+            ["make_rewards.names=('reward_model/judge',)", "make_rewards.weights=(1.0,)"],
+            "names 'judge', but gin binds no judge/make_reward_model.source",
+        ),
+        (
+            [
+                "make_rewards.names=('reward_model/judge',)",
+                "make_rewards.weights=(1.0,)",
+                "judge/make_reward_model.source='x'",
+                "make_reward_model.source='y'",
+            ],
+            "make_reward_model.source is set, but make_rewards.names has no 'reward_model'",
+        ),
+        (["make_rewards.names=('reward_model/',)", "make_rewards.weights=(1.0,)"], "gin scope"),
     ],
 )
 def test_a_reward_model_and_its_reward_name_go_together(bindings, message):
@@ -177,11 +191,14 @@ def _transformers_scores(hf_model, folder, records):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shared_prompts_and_evals", [False, True])
+@pytest.mark.parametrize("shared_prompts_evals_and_a_judge", [False, True])
 def test_the_trainer_rewards_replies_with_the_reward_model(
-    tmp_path, tokenizer, monkeypatch, shared_prompts_and_evals
+    tmp_path, tokenizer, monkeypatch, shared_prompts_evals_and_a_judge
 ):
-    folder = tmp_path / "rm"
+    """Two steps scored by a reward model (the second case: and by another, of another family,
+    in a gin scope; with shared prompts, and evals), its scores transformers' own."""
+    shared_prompts_and_evals = shared_prompts_evals_and_a_judge
+    folder, judge_folder = tmp_path / "rm", tmp_path / "judge"
     hf_model = save_classifier(folder, tokenizer, vocab=len(tokenizer))
     read = loading.params_from_hf_state_dict
     classifiers_read = []
@@ -191,50 +208,65 @@ def test_the_trainer_rewards_replies_with_the_reward_model(
         return read(state, config, score_head)
 
     monkeypatch.setattr(loading, "params_from_hf_state_dict", recording_read)
+    models = {"reward_model": (hf_model, folder)}
     bindings = [
         f"make_reward_model.source='{folder}'",
-        "make_reward_model.dtype='float32'",
-        "make_rewards.names=('reward_model', 'correctness')",
-        "make_rewards.weights=(0.5, 1.0)",
+        "make_reward_model.dtype='float32'",  # a scoped one's too
         "TrainConfig.num_steps=2",
         f"TrainConfig.shared_prompt_forward={shared_prompts_and_evals}",
         f"TrainConfig.eval_every_steps={2 if shared_prompts_and_evals else 0}",
         f"TrainConfig.eval_rewards={shared_prompts_and_evals}",
         f"TrainConfig.write_eval_completions={shared_prompts_and_evals}",
     ]
+    weights = {"reward_model": 0.5, "correctness": 1.0}
+    if shared_prompts_and_evals:
+        judge = save_classifier(judge_folder, tokenizer, "qwen3", vocab=len(tokenizer))
+        models["reward_model/judge"] = (judge, judge_folder)
+        weights["reward_model/judge"] = -0.25
+        bindings.append(f"judge/make_reward_model.source='{judge_folder}'")
+    bindings += [
+        f"make_rewards.names={tuple(weights)}",
+        f"make_rewards.weights={tuple(weights.values())}",
+    ]
     exp = _experiment(*bindings)  # as --dry_run builds it: the weights wait
-    assert re.search(r"reward model 0\.00[1-9]", train.held_memory_line(exp))
+    held = train.held_memory_line(exp)
+    assert all(re.search(rf"{n.replace('_', ' ')} 0\.00[1-9]", held) for n in models), held
     assert classifiers_read == []
     workdir = tmp_path / "run"
     summary = train.train(_experiment(*bindings, read_params=True), str(workdir))
-    assert summary["steps"] == 2 and classifiers_read == [True]  # read once, when placed
+    read_once = [True] * len(models)  # each read once, when placed
+    assert summary["steps"] == 2 and classifiers_read == read_once
     rows = metrics_lib.read_metrics(workdir / "metrics.jsonl")
-    assert all(np.isfinite(r["reward/reward_model"]) for r in rows)
+    assert all(np.isfinite(r[f"reward/{n}"]) for r in rows for n in models)
     records = metrics_lib.read_metrics(workdir / "completions.jsonl")
     assert len(records) == 8  # step 2's
-    ours = [r["rewards"][reward.REWARD_MODEL] for r in records]
-    reference = _transformers_scores(hf_model, folder, records)
-    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+    _assert_transformers_scores(records, models)
     for r in records:
-        expected = 0.5 * r["rewards"]["reward_model"] + r["rewards"]["correctness"]
+        expected = sum(w * r["rewards"][n] for n, w in weights.items())
         np.testing.assert_allclose(r["reward"], expected, rtol=1e-5)
     assert rows[-1]["reward_mean"] == pytest.approx(np.mean([r["reward"] for r in records]))
     if not shared_prompts_and_evals:
         return
     # The eval scored its greedy replies alike; an eval-only job of the step-2 checkpoint
-    # places the reward model itself and scores them again.
+    # places the reward models itself and scores them again.
     replies = metrics_lib.read_metrics(workdir / metrics_lib.EVAL_COMPLETIONS_FILE)
     assert len(replies) == 8  # tiny.gin's eval examples
-    reference = _transformers_scores(hf_model, folder, replies)
-    ours = [r["rewards"][reward.REWARD_MODEL] for r in replies]
-    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+    _assert_transformers_scores(replies, models)
     evaluated = rows[-1]
-    assert evaluated["eval_reward/reward_model"] == pytest.approx(np.mean(ours), rel=1e-5)
+    for name in models:
+        ours = [r["rewards"][name] for r in replies]
+        assert evaluated[f"eval_reward/{name}"] == pytest.approx(np.mean(ours), rel=1e-5)
     again = checkpoint_jobs.evaluate_workdir(_experiment(*bindings, read_params=True), str(workdir))
-    assert classifiers_read == [True, True]
+    assert classifiers_read == read_once * 2
     assert again == {"step": 2, **{k: evaluated[k] for k in again if k != "step"}}
-    assert {
-        "eval_reward_mean",
-        "eval_reward/correctness",
-        "eval_reward/reward_model",
-    } <= again.keys()
+    expected_keys = {"eval_reward_mean", *(f"eval_reward/{n}" for n in weights)}
+    assert expected_keys <= again.keys()
+
+
+def _assert_transformers_scores(records, models):
+    """Each record's reward by each of `models` (name -> (transformers model, folder)) is
+    transformers' score of its conversation."""
+    for name, (hf_model, folder) in models.items():
+        ours = [r["rewards"][name] for r in records]
+        reference = _transformers_scores(hf_model, folder, records)
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4, err_msg=name)
