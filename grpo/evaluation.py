@@ -78,9 +78,7 @@ def _evaluate_examples(
         "eval_truncation_rate": fraction(greedy.truncated),
     }
     if exp.train.eval_rewards:
-        metrics["eval_reward_mean"] = fraction(greedy.rewards["total"])
-        for reward_name in exp.rewards.names:
-            metrics[f"eval_reward/{reward_name}"] = fraction(greedy.rewards[reward_name])
+        metrics |= _reward_metrics(exp, greedy.rewards, "")
     if on_replies is not None:
         on_replies(name, _reply_records(examples, greedy))
     if exp.train.eval_samples:
@@ -88,13 +86,31 @@ def _evaluate_examples(
         if exp.train.eval_temperature is not None:
             sampler = dataclasses.replace(sampler, temperature=exp.train.eval_temperature)
         sampled = _eval_replies(
-            exp, params, examples, sampler, exp.train.eval_samples, keep_votes=True
+            exp,
+            params,
+            examples,
+            sampler,
+            exp.train.eval_samples,
+            keep_votes=True,
+            score=exp.train.eval_rewards,
         )
         metrics["eval_mean_at_k"] = fraction(sampled.correct)
         metrics["eval_pass_at_k"] = fraction(sampled.correct.any(axis=1))
         metrics["eval_maj_at_k"] = fraction(_majority_correct(sampled))
         for k in exp.train.eval_pass_at:
             metrics[f"eval_pass_at_{k}"] = fraction(pass_at(sampled.correct, k))
+        if exp.train.eval_rewards:
+            metrics |= _reward_metrics(exp, sampled.rewards, "_at_k")
+    return metrics
+
+
+def _reward_metrics(exp: Experiment, rewards: dict[str, np.ndarray], suffix: str) -> dict:
+    """The mean reward total as eval_reward_mean<suffix>, and each function's as
+    eval_reward<suffix>/<name> (0 for a set without replies, as the other fractions)."""
+    mean = lambda name: float(np.mean(rewards[name])) if len(rewards.get(name, ())) else 0.0
+    metrics = {f"eval_reward_mean{suffix}": mean("total")}
+    for name in exp.rewards.names:
+        metrics[f"eval_reward{suffix}/{name}"] = mean(name)
     return metrics
 
 

@@ -82,8 +82,9 @@ class TrainConfig:
     # k values for unbiased pass@k estimates from those n = eval_samples replies (each k <= n):
     # eval_pass_at_<k>, e.g. (1, 4, 16) beside eval_samples=16.
     eval_pass_at: tuple[int, ...] = ()
-    # Also score the greedy replies with the run's reward functions (and reward model):
-    # eval_reward_mean (their weighted sum) and eval_reward/<name>.
+    # Also score the greedy replies with the run's reward functions (and reward models):
+    # eval_reward_mean (their weighted sum) and eval_reward/<name>; and the eval_samples ones:
+    # eval_reward_mean_at_k and eval_reward_at_k/<name>.
     eval_rewards: bool = False
     # More test sets, each a gin scope of make_dataset (`gsm8k/make_dataset.source = ...`),
     # evaluated beside the main one as eval_accuracy/<name> (and the other eval metrics).
@@ -285,6 +286,7 @@ class TrainConfig:
         )
         names += [f"eval_pass_at_{k}" for k in self.eval_pass_at]
         names += ["eval_reward_mean"] if self.eval_rewards else []
+        names += ["eval_reward_mean_at_k"] if self.eval_rewards and self.eval_samples else []
         return names + [f"{name}/{s}" for s in self.extra_eval_sets for name in names]
 
     @property

@@ -133,15 +133,16 @@ def test_majority_vote_counts_the_answer_most_replies_give(monkeypatch):
     assert metrics["eval_mean_at_k"] == 5 / 15 and metrics["eval_pass_at_k"] == 4 / 5
 
 
-def test_eval_rewards_score_the_greedy_replies_as_training_does(monkeypatch):
-    # 10 examples in batches of 4 (the last padded); the greedy reply to example i is "i|0".
-    # Rewards: `digits` = i, and the reward model's stand-in score 0.5 (weights 1 and 2), so
-    # reply i's total is i + 1; the padding's replies are scored but dropped.
+def test_eval_rewards_score_the_greedy_and_sampled_replies_as_training_does(monkeypatch):
+    # 10 examples in batches of 4 (the last padded); reply j to example i is "<i + j>|0" (the
+    # greedy one: j = 0). Rewards: `digits` = i + j, and the reward model's stand-in score 0.5
+    # (weights 1 and 2), so the greedy reply's total is i + 1, the 2 sampled ones' i + 1 and
+    # i + 2; the padding's replies are scored but dropped.
     examples = [{"question": str(i), "answer": "#### 0"} for i in range(10)]
 
     def fake_sample(exp, params, mine, key, sampler, samples):
         lengths = np.ones(len(mine) * samples, int)
-        texts = [f"{e['question']}|0" for e in mine for _ in range(samples)]
+        texts = [f"{int(e['question']) + j}|0" for e in mine for j in range(samples)]
         return types.SimpleNamespace(lengths_B=lengths, truncated_B=lengths > 1), texts
 
     scored_rows = []
@@ -158,7 +159,8 @@ def test_eval_rewards_score_the_greedy_replies_as_training_does(monkeypatch):
         train=TrainConfig(
             eval_prompts_per_batch=4,
             eval_rewards=True,
-            best_export_metric="eval_reward_mean",
+            eval_samples=2,
+            best_export_metric="eval_reward_mean_at_k",
             completions_per_micro_batch=2,  # 8 completions per update: 4 micro-batches
         ),
         rewards=reward.RewardConfig(names=("digits", reward.REWARD_MODEL), weights=(1.0, 2.0)),
@@ -179,10 +181,17 @@ def test_eval_rewards_score_the_greedy_replies_as_training_does(monkeypatch):
             "eval_reward_mean/head": 2.5,
             "eval_reward/digits/head": 1.5,
             "eval_reward/reward_model/head": 0.5,
+            "eval_reward_mean_at_k": 6.0,
+            "eval_reward_at_k/digits": 5.0,
+            "eval_reward_at_k/reward_model": 0.5,
+            "eval_reward_mean_at_k/head": 3.0,
+            "eval_reward_at_k/digits/head": 2.0,
+            "eval_reward_at_k/reward_model/head": 0.5,
         }
     )
-    # Every batch of 4 rows is scored in parts of 2 rows (the update's micro-batch width).
-    assert scored_rows == [(4, 1, 2)] * 4
+    # Every batch of 4 (greedy) or 8 (sampled) rows is scored in parts of 2 rows (the update's
+    # micro-batch width): the test set's 3 batches, then the head set's 1.
+    assert scored_rows == [(4, 1, 2)] * 3 + [(8, 1, 4)] * 3 + [(4, 1, 2), (8, 1, 4)]
     assert replies.keys() == {"test", "head"}
     assert replies["test"][7]["reward"] == 8.0
     assert replies["test"][7]["rewards"] == {"digits": 7.0, "reward_model": 0.5}

@@ -224,6 +224,7 @@ def test_the_trainer_rewards_replies_with_the_reward_model(
         models["reward_model/judge"] = (judge, judge_folder)
         weights["reward_model/judge"] = -0.25
         bindings.append(f"judge/make_reward_model.source='{judge_folder}'")
+        bindings.append("TrainConfig.eval_samples=2")  # scored too
     bindings += [
         f"make_rewards.names={tuple(weights)}",
         f"make_rewards.weights={tuple(weights.values())}",
@@ -260,6 +261,7 @@ def test_the_trainer_rewards_replies_with_the_reward_model(
     assert classifiers_read == read_once * 2
     assert again == {"step": 2, **{k: evaluated[k] for k in again if k != "step"}}
     expected_keys = {"eval_reward_mean", *(f"eval_reward/{n}" for n in weights)}
+    expected_keys |= {"eval_reward_mean_at_k", *(f"eval_reward_at_k/{n}" for n in weights)}
     assert expected_keys <= again.keys()
 
 
