@@ -217,6 +217,7 @@ def make_sampling(
     stop_strings: tuple[str, ...] = (),
     shared_prompt_decode: bool = False,
     compact_rows: bool = False,
+    keep_sampling_mask: bool = False,
     token_bytes: Callable[[], list[bytes]] | None = None,
     tool_stops: tuple[str, ...] = (),
 ) -> rollout.SamplingConfig:
@@ -242,6 +243,7 @@ def make_sampling(
         stop=stop,
         shared_prompt_decode=shared_prompt_decode,
         compact_rows=compact_rows,
+        keep_sampling_mask=keep_sampling_mask,
     )
 
 
@@ -455,6 +457,11 @@ def build_experiment(
         token_bytes=lambda: token_bytes(bundle.tokenizer, bundle.config.vocab_size),
         tool_stops=tool_config.round_stops,
     )
+    if sampling.keep_sampling_mask and tools_or_none:
+        raise ValueError(
+            "make_sampling.keep_sampling_mask does not yet follow replies over tool rounds: "
+            "drop it, or the tools"
+        )
     if rewards.overlong_buffer > sampling.max_new_tokens:
         raise ValueError(
             f"make_rewards.overlong_buffer={rewards.overlong_buffer} exceeds the token budget "

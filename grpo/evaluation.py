@@ -60,8 +60,10 @@ def _evaluate_examples(
 ) -> dict[str, float]:
     examples = examples[: exp.train.eval_examples]
     fraction = lambda x: float(x.mean()) if x.size else 0.0
+    # Evals train nothing: no kept sampling masks to record.
+    eval_sampler = dataclasses.replace(exp.sampling, keep_sampling_mask=False)
     greedy_sampler = dataclasses.replace(
-        exp.sampling, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0
+        eval_sampler, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0
     )
     greedy = _eval_replies(
         exp,
@@ -82,7 +84,7 @@ def _evaluate_examples(
     if on_replies is not None:
         on_replies(name, _reply_records(examples, greedy))
     if exp.train.eval_samples:
-        sampler = exp.sampling
+        sampler = eval_sampler
         if exp.train.eval_temperature is not None:
             sampler = dataclasses.replace(sampler, temperature=exp.train.eval_temperature)
         sampled = _eval_replies(

@@ -25,6 +25,9 @@ class Rollout:
     truncated_B: jax.Array  # bool, hit the token budget without an end token
     # bool, True on the completion tokens a tool wrote (grpo.tools); None: the model wrote all
     tool_mask_BxC: jax.Array | None = None
+    # int32, the ids each token was drawn from (SamplingConfig.keep_sampling_mask), padded with
+    # ids past the vocabulary; None: the whole vocabulary
+    kept_ids_BxCxK: jax.Array | None = None
 
 
 @chex.dataclass
@@ -40,6 +43,7 @@ class Batch:
     truncated_B: jax.Array  # bool: the completion hit the token budget without an end token
     ref_logps_BxC: jax.Array | None = None  # frozen reference policy; None when beta == 0
     tool_mask_BxC: jax.Array | None = None  # tokens a tool wrote: attended to, never trained on
+    kept_ids_BxCxK: jax.Array | None = None  # each token's support in the log-probs (Rollout's)
 
     @classmethod
     def from_rollout(cls, rollout: Rollout, advantages_B: jax.Array) -> Batch:
@@ -53,6 +57,7 @@ class Batch:
             advantages_B=advantages_B,
             truncated_B=rollout.truncated_B,
             tool_mask_BxC=rollout.tool_mask_BxC,
+            kept_ids_BxCxK=rollout.kept_ids_BxCxK,
         )
 
 

@@ -79,3 +79,21 @@ def _backward(axes, residuals, cotangents):
 
 
 target_logprob_and_entropy.defvjp(_forward, _backward)
+
+# Where a kept set leaves a logit out: exp() of it minus any real logit is 0, and 0 times it
+# is 0 (where -inf would make the entropy's p log p a NaN).
+_LEFT_OUT = -1e30
+
+
+def keep_only(z_BxCxV: jax.Array, kept_BxCxK: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """`z` with every logit but those of each position's kept ids (less `offset`, the slice's
+    first id, on a vocabulary slice) pushed out of the softmax; ids outside the slice are
+    ignored. Unchanged where K = 0 (no kept set: the whole vocabulary)."""
+    if kept_BxCxK.shape[-1] == 0:
+        return z_BxCxV
+    b, c, v = z_BxCxV.shape
+    ids = kept_BxCxK - offset
+    ids = jnp.where((ids >= 0) & (ids < v), ids, v)  # out of range: dropped (never wrapped)
+    rows, slots = jnp.arange(b)[:, None, None], jnp.arange(c)[None, :, None]
+    kept = jnp.zeros((b, c, v), bool).at[rows, slots, ids].set(True, mode="drop")
+    return jnp.where(kept, z_BxCxV, _LEFT_OUT)

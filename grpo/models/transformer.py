@@ -481,8 +481,12 @@ def token_logprobs(
     config: ModelConfig,
     temperature: float = 1.0,
     chunk: int = 128,
+    kept_BxTxK: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """log p(target) and the entropy of softmax(logits / temperature), both fp32, per position.
+    """log p(target) and the entropy of softmax(logits / temperature), both fp32, per position;
+    with `kept_BxTxK`, of that softmax over each position's kept ids alone (the top-k / top-p
+    set the sampler drew from; ids out of the vocabulary's range pad it: DeepSeek-V3.2's keep
+    sampling mask, `log_softmax.keep_only`).
 
     Works over the sequence in chunks under `jax.checkpoint`, so the (B, T, V) fp32 logits never
     exist at once, neither forward nor backward; the backward recomputes a chunk's logits but
@@ -496,6 +500,11 @@ def token_logprobs(
     n = hidden.shape[1] // chunk
     hidden_NxBxCxD = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
     targets_NxBxC = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    if kept_BxTxK is None:  # no ids: the whole vocabulary
+        kept_BxTxK = jnp.zeros((b, t, 0), jnp.int32)
+    k = kept_BxTxK.shape[2]
+    kept = jnp.pad(kept_BxTxK, ((0, 0), (0, pad), (0, 0)))
+    kept_NxBxCxK = kept.reshape(b, n, chunk, k).swapaxes(0, 1)
 
     # On a context mesh (grpo.train sets one) the projection is split over the vocabulary and
     # each chunk's log-softmax runs vocabulary-parallel (models/vocab_parallel.py). With its
@@ -508,14 +517,16 @@ def token_logprobs(
     scaled_logits = lambda h, w: unembed(h, w) / temperature
 
     @functools.partial(jax.checkpoint, policy=log_softmax.SAVE_ROW_STATS)
-    def one_chunk(h_BxCxD, y_BxC):
+    def one_chunk(h_BxCxD, y_BxC, kept_BxCxK):
         if split:
-            return vocab_parallel.logprobs_and_entropy(h_BxCxD, y_BxC, unembed_DxV, scaled_logits)
-        z = scaled_logits(h_BxCxD, unembed_DxV)
+            return vocab_parallel.logprobs_and_entropy(
+                h_BxCxD, y_BxC, unembed_DxV, scaled_logits, kept_BxCxK
+            )
+        z = log_softmax.keep_only(scaled_logits(h_BxCxD, unembed_DxV), kept_BxCxK)
         return log_softmax.target_logprob_and_entropy(z, y_BxC)
 
     logp_NxBxC, entropy_NxBxC = jax.lax.map(
-        lambda xs: one_chunk(*xs), (hidden_NxBxCxD, targets_NxBxC)
+        lambda xs: one_chunk(*xs), (hidden_NxBxCxD, targets_NxBxC, kept_NxBxCxK)
     )
     logp = logp_NxBxC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
     entropy = entropy_NxBxC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
@@ -607,8 +618,10 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk: int = 128,
     prompt_group: int = 1,
+    kept_BxCxK: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """The trainer's recomputation: log-probs and entropies of each completion token (B, C).
+    """The trainer's recomputation: log-probs and entropies of each completion token (B, C),
+    over each token's `kept_BxCxK` ids alone when given (`token_logprobs`).
 
     Prompts are left-padded, completions right-padded; token c of the completion is predicted by
     the hidden state of the slot just before it. With `prompt_group` = G > 1 the prompts hold
@@ -634,5 +647,11 @@ def completion_logprobs(
         p, c = prompt_BxP.shape[1], completion_BxC.shape[1]
         hidden_BxCxD = jax.lax.dynamic_slice_in_dim(hidden, p - 1, c, axis=1)
     return token_logprobs(
-        params, hidden_BxCxD, completion_BxC, config=config, temperature=temperature, chunk=chunk
+        params,
+        hidden_BxCxD,
+        completion_BxC,
+        config=config,
+        temperature=temperature,
+        chunk=chunk,
+        kept_BxTxK=kept_BxCxK,
     )

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from grpo.phases.rollout import NOT_KEPT
 from grpo.types import Rollout
 
 
@@ -48,7 +49,10 @@ def concat_rollouts(rollouts: Sequence[Rollout], *, pad_id: int) -> Rollout:
     def stack(field: str, width: int, value, left: bool) -> np.ndarray:
         def pad(x: np.ndarray) -> np.ndarray:
             extra = width - x.shape[1]
-            return np.pad(x, ((0, 0), (extra, 0) if left else (0, extra)), constant_values=value)
+            rest = ((0, 0),) * (x.ndim - 2)  # a token's kept ids
+            return np.pad(
+                x, ((0, 0), (extra, 0) if left else (0, extra), *rest), constant_values=value
+            )
 
         return np.concatenate([pad(np.asarray(getattr(r, field))) for r in rollouts])
 
@@ -63,4 +67,7 @@ def concat_rollouts(rollouts: Sequence[Rollout], *, pad_id: int) -> Rollout:
         tool_mask_BxC=None
         if rollouts[0].tool_mask_BxC is None
         else stack("tool_mask_BxC", completion_width, False, left=False),
+        kept_ids_BxCxK=None
+        if rollouts[0].kept_ids_BxCxK is None
+        else stack("kept_ids_BxCxK", completion_width, NOT_KEPT, left=False),
     )

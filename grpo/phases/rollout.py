@@ -14,7 +14,9 @@ Log-prob convention (what `Rollout.logps_BxC` holds, in fp32, computed from the 
 the same `transformer.forward` / `transformer.logits` the trainer uses):
   - temperature T > 0: log softmax(logits / T)[token] over the FULL vocabulary, even when top-k /
     top-p truncate the distribution the token is drawn from. This is exactly what the trainer
-    recomputes with `transformer.completion_logprobs(..., temperature=T)`.
+    recomputes with `transformer.completion_logprobs(..., temperature=T)`. With
+    `keep_sampling_mask`, over the ids the token was drawn from instead, recorded per token
+    (`Rollout.kept_ids_BxCxK`), the set the trainer's recomputation then keeps too.
   - greedy (T == 0): log softmax(logits)[token], i.e. the T = 1 recomputation.
 Completion slots after the end token hold `pad_id`, are masked out and have log-prob 0; the end
 token itself is inside the mask. In fp32 the two agree to ~1e-5 (tested); in bf16 they differ by
@@ -40,6 +42,8 @@ from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
 from grpo.phases.stop_strings import StopStrings
 from grpo.types import Rollout
+
+NOT_KEPT = np.iinfo(np.int32).max  # pads a token's kept ids: out of every vocabulary's range
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,6 +76,13 @@ class SamplingConfig:
     the cache of those rows alone. Samples differ from an uncompacted run's (a row's noise
     follows its position), greedy decoding gives the same tokens. Off by default until timed on
     a GPU (BUILD_NOTES: compacted decode).
+
+    keep_sampling_mask: DeepSeek-V3.2's "keep sampling mask" (arXiv 2512.02556, 3.1; prime-rl's
+    "sampling replay"): each token's log-prob is over the ids it was drawn from (after min-p,
+    top-k and top-p), not the whole vocabulary, and the rollout records those ids, up to top_k
+    per token (which must bound them), so that the trainer's recomputation, and the ratio and
+    KL built on it, share the sampler's support instead of treating every truncated draw as
+    one from the full distribution.
     """
 
     max_new_tokens: int
@@ -86,6 +97,7 @@ class SamplingConfig:
     stop: StopStrings | None = None
     shared_prompt_decode: bool = False
     compact_rows: bool = False
+    keep_sampling_mask: bool = False
 
     def __post_init__(self):
         knobs.check_fields(self, "SamplingConfig")
@@ -122,10 +134,21 @@ class SamplingConfig:
                 f"temperature=0 is greedy: top_k={self.top_k} / top_p={self.top_p} / "
                 f"min_p={self.min_p} would be ignored"
             )
+        if self.keep_sampling_mask and (self.greedy or not self.top_k):
+            raise ValueError(
+                "keep_sampling_mask records the ids each token was drawn from, at most top_k of "
+                f"them: it needs temperature > 0 and top_k > 0 (a bound such as 512 beside "
+                f"top_p); got temperature={self.temperature}, top_k={self.top_k}"
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def kept_ids_per_token(self) -> int:
+        """K of `Rollout.kept_ids_BxCxK`: top_k with `keep_sampling_mask`, else 0 (none)."""
+        return self.top_k if self.keep_sampling_mask else 0
 
     @property
     def logp_temperature(self) -> float:
@@ -146,6 +169,9 @@ class SamplingState:
     ends_B: jax.Array  # int32: the completion length once done, else its budget
     stops_BxS: jax.Array  # int32: each stop string's automaton state (S = 0 without any)
     seen_BxV: jax.Array  # bool: ids in the row so far, for the repetition penalty (V = 0 without)
+    # int32: the ids each slot's token was drawn from, NOT_KEPT padded (K = 0 without
+    # keep_sampling_mask)
+    kept_BxCxK: jax.Array
     cache: tf.KVCache  # with shared_prompt_decode, the completions' slots alone
 
 
@@ -325,6 +351,7 @@ def _generate(
         ends_B=budget_B,
         stops_BxS=jnp.zeros((batch, len(sampling.stop.strings) if sampling.stop else 0), jnp.int32),
         seen_BxV=seen_BxV,
+        kept_BxCxK=jnp.full((batch, width, sampling.kept_ids_per_token), NOT_KEPT, jnp.int32),
         cache=cache,
     )
     state = _record(state, per_sample(logits_NxV), rng, sampling, mesh)
@@ -533,13 +560,14 @@ def _record(
 ) -> SamplingState:
     """Samples slot `state.step` from the logits, writes token and log-prob, advances."""
     key = jax.random.fold_in(rng, state.step)
-    token_B, logp_B = sample_tokens(logits_BxV, key, sampling, state.seen_BxV)
+    token_B, logp_B, kept_BxK = sample_tokens(logits_BxV, key, sampling, state.seen_BxV)
     # Every row on every device first (the vocabulary-split logits reduce to that cheaply); asked
     # for rows split like the batch, XLA:TPU moves a [rows, vocab] index array per step instead.
     token_B, logp_B = (sharding.constrain(x, (None,), mesh) for x in (token_B, logp_B))
     stopped_B = _stopped(state)
     token_B = jnp.where(stopped_B, sampling.pad_id, token_B)
     logp_B = jnp.where(stopped_B, 0.0, logp_B)
+    kept_BxK = jnp.where(stopped_B[:, None], NOT_KEPT, kept_BxK)
     ends_here_B, stops_BxS = _is_end(token_B, sampling.end_ids), state.stops_BxS
     if sampling.stop is not None:
         stops_BxS, completed_B = sampling.stop.advance(stops_BxS, token_B)
@@ -551,6 +579,7 @@ def _record(
         last_B=token_B,
         tokens_BxC=write(state.tokens_BxC, token_B[:, None]),
         logps_BxC=write(state.logps_BxC, logp_B[:, None]),
+        kept_BxCxK=write(state.kept_BxCxK, kept_BxK[:, None]),
         done_B=state.done_B | ends_here_B,
         ends_B=jnp.where(ends_here_B, state.step + 1, state.ends_B),
         stops_BxS=stops_BxS,
@@ -588,9 +617,10 @@ def sample_tokens(
     key: jax.Array,
     sampling: SamplingConfig,
     seen_BxV: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """One token per row, and its fp32 log-prob under the module's convention (full vocab,
-    before any repetition penalty on the ids in `seen_BxV`)."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row, its fp32 log-prob under the module's convention (full vocab, or with
+    `keep_sampling_mask` the ids it was drawn from; before any repetition penalty on the ids in
+    `seen_BxV`), and those ids ([B, 0] without `keep_sampling_mask`)."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     scaled_BxV = logits_BxV if sampling.greedy else logits_BxV / sampling.temperature
     drawn_BxV = scaled_BxV
@@ -598,24 +628,39 @@ def sample_tokens(
         penalty = sampling.repetition_penalty
         penalized_BxV = jnp.where(scaled_BxV > 0, scaled_BxV / penalty, scaled_BxV * penalty)
         drawn_BxV = jnp.where(seen_BxV, penalized_BxV, scaled_BxV)
+    kept_BxK = jnp.zeros((scaled_BxV.shape[0], 0), jnp.int32)
     if sampling.greedy:
         token_B = jnp.argmax(drawn_BxV, axis=-1).astype(jnp.int32)
     else:
-        token_B = _draw(drawn_BxV, key, sampling.top_k, sampling.top_p, sampling.min_p)
+        token_B, ids_BxK = _draw(drawn_BxV, key, sampling.top_k, sampling.top_p, sampling.min_p)
+        if sampling.keep_sampling_mask:
+            kept_BxK = ids_BxK
     chosen_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
-    return token_B, chosen_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
+    return token_B, chosen_B - _logsumexp_over(scaled_BxV, kept_BxK), kept_BxK
+
+
+def _logsumexp_over(scaled_BxV: jax.Array, kept_BxK: jax.Array) -> jax.Array:
+    """logsumexp of each row over its kept ids (NOT_KEPT pads them), or over the whole row where
+    K = 0."""
+    if not kept_BxK.shape[1]:
+        return jax.nn.logsumexp(scaled_BxV, axis=-1)
+    index_BxK = jnp.minimum(kept_BxK, scaled_BxV.shape[1] - 1)
+    values_BxK = jnp.take_along_axis(scaled_BxV, index_BxK, axis=-1)
+    return jax.nn.logsumexp(jnp.where(kept_BxK == NOT_KEPT, -jnp.inf, values_BxK), axis=-1)
 
 
 def _draw(
     scaled_BxV: jax.Array, key: jax.Array, top_k: int, top_p: float, min_p: float = 0.0
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """Categorical draw from softmax(scaled), restricted to the tokens at least min_p times as
-    likely as the likeliest, then to the top-k, then to the top-p nucleus."""
+    likely as the likeliest, then to the top-k, then to the top-p nucleus; and, with a top-k,
+    the ids it was restricted to (NOT_KEPT padded; else [B, 0])."""
     if min_p:  # p >= min_p * p_max  <=>  scaled >= max(scaled) + log(min_p)
         floor_Bx1 = jnp.max(scaled_BxV, axis=-1, keepdims=True) + np.log(min_p)
         scaled_BxV = jnp.where(scaled_BxV >= floor_Bx1, scaled_BxV, -jnp.inf)
     if not top_k and top_p == 1:
-        return jax.random.categorical(key, scaled_BxV, axis=-1).astype(jnp.int32)
+        token_B = jax.random.categorical(key, scaled_BxV, axis=-1).astype(jnp.int32)
+        return token_B, jnp.zeros((scaled_BxV.shape[0], 0), jnp.int32)
     k = min(top_k or scaled_BxV.shape[-1], scaled_BxV.shape[-1])
     values_BxK, ids_BxK = jax.lax.top_k(scaled_BxV, k)  # sorted, largest first
     if top_p < 1:
@@ -624,7 +669,11 @@ def _draw(
         mass_before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
         values_BxK = jnp.where(mass_before_BxK < top_p, values_BxK, -jnp.inf)
     choice_B = jax.random.categorical(key, values_BxK, axis=-1)
-    return jnp.take_along_axis(ids_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    token_B = jnp.take_along_axis(ids_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    if not top_k:
+        return token_B, jnp.zeros((scaled_BxV.shape[0], 0), jnp.int32)
+    kept_BxK = jnp.where(values_BxK > -jnp.inf, ids_BxK, NOT_KEPT).astype(jnp.int32)
+    return token_B, jnp.pad(kept_BxK, ((0, 0), (0, top_k - k)), constant_values=NOT_KEPT)
 
 
 def _is_end(tokens: jax.Array, end_ids: tuple[int, ...]) -> jax.Array:
@@ -651,6 +700,11 @@ def _finish(
         logps_BxC=jnp.where(mask_BxC, state.logps_BxC, 0.0),
         lengths_B=length_B,
         truncated_B=~state.done_B,
+        kept_ids_BxCxK=(
+            jnp.where(mask_BxC[..., None], state.kept_BxCxK, NOT_KEPT)
+            if state.kept_BxCxK.shape[2]
+            else None
+        ),
     )
     return jax.tree.map(
         lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh), rollout
@@ -710,6 +764,7 @@ def _constrain_state(state: SamplingState, mesh: Mesh | None) -> SamplingState:
         ends_B=sharding.constrain(state.ends_B, ("batch",), mesh),
         stops_BxS=sharding.constrain(state.stops_BxS, ("batch", None), mesh),
         seen_BxV=sharding.constrain(state.seen_BxV, (None, "unembed_vocab"), mesh),
+        kept_BxCxK=sharding.constrain(state.kept_BxCxK, ("batch", None, None), mesh),
         cache=_constrain_cache(state.cache, mesh),
     )
 
@@ -757,4 +812,7 @@ def trim_completions(rollout: Rollout, buckets: Sequence[int]) -> Rollout:
         completion_mask_BxC=rollout.completion_mask_BxC[:, :keep],
         logps_BxC=rollout.logps_BxC[:, :keep],
         tool_mask_BxC=None if rollout.tool_mask_BxC is None else rollout.tool_mask_BxC[:, :keep],
+        kept_ids_BxCxK=(
+            None if rollout.kept_ids_BxCxK is None else rollout.kept_ids_BxCxK[:, :keep]
+        ),
     )

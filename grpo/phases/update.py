@@ -448,6 +448,7 @@ _COMPLETION_FIELDS = (
     "old_logps_BxC",
     "ref_logps_BxC",
     "tool_mask_BxC",
+    "kept_ids_BxCxK",
 )
 
 
@@ -501,7 +502,8 @@ def _cut(mb: Batch, width: int) -> Batch:
 def _logps_and_entropy(
     params: Any, mb: Batch, *, model: ModelConfig, loss: LossConfig, prompt_group: int = 1
 ) -> tuple[jax.Array, jax.Array]:
-    """The policy's log-probs and entropies of a (micro-)batch's completion tokens (fp32).
+    """The policy's log-probs and entropies of a (micro-)batch's completion tokens (fp32), over
+    the ids each was drawn from where the batch has them (the keep sampling mask).
     `prompt_group` > 1: the rows are whole groups of that many, and each group's prompt runs
     once (`transformer.forward_shared_prompts`)."""
     every = slice(None, None, prompt_group)  # a group's rows share its prompt: take the first
@@ -515,6 +517,7 @@ def _logps_and_entropy(
         temperature=loss.temperature,
         chunk=loss.logprob_chunk,
         prompt_group=prompt_group,
+        kept_BxCxK=mb.kept_ids_BxCxK,
     )
 
 

@@ -299,7 +299,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
     logits = np.array([[2.0, 1.9, -1.0, -3.0], [-1.0, -1.2, -5.0, -6.0]], np.float32)
     seen = np.array([[True, False, False, False], [True, False, False, True]])
     penalized = _sampling(temperature=0.0, repetition_penalty=1.5)
-    token, logp = ro.sample_tokens(logits, jax.random.key(0), penalized, seen)
+    token, logp, _ = ro.sample_tokens(logits, jax.random.key(0), penalized, seen)
     # Row 0: 2.0 / 1.5 = 1.33 < 1.9; row 1: -1.0 * 1.5 = -1.5 < -1.2. Each keeps the model's
     # own log-prob of what it drew.
     np.testing.assert_array_equal(token, [1, 1])
@@ -310,7 +310,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
     hot = _sampling(temperature=2.0, repetition_penalty=1.5)
     keys = jax.random.split(jax.random.key(1), 4000)
     draw = jax.vmap(lambda k: ro.sample_tokens(logits[:1], k, hot, seen[:1]))
-    tokens, logps = draw(keys)
+    tokens, logps, _ = draw(keys)
     expected = scipy.special.softmax([1.0 / 1.5, 0.95, -0.5, -1.5])
     counts = np.bincount(np.asarray(tokens).ravel(), minlength=4)
     assert scipy.stats.chisquare(counts, expected * len(keys)).pvalue > 1e-3, counts
