@@ -628,13 +628,12 @@ def sample_tokens(
         penalty = sampling.repetition_penalty
         penalized_BxV = jnp.where(scaled_BxV > 0, scaled_BxV / penalty, scaled_BxV * penalty)
         drawn_BxV = jnp.where(seen_BxV, penalized_BxV, scaled_BxV)
-    kept_BxK = jnp.zeros((scaled_BxV.shape[0], 0), jnp.int32)
     if sampling.greedy:
         token_B = jnp.argmax(drawn_BxV, axis=-1).astype(jnp.int32)
+        kept_BxK = jnp.zeros((token_B.shape[0], 0), jnp.int32)
     else:
-        token_B, ids_BxK = _draw(drawn_BxV, key, sampling.top_k, sampling.top_p, sampling.min_p)
-        if sampling.keep_sampling_mask:
-            kept_BxK = ids_BxK
+        token_B, kept_BxK = _draw(drawn_BxV, key, sampling.top_k, sampling.top_p, sampling.min_p)
+        kept_BxK = kept_BxK[:, : sampling.kept_ids_per_token]  # none unless asked for
     chosen_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
     return token_B, chosen_B - _logsumexp_over(scaled_BxV, kept_BxK), kept_BxK
 
@@ -655,12 +654,12 @@ def _draw(
     """Categorical draw from softmax(scaled), restricted to the tokens at least min_p times as
     likely as the likeliest, then to the top-k, then to the top-p nucleus; and, with a top-k,
     the ids it was restricted to (NOT_KEPT padded; else [B, 0])."""
+    no_ids_Bx0 = jnp.zeros((scaled_BxV.shape[0], 0), jnp.int32)
     if min_p:  # p >= min_p * p_max  <=>  scaled >= max(scaled) + log(min_p)
         floor_Bx1 = jnp.max(scaled_BxV, axis=-1, keepdims=True) + np.log(min_p)
         scaled_BxV = jnp.where(scaled_BxV >= floor_Bx1, scaled_BxV, -jnp.inf)
     if not top_k and top_p == 1:
-        token_B = jax.random.categorical(key, scaled_BxV, axis=-1).astype(jnp.int32)
-        return token_B, jnp.zeros((scaled_BxV.shape[0], 0), jnp.int32)
+        return jax.random.categorical(key, scaled_BxV, axis=-1).astype(jnp.int32), no_ids_Bx0
     k = min(top_k or scaled_BxV.shape[-1], scaled_BxV.shape[-1])
     values_BxK, ids_BxK = jax.lax.top_k(scaled_BxV, k)  # sorted, largest first
     if top_p < 1:
@@ -671,7 +670,7 @@ def _draw(
     choice_B = jax.random.categorical(key, values_BxK, axis=-1)
     token_B = jnp.take_along_axis(ids_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
     if not top_k:
-        return token_B, jnp.zeros((scaled_BxV.shape[0], 0), jnp.int32)
+        return token_B, no_ids_Bx0
     kept_BxK = jnp.where(values_BxK > -jnp.inf, ids_BxK, NOT_KEPT).astype(jnp.int32)
     return token_B, jnp.pad(kept_BxK, ((0, 0), (0, top_k - k)), constant_values=NOT_KEPT)
 
