@@ -457,11 +457,6 @@ def build_experiment(
         token_bytes=lambda: token_bytes(bundle.tokenizer, bundle.config.vocab_size),
         tool_stops=tool_config.round_stops,
     )
-    if sampling.keep_sampling_mask and tools_or_none:
-        raise ValueError(
-            "make_sampling.keep_sampling_mask does not yet follow replies over tool rounds: "
-            "drop it, or the tools"
-        )
     if rewards.overlong_buffer > sampling.max_new_tokens:
         raise ValueError(
             f"make_rewards.overlong_buffer={rewards.overlong_buffer} exceeds the token budget "

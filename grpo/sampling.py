@@ -16,7 +16,13 @@ from grpo import gather, sharding
 from grpo.data.prompts import encode_prompts
 from grpo.experiment import Experiment, TrainConfig
 from grpo.phases import reward_model
-from grpo.phases.rollout import SamplingConfig, generate, generate_in_rounds, pad_prompts
+from grpo.phases.rollout import (
+    NOT_KEPT,
+    SamplingConfig,
+    generate,
+    generate_in_rounds,
+    pad_prompts,
+)
 from grpo.tools import ToolCall, ToolConfig
 from grpo.types import Rollout
 
@@ -140,15 +146,24 @@ class _Reply:
     tokens: list[int] = dataclasses.field(default_factory=list)
     logps: list[float] = dataclasses.field(default_factory=list)
     by_tool: list[bool] = dataclasses.field(default_factory=list)
+    # each sampled token's kept ids (keep_sampling_mask); a tool's tokens: None (none kept)
+    kept: list[np.ndarray | None] = dataclasses.field(default_factory=list)
     asked: list[ToolCall] = dataclasses.field(default_factory=list)  # for the next round to answer
     calls: int = 0
     errors: int = 0
     truncated: bool = False
 
-    def extend(self, tokens: Sequence[int], logps: Sequence[float], by_tool: bool) -> None:
+    def extend(
+        self,
+        tokens: Sequence[int],
+        logps: Sequence[float],
+        by_tool: bool,
+        kept: Sequence[np.ndarray] | None = None,
+    ) -> None:
         self.tokens += list(tokens)
         self.logps += list(logps)
         self.by_tool += [by_tool] * len(tokens)
+        self.kept += [None] * len(tokens) if kept is None else list(kept)
 
 
 def _tool_rounds(
@@ -219,12 +234,15 @@ def _take_round(exp: Experiment, replies: list[_Reply], rollout: Rollout) -> Non
             rollout.truncated_B,
         )
     )
-    for reply, row, length, row_logps, cut in zip(
-        replies, tokens, lengths, logps, truncated, strict=True
+    kept = rollout.kept_ids_BxCxK
+    kept = [None] * len(replies) if kept is None else gather.local_rows(kept)
+    for reply, row, length, row_logps, cut, row_kept in zip(
+        replies, tokens, lengths, logps, truncated, kept, strict=True
     ):
         if not length:
             continue
-        reply.extend(row[:length].tolist(), row_logps[:length].tolist(), by_tool=False)
+        row_kept = None if row_kept is None else row_kept[:length]
+        reply.extend(row[:length].tolist(), row_logps[:length].tolist(), False, row_kept)
         calls = [] if cut else _calls_made(exp, row[:length].tolist())
         reply.asked = calls if reply.calls + len(calls) <= exp.tools.max_calls else []
         reply.truncated = bool(cut)
@@ -275,9 +293,13 @@ def _assembled(
     tokens = np.full((rows, budget), sampler.pad_id, np.int32)
     logps = np.zeros((rows, budget), np.float32)
     by_tool = np.zeros((rows, budget), bool)
+    kept = np.full((rows, budget, sampler.kept_ids_per_token), NOT_KEPT, np.int32)
     for row, reply in enumerate(replies):
         n = len(reply.tokens)
         tokens[row, :n], logps[row, :n], by_tool[row, :n] = reply.tokens, reply.logps, reply.by_tool
+        for slot, ids in enumerate(reply.kept):
+            if ids is not None and kept.shape[2]:
+                kept[row, slot] = ids
     lengths = np.array([len(reply.tokens) for reply in replies], np.int32)
     local = Rollout(
         prompt_tokens_BxP=prompts[0],
@@ -288,6 +310,7 @@ def _assembled(
         lengths_B=lengths,
         truncated_B=np.array([reply.truncated for reply in replies]),
         tool_mask_BxC=by_tool,
+        kept_ids_BxCxK=kept if kept.shape[2] else None,
     )
     texts = [exp.tokenizer.decode(r.tokens, skip_special_tokens=True) for r in replies]
     calls = np.array([reply.calls for reply in replies], np.int32)

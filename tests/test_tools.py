@@ -12,6 +12,7 @@ import pytest
 
 from grpo import sampling, sharding, tools
 from grpo.models import transformer as tf
+from grpo.phases.rollout import NOT_KEPT
 from grpo.tools import ToolCall as Call
 from grpo.types import Rollout
 from tests.forced_calls import first_rounds_call
@@ -542,14 +543,20 @@ def _force_first_call(monkeypatch, tokenizer, call="<calculator>2+3</calculator>
     [
         ((TOOLS,), "<calculator>2+3</calculator>", 32),
         (HERMES, _hermes("calculator", '{"expression": "2+3"}') + "<|im_end|>", 96),
+        (
+            (TOOLS, "make_sampling.keep_sampling_mask=True", "make_sampling.top_k=16"),
+            "<calculator>2+3</calculator>",
+            32,
+        ),
     ],
-    ids=["tags", "hermes"],
+    ids=["tags", "hermes", "tags-kept-ids"],
 )
 def test_later_rounds_record_the_trainers_logps_after_a_tool_result(
     monkeypatch, bindings, call, budget
 ):
     # The round after a call prefills prompt + reply + result afresh; the log-probs it records
-    # must be the trainer's recomputation over the whole sequence, at the same positions.
+    # must be the trainer's recomputation over the whole sequence, at the same positions (with
+    # the keep sampling mask, over each token's kept ids, which the tool's tokens have none of).
     exp = _experiment(*bindings, f"make_sampling.max_new_tokens={budget}")
     _force_first_call(monkeypatch, exp.tokenizer, call)
     out = sampling.sample(
@@ -580,8 +587,13 @@ def test_later_rounds_record_the_trainers_logps_after_a_tool_result(
         rollout.completion_mask_BxC,
         config=exp.model,
         temperature=exp.sampling.logp_temperature,
+        kept_BxCxK=rollout.kept_ids_BxCxK,
     )
     np.testing.assert_allclose(rollout.logps_BxC[later], np.asarray(logps)[later], atol=2e-5)
+    if exp.sampling.keep_sampling_mask:
+        kept = rollout.kept_ids_BxCxK
+        assert (kept == rollout.completion_tokens_BxC[..., None]).any(-1)[later].all()
+        assert (kept[rollout.tool_mask_BxC] == NOT_KEPT).all()
 
 
 @pytest.mark.usefixtures("length_reward")

@@ -165,15 +165,6 @@ def _experiment(*bindings):
         gin.clear_config()
 
 
-def test_tools_refuse_the_mask_before_anything_compiles():
-    with pytest.raises(ValueError, match="keep_sampling_mask does not yet follow replies over"):
-        _experiment(
-            "make_sampling.keep_sampling_mask=True",
-            "make_sampling.top_k=8",
-            "make_tools.names=('calculator',)",
-        )
-
-
 @pytest.mark.slow
 def test_the_trainer_keeps_the_sampling_mask_on_policy_and_reference(tmp_path):
     # tiny.gin's random model spreads its mass over SmolLM2's 49,152 ids, so top-8 keeps a
