@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bench import common, gpu_target, hlo, tpu_target
 from grpo import flops, optim, sharding
@@ -90,6 +91,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="G > 1: rows in groups of G share a prompt, run once per group "
         "(TrainConfig.shared_prompt_forward); micro-batches hold whole groups",
+    )
+    parser.add_argument(
+        "--kept_ids",
+        type=int,
+        default=0,
+        help="K > 0: each token's log-prob over K kept ids, the sampled one among them "
+        "(make_sampling.keep_sampling_mask with top_k = K)",
     )
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
@@ -209,6 +217,7 @@ def _header(args: argparse.Namespace, config: ModelConfig) -> dict[str, Any]:
         "group_length_spread": args.group_length_spread,
         "width_buckets": args.width_buckets,
         "shared_prompts": args.shared_prompts,
+        "kept_ids": args.kept_ids,
     }
 
 
@@ -281,7 +290,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _host_batch(config: ModelConfig, args: argparse.Namespace) -> Batch:
-    return common.random_batch(
+    batch = common.random_batch(
         config,
         args.batch,
         args.prompt_len,
@@ -290,6 +299,13 @@ def _host_batch(config: ModelConfig, args: argparse.Namespace) -> Batch:
         prompt_group=args.shared_prompts,
         group_length_spread=args.group_length_spread,
     )
+    if not args.kept_ids:
+        return batch
+    tokens = batch.completion_tokens_BxC
+    rng = np.random.default_rng(1)
+    kept = rng.integers(0, config.vocab_size, (*tokens.shape, args.kept_ids)).astype(np.int32)
+    kept[..., 0] = tokens  # the sampled token is always kept
+    return batch.replace(kept_ids_BxCxK=kept)
 
 
 def _abstract_state(params, tx) -> TrainState:

@@ -31,12 +31,13 @@ def test_update_bench_reports_throughput_mfu_memory_and_torch_ratio():
     assert result["peak_device_gb"] == "n/a"  # the CPU allocator keeps no high-water mark
 
 
-def test_update_bench_times_the_high_entropy_token_mask():
+def test_update_bench_times_the_high_entropy_token_mask_over_kept_ids():
     result = update.main(
         [*TINY, "--batch=4", "--prompt_len=8", "--completion_len=8", "--iters=1", "--warmup=0"]
-        + ["--top_entropy_quantile=0.2"]
+        + ["--top_entropy_quantile=0.2", "--kept_ids=4"]
     )
-    assert result["top_entropy_quantile"] == 0.2 and result["update_tokens_per_s"] > 0
+    assert result["top_entropy_quantile"] == 0.2 and result["kept_ids"] == 4
+    assert result["update_tokens_per_s"] > 0
 
 
 def test_update_bench_times_mini_batch_updates_with_shared_prompts_in_width_buckets():
