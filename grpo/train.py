@@ -42,7 +42,7 @@ from grpo.models.config import ModelConfig
 from grpo.phases import dynamic_sampling, reward_model
 from grpo.phases import reward as reward_phase
 from grpo.phases.advantage import decoupled_advantages, group_advantages
-from grpo.phases.rollout import cache_gb_per_device, trim_completions
+from grpo.phases.rollout import cache_gb_per_device, kept_ids_gb_per_device, trim_completions
 from grpo.phases.update import make_reference_logps_fn, make_update_fn
 from grpo.types import Batch, Rollout, TrainState
 
@@ -185,7 +185,13 @@ def held_memory_line(exp: Experiment) -> str:
     if (limit := _device_limit_gb()) is not None:
         line += f" of the {limit:.1f} JAX may use on a device"
     caches = ", ".join(f"{size:.3g} {name}" for name, size in rollout_cache_gb(exp).items())
-    return line + f"; a rollout's KV cache adds {caches}; activations come on top"
+    line += f"; a rollout's KV cache adds {caches}"
+    if exp.sampling.keep_sampling_mask:
+        rows = exp.train.completions_per_step
+        line += (
+            f", its kept sampling ids {kept_ids_gb_per_device(exp.sampling, rows, exp.mesh):.3g}"
+        )
+    return line + "; activations come on top"
 
 
 def check_state_fits(exp: Experiment) -> None:

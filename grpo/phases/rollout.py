@@ -738,19 +738,28 @@ def _constrain_cache(cache: tf.KVCache, mesh: Mesh | None) -> tf.KVCache:
     )
 
 
+def _laid_out(shape: tuple[int, ...], dtype: jnp.dtype, names: tuple, mesh: Mesh) -> float:
+    """GB one device holds of an array of `shape` laid out by logical axis `names`."""
+    spec = sharding.logical_to_spec(names, shape, mesh)
+    array = jax.ShapeDtypeStruct(shape, dtype, sharding=jax.NamedSharding(mesh, spec))
+    return sharding.gb_per_device(array)
+
+
 def cache_gb_per_device(model: ModelConfig, rows: int, slots: int, mesh: Mesh) -> float:
     """GB one device holds of a decode KV cache of `rows` x `slots` token slots, laid out as the
     decode loop lays its cache out (rows over the batch axes, KV heads over tp)."""
-
-    def laid_out(shape: tuple[int, ...], dtype: jnp.dtype, names: tuple) -> jax.ShapeDtypeStruct:
-        spec = sharding.logical_to_spec(names, shape, mesh)
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.NamedSharding(mesh, spec))
-
-    layer = laid_out(
-        (rows, slots, model.num_kv_heads, model.head_dim), jnp.dtype(model.dtype), _KV_AXES
+    layer_shape = (rows, slots, model.num_kv_heads, model.head_dim)
+    layer = _laid_out(layer_shape, jnp.dtype(model.dtype), _KV_AXES, mesh)
+    return 2 * model.num_layers * layer + _laid_out(
+        (rows, slots), jnp.dtype(bool), _VALID_AXES, mesh
     )
-    valid = laid_out((rows, slots), jnp.dtype(bool), _VALID_AXES)
-    return 2 * model.num_layers * sharding.gb_per_device(layer) + sharding.gb_per_device(valid)
+
+
+def kept_ids_gb_per_device(sampling: SamplingConfig, rows: int, mesh: Mesh) -> float:
+    """GB one device holds of a rollout's kept ids (`keep_sampling_mask`; 0 without), rows over
+    the batch axes; the update's batch holds them too."""
+    shape = (rows, sampling.max_new_tokens, sampling.kept_ids_per_token)
+    return _laid_out(shape, jnp.dtype(jnp.int32), ("batch", None, None), mesh)
 
 
 def _constrain_state(state: SamplingState, mesh: Mesh | None) -> SamplingState:

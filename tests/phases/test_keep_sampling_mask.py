@@ -156,13 +156,23 @@ def test_trimming_and_stacking_rollouts_carry_the_kept_ids():
     np.testing.assert_array_equal(stacked.kept_ids_BxCxK[2:], kept)
 
 
-def _experiment(*bindings):
+def _experiment(*bindings, read_params=True):
     gin.clear_config()
     grpo_main.parse_gin([TINY], list(bindings), [REPO])
     try:
-        return configurables.build_experiment()
+        return configurables.build_experiment(read_params=read_params)
     finally:
         gin.clear_config()
+
+
+def test_the_dry_run_counts_the_kept_ids():
+    # tiny.gin: 2 prompts x 4 samples, 16 new tokens, rows over dp x fsdp = 4 devices.
+    exp = _experiment(
+        "make_sampling.keep_sampling_mask=True", "make_sampling.top_k=8", read_params=False
+    )
+    per_device_gb = 8 * 16 * 8 * 4 / 4 / 1e9
+    assert f"its kept sampling ids {per_device_gb:.3g};" in train.held_memory_line(exp)
+    assert "kept sampling ids" not in train.held_memory_line(_experiment(read_params=False))
 
 
 @pytest.mark.slow
