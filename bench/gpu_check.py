@@ -72,10 +72,11 @@ def checks(tokenizer: str) -> list[Check]:
     without width buckets (TrainConfig.micro_batch_width_buckets), with each prompt run once
     for its group (TrainConfig.shared_prompt_forward), and both together; part 4: the
     rollout of 8 samples per prompt with and without `make_sampling.shared_prompt_decode` and
-    `decode_segments`; part 5: that rollout with a long tail of completion lengths, with and
-    without segments and `compact_rows`, and the round after a tool call on the first round's
-    cache against a fresh prefill. A call that starts a machine spends a minute or more of
-    the session's 15 before part 1 begins."""
+    `decode_segments`, then the update over 512 kept ids per token
+    (make_sampling.keep_sampling_mask); part 5: that rollout with a long tail of completion
+    lengths, with and without segments and `compact_rows`, and the round after a tool call on
+    the first round's cache against a fresh prefill. A call that starts a machine spends a
+    minute or more of the session's 15 before part 1 begins."""
     update_1p5b = ("bench.update", "--preset=qwen2.5-1.5b", "--batch=64", "--prompt_len=256")
     # 4 micro-batches: the best H200 roofline that fits (BUILD_NOTES: update shape choices).
     update_1p5b += ("--completion_len=768", "--micro_batches=4", "--iters=2")
@@ -207,6 +208,13 @@ def checks(tokenizer: str) -> list[Check]:
             )
             for decode in ("copied", "shared")
             for segments in (1, 4)
+        ),
+        Check(  # the keep sampling mask at a top_p bound of 512 ids, beside part 2's update_xla
+            "update_kept_ids",
+            4,
+            100,
+            update_1p5b + ("--attention=xla", "--kept_ids=512"),
+            update_tiny + ("--attention=xla", "--kept_ids=8"),
         ),
         # Part 5: a long tail, as GRPO's completions run (one id in 333 ends a row: at evenly
         # spread probabilities, half the rows pass 256 tokens, a tenth 768): one loop, four

@@ -297,9 +297,9 @@ def _assembled(
     for row, reply in enumerate(replies):
         n = len(reply.tokens)
         tokens[row, :n], logps[row, :n], by_tool[row, :n] = reply.tokens, reply.logps, reply.by_tool
-        for slot, ids in enumerate(reply.kept):
-            if ids is not None and kept.shape[2]:
-                kept[row, slot] = ids
+        sampled = [slot for slot, ids in enumerate(reply.kept) if ids is not None]
+        if sampled and kept.shape[2]:  # the model's tokens' kept ids; a tool's keep none
+            kept[row, sampled] = np.stack([reply.kept[slot] for slot in sampled])
     lengths = np.array([len(reply.tokens) for reply in replies], np.int32)
     local = Rollout(
         prompt_tokens_BxP=prompts[0],
