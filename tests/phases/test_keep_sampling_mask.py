@@ -2,26 +2,21 @@
 the ids each token was drawn from and its log-prob over them; the trainer's log-probs, their
 gradient, the reference's and the ratio keep the same support."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
 
-import gin
-from grpo import configurables, train
-from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
+from grpo import train
 from grpo.models import log_softmax, presets
 from grpo.models import transformer as tf
 from grpo.phases import dynamic_sampling
 from grpo.phases import rollout as ro
 from grpo.types import Rollout
+from tests.tiny_experiment import tiny_experiment
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(REPO, "gin/tests/tiny.gin")
 CONFIG = presets.preset("tiny-qwen2", dtype="float32")
 END_IDS = tuple(range(0, CONFIG.vocab_size, 8))
 NOT_KEPT = ro.NOT_KEPT
@@ -156,23 +151,14 @@ def test_trimming_and_stacking_rollouts_carry_the_kept_ids():
     np.testing.assert_array_equal(stacked.kept_ids_BxCxK[2:], kept)
 
 
-def _experiment(*bindings, read_params=True):
-    gin.clear_config()
-    grpo_main.parse_gin([TINY], list(bindings), [REPO])
-    try:
-        return configurables.build_experiment(read_params=read_params)
-    finally:
-        gin.clear_config()
-
-
 def test_the_dry_run_counts_the_kept_ids():
     # tiny.gin: 2 prompts x 4 samples, 16 new tokens, rows over dp x fsdp = 4 devices.
-    exp = _experiment(
+    exp = tiny_experiment(
         "make_sampling.keep_sampling_mask=True", "make_sampling.top_k=8", read_params=False
     )
     per_device_gb = 8 * 16 * 8 * 4 / 4 / 1e9
     assert f"its kept sampling ids {per_device_gb:.3g};" in train.held_memory_line(exp)
-    assert "kept sampling ids" not in train.held_memory_line(_experiment(read_params=False))
+    assert "kept sampling ids" not in train.held_memory_line(tiny_experiment(read_params=False))
 
 
 @pytest.mark.slow
@@ -193,7 +179,7 @@ def test_the_trainer_keeps_the_sampling_mask_on_policy_and_reference(tmp_path):
         "make_rewards.names=('correctness_last_number',)",
         "make_rewards.weights=(1.0,)",
     ]
-    summary = train.train(_experiment(*bindings), str(tmp_path))
+    summary = train.train(tiny_experiment(*bindings, read_params=True), str(tmp_path))
     assert summary["steps"] == 2
     rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
     for row in rows:

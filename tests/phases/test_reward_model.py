@@ -2,7 +2,6 @@
 transformers' (PyTorch, CPU, fp32) on tiny random models, the conversation it reads, and the
 trainer's reward with it end to end."""
 
-import os
 import re
 
 import jax
@@ -11,18 +10,14 @@ import pytest
 import torch
 import transformers
 
-import gin
-from grpo import checkpoint_jobs, configurables, train
-from grpo import main as grpo_main
+from grpo import checkpoint_jobs, train
 from grpo import metrics as metrics_lib
 from grpo.data.prompts import as_token_ids
 from grpo.models import loading
 from grpo.phases import reward_model
 from tests import hf_models
 from tests.hf_models import PAD, save_classifier
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(REPO, "gin/tests/tiny.gin")
+from tests.tiny_experiment import tiny_experiment
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +133,6 @@ def test_groups_split_where_their_rows_part():
     assert kept(*single[:2]) == [[4, 5]] and kept(*single[2:]) == [[6]]
 
 
-def _experiment(*bindings, read_params=False):
-    gin.clear_config()
-    grpo_main.parse_gin([TINY], list(bindings), [REPO])
-    try:
-        return configurables.build_experiment(read_params=read_params)
-    finally:
-        gin.clear_config()
-
-
 @pytest.mark.parametrize(
     "bindings, message",
     [
@@ -171,7 +157,7 @@ def _experiment(*bindings, read_params=False):
 )
 def test_a_reward_model_and_its_reward_name_go_together(bindings, message):
     with pytest.raises(ValueError, match=message):
-        _experiment(*bindings)
+        tiny_experiment(*bindings, read_params=False)
 
 
 def _transformers_scores(hf_model, folder, records):
@@ -229,12 +215,12 @@ def test_the_trainer_rewards_replies_with_the_reward_model(
         f"make_rewards.names={tuple(weights)}",
         f"make_rewards.weights={tuple(weights.values())}",
     ]
-    exp = _experiment(*bindings)  # as --dry_run builds it: the weights wait
+    exp = tiny_experiment(*bindings, read_params=False)  # as --dry_run builds it: the weights wait
     held = train.held_memory_line(exp)
     assert all(re.search(rf"{n.replace('_', ' ')} 0\.00[1-9]", held) for n in models), held
     assert classifiers_read == []
     workdir = tmp_path / "run"
-    summary = train.train(_experiment(*bindings, read_params=True), str(workdir))
+    summary = train.train(tiny_experiment(*bindings, read_params=True), str(workdir))
     read_once = [True] * len(models)  # each read once, when placed
     assert summary["steps"] == 2 and classifiers_read == read_once
     rows = metrics_lib.read_metrics(workdir / "metrics.jsonl")
@@ -257,7 +243,9 @@ def test_the_trainer_rewards_replies_with_the_reward_model(
     for name in models:
         ours = [r["rewards"][name] for r in replies]
         assert evaluated[f"eval_reward/{name}"] == pytest.approx(np.mean(ours), rel=1e-5)
-    again = checkpoint_jobs.evaluate_workdir(_experiment(*bindings, read_params=True), str(workdir))
+    again = checkpoint_jobs.evaluate_workdir(
+        tiny_experiment(*bindings, read_params=True), str(workdir)
+    )
     assert classifiers_read == read_once * 2
     assert again == {"step": 2, **{k: evaluated[k] for k in again if k != "step"}}
     expected_keys = {"eval_reward_mean", *(f"eval_reward/{n}" for n in weights)}
