@@ -21,6 +21,13 @@ def all_rows(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def agreed_width(rows: list, minimum: int) -> int:
+    """The width every process pads its `rows` (sequences) to, one compile for many batches: a
+    power of two, `minimum` at least, that holds every process's longest row."""
+    longest = int(all_rows(np.array([max(len(row) for row in rows)])).max())
+    return max(minimum, 1 << (longest - 1).bit_length())
+
+
 def summed(count: int | np.integer) -> int:
     """A per-process count summed over every process."""
     return int(all_rows(np.array([count])).sum())

@@ -201,7 +201,11 @@ def _tool_rounds(
             [budget - len(reply.tokens) if i in results else 0 for i, reply in enumerate(replies)],
             np.int32,
         )
-        window = pad_prompts(appended, pad_id=sampler.pad_id, buckets=[_result_width(appended)])
+        window = pad_prompts(
+            appended,
+            pad_id=sampler.pad_id,
+            buckets=[gather.agreed_width(appended, _MIN_RESULT_WIDTH)],
+        )
         latest, context = run(
             params,
             *sharding.shard_batch(exp.mesh, window),
@@ -214,12 +218,6 @@ def _tool_rounds(
 
 
 _MIN_RESULT_WIDTH = 16
-
-
-def _result_width(appended: list[list[int]]) -> int:
-    """The width every process pads a round's results to: a power of two that holds them."""
-    longest = int(gather.all_rows(np.array([max(len(ids) for ids in appended)])).max())
-    return max(_MIN_RESULT_WIDTH, 1 << (longest - 1).bit_length())
 
 
 def _take_round(exp: Experiment, replies: list[_Reply], rollout: Rollout) -> None:

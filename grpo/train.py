@@ -121,12 +121,21 @@ def abstract_trainable(exp: Experiment) -> Any:
 
 def _abstract_model(exp: Experiment, dtype: Any) -> Any:
     """The model's weights in `dtype`, laid out as `_place` would, as ShapeDtypeStructs."""
-    shapes = jax.tree.map(
+    model = exp.model
+    return _abstract_weights(
+        exp.mesh, transformer.param_shapes(model), transformer.logical_axes(model), dtype
+    )
+
+
+def _abstract_weights(mesh: Mesh, shapes: Any, axes: Any, dtype: Any) -> Any:
+    """Weights of these shapes (a tree of shape tuples) in `dtype`, laid out by logical `axes`
+    as `_place` would, as ShapeDtypeStructs."""
+    structs = jax.tree.map(
         lambda shape: jax.ShapeDtypeStruct(shape, dtype),
-        transformer.param_shapes(exp.model),
+        shapes,
         is_leaf=lambda x: isinstance(x, tuple),
     )
-    return _layout(exp.mesh, transformer.logical_axes(exp.model), shapes, dtype)
+    return _layout(mesh, axes, structs, dtype)
 
 
 def held_memory_gb(exp: Experiment) -> dict[str, float]:
@@ -140,17 +149,14 @@ def held_memory_gb(exp: Experiment) -> dict[str, float]:
     elif exp.loss.beta > 0:
         held["KL reference"] = _abstract_model(exp, _reference_dtype(exp))
     for name, scorer in exp.reward_models.items():
-        held[name.replace("_", " ")] = _abstract_reward_model(exp, scorer.config)
+        config = scorer.config
+        held[name.replace("_", " ")] = _abstract_weights(
+            exp.mesh,
+            reward_model.param_shapes(config),
+            reward_model.logical_axes(config),
+            config.param_dtype,
+        )
     return {name: sharding.gb_per_device(tree) for name, tree in held.items()}
-
-
-def _abstract_reward_model(exp: Experiment, config: ModelConfig) -> Any:
-    shapes = jax.tree.map(
-        lambda shape: jax.ShapeDtypeStruct(shape, config.param_dtype),
-        reward_model.param_shapes(config),
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
-    return _layout(exp.mesh, reward_model.logical_axes(config), shapes, config.param_dtype)
 
 
 def _device_limit_gb() -> float | None:

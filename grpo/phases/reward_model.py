@@ -171,18 +171,12 @@ def encode_conversations(
     return [as_token_ids(tokenizer.encode(p + r)) for p, r in zip(prompts, replies, strict=True)]
 
 
-def _width(lengths: Sequence[int]) -> int:
-    """A power of two (`_MIN_WIDTH` at least) that holds every process's longest row."""
-    longest = int(gather.all_rows(np.array([max(lengths)])).max())
-    return max(_MIN_WIDTH, 1 << (longest - 1).bit_length())
-
-
 def padded(
     ids: Sequence[Sequence[int]], pad_id: int | None, *, left: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, valid), right-padded (or `left`) at a `_width` every process agrees on: each
-    holds its own rows."""
-    width = _width([len(row) for row in ids])
+    """(tokens, valid), right-padded (or `left`) at a width every process agrees on
+    (`gather.agreed_width`): each holds its own rows."""
+    width = gather.agreed_width(ids, _MIN_WIDTH)
     tokens = np.full((len(ids), width), pad_id or 0, np.int32)
     valid = np.zeros((len(ids), width), bool)
     for i, row in enumerate(ids):
