@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo import flops, optim
+from grpo import flops, optim, profiling
 from grpo.models import lora, presets
 from grpo.models import transformer as tf
 from grpo.models.config import ATTENTION_IMPLS, LoraConfig, ModelConfig
@@ -189,7 +189,7 @@ def maybe_trace(profile_dir: str | None) -> Iterator[None]:
     if profile_dir is None:
         yield
         return
-    with jax.profiler.trace(profile_dir):
+    with jax.profiler.trace(profile_dir, profiler_options=profiling.trace_options()):
         yield
 
 

@@ -6,7 +6,8 @@ trace reads as the step loop does; the marks cost next to nothing while no trace
 error that leaves a phase remembers it (`failed_phase`), so the app can say where it failed.
 `Window` traces the steps `TrainConfig.profile_steps` names into the run's TensorBoard folder
 (`<workdir>/tensorboard/plugins/profile/<time>/<host>.xplane.pb`, for TensorBoard's Profile tab
-or xprof).
+or xprof): the device ops and the host's marks, without JAX's Python function tracer
+(`trace_options`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ def failed_phase(error: BaseException) -> str | None:
     return getattr(error, "grpo_phase", None)
 
 
+def trace_options() -> jax.profiler.ProfileOptions:
+    """JAX's defaults, less the Python function tracer. To start and stop, that tracer sets a
+    hook on every thread's state from the tracing thread, which on Python < 3.13 races with the
+    threads the trainer runs beside a step (orbax's async save, the reward workers) starting
+    and exiting: a CI run died of a segfault in its traced step. The marks above and the
+    device ops are what a step's profile is read for; the tracer also slows the traced step."""
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    return options
+
+
 class Window:
     """Traces the steps `first..last` of `steps` (None: none) into `logdir`, on process 0.
 
@@ -68,7 +80,7 @@ class Window:
         """One step of the loop: marked as step `step` in any trace; traced in the window."""
         in_window = self._steps is not None and self._steps[0] <= step <= self._steps[1]
         if in_window and not self._tracing:
-            jax.profiler.start_trace(self._logdir)
+            jax.profiler.start_trace(self._logdir, profiler_options=trace_options())
             self._tracing = True
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             yield

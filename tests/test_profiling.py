@@ -11,7 +11,14 @@ from grpo import profiling
 def traces(monkeypatch):
     """Records jax.profiler start/stop calls instead of tracing."""
     calls = []
-    monkeypatch.setattr(jax.profiler, "start_trace", lambda logdir: calls.append(("start", logdir)))
+
+    def start_trace(logdir, profiler_options):
+        # Without the Python tracer (profiling.trace_options), host marks and device ops kept.
+        assert profiler_options.python_tracer_level == 0
+        assert profiler_options.host_tracer_level == jax.profiler.ProfileOptions().host_tracer_level
+        calls.append(("start", logdir))
+
+    monkeypatch.setattr(jax.profiler, "start_trace", start_trace)
     monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append(("stop",)))
     return calls
 
