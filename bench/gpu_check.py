@@ -14,9 +14,9 @@ SmolLM2 tokenizer into `.gpu/tokenizer`, both git-ignored). On the device (`carr
       --no-cache-dir --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" && \
       PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --part=1 --out=$OUT
 
-then `--part=2` in a second call (and `--part=3`, `--part=4`, then `--part=5`, in a session
-with time left, or in one after a session that ran parts 1 and 2). Rehearse the whole plan here
-with tiny shapes: `python -m bench.gpu_check --tiny --out=/tmp/gpu_check`.
+then `--part=2` in a second call (and `--part=3`, `--part=4`, `--part=5`, then `--part=6`, in
+a session with time left, or in one after a session that ran parts 1 and 2). Rehearse the whole
+plan here with tiny shapes: `python -m bench.gpu_check --tiny --out=/tmp/gpu_check`.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def checks(tokenizer: str) -> list[Check]:
     `decode_segments`, then the update over 512 kept ids per token
     (make_sampling.keep_sampling_mask); part 5: that rollout with a long tail of completion
     lengths, with and without segments and `compact_rows`, and the round after a tool call on
-    the first round's cache against a fresh prefill. A call that starts a machine spends a
+    the first round's cache against a fresh prefill; part 6: top-k sampling with and without
+    its kept ids recorded. A call that starts a machine spends a
     minute or more of the session's 15 before part 1 begins."""
     update_1p5b = ("bench.update", "--preset=qwen2.5-1.5b", "--batch=64", "--prompt_len=256")
     # 4 micro-batches: the best H200 roofline that fits (BUILD_NOTES: update shape choices).
@@ -240,6 +241,18 @@ def checks(tokenizer: str) -> list[Check]:
             rollout_grouped + ("--appended=32", "--iters=1"),
             rollout_tiny + ("--appended=4",),
         ),
+        # Part 6: the keep sampling mask's rollout cost, top-50 sampling recording its kept ids
+        # against the same sampling without (its update cost: part 4's update_kept_ids).
+        *(
+            Check(
+                f"rollout_top_k_{name}",
+                6,
+                100,
+                rollout_grouped + ("--top_k=50", *knobs),
+                rollout_tiny + ("--top_k=3", *knobs),
+            )
+            for name, knobs in (("alone", ()), ("kept_ids", ("--keep_sampling_mask",)))
+        ),
     ]
 
 
@@ -321,7 +334,7 @@ def save_tokenizer(path: str) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--part", type=int, choices=(1, 2, 3, 4, 5), default=None, help="default: all"
+        "--part", type=int, choices=(1, 2, 3, 4, 5, 6), default=None, help="default: all"
     )
     parser.add_argument("--only", default="", help="comma-separated check names")
     parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check")

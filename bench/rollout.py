@@ -12,6 +12,10 @@ random weights, same shape, `min_new_tokens=new_tokens`) in the same run. `--pro
 one more call and prints its costliest XLA ops with the jax op each came from (where a decode
 step's time goes: layer weights, attention over the cache, sampling over the vocabulary).
 
+`--top_k`/`--top_p` truncate the sampled distribution (transformers' baseline too);
+`--keep_sampling_mask` also records each token's kept ids (make_sampling.keep_sampling_mask):
+time it against the same truncation without, side by side.
+
 `--appended=N` also times the round after a tool call: a first round samples half the budget,
 N tokens are appended (a tool's result), and the second half is sampled on the first round's
 keys and values (`generate_in_rounds`), against a fresh prefill of the whole text (the prompt
@@ -50,6 +54,11 @@ flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per sequence (no padding).
 flags.DEFINE_integer("new_tokens", 64, "New tokens per sequence.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_float("repetition_penalty", 1.0, "> 1: ids already in a row are drawn less often.")
+flags.DEFINE_integer("top_k", 0, "> 0: draw from the top_k most likely ids (0: every id).")
+flags.DEFINE_float("top_p", 1.0, "< 1: draw from the smallest set of ids this likely.")
+flags.DEFINE_bool(
+    "keep_sampling_mask", False, "Record each token's kept ids (needs --top_k > 0): their cost."
+)
 flags.DEFINE_integer("decode_segments", 1, "Decode loops, each attending to a longer cache prefix.")
 flags.DEFINE_bool(
     "shared_prompt_decode", False, "Decode reads each prompt's cache once for its samples."
@@ -120,6 +129,9 @@ def _sampling(config: ModelConfig) -> rollout.SamplingConfig:
         shared_prompt_decode=FLAGS.shared_prompt_decode,
         compact_rows=FLAGS.compact_rows,
         repetition_penalty=FLAGS.repetition_penalty,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        keep_sampling_mask=FLAGS.keep_sampling_mask,
         stop=_stand_in_stop_strings(config.vocab_size) if FLAGS.stop_strings else None,
     )
 
@@ -202,6 +214,9 @@ def _decode_knobs() -> dict:
         "shared_prompt_decode": FLAGS.shared_prompt_decode,
         "compact_rows": FLAGS.compact_rows,
         "repetition_penalty": FLAGS.repetition_penalty,
+        "top_k": FLAGS.top_k,
+        "top_p": FLAGS.top_p,
+        "keep_sampling_mask": FLAGS.keep_sampling_mask,
         "end_rate": FLAGS.end_rate,
     }
 
@@ -309,6 +324,13 @@ def _round_after_a_call(config: ModelConfig, params, tokens, mask, sampling) -> 
     }
 
 
+def _kept_ids(kept_BxCxK: jax.Array | None) -> dict:
+    """What --keep_sampling_mask recorded: ids per token and their size (none without it)."""
+    if kept_BxCxK is None:
+        return {"kept_ids_per_token": 0, "kept_ids_bytes": 0}
+    return {"kept_ids_per_token": kept_BxCxK.shape[-1], "kept_ids_bytes": kept_BxCxK.nbytes}
+
+
 def _bytes_per_step(config: ModelConfig) -> int:
     """The weights and the KV cache: every row's prompt and completion slots, or with
     --shared_prompt_decode each prompt's once."""
@@ -336,7 +358,7 @@ def _hf_tokens_per_s(config: ModelConfig, batch: int, prompt_len: int, new_token
         pad_token_id=0,
     )
     if FLAGS.temperature > 0:
-        kwargs.update(temperature=FLAGS.temperature, top_k=0, top_p=1.0)
+        kwargs.update(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
 
     def run():
         with torch.no_grad():
@@ -403,6 +425,7 @@ def main(argv: list[str]) -> None:
         # With --end_rate, rows end early: the completions' own tokens.
         "mean_completion_len": round(float(lengths.mean()), 1),
         "completion_tokens_per_s": round(float(lengths.sum()) / seconds, 1),
+        **_kept_ids(out.kept_ids_BxCxK),
     }
     if FLAGS.mem_bw_gbps:
         step_bytes = _bytes_per_step(config)

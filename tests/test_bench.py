@@ -116,12 +116,15 @@ def test_rollout_bench_runs_and_profiles(tmp_path):
     # absl flags: bench.rollout and bench.forward define the same flag names, so run it alone.
     cmd = [sys.executable, "-m", "bench.rollout", "--preset=tiny-qwen2", "--batch=2"]
     cmd += ["--prompt_len=4", "--new_tokens=4", "--iters=1", f"--profile_dir={tmp_path}"]
-    cmd += ["--stop_strings=</answer>,<never>", "--appended=1"]
+    cmd += ["--stop_strings=</answer>,<never>", "--appended=1", "--top_k=3", "--keep_sampling_mask"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["new_tokens_per_s"] > 0 and result["stop_strings"] == ["</answer>", "<never>"]
     assert result["round_on_context_s"] > 0 and result["round_prefilled_s"] > 0
+    assert (
+        result["kept_ids_per_token"] == 3 and result["kept_ids_bytes"] == 2 * 4 * 3 * 4
+    )  # the sampler's record
     assert result["top_ops"] and all(op["ms"] >= 0 for op in result["top_ops"])
     # The decode loop's ops are named after their jax source (so a profile says what is slow).
     assert any("while" in op["from"] for op in result["top_ops"]), result["top_ops"]
