@@ -192,15 +192,7 @@ def _trace_marks(path):
         ("TrainConfig.num_steps='3'", "TrainConfig.num_steps must be int, got '3' (str)"),
         ("TrainConfig.num_steps = ", "gin: Unable to parse value"),
         ("make_rewards.overlong_buffer=17", "exceeds the token budget"),  # tiny.gin: 16 tokens
-        ("make_model.lora_targets=('q',)", "need make_model.lora_rank > 0"),  # not ignored
         ("make_model.adapter='/no/such/adapter'", "no PEFT adapter in /no/such/adapter"),
-        (
-            ("make_rewards.names=('no_such_module:fn',)", "make_rewards.weights=(1.0,)"),
-            "cannot import reward function 'no_such_module:fn'",
-        ),
-        (("make_model.lora_rank=4", "make_model.lora_targets=('qkv',)"), "LoRA targets must be"),
-        ("TrainConfig.ref_sync_every_steps=2", "needs a reference of its own to move"),
-        ("make_dataset.num_train=1", "1 train examples are fewer than one step's"),
         ("TrainConfig.completions_per_micro_batch=2", "do not split over dp x fsdp = 4"),
     ],
 )
@@ -217,6 +209,14 @@ def test_bad_bindings_fail_fast(tmp_path, binding, message):
 @pytest.mark.parametrize(
     "binding, message",
     [
+        ("make_model.lora_targets=('q',)", "need make_model.lora_rank > 0"),  # not ignored
+        (
+            ("make_rewards.names=('no_such_module:fn',)", "make_rewards.weights=(1.0,)"),
+            "cannot import reward function 'no_such_module:fn'",
+        ),
+        (("make_model.lora_rank=4", "make_model.lora_targets=('qkv',)"), "LoRA targets must be"),
+        ("TrainConfig.ref_sync_every_steps=2", "needs a reference of its own to move"),
+        ("make_dataset.num_train=1", "1 train examples are fewer than one step's"),
         ("make_lr_schedule.peak_value=-1e-6", "learning rates must be >= 0"),
         ("make_model.dtype='fp8'", "dtype must be bfloat16|float32"),
         ("make_model.param_dtype='bfloat16'", "a step under 1/256 of a weight rounds away"),
