@@ -25,6 +25,7 @@ from grpo import distributed
 from grpo import metrics as metrics_lib
 from grpo.models import loading
 from tests.hf_models import save_classifier
+from tests.log_tail import log_tail
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
@@ -140,7 +141,7 @@ class _Run:
         return self.logs[i].read_text()
 
     def tails(self) -> str:
-        return "\n".join(f"--- log {i}:\n{self.output(i)[-3000:]}" for i in range(len(self.logs)))
+        return "\n".join(f"--- log {i}:\n{log_tail(self.output(i))}" for i in range(len(self.logs)))
 
     def rows(self) -> list[dict]:
         return metrics_lib.read_metrics(self.workdir / "metrics.jsonl")
@@ -360,7 +361,7 @@ def test_missing_process_fails_fast(tmp_path, process_id):
     (returncode,) = run.wait(timeout=60)
     elapsed = time.monotonic() - tick
     output = run.output(0)
-    assert returncode == distributed.EXIT_JOIN_FAILED, output[-3000:]
+    assert returncode == distributed.EXIT_JOIN_FAILED, log_tail(output)
     who = rf"process {process_id} of 2 \(coordinator localhost:\d+\)"
     assert re.search(f"{who}: the processes did not all join within {timeout_s} s", output)
     assert elapsed < timeout_s + 30, elapsed  # start-up + timeout, not a hang

@@ -36,6 +36,7 @@ from grpo.models import loading, presets, splash
 from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
 from grpo.phases import advantage, reward, rollout
+from tests.log_tail import log_tail
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
@@ -67,7 +68,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
         "TrainConfig.write_eval_completions=True",
         "TrainConfig.profile_steps=(3, 3)",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, log_tail(result.stderr)
     start, *rows = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
     # A trace of step 3 alone, its phases named, beside TensorBoard's events.
     (trace,) = glob.glob(str(tmp_path / "tensorboard/plugins/profile/*/*.xplane.pb"))
@@ -130,7 +131,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     write_replies = "TrainConfig.write_eval_completions=True"
     flags = ["--eval_only", "--checkpoint_step=all"]
     result = _cli(tmp_path, "TrainConfig.num_steps=3", write_replies, flags=flags)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, log_tail(result.stderr)
     evaluated = metrics_lib.read_metrics(tmp_path / metrics_lib.EVAL_FILE)
     greedy = ("eval_accuracy", "eval_length_mean", "eval_truncation_rate")
     assert [r["step"] for r in evaluated] == [2, 3]
@@ -146,7 +147,7 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     # --export_only of an older checkpoint; a step that is not there fails in one line.
     export = tmp_path / "step2"
     result = _cli(tmp_path, flags=[f"--export_only={export}", "--checkpoint_step=2"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, log_tail(result.stderr)
     assert json.loads((export / loading.EXPORT_INFO).read_text()) == {"step": 2}
     assert (export / "config.json").exists() and (export / "model.safetensors").exists()
     result = _cli(tmp_path, flags=["--eval_only", "--checkpoint_step=1"])
@@ -162,12 +163,12 @@ def test_cli_runs_writes_metrics_checkpoint_and_config(tmp_path):
     # The finished run started again has nothing to do, and says so.
     metrics_before = (tmp_path / "metrics.jsonl").read_text()
     result = _cli(tmp_path, "TrainConfig.num_steps=3")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, log_tail(result.stderr)
     assert "done: 3 steps, last reward n/a" in result.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == metrics_before
     # Export and eval read only the policy, so the optimizer setting does not matter there.
     result = _cli(tmp_path, "make_optimizer.name='adamw'", flags=[f"--export_only={export}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, log_tail(result.stderr)
     assert json.loads((export / loading.EXPORT_INFO).read_text()) == {"step": 3}
 
 
@@ -258,7 +259,7 @@ def test_dry_run_checks_everything_and_compiles_nothing(tmp_path):
         timeout=120,
         log_compiles=True,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, log_tail(result.stderr)
     assert "dry run: the configuration is valid (64 train / 8 test examples)" in result.stderr
     assert "batch per step: 2 prompts x 4 samples" in result.stderr
     assert "1 update(s) per step (1 pass(es) x 1 mini-batch(es))" in result.stderr
@@ -310,7 +311,7 @@ def test_output_folders_that_cannot_be_written_fail_fast(tmp_path, where):
     workdir = blocker / "run" if where == "workdir" else tmp_path / "run"
     bindings = [] if where == "workdir" else [f"{where}='{blocker / 'hf'}'"]
     result = _cli(workdir, *bindings, timeout=120, log_compiles=True)
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == 2, log_tail(result.stderr)
     assert f"{blocker} is a file, not a directory" in result.stderr
     assert "Compiling" not in result.stderr and not (tmp_path / "run").exists()
 
