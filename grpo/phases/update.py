@@ -212,9 +212,12 @@ class LossConfig:
 
 def token_stat_names(config: LossConfig) -> tuple[str, ...]:
     """TOKEN_STATS, and `off_policy_masked_frac` (the valid tokens whose completion the
-    off-policy mask dropped) when the mask is on."""
+    off-policy mask dropped) when the mask is on, and `sapo_grad_weight_mean` (the gate's
+    4 s (1 - s) per token: the share of the unclipped surrogate's gradient it keeps, 1 on the
+    policy) under SAPO, whose clip fractions read 0."""
     masked = ("off_policy_masked_frac",) if config.off_policy_mask_threshold is not None else ()
-    return TOKEN_STATS + masked
+    gated = ("sapo_grad_weight_mean",) if config.objective == "sapo" else ()
+    return TOKEN_STATS + masked + gated
 
 
 def token_weights(mask_BxC: jax.Array, *, config: LossConfig) -> jax.Array:
@@ -271,6 +274,9 @@ def _per_token(
         "ratio_mean": ratio_BxC,
         "abs_log_ratio_mean": jnp.abs(logps_BxC - old_logps_BxC),
     }
+    if config.objective == "sapo":
+        gate_BxC = _sapo_sigmoid(ratio_BxC, adv_Bx1, config)
+        stats["sapo_grad_weight_mean"] = 4.0 * gate_BxC * (1.0 - gate_BxC)
     if config.off_policy_mask_threshold is not None:
         drifted_Bx1 = _drifted_negatives(logps_BxC, old_logps_BxC, adv_Bx1, mask_BxC, config)
         loss_BxC = jnp.where(drifted_Bx1, 0.0, loss_BxC)
@@ -319,10 +325,19 @@ def _sapo(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
     """SAPO per token, -f(r) A with the soft gate f(r) = sigmoid(tau (r - 1)) 4 / tau, tau by
     the sign of A; nothing is clipped."""
     del logps_BxC  # the ratio carries the gradient
-    tau_Bx1 = jnp.where(adv_Bx1 > 0, config.sapo_tau_pos, config.sapo_tau_neg)
-    gate_BxC = jax.nn.sigmoid(tau_Bx1 * (ratio_BxC - 1.0)) * (4.0 / tau_Bx1)
+    tau_Bx1 = _sapo_tau(adv_Bx1, config)
+    gate_BxC = _sapo_sigmoid(ratio_BxC, adv_Bx1, config) * (4.0 / tau_Bx1)
     unclipped = jnp.zeros(ratio_BxC.shape, bool)
     return -gate_BxC * adv_Bx1, unclipped, unclipped
+
+
+def _sapo_tau(adv_Bx1, config: LossConfig):
+    return jnp.where(adv_Bx1 > 0, config.sapo_tau_pos, config.sapo_tau_neg)
+
+
+def _sapo_sigmoid(ratio_BxC, adv_Bx1, config: LossConfig):
+    """s = sigmoid(tau (r - 1)) of each token, tau by the sign of its advantage."""
+    return jax.nn.sigmoid(_sapo_tau(adv_Bx1, config) * (ratio_BxC - 1.0))
 
 
 def _kl(log_r_BxC: jax.Array, estimator: str) -> jax.Array:

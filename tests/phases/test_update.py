@@ -225,6 +225,12 @@ def test_sapo_by_hand():
     assert float(grad[0, 2]) == pytest.approx(-0.2)
     assert 0 > float(grad[0, 0]) > -1.5 / 5 and 0 < float(grad[1, 0]) < 0.7 * 2 / 5
     assert float(aux["clip_frac_low"]) == float(aux["clip_frac_high"]) == 0.0  # none clipped
+    # What the gate keeps instead: the mean of 4 s (1 - s) over the 5 valid tokens (1 at r = 1).
+    kept = np.where(MASK, 4 * s * (1 - s), 0).sum() / 5
+    np.testing.assert_allclose(float(aux["sapo_grad_weight_mean"]), kept, rtol=1e-6)
+    assert 0.9 < kept < 1.0
+    plain = update.policy_loss(LOGPS, OLD_LOGPS, None, ADVANTAGES, MASK, config=LossConfig())[1]
+    assert "sapo_grad_weight_mean" not in plain  # SAPO's alone
     # A larger tau fades faster: the 1.5 token keeps less of its gradient at tau_pos 4.
     _, steep = loss_and_grad(sapo_tau_pos=4.0)
     s = _sigmoid(4.0 * 0.5)
@@ -556,6 +562,8 @@ def test_sapo_gradient_is_reinforce_weighted_by_the_gates_slope(params, batch):
     weights = jnp.asarray(mask * 4 * s * (1 - s) * ratio)
     expected = _reinforce_grad(params, batch, weights, mask.sum())
     _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
+    kept = (mask * 4 * s * (1 - s)).sum() / mask.sum()  # the metric: the slope's token mean
+    np.testing.assert_allclose(float(metrics["sapo_grad_weight_mean"]), kept, rtol=1e-5)
     _assert_four_micro_batches_give(grads, metrics, loss, params, batch)
 
 
