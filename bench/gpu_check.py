@@ -76,8 +76,8 @@ def checks(tokenizer: str) -> list[Check]:
     (make_sampling.keep_sampling_mask); part 5: that rollout with a long tail of completion
     lengths, with and without segments and `compact_rows`, and the round after a tool call on
     the first round's cache against a fresh prefill; part 6: top-k sampling with and without
-    its kept ids recorded. A call that starts a machine spends a
-    minute or more of the session's 15 before part 1 begins."""
+    its kept ids recorded. A call that starts a machine spends a minute or more of the
+    session's 15 before part 1 begins."""
     update_1p5b = ("bench.update", "--preset=qwen2.5-1.5b", "--batch=64", "--prompt_len=256")
     # 4 micro-batches: the best H200 roofline that fits (BUILD_NOTES: update shape choices).
     update_1p5b += ("--completion_len=768", "--micro_batches=4", "--iters=2")

@@ -267,16 +267,9 @@ def _per_token(
     adv_Bx1 = advantages_B.astype(jnp.float32)[:, None]
     ratio_BxC = jnp.exp(_log_ratio(logps_BxC, old_logps_BxC, mask_BxC, config=config))
     objective = {"clip": _clipped_surrogate, "cispo": _cispo, "sapo": _sapo}[config.objective]
-    loss_BxC, clipped_low, clipped_high = objective(logps_BxC, ratio_BxC, adv_Bx1, config)
-    stats = {
-        "clip_frac_low": clipped_low,
-        "clip_frac_high": clipped_high,
-        "ratio_mean": ratio_BxC,
-        "abs_log_ratio_mean": jnp.abs(logps_BxC - old_logps_BxC),
-    }
-    if config.objective == "sapo":
-        gate_BxC = _sapo_sigmoid(ratio_BxC, adv_Bx1, config)
-        stats["sapo_grad_weight_mean"] = 4.0 * gate_BxC * (1.0 - gate_BxC)
+    loss_BxC, stats = objective(logps_BxC, ratio_BxC, adv_Bx1, config)
+    stats["ratio_mean"] = ratio_BxC
+    stats["abs_log_ratio_mean"] = jnp.abs(logps_BxC - old_logps_BxC)
     if config.off_policy_mask_threshold is not None:
         drifted_Bx1 = _drifted_negatives(logps_BxC, old_logps_BxC, adv_Bx1, mask_BxC, config)
         loss_BxC = jnp.where(drifted_Bx1, 0.0, loss_BxC)
@@ -300,44 +293,45 @@ def _drifted_negatives(logps_BxC, old_logps_BxC, adv_Bx1, mask_BxC, config: Loss
 
 
 def _clipped_surrogate(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
-    """PPO's clipped surrogate per token (capped by the dual clip), and the tokens whose gradient
-    the clip removed, below and above the range."""
+    """PPO's clipped surrogate per token (capped by the dual clip), and its stats: the tokens
+    whose gradient the clip removed, below and above the range."""
     del logps_BxC  # the ratio carries the gradient
     low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
     loss_BxC = -jnp.minimum(ratio_BxC * adv_Bx1, jnp.clip(ratio_BxC, low, high) * adv_Bx1)
     if config.dual_clip is not None:
         cap_Bx1 = jnp.where(adv_Bx1 < 0, -config.dual_clip * adv_Bx1, jnp.inf)
         loss_BxC = jnp.minimum(loss_BxC, cap_Bx1)
-    return loss_BxC, (adv_Bx1 < 0) & (ratio_BxC < low), (adv_Bx1 > 0) & (ratio_BxC > high)
+    return loss_BxC, _clip_fracs(
+        (adv_Bx1 < 0) & (ratio_BxC < low), (adv_Bx1 > 0) & (ratio_BxC > high)
+    )
 
 
 def _cispo(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
     """CISPO per token, -sg(clip(r)) A (1 + log pi - sg(log pi)): the value -clip(r) A, which
     averages near 0 as the clipped surrogate's does, and CISPO's gradient -clip(r) A grad log pi
-    (no division by a ratio, which can underflow); and the weights held at each bound."""
+    (no division by a ratio, which can underflow); and its stats: the weights held at each
+    bound."""
     low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
     weight_BxC = jax.lax.stop_gradient(jnp.clip(ratio_BxC, low, high))
     step_BxC = 1.0 + logps_BxC - jax.lax.stop_gradient(logps_BxC)
-    return -weight_BxC * adv_Bx1 * step_BxC, ratio_BxC < low, ratio_BxC > high
+    return -weight_BxC * adv_Bx1 * step_BxC, _clip_fracs(ratio_BxC < low, ratio_BxC > high)
 
 
 def _sapo(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
     """SAPO per token, -f(r) A with the soft gate f(r) = sigmoid(tau (r - 1)) 4 / tau, tau by
-    the sign of A; nothing is clipped."""
+    the sign of A; and its stats: nothing clipped, and the gate's slope 4 s (1 - s), the share
+    of the unclipped surrogate's gradient each token keeps."""
     del logps_BxC  # the ratio carries the gradient
-    tau_Bx1 = _sapo_tau(adv_Bx1, config)
-    gate_BxC = _sapo_sigmoid(ratio_BxC, adv_Bx1, config) * (4.0 / tau_Bx1)
+    tau_Bx1 = jnp.where(adv_Bx1 > 0, config.sapo_tau_pos, config.sapo_tau_neg)
+    s_BxC = jax.nn.sigmoid(tau_Bx1 * (ratio_BxC - 1.0))
     unclipped = jnp.zeros(ratio_BxC.shape, bool)
-    return -gate_BxC * adv_Bx1, unclipped, unclipped
+    stats = _clip_fracs(unclipped, unclipped)
+    stats["sapo_grad_weight_mean"] = 4.0 * s_BxC * (1.0 - s_BxC)
+    return -s_BxC * (4.0 / tau_Bx1) * adv_Bx1, stats
 
 
-def _sapo_tau(adv_Bx1, config: LossConfig):
-    return jnp.where(adv_Bx1 > 0, config.sapo_tau_pos, config.sapo_tau_neg)
-
-
-def _sapo_sigmoid(ratio_BxC, adv_Bx1, config: LossConfig):
-    """s = sigmoid(tau (r - 1)) of each token, tau by the sign of its advantage."""
-    return jax.nn.sigmoid(_sapo_tau(adv_Bx1, config) * (ratio_BxC - 1.0))
+def _clip_fracs(low_BxC: jax.Array, high_BxC: jax.Array) -> dict[str, jax.Array]:
+    return {"clip_frac_low": low_BxC, "clip_frac_high": high_BxC}
 
 
 def _kl(log_r_BxC: jax.Array, estimator: str) -> jax.Array:
