@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import gin
 from grpo import (
     checkpoint,
     checkpoint_jobs,
@@ -29,7 +28,6 @@ from grpo import (
     train,
 )
 from grpo import experiment as experiment_lib
-from grpo import main as grpo_main
 from grpo import metrics as metrics_lib
 from grpo.data.gsm8k import load_examples
 from grpo.models import loading, presets, splash
@@ -37,6 +35,7 @@ from grpo.models import transformer as tf
 from grpo.models.config import ModelConfig
 from grpo.phases import advantage, reward, rollout
 from tests.log_tail import log_tail
+from tests.tiny_experiment import tiny_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
@@ -486,16 +485,10 @@ def length_reward(monkeypatch):
 
 def _experiment(*bindings, read_params=True, eval_only=False, trains=True):
     """tiny.gin's experiment with the length reward and `bindings`, built as main builds it."""
-    gin.clear_config()
-    grpo_main.parse_gin(
-        [TINY], ["make_rewards.names=('length',)", "make_rewards.weights=(1.0,)", *bindings], [REPO]
+    length = ("make_rewards.names=('length',)", "make_rewards.weights=(1.0,)")
+    return tiny_experiment(
+        *length, *bindings, read_params=read_params, eval_only=eval_only, trains=trains
     )
-    try:
-        return configurables.build_experiment(
-            read_params=read_params, eval_only=eval_only, trains=trains
-        )
-    finally:
-        gin.clear_config()
 
 
 def _train_in_process(workdir, *bindings, stop_after=None):

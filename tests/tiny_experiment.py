@@ -12,11 +12,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin/tests/tiny.gin")
 
 
-def tiny_experiment(*bindings: str, read_params: bool) -> Experiment:
-    """`read_params=False`: as `--dry_run` builds it, the weights not read."""
+def tiny_experiment(
+    *bindings: str, read_params: bool, eval_only: bool = False, trains: bool = True
+) -> Experiment:
+    """`read_params=False`: as `--dry_run` builds it, the weights not read; `eval_only` and
+    `trains` as `configurables.build_experiment` takes them."""
     gin.clear_config()
     grpo_main.parse_gin([TINY], list(bindings), [REPO])
     try:
-        return configurables.build_experiment(read_params=read_params)
+        return configurables.build_experiment(
+            read_params=read_params, eval_only=eval_only, trains=trains
+        )
     finally:
         gin.clear_config()
