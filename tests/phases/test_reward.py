@@ -172,7 +172,7 @@ def test_check_answers_counts_a_raising_or_hanging_check_as_wrong(monkeypatch):
     completions = ["#### 72", "hang #### 72", "boom #### 72", "7 then 72", "#### 3"]
     start = time.perf_counter()
     correct = reward.check_answers(
-        completions, [gsm8k("72")] * 5, last_number_fallback=True, timeout_s=0.1
+        completions, [gsm8k("72")] * 5, last_number_fallback=True, timeout_s=0.5
     )
     assert time.perf_counter() - start < 2.5
     np.testing.assert_array_equal(correct, [True, False, False, True, False])
@@ -401,7 +401,7 @@ def test_hanging_reward_is_abandoned_while_others_score(monkeypatch):
     config = reward.RewardConfig(names=("correctness", "hang"), weights=(1.0, 1.0))
     completions = ["hang #### 72", "#### 72", "hang #### 3", "#### 3"]
     start = time.perf_counter()
-    result = reward.score(completions, [gsm8k("72")] * 4, rewards=config, timeout_s=0.1)
+    result = reward.score(completions, [gsm8k("72")] * 4, rewards=config, timeout_s=0.5)
     elapsed = time.perf_counter() - start
     np.testing.assert_array_equal(result.per_function["hang"], [0.0, 1.0, 0.0, 1.0])
     np.testing.assert_array_equal(result.per_function["correctness"], [1.0, 1.0, 0.0, 0.0])
@@ -551,7 +551,7 @@ def test_a_failed_batched_call_scores_every_row_zero(monkeypatch, fn):
     monkeypatch.setitem(reward.REWARD_FUNCTIONS, "batch", fn)
     config = reward.RewardConfig(names=("batch", "correctness"), weights=(1.0, 1.0))
     start = time.perf_counter()
-    result = reward.score(["#### 72"] * 3, [gsm8k("72")] * 3, rewards=config, timeout_s=0.1)
+    result = reward.score(["#### 72"] * 3, [gsm8k("72")] * 3, rewards=config, timeout_s=0.5)
     assert time.perf_counter() - start < 2.5
     np.testing.assert_array_equal(result.per_function["batch"], [0, 0, 0])
     np.testing.assert_array_equal(result.per_function["correctness"], [1, 1, 1])
