@@ -61,3 +61,9 @@ def test_recipe_builds_valid_configs_on_the_reference_run(recipe, clean_gin):
     if "sapo" in recipe:  # a soft gate in place of the clip; off-policy after the first update
         assert loss.objective == "sapo" and (loss.sapo_tau_pos, loss.sapo_tau_neg) == (1.0, 1.05)
         assert cfg.updates_per_step == 4
+    if "vespo" in recipe:  # smooth sequence weights in place of the clip; off-policy likewise
+        assert loss.objective == "vespo" and (loss.vespo_k_pos, loss.vespo_lambda_neg) == (2, 2)
+        assert cfg.updates_per_step == 4
+    if "luspo" in recipe:  # GSPO's ratios, each completion's token losses summed
+        assert loss.aggregation == "seq_mean_token_sum"
+        assert loss.importance_sampling_level == "sequence" and cfg.updates_per_step == 4

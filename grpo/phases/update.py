@@ -6,6 +6,7 @@ Every aggregation mode is per-token weights w_bt and one normaliser N for the wh
     token_mean               w = mask             N = valid tokens in the batch    (DAPO)
     seq_mean_token_mean      w = mask / len_b     N = sequences in the batch       (original GRPO)
     seq_mean_token_sum_norm  w = mask / L         N = sequences in the batch       (Dr. GRPO)
+    seq_mean_token_sum       w = mask             N = sequences in the batch       (LUSPO)
 
 (L = `max_completion_length`, default the completion width C.) A weight depends on its own
 sequence only and N on the whole batch, so summing the micro-batches' gradients of
@@ -26,6 +27,18 @@ A > 0 and `sapo_tau_neg` where A < 0. Its gradient is -4 s (1 - s) r A grad log 
 sigmoid): the unclipped surrogate's, damped by 4 s (1 - s) <= 1, which is 1 at r = 1 (GRPO's
 gradient there) and falls smoothly as r leaves 1, never to zero at a bound; a larger tau falls
 faster, and the paper lets the negative advantages' tokens fall faster.
+
+With `objective="vespo"` (VESPO, arXiv 2602.10693) every token of a completion takes a policy
+gradient weighted by phi(w) = exp(lambda) w^k exp(-lambda w), held constant, with w the
+completion's ratio, the product of its tokens' ratios (TRL's clamps: each token's log-ratio to
+[-20, 20], their sum to [log 1e-8, 20]); k and lambda by the sign of the advantage
+(`vespo_k_pos`, `vespo_lambda_pos` where A >= 0, `vespo_k_neg`, `vespo_lambda_neg` where A < 0).
+phi(1) = 1, so on the policy the gradient is GRPO's; phi peaks at w = k / lambda and fades
+smoothly toward 0 at both ends, in place of a hard clip.
+
+LUSPO (arXiv 2602.05261) is GSPO's sequence ratio with `aggregation="seq_mean_token_sum"`: each
+completion's token losses summed rather than averaged, so a long completion counts in
+proportion to its length.
 
 With `kl_importance_weighted` (DeepSeek-V3.2's unbiased KL estimate) each token's KL estimate is
 multiplied by its ratio r = pi / pi_old: the tokens were drawn from the sampler's policy, so on
@@ -69,6 +82,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -81,8 +95,16 @@ from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
 from grpo.types import Batch, TrainState
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-OBJECTIVES = ("clip", "cispo", "sapo")
+AGGREGATIONS = (
+    "token_mean",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum_norm",
+    "seq_mean_token_sum",
+)
+OBJECTIVES = ("clip", "cispo", "sapo", "vespo")
+# VESPO's clamps, TRL's: each token's log-ratio, then the completion's sum (log w).
+_VESPO_TOKEN_LOG_RATIO_BOUND = 20.0
+_VESPO_LOG_W_RANGE = (math.log(1e-8), 20.0)
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 # Token-mean diagnostics: fraction (or mean) over the valid tokens of the batch.
@@ -98,12 +120,19 @@ class LossConfig:
 
     # "clip": PPO's clipped surrogate (GRPO); "cispo": each token's policy gradient weighted by
     # its clipped ratio, held constant (MiniMax-M1's CISPO); "sapo": a soft gate on the ratio
-    # instead of a clip (Qwen's SAPO). See the module docstring.
+    # instead of a clip (Qwen's SAPO); "vespo": each token's policy gradient weighted by a smooth
+    # function of its completion's ratio, held constant (VESPO). See the module docstring.
     objective: str = "clip"
     # SAPO's gate temperatures for tokens of positive and of negative advantage (the paper's
     # 1.0 and 1.05: the negative side fades faster, for stability).
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
+    # VESPO's weight exp(lambda) w^k exp(-lambda w) for completions of advantage >= 0 and < 0
+    # (TRL's defaults): k sets how fast it falls for w < 1, lambda how fast for w > 1.
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     epsilon_low: float = 0.2  # ratio clipped below at 1 - epsilon_low
     epsilon_high: float = 0.2  # ... and above at 1 + epsilon_high (DAPO raises it, e.g. 0.28)
     dual_clip: float | None = None  # c > 1: for A < 0 the token loss is capped at -c * A
@@ -158,10 +187,10 @@ class LossConfig:
             )
         if self.objective != "clip" and self.importance_sampling_level != "token":
             raise ValueError(
-                f"objective={self.objective!r} weighs each token by its own ratio: "
-                "importance_sampling_level must be 'token'"
+                "importance_sampling_level='sequence' is GSPO's clipped ratio: "
+                f"objective={self.objective!r} needs 'token'"
             )
-        self._check_sapo()
+        self._check_soft_objectives()
         if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
             raise ValueError(
                 "off_policy_mask_threshold must be >= 0 (or None), got "
@@ -192,38 +221,58 @@ class LossConfig:
                 f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}"
             )
 
-    def _check_sapo(self) -> None:
-        """The gate's temperatures are positive and set only for SAPO, which has no clip range."""
+    def _check_soft_objectives(self) -> None:
+        """SAPO's and VESPO's knobs are in range and set only for their objective, which has no
+        clip range."""
         if min(self.sapo_tau_pos, self.sapo_tau_neg) <= 0:
             raise ValueError(
                 "sapo_tau_pos and sapo_tau_neg must be > 0, got "
                 f"{self.sapo_tau_pos} and {self.sapo_tau_neg}"
             )
+        if min(self.vespo_k_pos, self.vespo_k_neg) < 0:
+            raise ValueError(
+                f"vespo_k_pos and vespo_k_neg must be >= 0, got {self.vespo_k_pos} and "
+                f"{self.vespo_k_neg}"
+            )
+        if min(self.vespo_lambda_pos, self.vespo_lambda_neg) <= 0:
+            raise ValueError(
+                "vespo_lambda_pos and vespo_lambda_neg must be > 0, got "
+                f"{self.vespo_lambda_pos} and {self.vespo_lambda_neg}"
+            )
         default = LossConfig.__dataclass_fields__
         changed = lambda *names: any(getattr(self, n) != default[n].default for n in names)
-        if self.objective == "sapo" and changed("epsilon_low", "epsilon_high"):
-            raise ValueError(
-                "objective='sapo' gates the ratio instead of clipping it: set "
-                "sapo_tau_pos / sapo_tau_neg, not epsilon_low / epsilon_high"
-            )
-        if self.objective != "sapo" and changed("sapo_tau_pos", "sapo_tau_neg"):
-            raise ValueError("sapo_tau_pos / sapo_tau_neg are SAPO's: they need objective='sapo'")
+        knobs_of = {
+            "sapo": ("sapo_tau_pos", "sapo_tau_neg"),
+            "vespo": ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+        }
+        for objective, names in knobs_of.items():
+            if self.objective == objective and changed("epsilon_low", "epsilon_high"):
+                raise ValueError(
+                    f"objective={objective!r} weighs the ratio instead of clipping it: set "
+                    f"{' / '.join(names)}, not epsilon_low / epsilon_high"
+                )
+            if self.objective != objective and changed(*names):
+                raise ValueError(
+                    f"{' / '.join(names)} are {objective.upper()}'s: they need "
+                    f"objective={objective!r}"
+                )
 
 
 def token_stat_names(config: LossConfig) -> tuple[str, ...]:
     """TOKEN_STATS, and `off_policy_masked_frac` (the valid tokens whose completion the
     off-policy mask dropped) when the mask is on, and `sapo_grad_weight_mean` (the gate's
     4 s (1 - s) per token: the share of the unclipped surrogate's gradient it keeps, 1 on the
-    policy) under SAPO, whose clip fractions read 0."""
+    policy) under SAPO, whose clip fractions read 0, and `vespo_weight_mean` (each token's
+    weight phi(w), 1 on the policy) under VESPO."""
     masked = ("off_policy_masked_frac",) if config.off_policy_mask_threshold is not None else ()
-    gated = ("sapo_grad_weight_mean",) if config.objective == "sapo" else ()
-    return TOKEN_STATS + masked + gated
+    weighted = {"sapo": ("sapo_grad_weight_mean",), "vespo": ("vespo_weight_mean",)}
+    return TOKEN_STATS + masked + weighted.get(config.objective, ())
 
 
 def token_weights(mask_BxC: jax.Array, *, config: LossConfig) -> jax.Array:
     """Each token's weight in the loss numerator (see the module docstring); 0 where masked."""
     mask = mask_BxC.astype(jnp.float32)
-    if config.aggregation == "token_mean":
+    if config.aggregation in ("token_mean", "seq_mean_token_sum"):
         return mask
     if config.aggregation == "seq_mean_token_mean":
         return mask / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
@@ -265,10 +314,10 @@ def _per_token(
 ):
     """The policy loss (+ beta * KL estimate) per token, and the per-token diagnostics."""
     adv_Bx1 = advantages_B.astype(jnp.float32)[:, None]
-    ratio_BxC = jnp.exp(_log_ratio(logps_BxC, old_logps_BxC, mask_BxC, config=config))
-    objective = {"clip": _clipped_surrogate, "cispo": _cispo, "sapo": _sapo}[config.objective]
-    loss_BxC, stats = objective(logps_BxC, ratio_BxC, adv_Bx1, config)
-    stats["ratio_mean"] = ratio_BxC
+    log_ratio_BxC = _log_ratio(logps_BxC, old_logps_BxC, mask_BxC, config=config)
+    objective = {"clip": _clipped_surrogate, "cispo": _cispo, "sapo": _sapo, "vespo": _vespo}
+    loss_BxC, stats = objective[config.objective](logps_BxC, log_ratio_BxC, adv_Bx1, config)
+    stats["ratio_mean"] = jnp.exp(log_ratio_BxC)
     stats["abs_log_ratio_mean"] = jnp.abs(logps_BxC - old_logps_BxC)
     if config.off_policy_mask_threshold is not None:
         drifted_Bx1 = _drifted_negatives(logps_BxC, old_logps_BxC, adv_Bx1, mask_BxC, config)
@@ -292,10 +341,11 @@ def _drifted_negatives(logps_BxC, old_logps_BxC, adv_Bx1, mask_BxC, config: Loss
     return (adv_Bx1 < 0) & (drift_Bx1 > config.off_policy_mask_threshold)
 
 
-def _clipped_surrogate(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
+def _clipped_surrogate(logps_BxC, log_ratio_BxC, adv_Bx1, config: LossConfig):
     """PPO's clipped surrogate per token (capped by the dual clip), and its stats: the tokens
     whose gradient the clip removed, below and above the range."""
     del logps_BxC  # the ratio carries the gradient
+    ratio_BxC = jnp.exp(log_ratio_BxC)
     low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
     loss_BxC = -jnp.minimum(ratio_BxC * adv_Bx1, jnp.clip(ratio_BxC, low, high) * adv_Bx1)
     if config.dual_clip is not None:
@@ -306,28 +356,47 @@ def _clipped_surrogate(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
     )
 
 
-def _cispo(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
+def _cispo(logps_BxC, log_ratio_BxC, adv_Bx1, config: LossConfig):
     """CISPO per token, -sg(clip(r)) A (1 + log pi - sg(log pi)): the value -clip(r) A, which
     averages near 0 as the clipped surrogate's does, and CISPO's gradient -clip(r) A grad log pi
     (no division by a ratio, which can underflow); and its stats: the weights held at each
     bound."""
     low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+    ratio_BxC = jnp.exp(log_ratio_BxC)
     weight_BxC = jax.lax.stop_gradient(jnp.clip(ratio_BxC, low, high))
     step_BxC = 1.0 + logps_BxC - jax.lax.stop_gradient(logps_BxC)
     return -weight_BxC * adv_Bx1 * step_BxC, _clip_fracs(ratio_BxC < low, ratio_BxC > high)
 
 
-def _sapo(logps_BxC, ratio_BxC, adv_Bx1, config: LossConfig):
+def _sapo(logps_BxC, log_ratio_BxC, adv_Bx1, config: LossConfig):
     """SAPO per token, -f(r) A with the soft gate f(r) = sigmoid(tau (r - 1)) 4 / tau, tau by
     the sign of A; and its stats: nothing clipped, and the gate's slope 4 s (1 - s), the share
     of the unclipped surrogate's gradient each token keeps."""
     del logps_BxC  # the ratio carries the gradient
     tau_Bx1 = jnp.where(adv_Bx1 > 0, config.sapo_tau_pos, config.sapo_tau_neg)
-    s_BxC = jax.nn.sigmoid(tau_Bx1 * (ratio_BxC - 1.0))
-    unclipped = jnp.zeros(ratio_BxC.shape, bool)
+    s_BxC = jax.nn.sigmoid(tau_Bx1 * (jnp.exp(log_ratio_BxC) - 1.0))
+    unclipped = jnp.zeros(log_ratio_BxC.shape, bool)
     stats = _clip_fracs(unclipped, unclipped)
     stats["sapo_grad_weight_mean"] = 4.0 * s_BxC * (1.0 - s_BxC)
     return -s_BxC * (4.0 / tau_Bx1) * adv_Bx1, stats
+
+
+def _vespo(logps_BxC, log_ratio_BxC, adv_Bx1, config: LossConfig):
+    """VESPO per token, -sg(phi(w)) A (1 + log pi - sg(log pi)): the value -phi(w) A and the
+    gradient -phi(w) A grad log pi, w the completion's ratio (masked slots hold a log-ratio of
+    0); and its stats: nothing clipped, and phi(w) itself."""
+    bound = _VESPO_TOKEN_LOG_RATIO_BOUND
+    token_BxC = jnp.clip(jax.lax.stop_gradient(log_ratio_BxC), -bound, bound)
+    log_w_Bx1 = jnp.clip(token_BxC.sum(axis=1, keepdims=True), *_VESPO_LOG_W_RANGE)
+    nonneg_Bx1 = adv_Bx1 >= 0
+    k_Bx1 = jnp.where(nonneg_Bx1, config.vespo_k_pos, config.vespo_k_neg)
+    lam_Bx1 = jnp.where(nonneg_Bx1, config.vespo_lambda_pos, config.vespo_lambda_neg)
+    phi_Bx1 = jnp.exp(lam_Bx1 + k_Bx1 * log_w_Bx1 - lam_Bx1 * jnp.exp(log_w_Bx1))
+    step_BxC = 1.0 + logps_BxC - jax.lax.stop_gradient(logps_BxC)
+    unclipped = jnp.zeros(log_ratio_BxC.shape, bool)
+    stats = _clip_fracs(unclipped, unclipped)
+    stats["vespo_weight_mean"] = jnp.broadcast_to(phi_Bx1, log_ratio_BxC.shape)
+    return -phi_Bx1 * adv_Bx1 * step_BxC, stats
 
 
 def _clip_fracs(low_BxC: jax.Array, high_BxC: jax.Array) -> dict[str, jax.Array]:

@@ -74,12 +74,19 @@ class _OneProcess:
 def _trl(data: dict, loss_type: str, **knobs) -> tuple[float, np.ndarray, np.ndarray, dict]:
     """TRL's loss, its gradients with respect to the log-probs and entropies, and its metrics.
     `knobs`: GRPOTrainer attributes (beta, epsilon_high, ...) and GRPOConfig fields (delta,
-    use_bias_correction_kl, sapo_temperature_pos/neg), over TRL's defaults."""
+    use_bias_correction_kl, sapo_* and vespo_*), over TRL's defaults."""
+    config_defaults = dict(
+        use_bias_correction_kl=False,
+        delta=None,
+        sapo_temperature_pos=1.0,
+        sapo_temperature_neg=1.05,
+        vespo_k_pos=2.0,
+        vespo_lambda_pos=3.0,
+        vespo_k_neg=3.0,
+        vespo_lambda_neg=2.0,
+    )
     args = types.SimpleNamespace(
-        use_bias_correction_kl=knobs.pop("use_bias_correction_kl", False),
-        delta=knobs.pop("delta", None),
-        sapo_temperature_pos=knobs.pop("sapo_temperature_pos", 1.0),
-        sapo_temperature_neg=knobs.pop("sapo_temperature_neg", 1.05),
+        **{name: knobs.pop(name, value) for name, value in config_defaults.items()},
         steps_per_generation=1,
     )
     attributes = dict(
@@ -155,7 +162,7 @@ def _ours(data: dict, **loss_knobs) -> tuple[float, np.ndarray, np.ndarray, dict
 # (case, our LossConfig knobs, TRL's loss_type, TRL's knobs, whether the loss values compare).
 # TRL's "grpo" is the original sequence mean of token means; "bnpo" and "dapo" are token means
 # (over the micro-batch and over the whole generation batch, one and the same here); "dr_grpo"
-# sums each completion's tokens over a constant length.
+# sums each completion's tokens over a constant length, "luspo" sums them.
 CASES = [
     ("grpo", dict(aggregation="seq_mean_token_mean"), "grpo", {}, True),
     ("bnpo", dict(aggregation="token_mean"), "bnpo", {}, True),
@@ -179,6 +186,18 @@ CASES = [
             epsilon_high=0.08,
         ),
         "grpo",
+        dict(importance_sampling_level="sequence", epsilon_low=0.05, epsilon_high=0.08),
+        True,
+    ),
+    (
+        "luspo",
+        dict(
+            aggregation="seq_mean_token_sum",
+            importance_sampling_level="sequence",
+            epsilon_low=0.05,
+            epsilon_high=0.08,
+        ),
+        "luspo",
         dict(importance_sampling_level="sequence", epsilon_low=0.05, epsilon_high=0.08),
         True,
     ),
@@ -206,6 +225,14 @@ CASES = [
         "sapo",
         dict(sapo_temperature_neg=2.0),
         True,
+    ),
+    # VESPO's value is -phi(w) A log pi in TRL, -phi(w) A here: the gradients agree.
+    (
+        "vespo",
+        dict(objective="vespo", vespo_lambda_pos=2.0, vespo_k_neg=2.5),
+        "vespo",
+        dict(vespo_lambda_pos=2.0, vespo_k_neg=2.5),
+        False,
     ),
     (
         "off_policy_mask",
@@ -254,6 +281,7 @@ def test_the_inputs_reach_every_bound():
     _, _, _, stats = _ours(data)
     assert stats["clip_frac_low"] > 0 and stats["clip_frac_high"] > 0
     assert 0 < _ours(data, off_policy_mask_threshold=0.05)[3]["off_policy_masked_frac"] < 0.5
+    assert abs(_ours(data, objective="vespo")[3]["vespo_weight_mean"] - 1) > 0.1
     cispo = dict(objective="cispo", epsilon_low=1.0)
     for knobs, without in [
         (dict(dual_clip=1.5), {}),

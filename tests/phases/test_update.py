@@ -44,6 +44,7 @@ KL_SEQ0, KL_SEQ1 = 1 - math.log(2), math.log(2) - 0.5
         ("seq_mean_token_mean", None, (-2.7 / 3 + 3.8 / 2) / 2),  # 0.5
         ("seq_mean_token_sum_norm", 4, (-2.7 / 4 + 3.8 / 4) / 2),  # 0.1375
         ("seq_mean_token_sum_norm", None, (-2.7 / 3 + 3.8 / 3) / 2),  # L defaults to width 3
+        ("seq_mean_token_sum", None, (-2.7 + 3.8) / 2),  # 0.55 (LUSPO's sum)
     ],
 )
 def test_policy_loss_by_hand(aggregation, max_len, expected):
@@ -197,6 +198,49 @@ def test_cispo_by_hand():
     np.testing.assert_allclose(grad, [[-0.24, -0.1, -0.2], [0.28, 0.44, 0.0]], atol=1e-6)
 
 
+def _vespo_weight(log_w, k, lam):
+    return np.exp(lam + k * log_w - lam * np.exp(log_w))
+
+
+def test_vespo_by_hand():
+    # Each completion's ratio is the product of its tokens': seq 0 (A = +1) 1.5 x 0.5 x 1.0 =
+    # 0.75, seq 1 (A = -2) 0.7 x 1.1 = 0.77. Weights phi(w) = e^lam w^k e^(-lam w) with (k,
+    # lam) = (2, 3) for A >= 0 and (3, 2) for A < 0: phi_0 = e^0.75 0.75^2 = 1.1908, phi_1 =
+    # e^0.46 0.77^3 = 0.7232. Loss -phi A per token, token mean: (-3 phi_0 + 4 phi_1) / 5; the
+    # gradient -phi A / 5 on each valid token, whatever its own ratio.
+    def loss_and_grad(logps, **knobs):
+        config = LossConfig(objective="vespo", **knobs)
+        loss_fn = lambda lp: update.policy_loss(
+            lp, OLD_LOGPS, None, ADVANTAGES, MASK, config=config
+        )
+        return jax.value_and_grad(loss_fn, has_aux=True)(logps)
+
+    (loss, aux), grad = loss_and_grad(LOGPS)
+    phi = np.array([_vespo_weight(np.log(0.75), 2, 3), _vespo_weight(np.log(0.77), 3, 2)])
+    np.testing.assert_allclose(phi, [1.190813, 0.723182], rtol=1e-6)
+    np.testing.assert_allclose(float(loss), (-3 * phi[0] + 4 * phi[1]) / 5, rtol=1e-6)
+    expected_grad = np.where(MASK, -(phi * np.array([1.0, -2.0]))[:, None] / 5, 0)
+    np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
+    weight_mean = (3 * phi[0] + 2 * phi[1]) / 5
+    np.testing.assert_allclose(float(aux["vespo_weight_mean"]), weight_mean, rtol=1e-6)
+    assert float(aux["clip_frac_low"]) == float(aux["clip_frac_high"]) == 0.0
+    # On the policy (w = 1) the weight is 1: GRPO's gradient, -A / 5 per token.
+    (_, aux), grad = loss_and_grad(jnp.where(MASK, OLD_LOGPS, 7.0))
+    np.testing.assert_allclose(grad, np.where(MASK, [[-0.2], [0.4]], 0), atol=1e-6)
+    assert float(aux["vespo_weight_mean"]) == pytest.approx(1.0)
+    # Far off the policy either way the weight vanishes, without NaN (log w is clamped to TRL's
+    # [log 1e-8, 20])...
+    for shift in (60.0, -60.0):
+        (loss, aux), grad = loss_and_grad(jnp.where(MASK, OLD_LOGPS + shift, 7.0))
+        assert np.isfinite(float(loss)) and np.all(np.isfinite(grad))
+        assert float(aux["vespo_weight_mean"]) < 1e-12
+    # ...and each token's log-ratio is clamped to [-20, 20] before the sum: log-ratios 60 and
+    # -45 count as 20 and -20, so that completion's w is 1 (seq 1 stays on the policy too).
+    swings = jnp.where(MASK, OLD_LOGPS + jnp.array([[60.0, -45.0, 0.0], [0.0, 0.0, 0.0]]), 7.0)
+    (_, aux), _ = loss_and_grad(swings)
+    assert float(aux["vespo_weight_mean"]) == pytest.approx(1.0)
+
+
 def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
@@ -321,12 +365,18 @@ def test_sequence_level_ratio_clips_whole_completions():
         (dict(top_entropy_quantile=0.0), "top_entropy_quantile must be in"),
         (dict(objective="ppo"), "objective must be one of"),
         (dict(objective="cispo", dual_clip=3.0), "objective='cispo' has none"),
-        (dict(objective="cispo", importance_sampling_level="sequence"), "must be 'token'"),
+        (dict(objective="cispo", importance_sampling_level="sequence"), "needs 'token'"),
         (dict(objective="sapo", dual_clip=3.0), "objective='sapo' has none"),
-        (dict(objective="sapo", importance_sampling_level="sequence"), "must be 'token'"),
-        (dict(objective="sapo", epsilon_high=0.28), "gates the ratio instead of clipping"),
+        (dict(objective="sapo", importance_sampling_level="sequence"), "needs 'token'"),
+        (dict(objective="sapo", epsilon_high=0.28), "weighs the ratio instead of clipping"),
         (dict(objective="sapo", sapo_tau_neg=0.0), "must be > 0, got 1.0 and 0.0"),
         (dict(sapo_tau_neg=2.0), "they need objective='sapo'"),
+        (dict(objective="vespo", dual_clip=3.0), "objective='vespo' has none"),
+        (dict(objective="vespo", importance_sampling_level="sequence"), "needs 'token'"),
+        (dict(objective="vespo", epsilon_low=0.1), "set vespo_k_pos / vespo_lambda_pos"),
+        (dict(objective="vespo", vespo_k_neg=-1.0), "must be >= 0, got 2.0 and -1.0"),
+        (dict(objective="vespo", vespo_lambda_pos=0.0), "must be > 0, got 0.0 and 2.0"),
+        (dict(vespo_lambda_neg=1.0), "are VESPO's: they need objective='vespo'"),
         (dict(off_policy_mask_threshold=-0.1), "off_policy_mask_threshold must be >= 0"),
     ],
 )
@@ -482,9 +532,7 @@ def _reinforce_grad(params, batch, weights_BxC, normaliser):
 
 
 @pytest.mark.parametrize("mask_truncated", [False, True])
-@pytest.mark.parametrize(
-    "aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
-)
+@pytest.mark.parametrize("aggregation", update.AGGREGATIONS)
 def test_gradient_is_reinforce_when_ratio_is_one(params, batch, aggregation, mask_truncated):
     # Masking truncated completions (rows 0 and 5) drops their tokens from the weights and from
     # token_mean's N; the sequence modes still divide by all 8 sequences.
@@ -494,6 +542,7 @@ def test_gradient_is_reinforce_when_ratio_is_one(params, batch, aggregation, mas
         "token_mean": (mask, mask.sum()),
         "seq_mean_token_mean": (mask / np.maximum(mask.sum(1, keepdims=True), 1), 8.0),
         "seq_mean_token_sum_norm": (mask / C, 8.0),
+        "seq_mean_token_sum": (mask, 8.0),
     }[aggregation]
     loss = _loss(aggregation=aggregation, mask_truncated_completions=mask_truncated)
     grads, metrics = _grad_fn(loss)(params, batch)
@@ -564,6 +613,25 @@ def test_sapo_gradient_is_reinforce_weighted_by_the_gates_slope(params, batch):
     _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
     kept = (mask * 4 * s * (1 - s)).sum() / mask.sum()  # the metric: the slope's token mean
     np.testing.assert_allclose(float(metrics["sapo_grad_weight_mean"]), kept, rtol=1e-5)
+    _assert_four_micro_batches_give(grads, metrics, loss, params, batch)
+
+
+def test_vespo_gradient_is_reinforce_weighted_by_its_completions_weight(params, batch):
+    # Off the policy: every token of a completion takes the REINFORCE term weighted by phi(w),
+    # w the product of the completion's token ratios; four micro-batches sum to the same.
+    batch = _perturbed(batch, with_ref=False)
+    loss = _loss(objective="vespo")
+    grads, metrics = _grad_fn(loss)(params, batch)
+    mask = np.asarray(batch.completion_mask_BxC, np.float32)
+    log_ratio = np.asarray(_logps(params, batch)) - np.asarray(batch.old_logps_BxC)
+    log_w = (mask * log_ratio).sum(1, keepdims=True)
+    nonneg = np.asarray(batch.advantages_B)[:, None] >= 0
+    phi = _vespo_weight(log_w, np.where(nonneg, 2.0, 3.0), np.where(nonneg, 3.0, 2.0))
+    assert np.ptp(phi[mask.sum(1) > 0]) > 0.3  # far enough off the policy to weigh rows apart
+    expected = _reinforce_grad(params, batch, jnp.asarray(mask * phi), mask.sum())
+    _assert_trees_close(grads, expected, atol=1e-7, rtol=1e-4)
+    weight_mean = (mask * phi).sum() / mask.sum()
+    np.testing.assert_allclose(float(metrics["vespo_weight_mean"]), weight_mean, rtol=1e-5)
     _assert_four_micro_batches_give(grads, metrics, loss, params, batch)
 
 
