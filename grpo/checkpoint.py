@@ -156,7 +156,7 @@ class Checkpointer:
         if abstract_ref is not None and "ref" in self._manager.item_metadata(step):
             items["ref"] = ocp.args.StandardRestore(abstract_ref)
         restored = _restore_or_explain(
-            self._manager, step, items, "another model, LoRA or optimizer setting"
+            self._manager, step, items, "another model, LoRA, optimizer or entropy control setting"
         )
         ref = restored.ref if "ref" in items else None
         return Restored(state=restored.state, data=restored.data, meta=restored.meta, ref=ref)

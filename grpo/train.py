@@ -43,7 +43,11 @@ from grpo.phases import dynamic_sampling, reward_model
 from grpo.phases import reward as reward_phase
 from grpo.phases.advantage import decoupled_advantages, group_advantages
 from grpo.phases.rollout import cache_gb_per_device, kept_ids_gb_per_device, trim_completions
-from grpo.phases.update import make_reference_logps_fn, make_update_fn
+from grpo.phases.update import (
+    initial_entropy_control,
+    make_reference_logps_fn,
+    make_update_fn,
+)
 from grpo.types import Batch, Rollout, TrainState
 
 CONFIG_FILE = "config.gin"  # the operative gin config of the run's latest start
@@ -266,6 +270,7 @@ def _starting_state(exp: Experiment) -> tuple[TrainState, Any]:
         params=params,
         opt_state=optim.init_opt_state(exp.tx, params),
         rng=jax.random.key(exp.train.seed),
+        entropy_control=initial_entropy_control(exp.loss),
     )
     return _onto_mesh(state, exp.mesh), frozen
 

@@ -62,8 +62,18 @@ class Batch:
 
 
 @chex.dataclass
+class EntropyControl:
+    """Adaptive entropy control's state (`LossConfig.entropy_target`), carried from one
+    optimizer update to the next and checkpointed with the rest."""
+
+    coeff: jax.Array  # fp32 scalar: the entropy bonus's coefficient
+    last_entropy: jax.Array  # fp32 scalar: the last update's entropy (+inf before the first)
+
+
+@chex.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates applied so far
     params: Any
     opt_state: Any
     rng: jax.Array  # typed PRNG key
+    entropy_control: EntropyControl | None = None  # None: a fixed entropy coefficient

@@ -524,7 +524,9 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
     # dynamic: extra rollout rounds draw prompts inside a step; the stream must still resume
     # where the step left it. lora: the checkpoint holds the adapters; the base is reloaded.
     # ref_sync: the KL reference becomes the policy at step 2 (alpha 1), so step 3's KL is 0;
-    # the checkpoint must carry that reference (the reloaded model's would give KL > 0).
+    # the checkpoint must carry that reference (the reloaded model's would give KL > 0). With
+    # adaptive entropy control at a target above the tiny model's entropy, whose state the
+    # checkpoint must carry too (a fresh controller would apply no bonus at step 3).
     # mini_batches: two optimizer updates per step; the resumed run must still count GRPO steps.
     # The second is off the policy, where the off-policy sequence mask drops drifted negatives
     # and the KL estimate is importance weighted.
@@ -556,6 +558,9 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
             "make_loss.beta=0.1",
             "TrainConfig.ref_sync_every_steps=2",
             "TrainConfig.ref_sync_alpha=1.0",
+            "make_loss.entropy_target=100.0",
+            "make_loss.entropy_coeff=0.01",
+            "make_loss.entropy_coeff_delta=0.01",
         ]
     if dynamic:
         monkeypatch.setitem(reward.REWARD_FUNCTIONS, "length", _half_flat_reward)
@@ -592,6 +597,8 @@ def test_resume_after_sigterm_is_exact(tmp_path, length_reward, monkeypatch, var
         assert sum(r["sampling_rounds"] for r in rows_a[2:]) > 2, "resumed steps took one round"
     if variant == "ref_sync":
         assert [r["kl"] == 0.0 for r in rows_a] == [True, False, True, False]
+        coeffs = [r["entropy_coeff"] for r in rows_a]  # none before an entropy was measured
+        assert coeffs == pytest.approx([0.0, 0.02, 0.03, 0.04])
     if mini_batches:  # the schedule spans 8 updates: the last is still above 0
         assert rows_a[-1]["learning_rate"] > 0 and rows_a[0]["kl"] > 0
         assert max(r["off_policy_masked_frac"] for r in rows_a) > 0

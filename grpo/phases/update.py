@@ -52,6 +52,14 @@ loses its policy term (not its KL term; N is unchanged): the policy has moved so
 sampler's on it that pushing it down further mostly adds noise. Positive completions always
 count. The mask depends on its own row only, so micro-batching stays exact.
 
+With `entropy_target` = H (adaptive entropy control, Skywork-OR1; TRL's `use_adaptive_entropy`)
+the entropy bonus's coefficient c is state (`TrainState.entropy_control`, checkpointed): it
+starts at `entropy_coeff`, and after each optimizer update moves by `entropy_coeff_delta`, up
+when that update's entropy (the token mean over the batch) was at or below H and down when
+above, within [`entropy_coeff_min`, `entropy_coeff_max`]. An update applies c only when the
+last update's entropy was at or below H (none before the first), else no bonus: the bonus
+switches on as the entropy collapses and grows while it stays low.
+
 With `top_entropy_quantile` = rho < 1 (Wang et al., 2025, "Beyond the 80/20 rule"; TRL's knob of
 that name) only the tokens whose policy entropy is in the batch's top rho fraction keep their
 loss weight; N is unchanged. The threshold is the (1 - rho) quantile of the entropies of every
@@ -93,7 +101,7 @@ import optax
 from grpo import knobs, sharding
 from grpo.models import lora, transformer
 from grpo.models.config import ModelConfig
-from grpo.types import Batch, TrainState
+from grpo.types import Batch, EntropyControl, TrainState
 
 AGGREGATIONS = (
     "token_mean",
@@ -148,6 +156,12 @@ class LossConfig:
     # c != 0 subtracts c x the policy's entropy (aggregated like the loss) from the loss: an
     # entropy bonus against entropy collapse (verl's entropy_coeff); 0 leaves it a metric.
     entropy_coeff: float = 0.0
+    # A float: adaptive entropy control (Skywork-OR1; TRL's use_adaptive_entropy), see the
+    # module docstring; entropy_coeff is then the coefficient's start. None: it stays fixed.
+    entropy_target: float | None = None
+    entropy_coeff_delta: float = 0.005  # the controller's step per optimizer update
+    entropy_coeff_min: float = 0.0  # ... and its range
+    entropy_coeff_max: float = 1.0
     aggregation: str = "token_mean"
     temperature: float = 1.0  # the sampler's; log-probs are of softmax(logits / temperature)
     max_completion_length: int | None = None  # Dr. GRPO's constant L; None = completion width
@@ -219,6 +233,35 @@ class LossConfig:
         if not 0 < self.top_entropy_quantile <= 1:
             raise ValueError(
                 f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}"
+            )
+        self._check_entropy_control()
+
+    def _check_entropy_control(self) -> None:
+        """The controller's knobs are in range, and set only with a target."""
+        default = LossConfig.__dataclass_fields__
+        names = ("entropy_coeff_delta", "entropy_coeff_min", "entropy_coeff_max")
+        if self.entropy_target is None:
+            if any(getattr(self, n) != default[n].default for n in names):
+                raise ValueError(
+                    "entropy_coeff_delta / entropy_coeff_min / entropy_coeff_max steer adaptive "
+                    "entropy control: they need entropy_target"
+                )
+            return
+        if self.entropy_target <= 0 or self.entropy_coeff_delta <= 0:
+            raise ValueError(
+                "entropy_target and entropy_coeff_delta must be > 0, got "
+                f"{self.entropy_target} and {self.entropy_coeff_delta}"
+            )
+        if not 0 <= self.entropy_coeff_min <= self.entropy_coeff <= self.entropy_coeff_max:
+            raise ValueError(
+                "adaptive entropy control needs 0 <= entropy_coeff_min <= entropy_coeff (its "
+                f"start) <= entropy_coeff_max, got {self.entropy_coeff_min}, "
+                f"{self.entropy_coeff} and {self.entropy_coeff_max}"
+            )
+        if self.top_entropy_quantile < 1:
+            raise ValueError(
+                "entropy_target reads the entropy of every token, top_entropy_quantile < 1 "
+                "trains only the top ones: use one of the two"
             )
 
     def _check_soft_objectives(self) -> None:
@@ -433,10 +476,13 @@ def _numerators(
     keep_BxC=None,
     *,
     config,
+    entropy_coeff=None,
 ):
     """Un-normalised sums over a (micro-)batch: sum(w * loss) and the TOKEN_STATS sums (and the
     entropy's, given the policy's per-token entropy). `keep_BxC`: the tokens whose loss counts
-    (top_entropy_quantile), None: every valid one; the statistics cover every valid token."""
+    (top_entropy_quantile), None: every valid one; the statistics cover every valid token.
+    `entropy_coeff`: the bonus's coefficient (an fp32 scalar under adaptive entropy control),
+    None: `config.entropy_coeff`."""
     _check_reference(ref_logps_BxC, config)
     # Padding may hold any value (e.g. -inf old log-probs): zero it before exp, so neither the
     # loss nor its gradient can pick up inf * 0.
@@ -457,8 +503,9 @@ def _numerators(
     if entropy_BxC is not None:
         entropy_BxC = clean(entropy_BxC)
         sums["entropy"] = _masked_sum(jax.lax.stop_gradient(entropy_BxC), mask_BxC)
-        if config.entropy_coeff:
-            sums["loss"] -= config.entropy_coeff * jnp.sum(weights_BxC * entropy_BxC)
+        if entropy_coeff is not None or config.entropy_coeff:
+            coeff = config.entropy_coeff if entropy_coeff is None else entropy_coeff
+            sums["loss"] -= coeff * jnp.sum(weights_BxC * entropy_BxC)
     return sums
 
 
@@ -644,12 +691,14 @@ def compute_gradients(
     width_buckets: int = 1,
     prompt_group: int = 1,
     frozen: Any = None,
+    entropy_coeff: jax.Array | None = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of the GRPO loss over the whole batch, accumulated over micro-batches under
     `lax.scan`, and the metrics loss / TOKEN_STATS / entropy (fp32 scalars).
 
     `params` are the trainable ones: the whole model, or LoRA adapters on the `frozen` base
-    (models/lora.py), which gets no gradient.
+    (models/lora.py), which gets no gradient. `entropy_coeff`: the entropy bonus's coefficient
+    this update (adaptive entropy control), None: `loss.entropy_coeff`.
 
     Micro-batch m holds rows m, m+M, ... (see `split_rows`), of the batch sorted by length when
     `width_buckets` > 1 (each micro-batch then runs at the narrowest bucket width that holds
@@ -686,6 +735,7 @@ def compute_gradients(
             entropy_BxC,
             keep_BxC,
             config=loss,
+            entropy_coeff=entropy_coeff,
         )
         return sums["loss"], sums
 
@@ -753,6 +803,8 @@ def make_update_fn(
     def one_update(
         state: TrainState, batch: Batch, frozen: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
+        control = state.entropy_control
+        coeff = None if control is None else applied_entropy_coeff(control, loss)
         grads, metrics = compute_gradients(
             state.params,
             batch,
@@ -762,6 +814,7 @@ def make_update_fn(
             width_buckets=width_buckets,
             prompt_group=prompt_group,
             frozen=frozen,
+            entropy_coeff=coeff,
         )
         metrics["grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
         if lr_schedule is not None:
@@ -772,6 +825,11 @@ def make_update_fn(
             params=optax.apply_updates(state.params, updates),
             opt_state=opt_state,
         )
+        if control is not None:
+            metrics["entropy_coeff"] = coeff
+            new_state = new_state.replace(
+                entropy_control=next_entropy_control(control, metrics["entropy"], loss)
+            )
         if state_sharding is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, state_sharding)
         return new_state, metrics
@@ -779,6 +837,11 @@ def make_update_fn(
     def update(
         state: TrainState, batch: Batch, frozen: Any = None
     ) -> tuple[TrainState, dict[str, jax.Array]]:
+        if (state.entropy_control is None) != (loss.entropy_target is None):
+            raise ValueError(
+                "adaptive entropy control (loss entropy_target) needs the state's "
+                "entropy_control (initial_entropy_control), and only it"
+            )
         if updates_per_batch == 1:
             return one_update(state, batch, frozen)
         _check_updates(batch.completion_mask_BxC.shape[0], updates_per_batch, group_size)
@@ -787,6 +850,33 @@ def make_update_fn(
         return state, jax.tree.map(lambda m: m.mean(axis=0), metrics_U)
 
     return jax.jit(update, donate_argnums=0)
+
+
+def initial_entropy_control(loss: LossConfig) -> EntropyControl | None:
+    """The controller's state before the first update; None without a target."""
+    if loss.entropy_target is None:
+        return None
+    return EntropyControl(
+        coeff=jnp.asarray(loss.entropy_coeff, jnp.float32),
+        last_entropy=jnp.asarray(jnp.inf, jnp.float32),
+    )
+
+
+def applied_entropy_coeff(control: EntropyControl, loss: LossConfig) -> jax.Array:
+    """The coefficient an update's bonus uses: the controller's where the last update's
+    entropy was at or below the target, else 0."""
+    return jnp.where(control.last_entropy <= loss.entropy_target, control.coeff, 0.0)
+
+
+def next_entropy_control(
+    control: EntropyControl, entropy: jax.Array, loss: LossConfig
+) -> EntropyControl:
+    """The controller after an update whose entropy was `entropy`: the coefficient one step up
+    where it was at or below the target, one step down above it, kept in range."""
+    delta = loss.entropy_coeff_delta
+    step = jnp.where(entropy <= loss.entropy_target, delta, -delta)
+    coeff = jnp.clip(control.coeff + step, loss.entropy_coeff_min, loss.entropy_coeff_max)
+    return EntropyControl(coeff=coeff, last_entropy=entropy.astype(jnp.float32))
 
 
 def _check_updates(rows: int, updates_per_batch: int, group_size: int) -> None:

@@ -241,6 +241,24 @@ def test_vespo_by_hand():
     assert float(aux["vespo_weight_mean"]) == pytest.approx(1.0)
 
 
+def test_entropy_control_by_hand():
+    # Target 0.5, steps of 0.1 within [0, 0.2], from 0.05. After each update the coefficient
+    # moves up (entropy at or below the target) or down: 0.15, 0.05, 0.15, 0.2 (capped), 0.2
+    # (0.5 is at the target), 0.1, 0.0, 0.0 (floored). An update applies it only when the
+    # last update's entropy was at or below the target, none before the first.
+    loss = LossConfig(
+        entropy_target=0.5, entropy_coeff=0.05, entropy_coeff_delta=0.1, entropy_coeff_max=0.2
+    )
+    control = update.initial_entropy_control(loss)
+    applied = []
+    for entropy in (0.3, 0.6, 0.4, 0.45, 0.5, 0.9, 0.9, 0.9):
+        applied.append(float(update.applied_entropy_coeff(control, loss)))
+        control = update.next_entropy_control(control, jnp.float32(entropy), loss)
+    np.testing.assert_allclose(applied, [0, 0.15, 0, 0.15, 0.2, 0.2, 0, 0], atol=1e-6)
+    assert float(control.coeff) == 0.0 and float(control.last_entropy) == pytest.approx(0.9)
+    assert update.initial_entropy_control(LossConfig()) is None  # no target, no state
+
+
 def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
@@ -377,6 +395,10 @@ def test_sequence_level_ratio_clips_whole_completions():
         (dict(objective="vespo", vespo_k_neg=-1.0), "must be >= 0, got 2.0 and -1.0"),
         (dict(objective="vespo", vespo_lambda_pos=0.0), "must be > 0, got 0.0 and 2.0"),
         (dict(vespo_lambda_neg=1.0), "are VESPO's: they need objective='vespo'"),
+        (dict(entropy_coeff_max=0.5), "steer adaptive entropy control: they need entropy_target"),
+        (dict(entropy_target=0.0), "entropy_target and entropy_coeff_delta must be > 0"),
+        (dict(entropy_target=1.0, entropy_coeff=2.0), "entropy_coeff .its start. <= entropy"),
+        (dict(entropy_target=1.0, top_entropy_quantile=0.2), "use one of the two"),
         (dict(off_policy_mask_threshold=-0.1), "off_policy_mask_threshold must be >= 0"),
     ],
 )
@@ -844,6 +866,37 @@ def test_second_iteration_on_a_rollout_moves_the_ratio(params, batch):
     # grad_norm is the norm of the raw (unclipped) gradient.
     grads, _ = _grad_fn(_loss())(params, batch)
     np.testing.assert_allclose(first["grad_norm"], optax.global_norm(grads), rtol=1e-5)
+
+
+def test_adaptive_entropy_bonus_is_the_fixed_one_at_the_controllers_coefficient(params, batch):
+    # A target above the tiny model's entropy (about log V): every update reads as collapsed.
+    # The first applies no bonus (no entropy measured yet), the second start + delta = 0.15;
+    # two mini-batch updates in one call carry the controller through the scan, and each must
+    # equal a fixed-coefficient update at what the controller applied.
+    schedule = optim.make_lr_schedule(10, type="constant", peak_value=0.5, warmup_steps=0)
+    tx = optim.make_optimizer(schedule, name="sgd")
+    adaptive = _loss(entropy_target=100.0, entropy_coeff=0.05, entropy_coeff_delta=0.1)
+    start = _state(params, tx).replace(entropy_control=update.initial_entropy_control(adaptive))
+    state, metrics = update.make_update_fn(
+        model=MODEL, tx=tx, loss=adaptive, updates_per_batch=2, group_size=2
+    )(start, batch)
+    no_bonus = update.make_update_fn(model=MODEL, tx=tx, loss=_loss())
+    bonus = update.make_update_fn(model=MODEL, tx=tx, loss=_loss(entropy_coeff=0.15))
+    rows = lambda *index: jax.tree.map(lambda x: x[np.array(index)], batch)
+    after_first, _ = no_bonus(_state(params, tx), rows(0, 1, 4, 5))
+    unchanged = jax.tree.map(jnp.copy, after_first)
+    expected, second = bonus(after_first, rows(2, 3, 6, 7))
+    _assert_trees_close(state.params, expected.params, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["entropy_coeff"]), (0.0 + 0.15) / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(state.entropy_control.coeff), 0.25, rtol=1e-6)
+    last = float(state.entropy_control.last_entropy)
+    np.testing.assert_allclose(last, float(second["entropy"]), rtol=1e-5)
+    # The bonus moved the second update (the check has power).
+    without, _ = no_bonus(unchanged, rows(2, 3, 6, 7))
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), without.params, state.params)
+    assert max(jax.tree.leaves(moved)) > 1e-4
+    with pytest.raises(ValueError, match="needs the state's entropy_control"):
+        update.make_update_fn(model=MODEL, tx=tx, loss=adaptive)(_state(params, tx), batch)
 
 
 def test_split_groups_keeps_groups_whole_and_strides_them():
