@@ -72,9 +72,14 @@ class _OneProcess:
 
 
 def _trl(data: dict, loss_type: str, **knobs) -> tuple[float, np.ndarray, np.ndarray, dict]:
-    """TRL's loss, its gradients with respect to the log-probs and entropies, and its metrics.
-    `knobs`: GRPOTrainer attributes (beta, epsilon_high, ...) and GRPOConfig fields (delta,
-    use_bias_correction_kl, sapo_* and vespo_*), over TRL's defaults."""
+    """TRL's loss, its gradients with respect to the log-probs and entropies, and its metrics."""
+    return _trl_loss(_trl_trainer(loss_type, **knobs), data)
+
+
+def _trl_trainer(loss_type: str, **knobs):
+    """A GRPOTrainer holding just what `_compute_loss` reads. `knobs`: GRPOTrainer attributes
+    (beta, epsilon_high, use_adaptive_entropy, ...) and GRPOConfig fields (delta,
+    use_bias_correction_kl, sapo_*, vespo_*, entropy_*), over TRL's defaults."""
     config_defaults = dict(
         use_bias_correction_kl=False,
         delta=None,
@@ -84,6 +89,10 @@ def _trl(data: dict, loss_type: str, **knobs) -> tuple[float, np.ndarray, np.nda
         vespo_lambda_pos=3.0,
         vespo_k_neg=3.0,
         vespo_lambda_neg=2.0,
+        entropy_target=0.2,
+        entropy_coef_delta=0.005,
+        entropy_coef_min=0.0,
+        entropy_coef_max=1.0,
     )
     args = types.SimpleNamespace(
         **{name: knobs.pop(name, value) for name, value in config_defaults.items()},
@@ -99,6 +108,7 @@ def _trl(data: dict, loss_type: str, **knobs) -> tuple[float, np.ndarray, np.nda
         off_policy_mask_threshold=None,
         max_completion_length=C,
         entropy_coef=0.0,
+        use_adaptive_entropy=False,
     )
     attributes.update(knobs)
     trainer = trl_grpo.GRPOTrainer.__new__(trl_grpo.GRPOTrainer)
@@ -107,13 +117,21 @@ def _trl(data: dict, loss_type: str, **knobs) -> tuple[float, np.ndarray, np.nda
         args=args,
         use_vllm=False,
         aux_loss_enabled=False,
-        use_adaptive_entropy=False,
-        _entropy_bonus_enabled=attributes["entropy_coef"] != 0.0,
+        _entropy_bonus_enabled=attributes["entropy_coef"] != 0.0
+        or attributes["use_adaptive_entropy"],
+        _last_world_entropy=float("inf"),
+        _entropy_window_stats=None,
         current_gradient_accumulation_steps=1,
         model=types.SimpleNamespace(training=True),
         accelerator=_OneProcess(),
         _metrics={"train": collections.defaultdict(list)},
     )
+    return trainer
+
+
+def _trl_loss(trainer, data: dict) -> tuple[float, np.ndarray, np.ndarray, dict]:
+    """One `_compute_loss` of `trainer` on `data`: the loss, its gradients with respect to the
+    log-probs and entropies, and the metrics it logged."""
     as_torch = lambda x: torch.tensor(x, dtype=torch.float64)
     logps = as_torch(data["logps"]).requires_grad_()
     entropy = as_torch(data["entropy"]).requires_grad_()
@@ -289,3 +307,32 @@ def test_the_inputs_reach_every_bound():
         (dict(top_entropy_quantile=0.4), {}),
     ]:
         assert not np.allclose(_ours(data, **knobs)[1], _ours(data, **without)[1]), knobs
+
+
+def test_adaptive_entropy_control_matches_trl():
+    # One trainer, one update after another, each with every token's entropy at the given
+    # value: TRL's applied coefficient (read off the loss's gradient in the entropies) and its
+    # coefficient after the update, against our controller's (update.py).
+    entropies = (0.3, 0.6, 0.4, 0.45, 0.5, 0.9, 0.9, 0.9)
+    trainer = _trl_trainer(
+        "bnpo",
+        use_adaptive_entropy=True,
+        entropy_coef=0.05,
+        entropy_target=0.5,
+        entropy_coef_delta=0.1,
+        entropy_coef_max=0.2,
+    )
+    loss = update.LossConfig(
+        entropy_target=0.5, entropy_coeff=0.05, entropy_coeff_delta=0.1, entropy_coeff_max=0.2
+    )
+    control = update.initial_entropy_control(loss)
+    data = _inputs()
+    valid = data["mask"]
+    for entropy in entropies:
+        data["entropy"] = np.full((B, C), entropy)
+        _, _, entropy_grad, _ = _trl_loss(trainer, data)
+        trl_applied = -entropy_grad[valid][0] * valid.sum()  # d(-c mean(H)) / dH_t = -c / n
+        applied = float(update.applied_entropy_coeff(control, loss))
+        np.testing.assert_allclose(applied, trl_applied, atol=1e-6, err_msg=f"H = {entropy}")
+        control = update.next_entropy_control(control, jnp.float32(entropy), loss)
+        np.testing.assert_allclose(float(control.coeff), trainer.entropy_coef, atol=1e-6)
