@@ -236,12 +236,15 @@ class LossConfig:
             )
         self._check_entropy_control()
 
+    def _changed(self, *names: str) -> bool:
+        """Whether any of these knobs is set away from its default."""
+        default = LossConfig.__dataclass_fields__
+        return any(getattr(self, n) != default[n].default for n in names)
+
     def _check_entropy_control(self) -> None:
         """The controller's knobs are in range, and set only with a target."""
-        default = LossConfig.__dataclass_fields__
-        names = ("entropy_coeff_delta", "entropy_coeff_min", "entropy_coeff_max")
         if self.entropy_target is None:
-            if any(getattr(self, n) != default[n].default for n in names):
+            if self._changed("entropy_coeff_delta", "entropy_coeff_min", "entropy_coeff_max"):
                 raise ValueError(
                     "entropy_coeff_delta / entropy_coeff_min / entropy_coeff_max steer adaptive "
                     "entropy control: they need entropy_target"
@@ -282,19 +285,17 @@ class LossConfig:
                 "vespo_lambda_pos and vespo_lambda_neg must be > 0, got "
                 f"{self.vespo_lambda_pos} and {self.vespo_lambda_neg}"
             )
-        default = LossConfig.__dataclass_fields__
-        changed = lambda *names: any(getattr(self, n) != default[n].default for n in names)
         knobs_of = {
             "sapo": ("sapo_tau_pos", "sapo_tau_neg"),
             "vespo": ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
         }
         for objective, names in knobs_of.items():
-            if self.objective == objective and changed("epsilon_low", "epsilon_high"):
+            if self.objective == objective and self._changed("epsilon_low", "epsilon_high"):
                 raise ValueError(
                     f"objective={objective!r} weighs the ratio instead of clipping it: set "
                     f"{' / '.join(names)}, not epsilon_low / epsilon_high"
                 )
-            if self.objective != objective and changed(*names):
+            if self.objective != objective and self._changed(*names):
                 raise ValueError(
                     f"{' / '.join(names)} are {objective.upper()}'s: they need "
                     f"objective={objective!r}"
